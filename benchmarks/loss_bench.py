@@ -1,0 +1,129 @@
+"""Speed and memory of the VICRegL criterion beside a ResNet-50 forward+backward.
+
+    python benchmarks/loss_bench.py [--batch 64] [--repeats 10] [--reference-repeats 3]
+
+Prints one table: for the ResNet-50 setting (2 views of 7x7, local dim 512, expander 8192)
+and the ConvNeXt multi-crop setting (2 x 7x7 + 6 x 3x3), the loss's compile time, forward and
+forward+backward time (median after a warm-up) and peak memory (XLA's memory analysis of the
+compiled program: arguments + outputs + temporaries), then the same for a ResNet-50
+forward+backward over the images those views come from (2 x 224; 2 x 224 + 6 x 96), and the
+loss's share of it. Timings are medians of wall-clock time on whatever device JAX uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vicregl_jax import losses
+
+
+def timed(fn, args, repeats):
+    """Returns (compile seconds, median run seconds, peak bytes) of jax.jit(fn)(*args)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = None
+    if mem is not None:
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    jax.block_until_ready(compiled(*args))  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        runs.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(runs), peak
+
+
+def loss_inputs(batch, grid_sizes, dim=8192, local_dim=512, seed=0):
+    rng = np.random.default_rng(seed)
+    emb = [jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32) for _ in grid_sizes]
+    maps = [jnp.asarray(rng.normal(size=(batch, n * n, local_dim)), jnp.float32) for n in grid_sizes]
+    grids = []
+    for n in grid_sizes:
+        corner = rng.uniform(0, 200, size=(batch, 1, 1, 2))
+        step = rng.uniform(5, 40, size=(batch, 1, 1, 2))
+        ij = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1)[None] + 0.5
+        grids.append(jnp.asarray(corner + ij * step, jnp.float32))
+    return emb, maps, grids
+
+
+def bench_loss(batch, grid_sizes, repeats):
+    emb, maps, grids = loss_inputs(batch, grid_sizes)
+    cfg = losses.LossConfig()
+
+    def forward(emb, maps, grids):
+        return losses.vicregl_loss(emb, maps, grids, cfg)[0]
+
+    fwd = timed(forward, (emb, maps, grids), repeats)
+    both = timed(jax.value_and_grad(forward, argnums=(0, 1)), (emb, maps, grids), repeats)
+    return fwd, both
+
+
+def bench_resnet50(batch, crop_sizes, repeats):
+    """Forward+backward of a ResNet-50 (train mode) over one batch of views per crop size."""
+    from vicregl_jax.models import create_backbone
+
+    model = create_backbone("resnet50", rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    views = [jnp.asarray(rng.normal(size=(batch, s, s, 3)), jnp.float32) for s in crop_sizes]
+
+    def loss(params, rest, views):
+        net = nnx.merge(graphdef, params, rest)
+        out = 0.0
+        for v in views:  # each view its own forward pass, as in training
+            maps, pooled = net(v)
+            out = out + jnp.mean(jnp.square(maps)) + jnp.mean(jnp.square(pooled))
+        return out
+
+    return timed(jax.grad(loss), (params, rest, views), repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--reference-repeats", type=int, default=3)
+    parser.add_argument("--skip-reference", action="store_true", help="time the loss only")
+    args = parser.parse_args()
+
+    settings = [
+        ("ResNet-50: 2 x 7x7", (7, 7), (224, 224), 0.05),
+        ("multi-crop: 2 x 7x7 + 6 x 3x3", (7, 7) + (3,) * 6, (224, 224) + (96,) * 6, 0.10),
+    ]
+    mb = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, batch {args.batch}, "
+          f"expander 8192, local dim 512, median of {args.repeats} (reference {args.reference_repeats})")
+    header = ("setting", "loss compile", "loss fwd", "loss fwd+bwd", "loss peak mem",
+              "R50 fwd+bwd", "R50 peak mem", "loss share", "target")
+    rows = []
+    for name, grid_sizes, crops, target in settings:
+        (c_f, t_f, m_f), (c_b, t_b, m_b) = bench_loss(args.batch, grid_sizes, args.repeats)
+        if args.skip_reference:
+            ref = (None, None, None)
+            share = "-"
+        else:
+            ref = bench_resnet50(args.batch, crops, args.reference_repeats)
+            share = f"{100 * t_b / ref[1]:.2f}%"
+        rows.append((
+            name, f"{c_b:.1f} s", f"{1e3 * t_f:.1f} ms", f"{1e3 * t_b:.1f} ms", mb(max(m_f or 0, m_b or 0)),
+            "-" if ref[1] is None else f"{ref[1]:.2f} s", mb(ref[2]), share, f"< {100 * target:.0f}%",
+        ))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+if __name__ == "__main__":
+    main()

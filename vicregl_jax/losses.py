@@ -1,0 +1,432 @@
+"""The VICRegL criterion (SPEC.md section 3) as pure, jittable jnp functions.
+
+Shapes: B images per global batch, V views (the first two are the large ones), N_v locations
+of view v, D embedding channels. Every function works on global `jax.Array`s sharded over the
+batch axis of a mesh: under SPMD `jax.jit` a mean over the batch axis is already a mean over the
+global batch, so the variance and covariance statistics need no `pmean`.
+
+Matching is per example and `jax.vmap`-ed over the batch; the ordered view pairs that share a
+shape are `jax.vmap`-ed over the pair axis, so there is no Python loop over the batch, over
+locations, or over same-shaped pairs.
+
+Ties are broken towards the lower index everywhere (the nearest candidate of a location and
+the ranking of the kept locations); the release leaves tie order to `torch.topk` / `torch.sort`.
+
+This module knows nothing of models or data: it takes lists of arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+# Statistics are float32 and their matmuls run at full float32 precision: on TPU the default
+# precision would take bfloat16 passes and the covariance sums would lose their digits.
+_HIGHEST = jax.lax.Precision.HIGHEST
+_STD_EPS = 1e-4  # added to the variance before the square root (SPEC.md section 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The criterion's settings; hashable so that it can be a static argument of `jax.jit`."""
+
+    alpha: float = 0.75  # weight of the global criterion; 1 - alpha weighs the local one
+    inv_coeff: float = 25.0
+    var_coeff: float = 25.0
+    cov_coeff: float = 1.0
+    num_matches: tuple[int, int] = (20, 4)  # kept location matches for i -> j and j -> i
+    l2_all_matches: bool = True  # embedding matching keeps every location (the release's 1)
+    fast_vc_reg: bool = False  # local var / cov once per view on the whole map
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} is outside [0, 1]; use e.g. 0.75 or 0.9.")
+        nm = tuple(int(n) for n in self.num_matches)
+        if len(nm) != 2 or min(nm) < 1:
+            raise ValueError(
+                f"num_matches={self.num_matches} must be two positive integers "
+                "(matches kept for i -> j, then j -> i), e.g. (20, 4)."
+            )
+        object.__setattr__(self, "num_matches", nm)
+
+
+# --------------------------------------------------------------------------------------------
+# VICReg statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _as_f32(x: jax.Array) -> jax.Array:
+    """Returns x in float32, or wider if it already is (float64 for gradient checks)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    """Returns x gathered onto every device when its type carries an explicit sharding.
+
+    Under an Explicit-axes mesh (the default of `jax.make_mesh`), a product of two
+    batch-sharded operands over a non-contracting batch axis is a type error; under Auto axes
+    (or no mesh) the partitioner decides and x is returned as is.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is None or all(axis is None for axis in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def _center(x: jax.Array) -> jax.Array:
+    return x - jnp.mean(x, axis=0, keepdims=True)
+
+
+def variance_term(x: jax.Array) -> jax.Array:
+    """Returns mean over (k, d) of relu(1 - sqrt(var_unbiased + 1e-4)) for x (B, K, D) or (B, D)."""
+    x = _as_f32(x)
+    var = jnp.sum(jnp.square(_center(x)), axis=0) / (x.shape[0] - 1)
+    return jnp.mean(jax.nn.relu(1.0 - jnp.sqrt(var + _STD_EPS)))
+
+
+def offdiag_cov_sq_sum(x: jax.Array) -> jax.Array:
+    """Returns, per k, the sum of squared off-diagonal entries of the (D, D) batch covariance.
+
+    x is (B, K, D). ||X^T X||_F = ||X X^T||_F, so the sum can be had from either the D x D
+    covariance or the B x B Gram matrix of the centred batch; we take the smaller one, which
+    for the usual B < D (8192-wide expanders) is 2 * D / B times cheaper.
+    """
+    x = _as_f32(x)
+    b, _, d = x.shape
+    xc = _center(x)
+    diag = jnp.sum(jnp.square(xc), axis=0) / (b - 1)  # (K, D): the variances
+    if b < d:
+        # Rows of the Gram matrix stay sharded like the batch; the other operand is gathered.
+        gram = jnp.einsum("bkd,ckd->kbc", xc, _replicated(xc), precision=_HIGHEST) / (b - 1)
+        total = jnp.sum(jnp.square(gram), axis=(1, 2))
+    else:
+        cov = jnp.einsum("bkd,bke->kde", xc, xc, precision=_HIGHEST) / (b - 1)
+        total = jnp.sum(jnp.square(cov), axis=(1, 2))
+    return total - jnp.sum(jnp.square(diag), axis=1)
+
+
+def covariance_term(x: jax.Array) -> jax.Array:
+    """Returns mean over k of (sum of squared off-diagonal covariances / D) for x (B, K, D) or (B, D)."""
+    x = _as_f32(x)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    return jnp.mean(offdiag_cov_sq_sum(x)) / x.shape[-1]
+
+
+def vicreg_terms(
+    x: jax.Array, y: jax.Array, *, inv_coeff=25.0, var_coeff=25.0, cov_coeff=1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns the weighted (inv, var, cov) of two batches x, y of shape (B, K, D) or (B, D).
+
+    inv is the mse over all elements; var and cov are the means of the terms of x and of y.
+    """
+    x, y = _as_f32(x), _as_f32(y)
+    inv = inv_coeff * jnp.mean(jnp.square(x - y))
+    var = var_coeff * (variance_term(x) + variance_term(y)) / 2
+    cov = cov_coeff * (covariance_term(x) + covariance_term(y)) / 2
+    return inv, var, cov
+
+
+# --------------------------------------------------------------------------------------------
+# Global criterion
+# --------------------------------------------------------------------------------------------
+
+
+def view_pairs(num_views: int) -> list[tuple[int, int]]:
+    """Returns the ordered pairs (i, j), i in {0, 1}, j != i, over which both criteria average."""
+    return [(i, j) for i in range(min(2, num_views)) for j in range(num_views) if j != i]
+
+
+def global_loss(
+    embeddings: Sequence[jax.Array], cfg: LossConfig = LossConfig()
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns the weighted global (inv, var, cov) over the V expander outputs (B, D)."""
+    z = [_as_f32(e) for e in embeddings]
+    pairs = view_pairs(len(z))
+    inv = cfg.inv_coeff * sum(jnp.mean(jnp.square(z[i] - z[j])) for i, j in pairs) / len(pairs)
+    var = cfg.var_coeff * sum(variance_term(e) for e in z) / len(z)
+    cov = cfg.cov_coeff * sum(covariance_term(e) for e in z) / len(z)
+    return inv, var, cov
+
+
+# --------------------------------------------------------------------------------------------
+# Matching (per example, vmapped over the batch)
+# --------------------------------------------------------------------------------------------
+
+
+def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Returns the squared Euclidean distances (N_a, N_b) between the rows of a and b."""
+    if a.shape[-1] <= 4:  # grid coordinates: exact differences keep ties exact
+        return jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1)
+    cross = jnp.einsum("nd,md->nm", a, b, precision=_HIGHEST)
+    sq = jnp.sum(jnp.square(a), -1)[:, None] + jnp.sum(jnp.square(b), -1)[None, :] - 2 * cross
+    return jnp.maximum(sq, 0.0)
+
+
+def nearest_matches(distances: jax.Array, num_matches: int) -> tuple[jax.Array, jax.Array]:
+    """Returns (kept, partner) index arrays (num_matches,) for one example's distances (N_a, N_b).
+
+    Every location a has its nearest candidate partner[a] = argmin_b distances[a, b]; the
+    num_matches locations with the smallest such distance are kept, in their original order.
+    """
+    nearest = jnp.argmin(distances, axis=1)
+    nearest_dist = jnp.min(distances, axis=1)
+    if num_matches == distances.shape[0]:
+        kept = jnp.arange(num_matches)
+    else:
+        _, kept = jax.lax.top_k(-nearest_dist, num_matches)  # ties: lower index first
+        kept = jnp.sort(kept)
+    return kept, nearest[kept]
+
+
+def _gather_matches(src, dst, distances, num_matches):
+    """Returns (x, y) of shape (B, K, D): kept vectors of src and their matches in dst."""
+    kept, partner = jax.vmap(nearest_matches, in_axes=(0, None))(distances, num_matches)
+    take = jax.vmap(lambda m, idx: jnp.take(m, idx, axis=0))
+    return take(src, kept), take(dst, partner)
+
+
+def match_by_embedding(src: jax.Array, dst: jax.Array, num_matches: int):
+    """Returns (x, y): the num_matches locations of src (B, N_a, D) closest to dst in embedding
+    space and their nearest embeddings in dst (B, N_b, D)."""
+    dist = jax.vmap(squared_distances)(jax.lax.stop_gradient(src), jax.lax.stop_gradient(dst))
+    return _gather_matches(src, dst, dist, num_matches)
+
+
+def match_by_location(src, dst, src_grid, dst_grid, num_matches: int):
+    """Returns (x, y): the num_matches locations of src whose grid points (B, N_a, 2) lie
+    closest to a grid point of dst (B, N_b, 2), and the embeddings at those nearest points."""
+    dist = jax.vmap(squared_distances)(jax.lax.stop_gradient(src_grid), jax.lax.stop_gradient(dst_grid))
+    return _gather_matches(src, dst, dist, num_matches)
+
+
+# --------------------------------------------------------------------------------------------
+# Local criterion
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_terms(m_i, m_j, g_i, g_j, cfg: LossConfig):
+    """Returns the weighted local (inv, var, cov) of one ordered pair: feature + location parts."""
+    n_i, n_j = m_i.shape[1], m_j.shape[1]
+    l2_matches = (n_i, n_j) if cfg.l2_all_matches else cfg.num_matches
+    feature_part = (
+        match_by_embedding(m_i, m_j, l2_matches[0]),
+        match_by_embedding(m_j, m_i, l2_matches[1]),
+    )
+    location_part = (
+        match_by_location(m_i, m_j, g_i, g_j, cfg.num_matches[0]),
+        match_by_location(m_j, m_i, g_j, g_i, cfg.num_matches[1]),
+    )
+    inv = var = cov = jnp.float32(0.0)
+    for part in (feature_part, location_part):  # the two parts: added
+        for x, y in part:  # the two directions: averaged
+            if cfg.fast_vc_reg:
+                inv += jnp.mean(jnp.square(x - y)) / 2
+            else:
+                t = vicreg_terms(
+                    x, y, inv_coeff=cfg.inv_coeff, var_coeff=cfg.var_coeff, cov_coeff=cfg.cov_coeff
+                )
+                inv, var, cov = inv + t[0] / 2, var + t[1] / 2, cov + t[2] / 2
+    if cfg.fast_vc_reg:
+        inv = cfg.inv_coeff * inv
+    return inv, var, cov
+
+
+def local_loss(
+    local_embeddings: Sequence[jax.Array],
+    grids: Sequence[jax.Array],
+    cfg: LossConfig = LossConfig(),
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns the weighted local (inv, var, cov), averaged over the ordered view pairs.
+
+    local_embeddings[v] is (B, N_v, D); grids[v] is (B, n, n, 2) or (B, N_v, 2) in the
+    original image's pixels.
+    """
+    maps = [_as_f32(m) for m in local_embeddings]
+    grids = [_as_f32(g).reshape(g.shape[0], -1, g.shape[-1]) for g in grids]
+    check_local_inputs(maps, grids, cfg)
+    pairs = view_pairs(len(maps))
+    inv = var = cov = jnp.float32(0.0)
+    # Pairs whose j views share a shape run as one vmap over the stacked j views.
+    for i in range(2):
+        js = [j for (ii, j) in pairs if ii == i]
+        by_shape = lambda j: maps[j].shape  # noqa: E731
+        for _, group in itertools.groupby(sorted(js, key=by_shape), key=by_shape):
+            group = list(group)
+            m_j = jnp.stack([maps[j] for j in group])
+            g_j = jnp.stack([grids[j] for j in group])
+            pair_terms = functools.partial(_pair_terms, cfg=cfg)
+            terms = jax.vmap(pair_terms, in_axes=(None, 0, None, 0))(maps[i], m_j, grids[i], g_j)
+            inv, var, cov = inv + terms[0].sum(), var + terms[1].sum(), cov + terms[2].sum()
+    inv, var, cov = inv / len(pairs), var / len(pairs), cov / len(pairs)
+    if cfg.fast_vc_reg:
+        # The release's fast branch overwrites its running sum of cov terms at every view (and
+        # then adds the per-location vector to its own mean); we implement the evident intent:
+        # var and cov of each view's whole local map, averaged over the views.
+        var = cfg.var_coeff * sum(variance_term(m) for m in maps) / len(maps)
+        cov = cfg.cov_coeff * sum(covariance_term(m) for m in maps) / len(maps)
+    return inv, var, cov
+
+
+def check_local_inputs(maps, grids, cfg: LossConfig) -> None:
+    """Raises ValueError when the local inputs cannot give the criterion SPEC.md defines."""
+    if len(maps) < 2:
+        raise ValueError(f"The local criterion needs at least 2 views; got {len(maps)}.")
+    if len(grids) != len(maps):
+        raise ValueError(
+            f"Got {len(maps)} local embedding maps but {len(grids)} location grids; "
+            "pass one grid per view."
+        )
+    shapes = [m.shape for m in maps]
+    for v, (m, g) in enumerate(zip(maps, grids)):
+        if m.ndim != 3:
+            raise ValueError(f"Local embeddings of view {v} have shape {m.shape}; expected (B, N, D).")
+        if g.shape[-1] != 2 or g.shape[:2] != m.shape[:2]:
+            raise ValueError(
+                f"View {v}: grid of shape {g.shape} (flattened) does not match its local "
+                f"embeddings {m.shape}: the grid needs (B, N, 2) with N = h * w of the map; "
+                "make the crop size equal the backbone stride times the grid size."
+            )
+    num_matches_locations = min(m.shape[1] for m in maps[:2])
+    all_locations = min(m.shape[1] for m in maps)
+    if cfg.num_matches[0] > num_matches_locations or cfg.num_matches[1] > all_locations:
+        raise ValueError(
+            f"num_matches={cfg.num_matches} asks for more matches than there are locations: "
+            f"the direction i -> j keeps num_matches[0] of the {num_matches_locations} locations "
+            f"of a large view and j -> i keeps num_matches[1] of the {all_locations} of the "
+            f"smallest view (view shapes {shapes}); lower num_matches to at most "
+            f"({num_matches_locations}, {all_locations})."
+        )
+
+
+def check_criterion_inputs(embeddings, local_embeddings, grids, cfg: LossConfig) -> None:
+    """Raises ValueError, before any computation, for inputs the criterion cannot take."""
+    if cfg.alpha > 0.0:
+        if embeddings is None or len(embeddings) < 2:
+            raise ValueError("alpha > 0 needs the expander outputs of at least 2 views.")
+        check_batch(embeddings, "embeddings")
+    if cfg.alpha < 1.0:
+        if local_embeddings is None or grids is None:
+            raise ValueError("alpha < 1 needs the local embeddings and the location grids of every view.")
+        check_batch(local_embeddings, "local embeddings")
+        flat = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in grids]
+        check_local_inputs(local_embeddings, flat, cfg)
+        if cfg.alpha > 0.0 and local_embeddings[0].shape[0] != embeddings[0].shape[0]:
+            raise ValueError(
+                f"Batch of the embeddings ({embeddings[0].shape[0]}) differs from the local "
+                f"embeddings' ({local_embeddings[0].shape[0]}); they must come from the same images."
+            )
+
+
+def check_batch(arrays: Sequence[jax.Array], what: str) -> None:
+    """Raises ValueError unless every view has the same batch (> 1) and channel sizes."""
+    batches = {a.shape[0] for a in arrays}
+    channels = {a.shape[-1] for a in arrays}
+    shapes = [tuple(a.shape) for a in arrays]
+    if len(batches) != 1 or len(channels) != 1:
+        raise ValueError(
+            f"The {what} of all views must share batch and channel sizes; got shapes {shapes}. "
+            "Pass views of the same images through the same projector."
+        )
+    (b,) = batches
+    if b < 2:
+        raise ValueError(
+            f"The {what} have a batch of {b}: the variance and covariance over the batch are "
+            "undefined; use a global batch of at least 2 (the release uses 2048)."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Total, classifier and collapse metrics
+# --------------------------------------------------------------------------------------------
+
+
+def classifier_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Returns the online classifier's cross-entropy and top-1 / top-5 accuracy in percent.
+
+    Examples whose label is negative (unlabelled data) are left out of all three.
+    """
+    logits = _as_f32(logits)
+    valid = labels >= 0
+    count = jnp.maximum(jnp.sum(valid), 1)
+    safe = jnp.where(valid, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+    k = min(5, logits.shape[-1])
+    _, top = jax.lax.top_k(logits, k)
+    hit = top == safe[:, None]
+    top1 = jnp.sum(hit[:, 0] & valid) / count * 100.0
+    top5 = jnp.sum(jnp.any(hit, axis=1) & valid) / count * 100.0
+    return {"cls_loss": jnp.sum(jnp.where(valid, ce, 0.0)) / count, "top1": top1, "top5": top5}
+
+
+def _std_metric(x: jax.Array) -> jax.Array:
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return jnp.mean(jnp.std(x, axis=0, ddof=1))
+
+
+def _correlation_metric(x: jax.Array) -> jax.Array:
+    """Mean off-diagonal entry of the correlation matrix, in O(B * D): the sum of all entries of
+    Z^T Z is ||Z 1||^2 and its trace is ||Z||_F^2, so the D x D matrix is never formed."""
+    b, d = x.shape
+    z = _center(x) / (jnp.std(x, axis=0, ddof=1) + 1e-5)
+    total = jnp.sum(jnp.square(jnp.sum(z, axis=1)))
+    trace = jnp.sum(jnp.square(z))
+    return (total - trace) / (b - 1) / (d * (d - 1))
+
+
+def collapse_metrics(representation: jax.Array, embedding: jax.Array | None = None) -> dict:
+    """Returns stdr / corr of the representation and stde / core of the embedding (view 0).
+
+    std: mean over dimensions of the batch std of the L2-normalised vectors (collapse -> 0;
+    1/sqrt(D) for isotropic vectors). corr: mean off-diagonal correlation.
+    """
+    r = jax.lax.stop_gradient(_as_f32(representation))
+    out = {"stdr": _std_metric(r), "corr": _correlation_metric(r)}
+    if embedding is not None:
+        e = jax.lax.stop_gradient(_as_f32(embedding))
+        out.update(stde=_std_metric(e), core=_correlation_metric(e))
+    return out
+
+
+def vicregl_loss(
+    embeddings: Sequence[jax.Array] | None,
+    local_embeddings: Sequence[jax.Array] | None,
+    grids: Sequence[jax.Array] | None,
+    cfg: LossConfig = LossConfig(),
+    *,
+    logits: jax.Array | None = None,
+    labels: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns (total, terms): alpha * global + (1 - alpha) * local + classifier cross-entropy.
+
+    terms holds global_{inv,var,cov}, local_{inv,var,cov}, vicreg (the total without the
+    classifier) and, when logits and labels are given, cls_loss, top1, top5. Terms of a branch
+    that alpha turns off are 0 and its inputs may be None.
+    """
+    check_criterion_inputs(embeddings, local_embeddings, grids, cfg)
+    zero = jnp.float32(0.0)
+    terms = {k: zero for k in ("global_inv", "global_var", "global_cov", "local_inv", "local_var", "local_cov")}
+    total = zero
+    if cfg.alpha > 0.0:
+        g = global_loss(embeddings, cfg)
+        terms.update(global_inv=g[0], global_var=g[1], global_cov=g[2])
+        total = total + cfg.alpha * sum(g)
+    if cfg.alpha < 1.0:
+        loc = local_loss(local_embeddings, grids, cfg)
+        terms.update(local_inv=loc[0], local_var=loc[1], local_cov=loc[2])
+        total = total + (1.0 - cfg.alpha) * sum(loc)
+    terms["vicreg"] = total
+    if logits is not None and labels is not None:
+        cls = classifier_terms(logits, labels)
+        terms.update(cls)
+        total = total + cls["cls_loss"]
+    terms["loss"] = total
+    return total, terms
