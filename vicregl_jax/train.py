@@ -351,7 +351,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                 last_metrics["step_time_s"] = elapsed / window_steps
                 last_metrics["images_per_s"] = config.batch_size * window_steps / elapsed
-                last_metrics["skipped_images"] = float(iterator.stats().get("skipped", 0))
+                last_metrics["skipped_images"] = float(iterator.num_skipped)
                 log.write(step, last_metrics)
                 window_start, window_steps = time.perf_counter(), 0
                 if bar is not None:
