@@ -7,7 +7,7 @@
   clock, grass, gravel, brick, cell). Each photo is shrunk to at most 512 px on its long
   side and appears 4 times: whole, and three fixed crops of 70 % of each side (top-left,
   bottom-right, centre), enough distinct images for batches of 16-64 in demos and tests.
-- `vicregl_digits` (splits "train" 1497 / "test" 300, labels 0-9): scikit-learn's
+- `vicregl_digits` (splits "train" 1498 / "test" 299, labels 0-9): scikit-learn's
   `load_digits` 8 x 8 digits, rescaled to 32 x 32 (bicubic), grey replicated to RGB,
   PNG. Every sixth digit (index % 6 == 5) is in "test".
 
@@ -124,7 +124,7 @@ class VicreglDigits(tfds.core.GeneratorBasedBuilder):
     """Labelled 32 x 32 RGB digits from scikit-learn's load_digits (no download)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "load_digits at 32 x 32, train 1497 / test 300."}
+    RELEASE_NOTES = {"1.0.0": "load_digits at 32 x 32, train 1498 / test 299."}
 
     def _info(self):
         return self.dataset_info_from_configs(
