@@ -217,6 +217,9 @@ def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
     assert len(hosts[0]) == len(hosts[1]) == 5  # every host runs the same number of steps
     joined = np.concatenate([np.concatenate([hosts[0][s]["label"], hosts[1][s]["label"]]) for s in range(5)])
     np.testing.assert_array_equal(joined, labels)
+    tail = make_eval_iterator("vicregl_digits", "test", start_step=3, **kwargs, **HOSTS)
+    assert len(tail) == 2
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in tail]), labels[3 * 64 :])
 
 
 def test_eval_iterator_with_training_augmentation_repeats_and_resumes(data_dir):
@@ -241,6 +244,9 @@ def test_to_global_batch_shards_the_batch_over_the_mesh(labelled_folder):
     np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
     with pytest.raises(ValueError, match="no axis 'batch'"):
         to_global_batch(batch, mesh, data_axis="batch")
+    assert (batch["label"] >= 0).all()
+    unlabelled = next(pretrain(labelled_folder, groups=(CropGroup(16, 2, (0.5, 1.0)),), with_labels=False))
+    assert (unlabelled["label"] == -1).all()
 
 
 def test_user_errors_name_the_value_and_the_fix(tmp_path, data_dir):

@@ -23,7 +23,6 @@ import functools
 import os
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from vicregl_jax.data import augment, crops, sources
@@ -134,6 +133,37 @@ def _read_examples(dataset: tf.data.Dataset, read, parallel: int) -> tf.data.Dat
     )
 
 
+def _shuffled_examples(source, seed, start_step, local_batch, global_batch, process_index, parallel):
+    """Returns the endless dataset of (position, failures, image, label) that one host reads:
+    each epoch a fresh permutation, undecodable examples replaced by the next ones."""
+    num = source.num_examples
+
+    def read(position):
+        index = example_index(position, num, seed, shuffle=True)
+        return _read_example(source, index, MAX_DECODE_ATTEMPTS).map(
+            lambda failures, image, label: (position, failures, image, label)
+        )
+
+    def check(position, failures, image, label):
+        tf.debugging.assert_less(
+            failures, MAX_DECODE_ATTEMPTS,
+            message=f"{MAX_DECODE_ATTEMPTS} images in a row of {source.name} failed to decode: "
+            "is the dataset corrupt, or not images?",
+        )
+        return position, failures, image, label
+
+    positions = host_positions(start_step, local_batch, global_batch, process_index)
+    return _read_examples(positions, read, parallel).map(check)
+
+
+def _batches(ds, process, finish_batch, local_batch, prefetch, num_threads) -> tf.data.Dataset:
+    """Returns ds mapped per example by `process`, batched, mapped per batch by `finish_batch`."""
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(prefetch).with_options(_options(num_threads))
+
+
 def make_views(
     image: tf.Tensor,
     seed: tf.Tensor,
@@ -170,6 +200,7 @@ def centre_view(image: tf.Tensor, size: int, resize_size: int, method: str = "bi
 
 
 def _resolve_hosts(global_batch_size: int, process_index, process_count) -> tuple[int, int, int]:
+    """Returns (process_index, process_count, local batch size), checked; JAX's by default."""
     if process_index is None or process_count is None:
         import jax
 
@@ -190,6 +221,7 @@ def _resolve_hosts(global_batch_size: int, process_index, process_count) -> tupl
 
 
 def _options(num_threads: int | None) -> tf.data.Options:
+    """Returns deterministic tf.data options, on `num_threads` threads if given."""
     options = tf.data.Options()
     options.deterministic = True
     if num_threads:
@@ -203,7 +235,8 @@ class BatchIterator:
 
     Attributes: `step` (index of the next batch), `num_skipped` (undecodable images met in
     the batches delivered so far), `num_examples` and `num_classes` of the dataset (0 classes
-    when unlabelled), and `dataset`, the underlying tf.data.Dataset.
+    when unlabelled), `steps` (batches it yields, None when endless; also `len()`), and
+    `dataset`, the underlying tf.data.Dataset.
     """
 
     def __init__(self, dataset: tf.data.Dataset, start_step: int, source: sources.ImageSource,
@@ -227,7 +260,7 @@ class BatchIterator:
 
     def __len__(self) -> int:
         if self.steps is None:
-            raise TypeError("a pre-training iterator is endless")
+            raise TypeError("this iterator is endless: it has no len()")
         return self.steps
 
     def stats(self) -> dict[str, int]:
@@ -266,7 +299,8 @@ def make_pretrain_iterator(
       "val_image": float32 (B, 224, 224, 3) (resize 256, centre crop), with with_val_view.
     The batches from step k on are the same whether the iterator started at 0 or at
     start_step=k. `augment_colour=False` leaves out the colour ops (geometry only).
-    `num_threads` bounds the threads of tf.data (default: all cores).
+    `num_threads` bounds the threads of tf.data (default: all cores). Undecodable images
+    are replaced by the next example and counted in `iterator.num_skipped`.
     """
     groups = tuple(groups)
     if not groups:
@@ -281,24 +315,15 @@ def make_pretrain_iterator(
         dataset, split, data_dir=data_dir, manual_dir=manual_dir,
         max_in_memory_bytes=max_in_memory_bytes,
     )
-    num = source.num_examples
     colour = _colour_chain(augment_colour)
     parallel = num_threads or os.cpu_count() or 1
 
-    def read(position):
-        index = example_index(position, num, seed, shuffle=True)
-        return _read_example(source, index, MAX_DECODE_ATTEMPTS).map(
-            lambda failures, image, label: (position, failures, image, label)
-        )
-
     def process(position, failures, image, label):
-        tf.debugging.assert_less(
-            failures, MAX_DECODE_ATTEMPTS,
-            message=f"{MAX_DECODE_ATTEMPTS} images in a row of {source.name} failed to decode: "
-            "is the dataset corrupt or not images?",
-        )
         seed_p = position_seed(position, seed)
-        views = [make_views(image, seed_p, g, k, n, flip_grid) for k, (g, n) in enumerate(zip(groups, grid_sizes))]
+        views = [
+            make_views(image, seed_p, group, k, n, flip_grid)
+            for k, (group, n) in enumerate(zip(groups, grid_sizes))
+        ]
         out = {
             "views": tuple(v[0] for v in views),
             "grids": tuple(v[1] for v in views),
@@ -320,13 +345,11 @@ def make_pretrain_iterator(
             batch["val_image"] = augment.normalise(tf.cast(batch["val_image"], tf.float32) / 255.0)
         return batch
 
-    ds = host_positions(start_step, local_batch, global_batch_size, process_index)
-    ds = _read_examples(ds, read, parallel)
-    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(prefetch)
-    return BatchIterator(ds.with_options(_options(num_threads)), start_step, source)
+    ds = _shuffled_examples(
+        source, seed, start_step, local_batch, global_batch_size, process_index, parallel
+    )
+    ds = _batches(ds, process, finish_batch, local_batch, prefetch, num_threads)
+    return BatchIterator(ds, start_step, source)
 
 
 def make_eval_iterator(
@@ -358,9 +381,12 @@ def make_eval_iterator(
     Default: one pass in dataset order, each image resized (short side resize_size) and
     centre-cropped; the last batches are padded (mask False, label -1) so that every host
     yields the same number of batches, and undecodable images are masked too; `len()` gives
-    the number of batches. With train_augment=True: endless, reshuffled per epoch, a random
-    resized crop (scale) and a horizontal flip per image, as the linear protocol trains;
-    start_step resumes as in pre-training.
+    the number of batches left (start_step skips batches of the pass). With
+    train_augment=True: endless, reshuffled per epoch, a random resized crop (scale) and a
+    horizontal flip per image, as the linear protocol trains; start_step resumes as in
+    pre-training. The defaults resize bilinearly and normalise with std EVAL_STD, as the
+    release's linear evaluation does; pass interpolation="bicubic", std=IMAGENET_STD to match
+    its pre-training transforms instead.
     """
     group = CropGroup(image_size, 1, scale)  # validates image_size and scale
     if resize_size < image_size:
@@ -378,54 +404,43 @@ def make_eval_iterator(
     num = source.num_examples
     parallel = num_threads or os.cpu_count() or 1
 
-    def finish(view, label, valid):
-        return {"image": view, "label": tf.where(valid, label, -1), "mask": valid}
-
     def finish_batch(batch):
         batch["image"] = augment.normalise(tf.cast(batch["image"], tf.float32) / 255.0, mean, std)
         return batch
 
     if train_augment:
-
-        def read(position):
-            index = example_index(position, num, seed, shuffle=True)
-            return _read_example(source, index, MAX_DECODE_ATTEMPTS).map(
-                lambda failures, image, label: (position, failures, image, label)
-            )
+        steps = None
 
         def process(position, failures, image, label):
-            tf.debugging.assert_less(
-                failures, MAX_DECODE_ATTEMPTS,
-                message=f"{MAX_DECODE_ATTEMPTS} images in a row of {source.name} failed to decode",
-            )
             view, _, flips, _ = make_views(
                 image, position_seed(position, seed), group, 0, 1, False, interpolation
             )
             view = to_uint8(tf.where(flips[0], tf.reverse(view[0], axis=[1]), view[0]))
-            return {**finish(view, label, tf.constant(True)), "failures": failures}
+            return {"image": view, "label": label, "mask": tf.constant(True), "failures": failures}
 
-        ds = host_positions(start_step, local_batch, global_batch_size, process_index)
-        steps = None
+        ds = _shuffled_examples(
+            source, seed, start_step, local_batch, global_batch_size, process_index, parallel
+        )
     else:
         steps = -(-num // global_batch_size)
+        if not 0 <= start_step <= steps:
+            raise ValueError(f"start_step={start_step} is outside the {steps} batches of one pass.")
 
         def read(position):
             valid = position < num
-            index = tf.minimum(position, num - 1)
             # Padding positions try no example: they give the 1 x 1 placeholder, failures 0.
-            return _read_example(source, index, tf.where(valid, 1, 0)).map(
+            attempts = tf.where(valid, 1, 0)
+            return _read_example(source, tf.minimum(position, num - 1), attempts).map(
                 lambda failures, image, label: (valid & (failures == 0), failures, image, label)
             )
 
         def process(mask, failures, image, label):
             view = centre_view(image, image_size, resize_size, interpolation)
-            return {**finish(view, label, mask), "failures": failures}
+            label = tf.where(mask, label, -1)
+            return {"image": view, "label": label, "mask": mask, "failures": failures}
 
-        ds = host_positions(0, local_batch, global_batch_size, process_index).take(steps * local_batch)
-        start_step = 0
-    ds = _read_examples(ds, read, parallel)
-    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(prefetch)
-    return BatchIterator(ds.with_options(_options(num_threads)), start_step, source, steps)
+        positions = host_positions(start_step, local_batch, global_batch_size, process_index)
+        positions = positions.take((steps - start_step) * local_batch)
+        ds = _read_examples(positions, read, parallel)
+    ds = _batches(ds, process, finish_batch, local_batch, prefetch, num_threads)
+    return BatchIterator(ds, start_step, source, None if steps is None else steps - start_step)
