@@ -38,7 +38,6 @@ EVAL_INTERPOLATION = "bilinear"
 # Salts that separate the random streams derived from one seed.
 _SHUFFLE_SALT, _VIEW_SALT = 0x5EED, 0x71E35
 _CROP, _FLIP, _COLOUR = 1, 2, 3
-_POSITIONS_END = 2**62
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,8 +102,7 @@ def host_positions(
         step, slot = local // local_batch, local % local_batch
         return step * global_batch + process_index * local_batch + slot
 
-    start = start_step * local_batch
-    return tf.data.Dataset.range(start, _POSITIONS_END).map(to_global)
+    return tf.data.Dataset.counter(start_step * local_batch, dtype=tf.int64).map(to_global)
 
 
 def _read_example(source: sources.ImageSource, index, attempts) -> tf.data.Dataset:
