@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_jpegs(directory: str, count: int = 64, seed: int = 0) -> list[bytes]:
-    """Writes `count` JPEGs of ~500 x 375 (random crops of the embedded photos); returns their bytes."""
+    """Writes `count` JPEGs of ~500 x 375 (crops of the embedded photos); returns their bytes."""
     import numpy as np
     from PIL import Image
 
@@ -127,7 +127,8 @@ def main() -> None:
             pil_cpu = max(c for c, _ in pil_rates)
             pil_wall = max(w for _, w in pil_rates)
             rows.append((name, tf_cpu, pil_cpu, tf_wall, pil_wall))
-            print(f"{name}: tf.data {[(round(c, 1), round(w / len(cores), 1)) for c, w in tf_rates]}, "
+            tf_list = [(round(c, 1), round(w / len(cores), 1)) for c, w in tf_rates]
+            print(f"{name}: tf.data {tf_list}, "
                   f"PIL {[(round(c, 1), round(w, 1)) for c, w in pil_rates]} "
                   "(images per CPU-s, per wall-s per core)", flush=True)
             del iterator
@@ -135,7 +136,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"\nimages/s per CPU core ({len(cores)} core(s) pinned, batch {args.batch_size}, "
           f"best of {args.rounds} rounds; load average {load:.1f} on {os.cpu_count()} cores)\n")
-    print("| recipe | tf.data (CPU time) | PIL (CPU time) | ratio | tf.data (wall) | PIL (wall) | ratio |")
+    print("| recipe | tf.data (CPU time) | PIL (CPU time) | ratio "
+          "| tf.data (wall) | PIL (wall) | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, tf_cpu, pil_cpu, tf_wall, pil_wall in rows:
         print(f"| {name} | {tf_cpu:.1f} | {pil_cpu:.1f} | {tf_cpu / pil_cpu:.2f}x "

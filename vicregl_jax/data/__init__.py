@@ -14,7 +14,12 @@ import os
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 from vicregl_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from vicregl_jax.data.crops import CONVNEXT_GROUPS, RESNET_GROUPS, CropGroup, location_grid  # noqa: E402
+from vicregl_jax.data.crops import (  # noqa: E402
+    CONVNEXT_GROUPS,
+    RESNET_GROUPS,
+    CropGroup,
+    location_grid,
+)
 from vicregl_jax.data.global_batch import to_global_batch  # noqa: E402
 from vicregl_jax.data.pipeline import (  # noqa: E402
     BatchIterator,

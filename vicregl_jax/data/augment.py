@@ -107,7 +107,7 @@ def _replicate_edges(rows: tf.Tensor, amount: int, step: int = 1, axis: int = 0)
 
 
 def gaussian_blur(x: tf.Tensor, sigma, radius: int = BLUR_RADIUS) -> tf.Tensor:
-    """Returns one image (H, W, C) blurred by a Gaussian of std `sigma` (scalar), edges replicated."""
+    """Returns the image x (H, W, C) blurred by a Gaussian of std `sigma`, edges replicated."""
     weights = gaussian_kernel(sigma, radius)
     height, width, channels = x.shape
     taps = range(2 * radius + 1)

@@ -96,7 +96,9 @@ def sample_crop_boxes(
     # Fallback: the whole image, clipped to the ratio range, centred.
     in_ratio = width / height
     fb_w = tf.where(
-        in_ratio < ratio[0], width, tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+        in_ratio < ratio[0],
+        width,
+        tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width),
     )
     fb_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
     fb_top = tf.floor((height - fb_h) / 2.0)
@@ -138,7 +140,7 @@ def location_grid(top, left, height, width, grid_size: int, flip: bool | np.ndar
 
 
 def location_grid_tf(boxes: tf.Tensor, flips: tf.Tensor, grid_size: int) -> tf.Tensor:
-    """Returns `location_grid` of int (V, 4) boxes in TF, float32 (V, n, n, 2); flips is (V,) bool."""
+    """Returns `location_grid` in TF of int (V, 4) boxes and (V,) bool flips: (V, n, n, 2)."""
     boxes = tf.cast(boxes, tf.float64)
     top, left, height, width = (boxes[:, k : k + 1] for k in range(4))
     steps = (tf.range(grid_size, dtype=tf.float64) + 0.5) / grid_size

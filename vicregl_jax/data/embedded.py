@@ -142,7 +142,10 @@ class VicreglDigits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {"train": self._generate_examples(test=False), "test": self._generate_examples(test=True)}
+        return {
+            "train": self._generate_examples(test=False),
+            "test": self._generate_examples(test=True),
+        }
 
     def _generate_examples(self, test: bool):
         images, labels = digit_images()

@@ -1,4 +1,4 @@
-"""A folder of images as a dataset: class sub-folders give the labels, as torchvision's ImageFolder."""
+"""A folder of images as a dataset; class sub-folders give labels, as ImageFolder does."""
 from __future__ import annotations
 
 import os

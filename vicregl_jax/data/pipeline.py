@@ -131,7 +131,9 @@ def _read_examples(dataset: tf.data.Dataset, read, parallel: int) -> tf.data.Dat
     )
 
 
-def _shuffled_examples(source, seed, start_step, local_batch, global_batch, process_index, parallel):
+def _shuffled_examples(
+    source, seed, start_step, local_batch, global_batch, process_index, parallel
+):
     """Returns the endless dataset of (position, failures, image, label) that one host reads:
     each epoch a fresh permutation, undecodable examples replaced by the next ones."""
     num = source.num_examples
@@ -190,7 +192,8 @@ def make_views(
 
 
 def centre_view(image: tf.Tensor, size: int, resize_size: int, method: str = "bicubic"):
-    """Returns the uint8 (size, size, 3) centre crop of the image resized to short side resize_size."""
+    """Returns the uint8 (size, size, 3) centre crop of the image resized to short side
+    resize_size."""
     shape = crops.resized_shape(tf.shape(image)[0], tf.shape(image)[1], resize_size)
     resized = to_uint8(resize(image, shape, method))
     top, left = tf.unstack(crops.centre_crop_offsets(shape, size))
@@ -263,7 +266,11 @@ class BatchIterator:
 
     def stats(self) -> dict[str, int]:
         """Returns the step, the count of skipped undecodable images and the dataset size."""
-        return {"step": self.step, "num_skipped": self.num_skipped, "num_examples": self.num_examples}
+        return {
+            "step": self.step,
+            "num_skipped": self.num_skipped,
+            "num_examples": self.num_examples,
+        }
 
 
 def make_pretrain_iterator(
@@ -302,7 +309,9 @@ def make_pretrain_iterator(
     """
     groups = tuple(groups)
     if not groups:
-        raise ValueError("groups is empty: give at least one CropGroup, e.g. CropGroup(224, 2, (0.08, 1.0)).")
+        raise ValueError(
+            "groups is empty: give at least one CropGroup, e.g. CropGroup(224, 2, (0.08, 1.0))."
+        )
     grid_sizes = [crops.grid_size(g, stride) for g in groups]
     if start_step < 0:
         raise ValueError(f"start_step={start_step} is negative: give the index of the next step.")
@@ -390,7 +399,8 @@ def make_eval_iterator(
     if resize_size < image_size:
         raise ValueError(
             f"resize_size={resize_size} is smaller than image_size={image_size}: the centre "
-            f"crop must fit in the resized image; use resize_size >= {image_size} (e.g. 256 for 224)."
+            f"crop must fit in the resized image: use resize_size >= {image_size} "
+            "(e.g. 256 for 224)."
         )
     process_index, process_count, local_batch = _resolve_hosts(
         global_batch_size, process_index, process_count
