@@ -1,0 +1,281 @@
+"""The tf.data iterators: batch format, geometry by content, determinism, hosts, bad input."""
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vicregl_jax.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CropGroup,
+    make_eval_iterator,
+    make_pretrain_iterator,
+    to_global_batch,
+)
+from vicregl_jax.data.pipeline import EVAL_STD, decode_rgb
+
+# Small views, shared by the tests so that XLA compiles each shape once.
+GROUPS = (CropGroup(64, 2, (0.08, 1.0)), CropGroup(32, 3, (0.05, 0.4)))
+STRIDE = 16
+BATCH = 8
+HOSTS = dict(process_index=0, process_count=1)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _save(path, array, fmt=None, mode=None):
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    image.save(path, fmt)
+
+
+@pytest.fixture(scope="session")
+def coordinate_folder(tmp_path_factory):
+    """One 160 x 224 PNG whose red channel holds the pixel's row and green its column."""
+    folder = tmp_path_factory.mktemp("coordinates")
+    rows, cols = np.meshgrid(np.arange(160), np.arange(224), indexing="ij")
+    _save(folder / "coordinates.png", np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8))
+    return f"folder:{folder}"
+
+
+@pytest.fixture(scope="session")
+def labelled_folder(tmp_path_factory):
+    """24 tiny images, each alone in its class folder: the label identifies the example."""
+    folder = tmp_path_factory.mktemp("labelled")
+    for k in range(24):
+        (folder / f"class_{k:02d}").mkdir()
+        _save(folder / f"class_{k:02d}" / "image.png", np.full((12, 10, 3), k * 10, np.uint8))
+    return f"folder:{folder}"
+
+
+@pytest.fixture(scope="session")
+def messy_folder(tmp_path_factory):
+    """8 files: grey, RGBA, CMYK, palette and tiny images, and 2 that do not decode."""
+    folder = tmp_path_factory.mktemp("messy")
+    rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    _save(folder / "00_rgb.jpg", rgb)
+    (folder / "01_garbage.jpg").write_bytes(b"this is not an image")
+    _save(folder / "02_grey.jpg", rgb[..., 0])
+    _save(folder / "03_rgba.png", rgb, mode="RGBA")
+    _save(folder / "04_cmyk.jpg", rgb, mode="CMYK")
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG")
+    (folder / "05_truncated.jpg").write_bytes(buffer.getvalue()[:100])
+    _save(folder / "06_palette.png", rgb, mode="P")
+    _save(folder / "07_tiny.png", rgb[:2, :3])
+    return f"folder:{folder}"
+
+
+def pretrain(dataset, **kwargs):
+    args = dict(groups=GROUPS, stride=STRIDE, global_batch_size=BATCH, seed=0, **HOSTS)
+    args.update(kwargs)
+    return make_pretrain_iterator(dataset, "train", **args)
+
+
+def unnormalise(views):
+    """Returns normalised views back in [0, 255]."""
+    return (views * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)) * 255.0
+
+
+def test_batch_format_on_the_embedded_photos(data_dir):
+    it = pretrain("vicregl_photos", data_dir=data_dir, with_val_view=True)
+    batch = next(it)
+    assert set(batch) == {"views", "grids", "label", "val_image"}
+    for group, views, grids in zip(GROUPS, batch["views"], batch["grids"]):
+        n = group.size // STRIDE
+        assert views.shape == (BATCH, group.count, group.size, group.size, 3) and views.dtype == np.float32
+        assert grids.shape == (BATCH, group.count, n, n, 2) and grids.dtype == np.float32
+        pixels = unnormalise(views)
+        assert pixels.min() > -0.01 and pixels.max() < 255.01
+        assert (grids >= 0).all() and (grids <= 512).all()  # photos are at most 512 px
+    assert batch["label"].dtype == np.int32 and (batch["label"] == -1).all()  # unlabelled
+    assert batch["val_image"].shape == (BATCH, 224, 224, 3) and batch["val_image"].dtype == np.float32
+    assert it.num_examples == 76 and it.num_classes == 0 and it.stats()["step"] == 1
+
+
+@pytest.mark.parametrize("flip_grid", [False, True])
+def test_each_grid_cell_shows_the_pixels_its_coordinates_name(coordinate_folder, flip_grid):
+    """On an image whose pixels hold their own (row, col), the mean content of every cell of
+    every view equals the cell's grid coordinates: the local loss gets true correspondences."""
+    batch = next(pretrain(coordinate_folder, augment_colour=False, flip_grid=flip_grid))
+    flipped_views = 0
+    for group, views, grids in zip(GROUPS, batch["views"], batch["grids"]):
+        n = group.size // STRIDE
+        pixels = unnormalise(views)
+        cells = pixels.reshape(BATCH, group.count, n, STRIDE, n, STRIDE, 3).mean(axis=(3, 5))
+        # Pixel r covers [r, r + 1): a cell's mean pixel index is its centre minus 0.5.
+        rows, cols = cells[..., 0] + 0.5, cells[..., 1] + 0.5
+        np.testing.assert_allclose(rows, grids[..., 0], atol=0.75)
+        matches = np.abs(cols - grids[..., 1]).max(axis=(-1, -2)) < 0.75
+        mirrored = np.abs(cols[..., ::-1] - grids[..., 1]).max(axis=(-1, -2)) < 0.75
+        assert (matches | mirrored).all()
+        if flip_grid:
+            assert matches.all()  # flipped views have flipped grids
+        flipped_views += int((mirrored & ~matches).sum())
+    if not flip_grid:
+        assert flipped_views > 0  # the release's default: grids of flipped views stay unflipped
+
+
+def test_same_seed_same_batches_for_any_parallelism_and_other_seeds_differ(data_dir):
+    a = pretrain("vicregl_photos", data_dir=data_dir, num_threads=1)
+    b = pretrain("vicregl_photos", data_dir=data_dir, num_threads=3)
+    for _ in range(2):
+        x, y = next(a), next(b)
+        for u, v in zip(x["views"] + x["grids"], y["views"] + y["grids"]):
+            np.testing.assert_array_equal(u, v)
+    c = next(pretrain("vicregl_photos", data_dir=data_dir, seed=1))
+    assert not np.array_equal(c["grids"][0], x["grids"][0])
+
+
+def test_resuming_at_step_k_gives_the_batches_of_an_uninterrupted_run(data_dir):
+    whole = pretrain("vicregl_photos", data_dir=data_dir)
+    batches = [next(whole) for _ in range(12)]  # 96 positions: crosses the epoch of 76
+    resumed = pretrain("vicregl_photos", data_dir=data_dir, start_step=10)
+    for step in (10, 11):
+        got = next(resumed)
+        for u, v in zip(got["views"] + got["grids"], batches[step]["views"] + batches[step]["grids"]):
+            np.testing.assert_array_equal(u, v)
+    assert resumed.step == 12
+
+
+def labels_of(iterator, steps):
+    return np.stack([next(iterator)["label"] for _ in range(steps)])
+
+
+def test_hosts_read_disjoint_parts_that_cover_each_epoch_once(labelled_folder):
+    small = dict(groups=(CropGroup(16, 1, (0.5, 1.0)),), stride=16, global_batch_size=12, seed=3)
+    single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, **HOSTS), 6)
+    hosts = [
+        labels_of(make_pretrain_iterator(labelled_folder, "train", **small, process_index=h, process_count=3), 6)
+        for h in range(3)
+    ]
+    assert all(h.shape == (6, 4) for h in hosts)  # 12 // 3 images per host per step
+    # Host h holds slice h of each global batch: together the hosts make the global batch.
+    np.testing.assert_array_equal(np.concatenate(hosts, axis=1), single)
+    for epoch in range(3):  # 24 examples = 2 steps of 12
+        seen = np.concatenate([h[2 * epoch : 2 * epoch + 2].ravel() for h in hosts])
+        np.testing.assert_array_equal(np.sort(seen), np.arange(24))
+    assert not np.array_equal(single[0:2], single[2:4])  # each epoch reshuffled
+
+
+def test_undecodable_images_are_skipped_counted_and_odd_formats_become_rgb(messy_folder):
+    it = pretrain(messy_folder, groups=(CropGroup(32, 2, (0.08, 1.0)),))
+    batch = next(it)  # one step of 8 = one epoch of the 8 files
+    assert batch["views"][0].shape == (BATCH, 2, 32, 32, 3)
+    assert np.isfinite(batch["views"][0]).all()
+    assert it.num_skipped == 2 and it.stats()["num_skipped"] == 2
+    next(it)
+    assert it.num_skipped == 4
+    evaluation = make_eval_iterator(messy_folder, "train", global_batch_size=4, image_size=32,
+                                    resize_size=36, **HOSTS)
+    masks = np.concatenate([b["mask"] for b in evaluation])
+    np.testing.assert_array_equal(masks, [1, 0, 1, 1, 1, 0, 1, 1])
+    assert evaluation.num_skipped == 2
+
+
+def test_decoding_makes_rgb_of_grey_rgba_cmyk_and_palette_images(messy_folder):
+    folder = messy_folder.split(":", 1)[1]
+    for name in ("02_grey.jpg", "03_rgba.png", "04_cmyk.jpg", "06_palette.png", "07_tiny.png"):
+        encoded = open(os.path.join(folder, name), "rb").read()
+        ours = decode_rgb(encoded).numpy()
+        pil = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+        assert ours.shape == pil.shape and ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - pil).mean() < 3  # JPEG decoders differ slightly
+
+
+def test_a_dataset_of_nothing_but_broken_files_fails_with_a_clear_error(tmp_path):
+    for k in range(3):
+        (tmp_path / f"{k}.jpg").write_bytes(b"broken")
+    it = pretrain(f"folder:{tmp_path}", groups=(CropGroup(32, 1, (0.5, 1.0)),))
+    with pytest.raises(Exception, match="failed to decode"):
+        next(it)
+
+
+def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
+    kwargs = dict(global_batch_size=64, image_size=32, resize_size=32, data_dir=data_dir)
+    single = make_eval_iterator("vicregl_digits", "test", **kwargs, **HOSTS)
+    assert len(single) == 5  # ceil(299 / 64)
+    batches = list(single)
+    assert len(batches) == 5
+    labels = np.concatenate([b["label"] for b in batches])
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == 299 and not masks[299:].any() and (labels[~masks] == -1).all()
+    assert set(labels[masks]) == set(range(10))
+    b = batches[0]
+    assert b["image"].shape == (64, 32, 32, 3) and b["image"].dtype == np.float32
+    pixels = b["image"] * np.array(EVAL_STD) + np.array(IMAGENET_MEAN)
+    assert pixels.min() > -1e-3 and pixels.max() < 1 + 1e-3
+    hosts = [list(make_eval_iterator("vicregl_digits", "test", **kwargs, process_index=h, process_count=2))
+             for h in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == 5  # every host runs the same number of steps
+    joined = np.concatenate([np.concatenate([hosts[0][s]["label"], hosts[1][s]["label"]]) for s in range(5)])
+    np.testing.assert_array_equal(joined, labels)
+    tail = make_eval_iterator("vicregl_digits", "test", start_step=3, **kwargs, **HOSTS)
+    assert len(tail) == 2
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in tail]), labels[3 * 64 :])
+
+
+def test_eval_iterator_with_training_augmentation_repeats_and_resumes(data_dir):
+    kwargs = dict(global_batch_size=BATCH * 8, image_size=32, train_augment=True, data_dir=data_dir, **HOSTS)
+    it = make_eval_iterator("vicregl_digits", "test", **kwargs)
+    batches = [next(it) for _ in range(6)]  # 384 > 299 examples: into the second epoch
+    assert all(b["mask"].all() for b in batches)
+    assert batches[0]["image"].shape == (64, 32, 32, 3)
+    assert set(np.concatenate([b["label"] for b in batches])) == set(range(10))
+    resumed = next(make_eval_iterator("vicregl_digits", "test", start_step=5, **kwargs))
+    np.testing.assert_array_equal(resumed["image"], batches[5]["image"])
+
+
+def test_to_global_batch_shards_the_batch_over_the_mesh(labelled_folder):
+    mesh = jax.make_mesh((8,), ("data",))
+    batch = next(pretrain(labelled_folder, groups=(CropGroup(16, 2, (0.5, 1.0)),)))
+    arrays = to_global_batch(batch, mesh)
+    views = arrays["views"][0]
+    assert views.shape == batch["views"][0].shape and len(views.addressable_shards) == 8
+    assert views.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(np.asarray(views), batch["views"][0])
+    np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
+    with pytest.raises(ValueError, match="no axis 'batch'"):
+        to_global_batch(batch, mesh, data_axis="batch")
+    assert (batch["label"] >= 0).all()
+    unlabelled = next(pretrain(labelled_folder, groups=(CropGroup(16, 2, (0.5, 1.0)),), with_labels=False))
+    assert (unlabelled["label"] == -1).all()
+
+
+def test_user_errors_name_the_value_and_the_fix(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset'.*folder:"):
+        pretrain("no_such_dataset", data_dir=data_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain(f"folder:{tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        pretrain(f"folder:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="manual_dir=.*tfds build imagenet2012"):
+        pretrain("imagenet2012", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no split 'validation'.*'test', 'train'"):
+        make_eval_iterator("vicregl_digits", "validation", global_batch_size=8, data_dir=data_dir, **HOSTS)
+    with pytest.raises(ValueError, match="global_batch_size=10 is not a positive multiple of process_count=4"):
+        pretrain("vicregl_photos", data_dir=data_dir, global_batch_size=10, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="crop size 60 is not divisible by the backbone stride 16"):
+        pretrain("vicregl_photos", data_dir=data_dir, groups=(CropGroup(60, 2, (0.08, 1.0)),))
+
+
+def test_a_tfds_dataset_stored_as_tfrecord_is_read_from_memory_or_says_how_to_convert(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from vicregl_jax.data import embedded
+
+    embedded.register()
+    tfds.builder("vicregl_digits", data_dir=str(tmp_path)).download_and_prepare(file_format="tfrecord")
+    kwargs = dict(global_batch_size=64, image_size=32, resize_size=32, data_dir=str(tmp_path), **HOSTS)
+    batches = list(make_eval_iterator("vicregl_digits", "test", **kwargs))
+    labels = np.concatenate([b["label"] for b in batches])[:299]
+    assert set(labels) == set(range(10))
+    with pytest.raises(ValueError, match="stored as TFRecord.*tfds convert_format"):
+        make_eval_iterator("vicregl_digits", "test", max_in_memory_bytes=1000, **kwargs)
