@@ -17,6 +17,11 @@ from vicregl_jax.models.vicregl import VICRegLModel
 
 
 
+# Two cores shared with XLA: one torch thread, so that its OpenMP threads do not spin
+# against XLA's.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def no_torch_grad():
     with torch.no_grad():

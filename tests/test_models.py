@@ -12,7 +12,7 @@ from torch_reference import TORCH_BACKBONES
 from vicregl_jax import models
 from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
                                 feature_dim, parameter_count)
-from vicregl_jax.models.convnext import ConvNeXtBlock
+from vicregl_jax.models.convnext import ConvNeXtBlock, DepthwiseConv
 from vicregl_jax.models.layers import BatchNorm
 from vicregl_jax.models.vicregl import VICRegLModel
 
@@ -42,6 +42,11 @@ HEADS = dict(mlp="32-32-16", maps_mlp="24-24-8", num_classes=10)
 def run(model, inputs):
     """model(inputs), compiled (eager dispatch is slow on this CPU); updates model's state."""
     return model(inputs)
+
+
+# Two cores shared with XLA: one torch thread, so that its OpenMP threads do not spin
+# against XLA's.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -172,6 +177,23 @@ def test_drop_path_only_in_training():
     rates = [b.drop_path.rate if b.drop_path else 0.0
              for s in models.abstract_backbone("convnext_test").stages for b in s]
     np.testing.assert_allclose(rates, [0.0, 0.1 / 3, 0.2 / 3, 0.1])  # linear over blocks
+
+
+def test_depthwise_conv_implementations_agree():
+    conv = DepthwiseConv(16, 7, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.key(1), (16,))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 6, 16))
+    shifted = nnx.with_attributes(conv, implementation="shifted")
+
+    def value_and_grads(module):
+        loss = lambda m, x: jnp.sum(jnp.sin(m(x)))  # noqa: E731
+        return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(module, x)
+
+    (a, (grad_a, gx_a)), (b, (grad_b, gx_b)) = value_and_grads(conv), value_and_grads(shifted)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(gx_a, gx_b, atol=1e-5)
+    for u, v in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b)):
+        np.testing.assert_allclose(u, v, atol=1e-4)
 
 
 def test_vicregl_outputs_and_per_view_statistics(tiny):

@@ -11,9 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Two cores shared with XLA: one torch thread avoids OpenMP threads spinning against it.
-torch.set_num_threads(1)
-
 
 # ---------------------------------------------------------------------------- ResNet
 

@@ -4,6 +4,7 @@ Pure functions (no torch):
   to_torch_state_dict(model_or_state, arch, *, full=False) -> dict[str, np.ndarray]
   load_torch_state_dict(model, state_dict) -> tuple[str, ...]
   infer_model_kwargs(state_dict) -> dict
+  model_from_torch_state_dict(state_dict, model_kwargs, *, seed=0) -> (model, parts)
   save_model_dir(model, directory, model_kwargs) / load_model_dir(directory)
 File functions (import torch lazily, only here):
   read_torch_weights(path) -> dict[str, np.ndarray]        (.pth or .safetensors)
@@ -490,20 +491,61 @@ def _init_model(key: jax.Array, kwargs: tuple) -> VICRegLModel:
     return VICRegLModel(**dict(kwargs), rngs=nnx.Rngs(key))
 
 
+def _seed_rng_state(model: nnx.Module, seed: int) -> None:
+    """Gives an abstractly built model's RNG streams (drop path) keys from seed."""
+    state = nnx.state(model, nnx.RngState)
+    flat = list(_flat_paths(state.to_pure_dict()))
+    base = jax.random.key(seed)
+    tree = state.to_pure_dict()
+    for i, path in enumerate(flat):
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = (jax.random.fold_in(base, i) if path[-1] == "key"
+                          else jnp.zeros((), jnp.uint32))
+    state.replace_by_pure_dict(tree)
+    nnx.update(model, state)
+
+
+def _flat_paths(tree, path=()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flat_paths(value, path + (key,))
+        else:
+            yield path + (key,)
+
+
+def model_from_torch_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, Any],
+                                *, seed: int = 0) -> tuple[VICRegLModel, tuple[str, ...]]:
+    """Returns (VICRegLModel(**model_kwargs) holding the release's weights, parts loaded).
+
+    From a full checkpoint's state_dict every weight comes from the file and nothing is
+    randomly initialised (the model is built abstractly: fast even for the largest);
+    from a backbone file the heads are initialised from seed.
+    """
+    # Load into an abstract model first: any mismatch raises before a costly init.
+    model = nnx.eval_shape(lambda: VICRegLModel(**model_kwargs, rngs=nnx.Rngs(0)))
+    parts = load_torch_state_dict(model, state_dict)
+    if parts == tuple(p for p in _PARTS if getattr(model, p, None) is not None):
+        _seed_rng_state(model, seed)
+    else:
+        model = _init_model(jax.random.key(seed), tuple(sorted(model_kwargs.items())))
+        load_torch_state_dict(model, state_dict)
+    return model, parts
+
+
 def _from_torch_main(args) -> None:
     state_dict = read_torch_weights(args.src)
-    given = _strip_ddp_prefix(state_dict)
     kwargs = {"arch": args.arch, "mlp": "8192-8192-8192", "maps_mlp": "512-512-512",
               "alpha": 0.75, "num_classes": 1000}
-    if _is_full_layout(given):
-        inferred = infer_model_kwargs(given)
+    if _is_full_layout(_strip_ddp_prefix(state_dict)):
+        inferred = infer_model_kwargs(state_dict)
         inferred.pop("arch")
         kwargs.update(inferred)
     for key in ("mlp", "maps_mlp", "alpha", "num_classes", "dtype"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    model = _init_model(jax.random.key(args.seed), tuple(sorted(kwargs.items())))
-    parts = load_torch_state_dict(model, state_dict)
+    model, parts = model_from_torch_state_dict(state_dict, kwargs, seed=args.seed)
     save_model_dir(model, args.out_dir, kwargs)
     fresh = [p for p in _PARTS if getattr(model, p, None) is not None and p not in parts]
     print(f"{args.arch}: loaded {', '.join(parts)} from {args.src} -> {args.out_dir}"
