@@ -208,11 +208,12 @@ def test_vicregl_outputs_and_per_view_statistics(tiny):
     assert [e.shape for e in out["local_embeddings"]] == [(4, 4, 8), (4, 4, 8), (4, 1, 8)]
     assert out["logits"].shape == (4, 10)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
-    # BatchNorm statistics per view: view 0 alone gives the same as view 0 among others.
+    # BatchNorm statistics per view: other data in view 1 leaves view 0's outputs alone.
     nnx.update(model, state)
-    alone = run(model, [a])
-    np.testing.assert_allclose(alone["embeddings"][0], out["embeddings"][0], atol=1e-5)
-    np.testing.assert_allclose(alone["local_embeddings"][0], out["local_embeddings"][0], atol=1e-5)
+    other = run(model, [a, -b, small])
+    for key in ("embeddings", "local_embeddings", "maps"):
+        np.testing.assert_allclose(other[key][0], out[key][0], atol=1e-5)
+        assert not np.allclose(other[key][1], out[key][1])
 
     # The classifier sees stop_gradient(representations[0]).
     grads = nnx.jit(nnx.grad(lambda m: m([a])["logits"].sum()))(model)
@@ -223,13 +224,18 @@ def test_vicregl_outputs_and_per_view_statistics(tiny):
 def test_layer_norm_models_batch_views_with_the_same_result(tiny):
     model = tiny["convnext_test"]
     model.eval()
-    views = [jax.random.normal(jax.random.key(i), (2, s, s, 3))
-             for i, s in enumerate((64, 64, 32))]
-    together = run(model, views)
-    for i, v in enumerate(views):
-        alone = run(model, [v])
+    big, big2, small = (jax.random.normal(jax.random.key(i), (2, s, s, 3))
+                        for i, s in enumerate((64, 64, 32)))
+    together = run(model, [big, big2, small])  # the two large views run as one batch
+    apart = run(model, [big, small, big2])     # no two consecutive views of one size
+    for i, j in ((0, 0), (1, 2), (2, 1)):
         for key in ("maps", "embeddings", "local_embeddings"):
-            np.testing.assert_allclose(together[key][i], alone[key][0], atol=1e-5)
+            np.testing.assert_allclose(together[key][i], apart[key][j], atol=1e-5)
+    # The heads, run once on all views, give what they give on each view alone.
+    np.testing.assert_allclose(model.expander(together["representations"][2]),
+                               together["embeddings"][2], atol=1e-5)
+    np.testing.assert_allclose(model.local_projector(together["maps"][2]),
+                               together["local_embeddings"][2], atol=1e-5)
     model.train()
 
 

@@ -12,19 +12,10 @@ from vicregl_jax.models import backbone_norm, create_backbone, feature_dim
 from vicregl_jax.models.heads import MLP, linear_classifier, parse_mlp_spec
 
 
-def _apply_per_view(fn, arrays: Sequence[jax.Array], *, together: bool) -> list:
-    """Returns [fn(a) for a in arrays], as one call on their concatenation if together.
-
-    Only for functions without batch statistics (LayerNorm models), for which one call on
-    the concatenated batch gives the same result as one call per array. fn may return a
-    pytree of arrays whose leading axis is the batch.
-    """
-    if not together or len(arrays) == 1:
-        return [fn(a) for a in arrays]
-    out = fn(jnp.concatenate(arrays, axis=0))
-    ends = list(itertools.accumulate(a.shape[0] for a in arrays))
-    return [jax.tree.map(lambda x, s=s, e=e: x[s:e], out)
-            for s, e in zip([0] + ends[:-1], ends)]
+def _split(x: jax.Array, sizes: Sequence[int], axis: int) -> list[jax.Array]:
+    """Returns the consecutive pieces of x along axis with the given sizes."""
+    ends = list(itertools.accumulate(sizes))
+    return jnp.split(x, ends[:-1], axis=axis)
 
 
 class VICRegLModel(nnx.Module):
@@ -81,10 +72,20 @@ class VICRegLModel(nnx.Module):
         """Returns (maps, pooled) per view; LayerNorm models batch runs of same-size views."""
         if self.norm == "batch":
             return [self.backbone(v) for v in views]
-        # Consecutive views of one size (the large crops, then the small) run together.
         outputs = []
         for _, group in itertools.groupby(views, key=lambda v: v.shape):
-            outputs += _apply_per_view(self.backbone, list(group), together=True)
+            group = list(group)
+            if len(group) == 1:
+                outputs.append(self.backbone(group[0]))
+                continue
+            # One batch ordered (sample, view): the sample axis stays major, so a batch
+            # sharded over devices needs no communication to be merged or split again.
+            b, v = group[0].shape[0], len(group)
+            maps, pooled = self.backbone(
+                jnp.stack(group, axis=1).reshape(b * v, *group[0].shape[1:]))
+            maps = maps.reshape(b, v, *maps.shape[1:])
+            pooled = pooled.reshape(b, v, pooled.shape[-1])
+            outputs += [(maps[:, i], pooled[:, i]) for i in range(v)]
         return outputs
 
     def __call__(self, views: Sequence[jax.Array]) -> dict:
@@ -98,20 +99,29 @@ class VICRegLModel(nnx.Module):
         features = self._backbone(views)
         maps = [m for m, _ in features]
         representations = [p for _, p in features]
+        # BatchNorm heads run per view (per-view statistics; the local projector's over all
+        # B*N locations of the view). LayerNorm heads treat every vector alike, so they
+        # run once on all views, joined along a non-batch axis.
         together = self.norm == "layer"
-        f32 = lambda xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
+        same_batch = len({r.shape[0] for r in representations}) == 1
 
         embeddings = None
         if self.expander is not None:
-            embeddings = f32(_apply_per_view(self.expander, representations, together=together))
+            if together and same_batch:
+                z = self.expander(jnp.stack(representations, axis=1))
+                embeddings = [z[:, i] for i in range(len(views))]
+            else:
+                embeddings = [self.expander(r) for r in representations]
+            embeddings = [e.astype(jnp.float32) for e in embeddings]
 
         local_embeddings = None
         if self.local_projector is not None:
-            # Every location is a sample of the projector: (B, N, C) -> (B*N, C).
-            flat = [m.reshape(-1, m.shape[-1]) for m in maps]
-            projected = _apply_per_view(self.local_projector, flat, together=together)
-            local_embeddings = [p.reshape(*m.shape[:2], p.shape[-1]).astype(jnp.float32)
-                                for p, m in zip(projected, maps)]
+            if together and same_batch:
+                z = self.local_projector(jnp.concatenate(maps, axis=1))
+                local_embeddings = _split(z, [m.shape[1] for m in maps], axis=1)
+            else:
+                local_embeddings = [self.local_projector(m) for m in maps]
+            local_embeddings = [e.astype(jnp.float32) for e in local_embeddings]
 
         logits = self.classifier(jax.lax.stop_gradient(representations[0]))
         return {
