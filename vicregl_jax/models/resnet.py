@@ -1,0 +1,125 @@
+"""ResNets of the release (torchvision v1.5 layout): 18 to 152, wide 50x2/x4/x5, 200x2.
+
+Attribute names mirror torchvision's state_dict names (``conv1``, ``bn1``,
+``layer{1..4}.{b}.{conv1,bn1,...}``, ``downsample.{0,1}``), so that conversion to and
+from the release (vicregl_jax/convert.py) is a renaming of leaves plus transposes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vicregl_jax.models.layers import BatchNorm, kaiming_normal_fan_out, max_pool_3x3_s2
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dtype,
+          rngs: nnx.Rngs) -> nnx.Conv:
+    """Returns a bias-free conv with explicit symmetric padding, as PyTorch pads."""
+    return nnx.Conv(
+        in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)), use_bias=False,
+        kernel_init=kaiming_normal_fan_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _downsample(in_ch: int, out_ch: int, stride: int, *, dtype, rngs) -> nnx.List | None:
+    """Returns the projection shortcut [1x1 conv, BatchNorm], or None for identity."""
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nnx.List([_conv(in_ch, out_ch, 1, stride, 0, dtype=dtype, rngs=rngs),
+                     BatchNorm(out_ch, dtype=dtype)])
+
+
+def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
+    if downsample is None:
+        return x
+    conv, bn = downsample
+    return bn(conv(x))
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convs; the residual branch's last BatchNorm scale starts at 0."""
+
+    expansion = 1
+
+    def __init__(self, in_ch: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        self.conv1 = _conv(in_ch, planes, 3, stride, 1, dtype=dtype, rngs=rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, 1, 1, dtype=dtype, rngs=rngs)
+        self.bn2 = BatchNorm(planes, zero_init_scale=True, dtype=dtype)
+        self.downsample = _downsample(in_ch, planes, stride, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return nnx.relu(y + _shortcut(self.downsample, x))
+
+
+class Bottleneck(nnx.Module):
+    """1x1, 3x3 (carrying the stride: v1.5), 1x1 x4; last BatchNorm scale starts at 0."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        out_ch = planes * self.expansion
+        self.conv1 = _conv(in_ch, planes, 1, 1, 0, dtype=dtype, rngs=rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, stride, 1, dtype=dtype, rngs=rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
+        self.conv3 = _conv(planes, out_ch, 1, 1, 0, dtype=dtype, rngs=rngs)
+        self.bn3 = BatchNorm(out_ch, zero_init_scale=True, dtype=dtype)
+        self.downsample = _downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = nnx.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return nnx.relu(y + _shortcut(self.downsample, x))
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nnx.Module):
+    """ResNet backbone: NHWC images -> (maps (B, h*w, C), pooled (B, C)), both float32.
+
+    Args:
+      block: "basic" or "bottleneck".
+      stage_sizes: blocks per stage (4 stages, total stride 32).
+      width: channels of the stem and of the first stage's 3x3 convs (64 * widen).
+      dtype: compute dtype (parameters and BatchNorm statistics stay float32).
+    """
+
+    def __init__(self, *, block: str, stage_sizes: Sequence[int], width: int = 64,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if block not in BLOCKS:
+            raise ValueError(f"block={block!r}: use one of {sorted(BLOCKS)}")
+        if len(stage_sizes) != 4:
+            raise ValueError(f"stage_sizes={tuple(stage_sizes)}: give 4 stage sizes")
+        block_cls = BLOCKS[block]
+        self.dtype = dtype
+        self.conv1 = _conv(3, width, 7, 2, 3, dtype=dtype, rngs=rngs)
+        self.bn1 = BatchNorm(width, dtype=dtype)
+        in_ch = width
+        for i, num_blocks in enumerate(stage_sizes):
+            planes = width * 2**i
+            blocks = []
+            for b in range(num_blocks):
+                stride = 2 if (i > 0 and b == 0) else 1
+                blocks.append(block_cls(in_ch, planes, stride, dtype=dtype, rngs=rngs))
+                in_ch = planes * block_cls.expansion
+            setattr(self, f"layer{i + 1}", nnx.List(blocks))
+        self.num_features = in_ch
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = x.astype(self.dtype)
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = max_pool_3x3_s2(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x)
+        b, h, w, c = x.shape
+        maps = x.reshape(b, h * w, c).astype(jnp.float32)
+        return maps, jnp.mean(maps, axis=1)
