@@ -41,7 +41,7 @@ class DepthwiseConv(nnx.Module):
     which cuDNN and TPUs run natively. XLA:CPU lowers the kernel gradient of that
     convolution to a dense one (C times the FLOPs) and is slow even forward; "shifted"
     writes the same sum as k*k shifted multiply-adds (accumulated in float32), which XLA
-    fuses: ConvNeXt-S steps about 4x faster on CPU, but slower to compile (~2 s more per
+    fuses: ConvNeXt-S steps 2-4x faster on CPU, but slower to compile (~2 s more per
     block for forward + backward) and with ~2.5x the peak memory (XLA materialises the
     shifted copies in the backward pass). For long runs on CPU only.
     """
