@@ -145,7 +145,8 @@ def make_train_step(graphdef, tx, schedule, loss_cfg: losses.LossConfig, grad_ac
     """
 
     def micro_loss(params, model_state, micro):
-        model = nnx.merge(graphdef, params, model_state)
+        # copy: the model mutates its statistics under this trace, not the caller's Variables.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         views, grids = split_views(micro)
         out = model(views)
         total, terms = losses.vicregl_loss(
