@@ -24,11 +24,6 @@ BATCH = 8
 HOSTS = dict(process_index=0, process_count=1)
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _save(path, array, fmt=None, mode=None):
     image = Image.fromarray(array)
     if mode:

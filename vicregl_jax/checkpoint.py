@@ -126,3 +126,21 @@ class PreemptionWatcher:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def read_state(workdir, step: int | None = None) -> tuple[int, dict]:
+    """Returns (step, state) of a workdir's checkpoint (the newest by default) as nested dicts
+    of arrays on this process's first device, whatever mesh wrote it."""
+    directory = epath.Path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {directory}: pre-train there first, or pass --weights.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; it holds steps {steps}.")
+    checkpointer = ocp.StandardCheckpointer()
+    path = directory / str(step) / "state"
+    metadata = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return step, checkpointer.restore(path, target)

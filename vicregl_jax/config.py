@@ -69,6 +69,30 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every_steps = 50
     c.knn_every_epochs = 0  # 0: no kNN monitor during pre-training
+    c.mode = "pretrain"  # what main.py runs when --mode is not given
+
+    # Evaluation (python main.py --mode=linear | knn | segment | correspond | export).
+    c.eval_dataset = config_dict.placeholder(str)  # None: the pre-training dataset
+    c.eval_train_split = "train"
+    c.eval_batch_size = 256
+    c.eval_image_size = 224
+    c.eval_resize_size = 256
+    c.linear_mode = "protocol"  # or "fast": features of centre crops computed once
+    c.linear_epochs = 100
+    c.linear_lr = config_dict.placeholder(float)  # None: 0.02 for ResNets, 0.3 for ConvNeXts
+    c.linear_weight_decay = 1e-6
+    c.knn_k = 20
+    c.knn_temperature = 0.07
+    c.seg_dataset = "voc/2012"  # TFDS name with segmentation masks, or folder:PATH of images/ + masks/
+    c.seg_train_split = "train"
+    c.seg_eval_split = "validation"
+    c.seg_num_classes = 21
+    c.seg_image_size = 512
+    c.seg_steps = 40000
+    c.seg_batch_size = 16
+    c.correspond_pairs = 256
+    c.correspond_crop_size = 224
+    c.correspond_scale = (0.3, 1.0)
     return c
 
 

@@ -384,6 +384,40 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     return RunResult(step=step, stopped_early=stopped_early, last_metrics=last_metrics)
 
 
+def load_model(workdir, step: int | None = None) -> tuple[VICRegLModel, Any, int]:
+    """Returns (model in eval mode, config, step) from a pre-training workdir's checkpoint."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(ckpt_lib.load_config_json(workdir))
+    step, saved = ckpt_lib.read_state(workdir, step)
+    model = create_model(config, rngs=nnx.Rngs(config.seed))
+    _, params, rest = _split(model)
+    nnx.replace_by_pure_dict(params, saved["params"])
+    # Only the BatchNorm statistics matter outside training; the RNG streams stay fresh.
+    rest_pure = nnx.to_pure_dict(rest)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, fresh: _lookup(saved["model_state"], path, fresh), rest_pure
+    )
+    nnx.replace_by_pure_dict(rest, stats)
+    model = nnx.merge(_split(model)[0], params, rest)
+    model.eval()
+    return model, config, step
+
+
+def _lookup(tree, path, default):
+    for key in path:
+        name = getattr(key, "key", getattr(key, "idx", None))
+        if isinstance(tree, dict) and name in tree:
+            tree = tree[name]
+        elif isinstance(tree, dict) and str(name) in tree:
+            tree = tree[str(name)]
+        else:
+            return default
+    if getattr(tree, "shape", None) != getattr(default, "shape", None) or tree.dtype != default.dtype:
+        return default  # RNG key data vs typed keys: keep the fresh stream
+    return tree
+
+
 def _check_finite(step: int, metrics, checkpointer) -> None:
     if not bool(metrics["finite"]):
         kept = checkpointer.latest_step()

@@ -1,0 +1,262 @@
+"""Pre-training end to end on 8 virtual devices: learning, sharding, multi-host, resume, signals."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tiny import tiny_config
+from vicregl_jax import checkpoint as ckpt_lib
+from vicregl_jax import data as data_lib
+from vicregl_jax import sharding, train
+from vicregl_jax.config import validate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "train_worker.py")
+# The tiny config uses LARS, as the ResNet recipe: equality tests need it (Adam turns a
+# rounding difference in a near-zero gradient into a full +-lr step, which says nothing about
+# sharding). The learning test uses AdamW, which moves a tiny model faster in a few steps.
+ADAMW = {"optimizer": "adamw", "base_lr": 0.1, "weight_decay": 0.05}
+
+
+def params_of(workdir, step=None):
+    return ckpt_lib.read_state(workdir, step)[1]["params"]
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(workdir, data_dir, overrides, *, devices=8, num_processes=1, stop_after=None, wait=True):
+    port = free_port()
+    procs = []
+    for pid in range(num_processes):
+        cmd = [sys.executable, WORKER, str(workdir), data_dir, "--devices", str(devices), "--process_id", str(pid),
+               "--num_processes", str(num_processes), "--port", str(port), "--overrides", json.dumps(overrides)]
+        if stop_after is not None:
+            cmd += ["--stop_after", str(stop_after)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    if not wait:
+        return procs
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+# ------------------------------------------------------------------------------------------
+# Learning, in process on 8 devices
+# ------------------------------------------------------------------------------------------
+
+
+def test_tiny_run_learns_without_collapse(data_dir, tmp_path):
+    config = tiny_config(data_dir, **ADAMW)
+    result = train.train_and_evaluate(config, tmp_path, stop_after_steps=12)
+    assert result.step == 12 and result.stopped_early
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, 13))
+    loss = [m["loss"] for m in logged]
+    variance = [m["global_var"] + m["local_var"] for m in logged]
+    assert np.mean(loss[-4:]) < np.mean(loss[:4]) - 1.0, loss
+    assert np.mean(variance[-3:]) < np.mean(variance[:3]) - 5.0, variance
+    # Collapse would drive the std of the normalised representation to 0; 1/sqrt(64) = 0.125
+    # is an isotropic 64-d representation.
+    assert min(m["stdr"] for m in logged) > 0.06 and min(m["stde"] for m in logged) > 0.06
+    for key in ("global_inv", "global_var", "global_cov", "local_inv", "local_var", "local_cov", "cls_loss",
+                "top1", "top5", "stdr", "stde", "corr", "core", "learning_rate", "images_per_s", "step_time_s"):
+        assert key in logged[-1], key
+    # The config and the checkpoint of the last step sit in the workdir, TensorBoard events beside.
+    assert json.loads((tmp_path / "config.json").read_text())["arch"] == "resnet_test"
+    assert ckpt_lib.read_state(tmp_path)[0] == 12
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------
+# Sharded equals unsharded; gradient accumulation
+# ------------------------------------------------------------------------------------------
+
+
+def run_steps(config, num_devices, batches):
+    """Returns the state after one train step per batch on a mesh of num_devices devices."""
+    config = config.copy_and_resolve_references()
+    config.num_devices = num_devices
+    mesh = sharding.make_mesh(num_devices)
+    schedule, tx = train.schedule_and_optimizer(config, steps_per_epoch=10, total_steps=config.total_steps)
+    graphdef, state, shardings = train.init_train_state(config, tx, mesh)
+    step = train.jit_train_step(
+        train.make_train_step(graphdef, tx, schedule, train.loss_config(config), config.grad_accum_steps),
+        shardings, mesh,
+    )
+    for batch in batches:
+        state, metrics = step(state, data_lib.to_global_batch(batch, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def three_batches(data_dir):
+    config = tiny_config(data_dir)
+    it = data_lib.make_pretrain_iterator(
+        config.dataset, "train", groups=train.crop_groups(config), global_batch_size=config.batch_size,
+        seed=0, data_dir=data_dir, process_index=0, process_count=1,
+    )
+    return [next(it) for _ in range(3)]
+
+
+def test_sharded_on_8_devices_equals_1_device(data_dir, three_batches):
+    config = tiny_config(data_dir)
+    state8, metrics8 = run_steps(config, 8, three_batches)
+    state1, metrics1 = run_steps(config, 1, three_batches)
+    assert max_abs_diff(state8.params, state1.params) < 1e-5
+    # BatchNorm running statistics too: they are over the global batch on 8 devices.
+    assert max_abs_diff(state8.model_state, state1.model_state) < 1e-5
+    np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
+    assert int(state8.step) == 3
+
+
+def test_gradient_accumulation_over_duplicated_halves(data_dir, three_batches):
+    """A batch whose micro-batches are identical halves, accumulated over 2, takes the same
+    step as one pass over a half (statistics are per micro-batch)."""
+    config = tiny_config(data_dir)
+    half = jax.tree.map(lambda x: x[:8], three_batches[0])
+    doubled = jax.tree.map(lambda x: np.repeat(x, 2, axis=0), half)  # micro-batch b % 2 == half
+    # The learning rate scales with the batch (base_lr * batch / 256): double it for the half.
+    state_half, m_half = run_steps(tiny_config(data_dir, batch_size=8, base_lr=1.0), 8, [half])
+    config.grad_accum_steps = 2
+    state_acc, m_acc = run_steps(config, 8, [doubled])
+    assert max_abs_diff(state_half.params, state_acc.params) < 1e-5
+    np.testing.assert_allclose(m_half["loss"], m_acc["loss"], rtol=1e-5)
+
+
+def test_non_finite_loss_keeps_the_state(data_dir, three_batches):
+    config = tiny_config(data_dir)
+    bad = jax.tree.map(lambda x: x, three_batches[0])
+    bad["views"] = (np.full_like(bad["views"][0], np.nan),) + tuple(bad["views"][1:])
+    mesh = sharding.make_mesh(8)
+    schedule, tx = train.schedule_and_optimizer(config, 10, config.total_steps)
+    graphdef, state, shardings = train.init_train_state(config, tx, mesh)
+    before = jax.device_get(state)
+    step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, train.loss_config(config)), shardings, mesh)
+    state, metrics = step(state, data_lib.to_global_batch(bad, mesh))
+    assert not bool(metrics["finite"])
+    after = jax.device_get(state)
+    assert max_abs_diff(before.params, after.params) == 0.0 and int(after.step) == 0
+
+
+def test_nan_in_the_loop_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    config = tiny_config(data_dir, checkpoint_every_steps=2)
+    real = data_lib.to_global_batch
+    calls = {"n": 0}
+
+    def poisoned(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the batch of step 4
+            batch = dict(batch, views=(np.full_like(batch["views"][0], np.nan),) + tuple(batch["views"][1:]))
+        return real(batch, mesh)
+
+    monkeypatch.setattr(data_lib, "to_global_batch", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 4: stopping.*last good checkpoint is step 2"):
+        train.train_and_evaluate(config, tmp_path)
+    assert ckpt_lib.read_state(tmp_path)[0] == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Resume, other architectures, multi-host, SIGTERM (in other processes)
+# ------------------------------------------------------------------------------------------
+
+
+def test_killed_and_resumed_equals_uninterrupted(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    train.train_and_evaluate(config, tmp_path / "straight", stop_after_steps=5)
+    first = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=2)
+    assert first.step == 2 and first.stopped_early
+    second = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3)
+    assert second.step == 5
+    straight, resumed = ckpt_lib.read_state(tmp_path / "straight"), ckpt_lib.read_state(tmp_path / "resumed")
+    assert straight[0] == resumed[0] == 5
+    assert max_abs_diff(straight[1], resumed[1]) == 0.0  # params, statistics, optimiser state, step
+
+
+def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
+    train.train_and_evaluate(tiny_config(data_dir), tmp_path, stop_after_steps=1)
+    other = tiny_config(data_dir, arch="convnext_test")
+    with pytest.raises(ValueError, match=r"another model \(arch: checkpoint 'resnet_test' vs config 'convnext_test'\).*new --workdir"):
+        train.train_and_evaluate(other, tmp_path)
+
+
+def test_two_processes_equal_one_process(data_dir, tmp_path):
+    """2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
+    run_worker(tmp_path / "two", data_dir, {}, devices=4, num_processes=2, stop_after=3)
+    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "one", stop_after_steps=3)
+    assert max_abs_diff(params_of(tmp_path / "two"), params_of(tmp_path / "one")) < 1e-5
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
+    (proc,) = run_worker(tmp_path, data_dir, {}, wait=False)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(out.split("RESULT", 1)[1])
+    assert result["stopped_early"] and 2 <= result["step"] < 1000
+    assert ckpt_lib.read_state(tmp_path)[0] == result["step"]
+
+
+# ------------------------------------------------------------------------------------------
+# Config validation
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (dict(batch_size=12), r"config.batch_size=12: must be divisible by the number of devices \(8\).*multiple of 8"),
+    (dict(crops=((60, 2, 0.3, 1.0),)), r"config.crops=.*crop size 60 does not give a whole grid.*multiple of 32, e.g. 64"),
+    (dict(num_matches=(5, 1)), r"config.num_matches=\(5, 1\).*at most \(4, 4\)"),
+    (dict(alpha=1.5), r"config.alpha=1.5: must lie in \[0, 1\]"),
+    (dict(arch="resnet51"), r"config.arch='resnet51': unknown architecture; use one of resnet18"),
+    (dict(optimizer="sgd"), r"config.optimizer='sgd'"),
+    (dict(crops=((64, 1, 0.3, 1.0),)), r"first group needs at least 2 views"),
+    (dict(mlp="64-x"), r"config.mlp='64-x'"),
+    (dict(grad_accum_steps=4), r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)"),
+])
+def test_bad_configs_are_named(data_dir, overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        validate(tiny_config(data_dir, **overrides), num_devices=8)
+
+
+def test_config_files_are_valid():
+    """Every recipe of configs/ loads, with variants, and validates for a matching mesh."""
+    from ml_collections import config_flags  # noqa: F401
+
+    import importlib.util
+
+    root = os.path.join(HERE, "..", "configs")
+    for name in ("r50", "convnext_s", "convnext_b", "convnext_xl", "demo"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
+        assert module.__doc__ and "python main.py --config=configs/" in module.__doc__
+    variant = importlib.util.spec_from_file_location("r50", os.path.join(root, "r50.py"))
+    module = importlib.util.module_from_spec(variant)
+    variant.loader.exec_module(module)
+    assert module.get_config("alpha=0.9").alpha == 0.9
+    with pytest.raises(ValueError, match="'alhpa' is not a config key"):
+        module.get_config("alhpa=0.9")

@@ -1,0 +1,37 @@
+"""Runs the tiny pre-training config in its own process (multi-host and signal tests).
+
+    python tests/train_worker.py WORKDIR DATA_DIR --devices 4 --process_id 0 --num_processes 2 --port 12345
+"""
+import argparse
+import json
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("workdir")
+parser.add_argument("data_dir")
+parser.add_argument("--devices", type=int, default=8)
+parser.add_argument("--process_id", type=int, default=0)
+parser.add_argument("--num_processes", type=int, default=1)
+parser.add_argument("--port", type=int, default=0)
+parser.add_argument("--overrides", default="{}")
+parser.add_argument("--stop_after", type=int, default=None)
+args = parser.parse_args()
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+if args.num_processes > 1:
+    jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
+
+from tiny import tiny_config  # noqa: E402
+from vicregl_jax import train  # noqa: E402
+
+result = train.train_and_evaluate(
+    tiny_config(args.data_dir, **json.loads(args.overrides)), args.workdir, stop_after_steps=args.stop_after
+)
+print("RESULT", json.dumps({"step": result.step, "stopped_early": result.stopped_early}), flush=True)
