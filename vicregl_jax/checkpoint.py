@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 
@@ -24,6 +25,12 @@ from etils import epath
 MODEL_KEYS = ("arch", "mlp", "maps_mlp", "alpha", "num_classes", "optimizer", "layer_scale_init")
 
 
+def absolute(workdir) -> epath.Path:
+    """Returns workdir as an absolute path (Orbax needs one); gs:// and other URLs stay as they are."""
+    text = str(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def model_meta(config) -> dict:
     """Returns the model-defining part of the config as a JSON-friendly dict."""
     return {k: config.get(k) for k in MODEL_KEYS}
@@ -33,7 +40,7 @@ class Checkpointer:
     """Saves and restores the training state under workdir/checkpoints with Orbax."""
 
     def __init__(self, workdir, config, *, keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = absolute(workdir) / "checkpoints"
         self.meta = model_meta(config)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
@@ -131,7 +138,7 @@ class PreemptionWatcher:
 def read_state(workdir, step: int | None = None) -> tuple[int, dict]:
     """Returns (step, state) of a workdir's checkpoint (the newest by default) as nested dicts
     of arrays on this process's first device, whatever mesh wrote it."""
-    directory = epath.Path(workdir) / "checkpoints"
+    directory = absolute(workdir) / "checkpoints"
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {directory}: pre-train there first, or pass --weights.")

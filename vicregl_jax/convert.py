@@ -462,7 +462,8 @@ def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: str, *,
     """Writes a .pth (a plain state_dict, or {"epoch", "model"} when epoch is given) and,
     if safetensors, the tensors beside it as .safetensors; returns the paths written."""
     import torch
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    # np.require keeps 0-d arrays 0-d (num_batches_tracked); np.ascontiguousarray would make them 1-d.
+    tensors = {k: torch.from_numpy(np.require(v, requirements='C')) for k, v in state_dict.items()}
     obj = tensors if epoch is None else {"epoch": int(epoch), "model": tensors}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(obj, path)
@@ -477,8 +478,32 @@ def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: str, *,
 
 # ------------------------------------------------------------------------------- CLI
 
+def load_any_model(src: str) -> VICRegLModel:
+    """Returns the model of a pre-training workdir (its newest checkpoint) or of a folder
+    written by save_model_dir."""
+    if os.path.exists(os.path.join(src, "config.json")) and os.path.isdir(os.path.join(src, "checkpoints")):
+        from vicregl_jax import train
+
+        return train.load_model(src)[0]
+    return load_model_dir(src)
+
+
+def export_torch(workdir: str, weights: str | None = None, *, safetensors: bool = False) -> dict:
+    """Writes the release's backbone file and full checkpoint of a workdir's model (or of
+    weights, another workdir) to workdir/export/; returns their paths."""
+    model = load_any_model(weights or workdir)
+    out = os.path.join(workdir, "export")
+    os.makedirs(out, exist_ok=True)
+    backbone = write_torch_weights(to_torch_state_dict(model, model.arch), os.path.join(out, f"{model.arch}_backbone.pth"),
+                                   safetensors=safetensors)
+    full = write_torch_weights(to_torch_state_dict(model, model.arch, full=True), os.path.join(out, f"{model.arch}_full.pth"),
+                               epoch=0, safetensors=safetensors)
+    print(f"exported {model.arch}: {', '.join(backbone + full)}", flush=True)
+    return {"backbone": backbone, "full": full}
+
+
 def _to_torch_main(args) -> None:
-    model = load_model_dir(args.src)
+    model = load_any_model(args.src)
     state_dict = to_torch_state_dict(model, model.arch, full=args.full)
     written = write_torch_weights(state_dict, args.out, epoch=args.epoch if args.full else None,
                                   safetensors=args.safetensors)
@@ -558,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     to = sub.add_parser("to-torch", help="a Flax model folder -> the release's .pth")
-    to.add_argument("src", help="folder written by save_model_dir / from-torch")
+    to.add_argument("src", help="a pre-training workdir, or a folder written by save_model_dir / from-torch")
     to.add_argument("out", help="output .pth")
     to.add_argument("--full", action="store_true",
                     help="a full checkpoint {'epoch', 'model': module.*} instead of the backbone")

@@ -294,7 +294,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     """
     mesh = sharding.make_mesh(config.num_devices)
     config_lib.validate(config, num_devices=mesh.size, process_count=jax.process_count())
-    workdir = epath.Path(workdir)
+    workdir = ckpt_lib.absolute(workdir)
 
     iterator = data_lib.make_pretrain_iterator(
         config.dataset, config.train_split, groups=crop_groups(config), global_batch_size=config.batch_size,

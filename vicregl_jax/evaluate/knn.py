@@ -50,3 +50,30 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, k:
         hits5 += int(np.sum(np.any(top == labels[:, None], axis=1)))
     n = len(test_labels)
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature}
+
+
+def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
+    """Runs weighted kNN on frozen pooled features of config.eval_dataset; returns and writes results."""
+    from vicregl_jax import data as data_lib
+    from vicregl_jax import sharding
+    from vicregl_jax.evaluate import common
+
+    mesh = sharding.make_mesh(config.num_devices)
+    backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
+    features = common.make_feature_fn(backbone, mesh)
+    dataset = config.eval_dataset or config.dataset
+    splits = {}
+    for split in (config.eval_train_split, config.eval_split):
+        iterator = data_lib.make_eval_iterator(
+            dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
+            image_size=config.eval_image_size, resize_size=config.eval_resize_size,
+            data_dir=config.data_dir, manual_dir=config.manual_dir,
+        )
+        splits[split] = common.extract_features(features, iterator, mesh)
+    train, test = splits[config.eval_train_split], splits[config.eval_split]
+    results = knn_classify(train["features"], train["labels"], test["features"], test["labels"],
+                           k=config.knn_k, temperature=config.knn_temperature)
+    results.update(weights=description, dataset=f"{dataset} ({config.eval_train_split} -> {config.eval_split})",
+                   train_examples=len(train["labels"]), test_examples=len(test["labels"]))
+    common.write_results(workdir, name, results)
+    return results

@@ -120,3 +120,75 @@ def train_linear_head(
         if log is not None:
             log(result)
     return {**result, "params": params}
+
+
+def default_lr(arch: str) -> float:
+    """Returns the release's head learning rate: 0.02 for ResNets, 0.3 for ConvNeXts."""
+    return 0.3 if arch.startswith("convnext") else 0.02
+
+
+def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "linear") -> dict:
+    """Runs linear classification on frozen features (config.linear_mode: protocol or fast)."""
+    from vicregl_jax import data as data_lib
+    from vicregl_jax import sharding
+    from vicregl_jax.data import to_global_batch
+    from vicregl_jax.evaluate import common
+
+    if config.linear_mode not in ("protocol", "fast"):
+        raise ValueError(f"config.linear_mode={config.linear_mode!r}; use 'protocol' or 'fast'.")
+    mesh = sharding.make_mesh(config.num_devices)
+    backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
+    features = common.make_feature_fn(backbone, mesh)
+    dataset = config.eval_dataset or config.dataset
+    batch_size = common.eval_batch_size(config, mesh)
+    size = dict(image_size=config.eval_image_size, resize_size=config.eval_resize_size,
+                data_dir=config.data_dir, manual_dir=config.manual_dir)
+
+    def centre_features(split):
+        iterator = data_lib.make_eval_iterator(dataset, split, global_batch_size=batch_size, **size)
+        return common.extract_features(features, iterator, mesh)
+
+    val = centre_features(config.eval_split)
+    num_classes = int(max(val["labels"].max(), 0) + 1)
+
+    def val_batches():
+        for start in range(0, len(val["labels"]), batch_size):
+            f, y = val["features"][start:start + batch_size], val["labels"][start:start + batch_size]
+            yield f, y, np.ones(len(y), bool)
+
+    if config.linear_mode == "fast":
+        train = centre_features(config.eval_train_split)
+        num_classes = max(num_classes, int(train["labels"].max()) + 1)
+        rng = np.random.default_rng(config.seed)
+
+        def train_batches(epoch):
+            order = rng.permutation(len(train["labels"]))
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                yield train["features"][idx], train["labels"][idx], np.ones(len(idx), bool)
+
+        num_train = len(train["labels"])
+    else:
+        augmented = data_lib.make_eval_iterator(
+            dataset, config.eval_train_split, global_batch_size=batch_size, train_augment=True, seed=config.seed, **size
+        )
+        num_train = augmented.num_examples
+        num_classes = max(num_classes, augmented.num_classes or 0)
+        steps_per_epoch = -(-num_train // batch_size)
+
+        def train_batches(epoch):
+            for _ in range(steps_per_epoch):
+                batch = to_global_batch({k: v for k, v in next(augmented).items() if k in ("image", "label", "mask")}, mesh)
+                _, pooled = features(batch["image"])
+                yield (common.fetch(pooled), common.fetch(batch["label"]), common.fetch(batch["mask"]).astype(bool))
+
+    lr = config.linear_lr or default_lr(config.arch)
+    result = train_linear_head(
+        train_batches, val_batches, dim=val["features"].shape[1], num_classes=num_classes,
+        epochs=config.linear_epochs, lr=lr, weight_decay=config.linear_weight_decay, seed=config.seed,
+    )
+    result.pop("params")
+    result.update(weights=description, mode=config.linear_mode, lr_head=lr, train_examples=num_train,
+                  val_examples=len(val["labels"]), dataset=f"{dataset} ({config.eval_train_split} -> {config.eval_split})")
+    common.write_results(workdir, name, result)
+    return result

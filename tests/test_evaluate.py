@@ -1,0 +1,243 @@
+"""Evaluations on tiny data where the answer is known, the runners end to end, and the demo."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from vicregl_jax.evaluate import common, correspond, knn, linear, segment
+
+# ------------------------------------------------------------------------------------------
+# kNN and linear classification
+# ------------------------------------------------------------------------------------------
+
+
+def separable(seed, n_per_class=20, classes=5, dim=16):
+    rng = np.random.default_rng(seed)
+    centres = 5.0 * rng.normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    return (centres[labels] + 0.3 * rng.normal(size=(len(labels), dim))).astype(np.float32), labels
+
+
+def test_knn_on_separable_classes_is_perfect():
+    x, y = separable(0)
+    xt, yt = separable(0, n_per_class=6)
+    out = knn.knn_classify(x, y, xt, yt, k=5)
+    assert out["top1"] == 100.0 and out["top5"] == 100.0
+
+
+def test_knn_weighted_vote_by_hand():
+    """Two neighbours of class 1 at similarity 0.6 outvote... or not: exp(s / T) weights decide."""
+    train = np.array([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]], np.float32)
+    labels = np.array([0, 1, 1])
+    test = np.array([[1.0, 0.0]], np.float32)
+    scores = np.asarray(knn.knn_scores(train, labels, test, k=3, temperature=0.07, num_classes=2))
+    np.testing.assert_allclose(scores[0], [math.exp(1 / 0.07), 2 * math.exp(0.8 / 0.07)], rtol=1e-5)
+    assert knn.knn_classify(train, labels, test, np.array([0]), k=3)["top1"] == 100.0  # e^14.3 > 2 e^11.4
+    assert knn.knn_classify(train, labels, test, np.array([1]), k=3, temperature=1.0)["top1"] == 100.0
+
+
+def test_linear_head_separable_is_perfect():
+    x, y = separable(1)
+    xv, yv = separable(1, n_per_class=6)
+    batches = lambda epoch: iter([(x, y, np.ones(len(y), bool))])  # noqa: E731
+    val = lambda: iter([(xv, yv, np.ones(len(yv), bool))])  # noqa: E731
+    out = linear.train_linear_head(batches, val, dim=16, num_classes=5, epochs=20, lr=0.1)
+    assert out["top1"] == 100.0 and out["best_top1"] == 100.0
+
+
+def test_linear_head_steps_match_torch_sgd():
+    """Our SGD (decay on weight and bias, momentum, per-epoch cosine lr) against torch.optim.SGD."""
+    torch = pytest.importorskip("torch")
+    x, y = separable(2, n_per_class=4, classes=3, dim=6)
+    epochs, lr, wd = 3, 0.3, 1e-2
+    params = linear.init_head(6, 3, seed=0)
+    head = torch.nn.Linear(6, 3).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(np.asarray(params["kernel"]).T))
+        head.bias.copy_(torch.tensor(np.asarray(params["bias"])))
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    halves = [slice(0, 6), slice(6, 12)]
+    for _ in range(epochs):
+        for s in halves:
+            loss = torch.nn.functional.cross_entropy(head(torch.tensor(x[s], dtype=torch.float64)), torch.tensor(y[s]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    out = linear.train_linear_head(
+        lambda epoch: iter([(x[s], y[s], np.ones(6, bool)) for s in halves]),
+        lambda: iter([(x, y, np.ones(12, bool))]), dim=6, num_classes=3, epochs=epochs, lr=lr, weight_decay=wd,
+    )
+    np.testing.assert_allclose(np.asarray(out["params"]["kernel"]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["params"]["bias"]), head.bias.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Segmentation
+# ------------------------------------------------------------------------------------------
+
+
+def test_mean_iou_by_hand_and_ignore_label():
+    labels = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 2]])
+    confusion = segment.confusion_matrix(pred, labels, 3)
+    # class 0: tp 1, fp 1 (from class 2), fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 1, fn 1 -> 1/2
+    out = segment.mean_iou(confusion)
+    np.testing.assert_allclose(out["per_class_iou"], [100 / 3, 200 / 3, 50.0])
+    assert out["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_linear_segmentation_of_a_linear_function_of_the_features_is_perfect():
+    """Masks that are a linear function of the features (the argmax of their first K channels,
+    upsampled by 2): the head learns them exactly, mIoU 100."""
+    rng = np.random.default_rng(3)
+    k, n, h = 4, 24, 4
+    classes = rng.integers(0, k, size=(n, h, h))
+    maps = 0.3 * rng.normal(size=(n, h, h, 8)).astype(np.float32)
+    maps[..., :k] += 3.0 * np.eye(k, dtype=np.float32)[classes]
+    masks = np.repeat(np.repeat(classes, 2, axis=1), 2, axis=2).astype(np.uint8)
+    masks[:, 0, 0] = segment.IGNORE_LABEL  # ignored pixels do not count
+    params, stats = segment.train_segmentation_head(maps[:16], masks[:16], num_classes=k, steps=150, batch_size=8, lr=0.1)
+    out = segment.evaluate_segmentation_head(params, stats, [(maps[16:], masks[16:])], k)
+    # Bilinear upsampling blends neighbouring cells at the boundaries: only nearly-perfect there.
+    # Evaluate at the map's own resolution for the exact statement.
+    exact = segment.evaluate_segmentation_head(params, stats, [(maps[16:], classes[16:].astype(np.uint8))], k)
+    assert exact["miou"] == 100.0
+    assert out["miou"] > 90.0
+
+
+# ------------------------------------------------------------------------------------------
+# Correspondence
+# ------------------------------------------------------------------------------------------
+
+
+def grid(top, left, height, width, n, flip=False):
+    from vicregl_jax.data import location_grid
+
+    return np.asarray(location_grid(top, left, height, width, n, flip), np.float32)
+
+
+def test_identical_views_give_correspondence_one():
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(3, 16, 8)).astype(np.float32)
+    grids = np.stack([grid(10, 20, 100, 120, 4)] * 3)
+    correct, valid, chance = correspond.correspondence_counts(feats, feats, grids, grids)
+    assert int(correct) == int(valid) == 48
+    # Chance by hand on a 4 x 4 grid: corner cells see 4 cells within one, edge 6, inner 9.
+    assert float(chance) == pytest.approx(3 * (4 * 4 + 8 * 6 + 4 * 9) / 16)
+
+
+def test_flipped_view_with_corrected_grid_is_found():
+    """View B shows the same crop flipped; its features are A's with columns reversed."""
+    rng = np.random.default_rng(5)
+    n = 4
+    fa = rng.normal(size=(1, n, n, 8)).astype(np.float32)
+    fb = fa[:, :, ::-1]
+    ga, gb = grid(0, 0, 64, 64, n), grid(0, 0, 64, 64, n, flip=True)
+    c, v, _ = correspond.correspondence_counts(fa.reshape(1, -1, 8), fb.reshape(1, -1, 8), ga[None], gb[None])
+    assert int(c) == int(v) == 16
+    # With the uncorrected grid the same features look wrong at the sides.
+    c_bad, _, _ = correspond.correspondence_counts(fa.reshape(1, -1, 8), fb.reshape(1, -1, 8), ga[None], ga[None])
+    assert int(c_bad) < 16
+
+
+def test_cells_outside_the_other_view_are_not_counted():
+    ga = grid(0, 0, 80, 80, 4)  # cells of 20 px; B covers the right half only
+    gb = grid(0, 40, 80, 40, 2)
+    cells, inside = correspond.true_cells(jnp.asarray(ga.reshape(-1, 2)), jnp.asarray(gb))
+    assert np.asarray(inside).reshape(4, 4)[:, :2].sum() == 0 and np.asarray(inside).reshape(4, 4)[:, 2:].all()
+    np.testing.assert_array_equal(np.asarray(cells).reshape(4, 4, 2)[1, 3], [0, 1])
+
+
+# ------------------------------------------------------------------------------------------
+# Runners and the demo, end to end on the embedded data
+# ------------------------------------------------------------------------------------------
+
+
+def demo_config(data_dir, **overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data_dir = data_dir
+    # A handful of steps of the smallest graph: this tests the files, not the quality.
+    c.total_steps = 3
+    c.crops = ((64, 2, 0.3, 1.0),)
+    c.num_matches = (3, 2)
+    c.mlp, c.maps_mlp = "64-64", "32-32"
+    c.correspond_crop_size = 64
+    c.linear_epochs = 2
+    c.correspond_pairs = 16
+    c.eval_batch_size = 512
+    c.checkpoint_every_steps = 100
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def demo_run(data_dir, tmp_path_factory):
+    from vicregl_jax import demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    summary = demo.run_demo(demo_config(data_dir), str(workdir))
+    return workdir, summary
+
+
+def test_demo_produces_every_file(demo_run):
+    workdir, summary = demo_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "summary.md", "pca.png",
+                 "correspondences_trained.png", "correspondences_random.png",
+                 "export/resnet_test_backbone.pth", "export/resnet_test_full.pth"):
+        assert (workdir / name).exists(), name
+    for mode in ("knn", "linear", "correspond"):
+        for label in ("trained", "random"):
+            results = json.loads((workdir / f"eval_{mode}_{label}.json").read_text())
+            assert results["weights"], (mode, label)
+    assert set(summary["trained_beats_random"]) == {"knn_top1", "linear_top1", "correspond"}
+    assert Image.open(workdir / "pca.png").size[0] == 448
+    assert "| kNN top-1 (%), digits |" in (workdir / "summary.md").read_text()
+
+
+def test_exported_pytorch_weights_evaluate_like_the_workdir(demo_run, data_dir):
+    """An evaluation accepts the release's PyTorch layout: the exported .pth gives the same
+    features as the checkpoint it came from."""
+    workdir, _ = demo_run
+    config = demo_config(data_dir)
+    from_ckpt, _ = common.load_backbone(config, str(workdir))
+    from_pth, description = common.load_backbone(config, None, str(workdir / "export/resnet_test_backbone.pth"))
+    assert "PyTorch file" in description
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(from_pth(images)[1]), np.asarray(from_ckpt(images)[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_segment_runner_on_a_folder(demo_run, data_dir, tmp_path):
+    """Linear segmentation end to end on a folder of image / mask pairs (left half class 1)."""
+    workdir, _ = demo_run
+    rng = np.random.default_rng(6)
+    for split, count in (("train", 6), ("val", 3)):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 255, size=(48, 40, 3), dtype=np.uint8)
+            mask = np.zeros((48, 40), np.uint8)
+            mask[:, :20] = 1
+            mask[0, :] = 255
+            Image.fromarray(image).save(tmp_path / split / "images" / f"{i}.jpg")
+            Image.fromarray(mask).save(tmp_path / split / "masks" / f"{i}.png")
+    config = demo_config(data_dir, seg_dataset=f"folder:{tmp_path}", seg_eval_split="val", seg_num_classes=2,
+                         seg_image_size=64, seg_steps=5, seg_batch_size=4)
+    results = segment.run(config, str(workdir))
+    assert 0.0 <= results["miou"] <= 100.0 and len(results["per_class_iou"]) == 2
+    assert json.loads((workdir / "eval_segment.json").read_text())["steps"] == 5
+    with pytest.raises(FileNotFoundError, match="no nope/images and nope/masks"):
+        segment.run(demo_config(data_dir, seg_dataset=f"folder:{tmp_path}", seg_train_split="nope"), str(workdir))
