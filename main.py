@@ -21,6 +21,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host GPU without SLURM).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU without SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
+# Orbax and TensorFlow log every save at INFO; --verbosity=0 brings that back.
+flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def main(argv):

@@ -260,3 +260,34 @@ def test_config_files_are_valid():
     assert module.get_config("alpha=0.9").alpha == 0.9
     with pytest.raises(ValueError, match="'alhpa' is not a config key"):
         module.get_config("alhpa=0.9")
+
+
+def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
+    """config.init_weights loads a PyTorch backbone file (heads keep their initialisation) or
+    another workdir's model into the state a run starts from."""
+    from flax import nnx
+
+    from vicregl_jax import convert
+
+    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "source", stop_after_steps=1)
+    source, _, _ = train.load_model(tmp_path / "source")
+    pth = str(tmp_path / "backbone.pth")
+    convert.write_torch_weights(convert.to_torch_state_dict(source, "resnet_test"), pth)
+    mesh = sharding.make_mesh(8)
+    for weights in (pth, str(tmp_path / "source")):
+        config = tiny_config(data_dir, init_weights=weights)
+        schedule, tx = train.schedule_and_optimizer(config, 10, config.total_steps)
+        graphdef, state, shardings = train.init_train_state(config, tx, mesh)
+        state = train.apply_init_weights(config, graphdef, state, shardings)
+        loaded = nnx.to_pure_dict(jax.device_get(state.params))
+        want = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+        assert max_abs_diff(loaded["backbone"], want["backbone"]) == 0.0
+        if weights == pth:  # a backbone file leaves the heads as initialised
+            assert max_abs_diff(loaded["expander"], want["expander"]) > 0.0
+        else:
+            assert max_abs_diff(loaded["expander"], want["expander"]) == 0.0
+    with pytest.raises(ValueError, match="do not match"):
+        bad = tiny_config(data_dir, init_weights=pth, arch="convnext_test")
+        schedule, tx = train.schedule_and_optimizer(bad, 10, bad.total_steps)
+        graphdef, state, shardings = train.init_train_state(bad, tx, mesh)
+        train.apply_init_weights(bad, graphdef, state, shardings)

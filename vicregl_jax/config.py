@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.drop_path_rate = config_dict.placeholder(float)  # ConvNeXt only; None: 0.1
     c.layer_scale_init = config_dict.placeholder(float)  # ConvNeXt only; None: 0 (off)
     c.compute_dtype = "auto"  # "auto": bfloat16 on GPU / TPU, float32 on CPU
+    c.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
 
     # Criterion (SPEC.md section 3).
     c.alpha = 0.75

@@ -119,6 +119,39 @@ def init_train_state(config, tx, mesh) -> tuple[nnx.GraphDef, TrainState, Any]:
     return graphdef, state, shardings
 
 
+def _flat(state):
+    flat = nnx.to_flat_state(state)
+    return flat.paths, [getattr(v, "value", v) for v in flat.leaves]
+
+
+def apply_init_weights(config, graphdef, state: TrainState, shardings) -> TrainState:
+    """Returns state with the weights of config.init_weights (a PyTorch file of the release,
+    backbone or full checkpoint, or another pre-training workdir) loaded into the model."""
+    path = config.init_weights
+    model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state), copy=True)
+    if str(path).endswith((".pth", ".pt", ".safetensors")):
+        from vicregl_jax import convert
+
+        parts = convert.load_torch_state_dict(model, convert.read_torch_weights(path))
+        logging.info("Initial weights from %s: %s", path, ", ".join(parts))
+    else:
+        source, _, step = load_model(path)
+        _, src_params, src_rest = _split(source)
+        _, params, rest = _split(model)
+        def shapes(tree):
+            return {(path, tuple(v.shape)) for path, v in zip(*_flat(tree))}
+
+        mismatch = {path for path, _ in shapes(params) ^ shapes(src_params)}
+        if mismatch:
+            raise ValueError(f"config.init_weights={path!r} holds another model ({len(mismatch)} parameters differ in name or shape, "
+                             f"e.g. {sorted(map(str, mismatch))[:3]}); use a workdir of the same arch and heads.")
+        nnx.update(model, src_params, nnx.state(source, nnx.BatchStat))
+        logging.info("Initial weights from %s (step %d)", path, step)
+    _, params, rest = _split(model)
+    new = TrainState(state.step, params, rest, state.opt_state)
+    return jax.device_put(new, shardings)
+
+
 # --------------------------------------------------------------------------------------------
 # The train step
 # --------------------------------------------------------------------------------------------
@@ -313,7 +346,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     if start is not None:
         saved = checkpointer.restore(start, to_saveable(state))
         state = from_saveable(saved, state)
-        logging.info("Resumed from %s at step %d", checkpointer.directory, start)
+        if jax.process_index() == 0:
+            print(f"Resuming from {checkpointer.directory} at step {start} of {total_steps}.", flush=True)
         iterator = data_lib.make_pretrain_iterator(
             config.dataset, config.train_split, groups=crop_groups(config), global_batch_size=config.batch_size,
             seed=config.seed, stride=_stride(config), flip_grid=config.flip_grid, with_labels=True,
@@ -322,6 +356,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         )
     else:
         start = 0
+        if config.init_weights:
+            state = apply_init_weights(config, graphdef, state, state_shardings)
         ckpt_lib.save_config(workdir, config)
 
     step_fn = jit_train_step(
