@@ -13,19 +13,27 @@ import os
 # the environment yourself if TensorFlow runs ops before this package is imported.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
-from vicregl_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from vicregl_jax.data.crops import (  # noqa: E402
-    CONVNEXT_GROUPS,
-    RESNET_GROUPS,
-    CropGroup,
-    location_grid,
-)
+import importlib
+
 from vicregl_jax.data.global_batch import to_global_batch  # noqa: E402
-from vicregl_jax.data.pipeline import (  # noqa: E402
-    BatchIterator,
-    make_eval_iterator,
-    make_pretrain_iterator,
-)
+
+# TensorFlow is imported with the first name below that is used, not with the package: the
+# train step, the benchmarks and the evaluations of cached features run without it (the
+# CUDA images of GPU clusters often have no TensorFlow).
+_LAZY = {
+    "IMAGENET_MEAN": "augment", "IMAGENET_STD": "augment",
+    "CONVNEXT_GROUPS": "crops", "RESNET_GROUPS": "crops", "CropGroup": "crops", "location_grid": "crops",
+    "BatchIterator": "pipeline", "make_eval_iterator": "pipeline", "make_pretrain_iterator": "pipeline",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"vicregl_jax.data.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BatchIterator",
@@ -39,3 +47,7 @@ __all__ = [
     "make_pretrain_iterator",
     "to_global_batch",
 ]
+
+
+def __dir__():
+    return sorted(__all__)
