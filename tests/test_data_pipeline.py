@@ -274,3 +274,21 @@ def test_a_tfds_dataset_stored_as_tfrecord_is_read_from_memory_or_says_how_to_co
     assert set(labels) == set(range(10))
     with pytest.raises(ValueError, match="stored as TFRecord.*tfds convert_format"):
         make_eval_iterator("vicregl_digits", "test", max_in_memory_bytes=1000, **kwargs)
+
+
+def test_processes_sharing_a_data_dir_prepare_a_dataset_once(tmp_path):
+    """Two processes that open an unprepared dataset at once (the hosts of a run, sharing a
+    data_dir) both get it: one prepares under a lock, the other waits and reads it."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; from vicregl_jax.data import sources\n"
+            "print(sources.tfds_source('vicregl_digits', 'test', data_dir=sys.argv[1]).num_examples)\n")
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.split()[-1] == "299"

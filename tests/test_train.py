@@ -41,6 +41,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_env():
+    """The environment of a subprocess: this checkout first on the path, so workers import
+    the code under test whether or not (or from wherever) the package is installed."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
+
+
 def run_worker(workdir, data_dir, overrides, *, devices=8, num_processes=1, stop_after=None, wait=True):
     port = free_port()
     procs = []
@@ -49,7 +59,7 @@ def run_worker(workdir, data_dir, overrides, *, devices=8, num_processes=1, stop
                "--num_processes", str(num_processes), "--port", str(port), "--overrides", json.dumps(overrides)]
         if stop_after is not None:
             cmd += ["--stop_after", str(stop_after)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env()))
     if not wait:
         return procs
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -291,3 +301,16 @@ def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
         schedule, tx = train.schedule_and_optimizer(bad, 10, bad.total_steps)
         graphdef, state, shardings = train.init_train_state(bad, tx, mesh)
         train.apply_init_weights(bad, graphdef, state, shardings)
+
+
+def test_train_step_imports_without_tensorflow():
+    """The train step, the models and the criterion run where TensorFlow is not installed
+    (CUDA images): only the input pipeline needs it, and says so when used."""
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "import vicregl_jax.train, vicregl_jax.losses, vicregl_jax.data as d\n"
+            "d.to_global_batch\n"
+            "try:\n    d.make_pretrain_iterator\nexcept ImportError:\n    print('pipeline needs tensorflow')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=worker_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "pipeline needs tensorflow"

@@ -69,7 +69,13 @@ def segmentation_dataset(dataset: str, split: str, *, data_dir: str | None = Non
             f"The TFDS dataset {dataset!r} has no 'segmentation_mask' feature (it has {list(builder.info.features)}); "
             "use one that does (e.g. oxford_iiit_pet) or folder:PATH."
         )
-    builder.download_and_prepare()
+    if not builder.is_prepared():
+        from vicregl_jax.data.sources import preparation_lock
+
+        with preparation_lock(builder):  # one process prepares; the others then find it done
+            builder = tfds.builder(dataset, data_dir=data_dir)
+            if not builder.is_prepared():
+                builder.download_and_prepare()
     ds = builder.as_dataset(split=split, shuffle_files=False)
     count = builder.info.splits[split].num_examples
     return ds.map(lambda ex: (ex["image"], tf.cast(ex["segmentation_mask"], tf.uint8))), count

@@ -12,7 +12,9 @@ so every source here reads by index:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 from typing import Callable
 
@@ -87,8 +89,28 @@ def _image_and_label_keys(builder) -> tuple[str, str | None, int]:
     return image_key, label_key, num_classes
 
 
-def _prepare(builder, manual_dir: str | None) -> None:
-    """Prepares a TFDS dataset in ArrayRecord format, or says how to get it."""
+@contextlib.contextmanager
+def preparation_lock(builder):
+    """Holds an exclusive lock while one process prepares a dataset, so that the processes
+    of a multi-process run that share a local data_dir do not prepare it into each other
+    (TFDS renames its incomplete folder at the end: the second rename fails). No lock on
+    remote file systems (gs://): there the loser of the race finds the dataset prepared."""
+    root = str(builder.data_dir_root)
+    if "://" in root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{builder.name}.prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(builder, manual_dir: str | None):
+    """Prepares a TFDS dataset in ArrayRecord format and returns its builder, or says how to
+    get it."""
     name = builder.name
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual = manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
@@ -103,8 +125,17 @@ def _prepare(builder, manual_dir: str | None) -> None:
             )
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
-        builder.download_and_prepare(download_config=config, file_format="array_record")
+        with preparation_lock(builder):
+            # Another process (a second host, a test worker) may have prepared it meanwhile.
+            fresh = tfds.builder(name, data_dir=builder.data_dir_root)
+            if fresh.is_prepared():
+                return fresh
+            builder.download_and_prepare(download_config=config, file_format="array_record")
+            return builder
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
+        fresh = tfds.builder(name, data_dir=builder.data_dir_root)
+        if fresh.is_prepared():  # a process on another host won the race (no shared lock)
+            return fresh
         raise FileNotFoundError(
             f"could not prepare TFDS dataset {name!r} in {builder.data_dir_root} ({error}). "
             f"Prepare it on a machine with network access: `tfds build {name} "
@@ -158,7 +189,7 @@ def tfds_source(
             f"an embedded one ({', '.join(embedded.NAMES)}), or 'folder:/path/to/images'."
         ) from error
     if not builder.is_prepared():
-        _prepare(builder, manual_dir)
+        builder = _prepare(builder, manual_dir)
     base_split = split.split("[")[0]
     if base_split not in builder.info.splits:
         raise ValueError(
