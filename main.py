@@ -21,13 +21,14 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host GPU without SLURM).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU without SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
-# Orbax and TensorFlow log every save at INFO; --verbosity=0 brings that back.
-flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save at INFO, over the progress bar; --verbosity=0 brings it back.
+        logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     mode = _MODE.value or config.get("mode", "pretrain")

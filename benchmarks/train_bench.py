@@ -27,10 +27,9 @@ import numpy as np
 from vicregl_jax import data as data_lib
 from vicregl_jax import sharding, train
 
+from model_bench import peak_tflops  # noqa: E402  (benchmarks/ is the script's folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Dense bfloat16 peak per device, TFLOP/s.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-               "TPU v5p": 459.0, "TPU v6 lite": 918.0}
 
 
 def load_config(name: str, arg: str | None = None):
@@ -74,7 +73,7 @@ def step_flops(lowered) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_tflops: float | None):
+def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_override: float | None):
     config = load_config(name)
     mesh = sharding.make_mesh()
     config.batch_size = batch_per_device * mesh.size
@@ -104,7 +103,7 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_tflop
     if stats and "peak_bytes_in_use" in stats:  # what the device allocator really held
         peak_bytes = stats["peak_bytes_in_use"]
     kind = jax.devices()[0].device_kind
-    peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    peak = peak_tflops(jax.devices()[0], peak_override)
     mfu = None if not peak or not flops else flops / step_s / (peak * 1e12 * mesh.size)
     return {
         "config": name, "device": f"{kind} x {mesh.size}", "dtype": dtype, "batch": config.batch_size,
