@@ -314,3 +314,24 @@ def test_train_step_imports_without_tensorflow():
                          cwd=ROOT, env=worker_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "pipeline needs tensorflow"
+
+
+def test_knn_monitor_during_pretraining_matches_the_knn_evaluation(data_dir, tmp_path):
+    """knn_every_epochs logs kNN top-1/5 of the current backbone; they equal `--mode=knn` on
+    the checkpoint of the same step. An unlabelled kNN dataset fails before training."""
+    from vicregl_jax.evaluate import knn
+
+    knn_keys = dict(eval_dataset="vicregl_digits", eval_split="test", eval_image_size=64, eval_resize_size=64,
+                    eval_batch_size=128)
+    # 76 photos / batch 16 = 4 steps per epoch: a kNN every 2 steps.
+    config = tiny_config(data_dir, knn_every_epochs=0.5, **knn_keys)
+    train.train_and_evaluate(config, tmp_path, stop_after_steps=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in monitored] == [2]
+    assert 10.0 < monitored[0]["knn_top1"] <= monitored[0]["knn_top5"] <= 100.0  # 10 classes: chance 10%
+    standalone = knn.run(config, str(tmp_path))
+    assert monitored[0]["knn_top1"] == pytest.approx(standalone["top1"], abs=0.35)  # one image of 299 at most
+    assert monitored[0]["knn_top5"] == pytest.approx(standalone["top5"], abs=0.35)
+    with pytest.raises(ValueError, match="kNN needs labels.*'vicregl_photos'.*eval_dataset"):
+        train.train_and_evaluate(tiny_config(data_dir, knn_every_epochs=1.0, eval_split="train"), tmp_path / "unlabelled")

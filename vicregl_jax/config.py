@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.knn_every_epochs = 0  # 0: no kNN monitor during pre-training
+    c.knn_every_epochs = 0.0  # >0: kNN on eval_dataset every this many epochs and at the end
     c.mode = "pretrain"  # what main.py runs when --mode is not given
 
     # Evaluation (python main.py --mode=linear | knn | segment | correspond | export).
@@ -217,6 +217,8 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         raise _error("param_sharding", config.param_sharding, "use 'replicated' or 'fsdp'.")
     if config.epochs <= config.warmup_epochs and config.total_steps is None:
         raise _error("warmup_epochs", config.warmup_epochs, f"must be below epochs ({config.epochs}).")
+    if config.knn_every_epochs < 0:
+        raise _error("knn_every_epochs", config.knn_every_epochs, "use 0 (no kNN monitor) or a positive number of epochs.")
     for key in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise _error(key, config[key], "must be 1 or more.")

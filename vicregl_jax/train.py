@@ -360,6 +360,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
             state = apply_init_weights(config, graphdef, state, state_shardings)
         ckpt_lib.save_config(workdir, config)
 
+    knn_every = 0  # steps between kNN monitors
+    if config.knn_every_epochs:
+        from vicregl_jax.evaluate import knn
+
+        knn.check_labelled(config)  # fail now, not after the first N epochs
+        knn_every = max(1, round(config.knn_every_epochs * steps_per_epoch))
+
     step_fn = jit_train_step(
         make_train_step(graphdef, tx, schedule, loss_config(config), config.grad_accum_steps), state_shardings, mesh
     )
@@ -393,6 +400,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                 window_start, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")
+            if knn_every and (step % knn_every == 0 or step == total_steps):
+                if pending is not None:  # never evaluate a diverged state
+                    _check_finite(*pending, checkpointer)
+                    pending = None
+                scores = knn_monitor(graphdef, state, config, mesh)
+                log.write(step, scores)
+                last_metrics.update(scores)
+                if bar is not None:
+                    bar.write(f"step {step}: kNN top-1 {scores['knn_top1']:.2f}, top-5 {scores['knn_top5']:.2f}")
+                window_start = time.perf_counter()  # keep the kNN out of the step time
             if bar is not None:
                 bar.update(1)
             preempted = watcher.should_stop(step)
@@ -418,6 +435,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         log.close()
         checkpointer.close()
     return RunResult(step=step, stopped_early=stopped_early, last_metrics=last_metrics)
+
+
+def knn_monitor(graphdef, state: TrainState, config, mesh) -> dict[str, float]:
+    """kNN top-1 / top-5 (%) of the current backbone, in eval mode, on config.eval_dataset."""
+    from vicregl_jax.evaluate import knn
+
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    model.eval()
+    results = knn.evaluate_backbone(model.backbone, config, mesh)
+    return {"knn_top1": results["top1"], "knn_top5": results["top5"]}
 
 
 def load_model(workdir, step: int | None = None) -> tuple[VICRegLModel, Any, int]:

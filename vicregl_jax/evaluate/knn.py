@@ -52,14 +52,25 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, k:
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature}
 
 
-def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
-    """Runs weighted kNN on frozen pooled features of config.eval_dataset; returns and writes results."""
+def check_labelled(config) -> None:
+    """Raises ValueError, before any work, if kNN's dataset (config.eval_dataset) has no labels."""
+    from vicregl_jax.data import sources
+
+    dataset = config.eval_dataset or config.dataset
+    source = sources.open_source(dataset, config.eval_split, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    if source.num_classes == 0:
+        raise ValueError(
+            f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval_dataset to a "
+            "labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
+
+
+def evaluate_backbone(backbone, config, mesh) -> dict:
+    """Returns kNN results of a backbone (in eval mode) on config.eval_dataset: features of
+    config.eval_train_split are the neighbours, config.eval_split is scored."""
     from vicregl_jax import data as data_lib
-    from vicregl_jax import sharding
     from vicregl_jax.evaluate import common
 
-    mesh = sharding.make_mesh(config.num_devices)
-    backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
+    check_labelled(config)
     features = common.make_feature_fn(backbone, mesh)
     dataset = config.eval_dataset or config.dataset
     splits = {}
@@ -73,7 +84,18 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     train, test = splits[config.eval_train_split], splits[config.eval_split]
     results = knn_classify(train["features"], train["labels"], test["features"], test["labels"],
                            k=config.knn_k, temperature=config.knn_temperature)
-    results.update(weights=description, dataset=f"{dataset} ({config.eval_train_split} -> {config.eval_split})",
+    results.update(dataset=f"{dataset} ({config.eval_train_split} -> {config.eval_split})",
                    train_examples=len(train["labels"]), test_examples=len(test["labels"]))
+    return results
+
+
+def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
+    """Runs weighted kNN on frozen pooled features of config.eval_dataset; returns and writes results."""
+    from vicregl_jax import sharding
+    from vicregl_jax.evaluate import common
+
+    mesh = sharding.make_mesh(config.num_devices)
+    backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
+    results = {**evaluate_backbone(backbone, config, mesh), "weights": description}
     common.write_results(workdir, name, results)
     return results
