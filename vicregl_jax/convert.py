@@ -46,6 +46,7 @@ _PARTS = {"backbone": "backbone", "expander": "projector",
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
            "var": "running_var", "gamma": "gamma"}
 DDP_PREFIX = "module."
+TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")  # files read_torch_weights reads
 _MAX_LISTED = 12
 
 

@@ -119,33 +119,25 @@ def init_train_state(config, tx, mesh) -> tuple[nnx.GraphDef, TrainState, Any]:
     return graphdef, state, shardings
 
 
-def _flat(state):
-    flat = nnx.to_flat_state(state)
-    return flat.paths, [getattr(v, "value", v) for v in flat.leaves]
-
-
 def apply_init_weights(config, graphdef, state: TrainState, shardings) -> TrainState:
     """Returns state with the weights of config.init_weights (a PyTorch file of the release,
     backbone or full checkpoint, or another pre-training workdir) loaded into the model."""
+    from vicregl_jax import convert
+
     path = config.init_weights
     model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state), copy=True)
-    if str(path).endswith((".pth", ".pt", ".safetensors")):
-        from vicregl_jax import convert
-
+    if str(path).endswith(convert.TORCH_SUFFIXES):
         parts = convert.load_torch_state_dict(model, convert.read_torch_weights(path))
         logging.info("Initial weights from %s: %s", path, ", ".join(parts))
     else:
         source, _, step = load_model(path)
-        _, src_params, src_rest = _split(source)
-        _, params, rest = _split(model)
-        def shapes(tree):
-            return {(path, tuple(v.shape)) for path, v in zip(*_flat(tree))}
-
-        mismatch = {path for path, _ in shapes(params) ^ shapes(src_params)}
+        ours, theirs = (nnx.state(m, nnx.Param) for m in (model, source))
+        shapes = [{p: v.shape for p, v in nnx.to_flat_state(t)} for t in (ours, theirs)]
+        mismatch = {p for p in shapes[0].keys() | shapes[1].keys() if shapes[0].get(p) != shapes[1].get(p)}
         if mismatch:
             raise ValueError(f"config.init_weights={path!r} holds another model ({len(mismatch)} parameters differ in name or shape, "
                              f"e.g. {sorted(map(str, mismatch))[:3]}); use a workdir of the same arch and heads.")
-        nnx.update(model, src_params, nnx.state(source, nnx.BatchStat))
+        nnx.update(model, theirs, nnx.state(source, nnx.BatchStat))
         logging.info("Initial weights from %s (step %d)", path, step)
     _, params, rest = _split(model)
     new = TrainState(state.step, params, rest, state.opt_state)
@@ -329,11 +321,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     config_lib.validate(config, num_devices=mesh.size, process_count=jax.process_count())
     workdir = ckpt_lib.absolute(workdir)
 
+    checkpointer = ckpt_lib.Checkpointer(workdir, config, keep=config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    start = 0 if latest is None else latest
+    # The pipeline's position is a function of the step: resuming is a seek to `start`.
     iterator = data_lib.make_pretrain_iterator(
         config.dataset, config.train_split, groups=crop_groups(config), global_batch_size=config.batch_size,
         seed=config.seed, stride=_stride(config), flip_grid=config.flip_grid, with_labels=True,
         data_dir=config.data_dir, manual_dir=config.manual_dir, process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=0,
+        process_count=jax.process_count(), start_step=start,
     )
     num_examples = config.num_train_examples or iterator.num_examples
     steps_per_epoch = max(1, num_examples // config.batch_size)
@@ -341,21 +337,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     schedule, tx = schedule_and_optimizer(config, steps_per_epoch, total_steps)
 
     graphdef, state, state_shardings = init_train_state(config, tx, mesh)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config, keep=config.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is not None:
+    if latest is not None:
         saved = checkpointer.restore(start, to_saveable(state))
         state = from_saveable(saved, state)
         if jax.process_index() == 0:
             print(f"Resuming from {checkpointer.directory} at step {start} of {total_steps}.", flush=True)
-        iterator = data_lib.make_pretrain_iterator(
-            config.dataset, config.train_split, groups=crop_groups(config), global_batch_size=config.batch_size,
-            seed=config.seed, stride=_stride(config), flip_grid=config.flip_grid, with_labels=True,
-            data_dir=config.data_dir, manual_dir=config.manual_dir, process_index=jax.process_index(),
-            process_count=jax.process_count(), start_step=start,
-        )
     else:
-        start = 0
         if config.init_weights:
             state = apply_init_weights(config, graphdef, state, state_shardings)
         ckpt_lib.save_config(workdir, config)

@@ -19,12 +19,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from vicregl_jax import sharding
+from vicregl_jax import convert, sharding
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.models import create_backbone
-
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
-
 
 def load_backbone(config, workdir: str | None, weights: str | None = None, *, random_init: bool = False):
     """Returns (backbone in eval mode, description) of the weights to evaluate.
@@ -42,9 +39,7 @@ def load_backbone(config, workdir: str | None, weights: str | None = None, *, ra
     source = weights or workdir
     if source is None:
         raise ValueError("Nothing to evaluate: pass --workdir of a pre-training run or --weights.")
-    if str(source).endswith(TORCH_SUFFIXES):
-        from vicregl_jax import convert
-
+    if str(source).endswith(convert.TORCH_SUFFIXES):
         if not os.path.exists(source):
             raise FileNotFoundError(f"--weights={source} does not exist.")
         backbone = create_backbone(config.arch, rngs=nnx.Rngs(0), dtype=train.compute_dtype(config))
