@@ -58,7 +58,11 @@ def check_labelled(config) -> None:
 
     dataset = config.eval_dataset or config.dataset
     source = sources.open_source(dataset, config.eval_split, data_dir=config.data_dir, manual_dir=config.manual_dir)
-    if source.num_classes == 0:
+    _require_labels(dataset, source.num_classes)
+
+
+def _require_labels(dataset: str, num_classes: int) -> None:
+    if num_classes == 0:
         raise ValueError(
             f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval_dataset to a "
             "labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
@@ -70,7 +74,6 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
     from vicregl_jax import data as data_lib
     from vicregl_jax.evaluate import common
 
-    check_labelled(config)
     features = common.make_feature_fn(backbone, mesh)
     dataset = config.eval_dataset or config.dataset
     splits = {}
@@ -80,6 +83,7 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
             image_size=config.eval_image_size, resize_size=config.eval_resize_size,
             data_dir=config.data_dir, manual_dir=config.manual_dir,
         )
+        _require_labels(dataset, iterator.num_classes)
         splits[split] = common.extract_features(features, iterator, mesh)
     train, test = splits[config.eval_train_split], splits[config.eval_split]
     results = knn_classify(train["features"], train["labels"], test["features"], test["labels"],
