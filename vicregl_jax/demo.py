@@ -23,6 +23,12 @@ from vicregl_jax.evaluate import common, correspond, knn, linear
 PICTURE_SIZE = 448  # 14 x 14 locations for a stride-32 backbone
 
 
+def _normalise(images: np.ndarray) -> np.ndarray:
+    """Returns uint8 RGB images normalised as the pre-training views are, float32."""
+    x = (images / 255.0 - np.asarray(data_lib.IMAGENET_MEAN)) / np.asarray(data_lib.IMAGENET_STD)
+    return x.astype(np.float32)
+
+
 def _photo_batch(num: int = 3) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Returns names, uint8 (num, S, S, 3) and normalised float (num, S, S, 3) centre crops of embedded photos."""
     from vicregl_jax.data.embedded import natural_photos
@@ -37,8 +43,7 @@ def _photo_batch(num: int = 3) -> tuple[list[str], np.ndarray, np.ndarray]:
         raw.append(np.asarray(image.crop((left, top, left + PICTURE_SIZE, top + PICTURE_SIZE))))
         names.append(name)
     raw = np.stack(raw)
-    normalised = (raw / 255.0 - np.asarray(data_lib.IMAGENET_MEAN)) / np.asarray(data_lib.IMAGENET_STD)
-    return names, raw, normalised.astype(np.float32)
+    return names, raw, _normalise(raw)
 
 
 def draw_pictures(config, workdir: str, backbones: dict) -> list[str]:
@@ -65,9 +70,9 @@ def draw_pictures(config, workdir: str, backbones: dict) -> list[str]:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         views.append(np.asarray(crop))
         grids.append(data_lib.location_grid(top, left, height, width, n, flip))
-    normalised = ((np.stack(views) / 255.0 - np.asarray(data_lib.IMAGENET_MEAN)) / np.asarray(data_lib.IMAGENET_STD))
+    normalised = _normalise(np.stack(views))
     for label, backbone in backbones.items():
-        maps, _ = backbone(jnp.asarray(normalised, jnp.float32))
+        maps, _ = backbone(jnp.asarray(normalised))
         maps = np.asarray(maps)
         path = os.path.join(workdir, f"correspondences_{label}.png")
         accuracy = viz.save_correspondence_picture(

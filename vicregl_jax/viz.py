@@ -6,14 +6,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vicregl_jax.data import IMAGENET_MEAN, IMAGENET_STD
-
-
-def to_uint8(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """Returns a normalised float image (H, W, 3) as uint8 RGB."""
-    x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
 
 def pca_rgb(maps: np.ndarray) -> np.ndarray:
     """Returns the first three principal components of a map (h, w, C) as colours (h, w, 3) in [0, 1]."""

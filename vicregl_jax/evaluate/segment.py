@@ -151,13 +151,12 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     from vicregl_jax.data import to_global_batch
     from vicregl_jax.data.segmentation import make_segmentation_iterator
     from vicregl_jax.evaluate import common
+    from vicregl_jax.models import backbone_stride
 
     mesh = sharding.make_mesh(config.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     features = common.make_feature_fn(backbone, mesh)
     batch_size = common.eval_batch_size(config, mesh)
-    from vicregl_jax.models import backbone_stride
-
     n = config.seg_image_size // backbone_stride(config.arch)
 
     def cached(split):
