@@ -15,7 +15,6 @@ peak FLOP/s of all devices, when the peak is known or given with --peak-tflops).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from vicregl_jax import data as data_lib
 from vicregl_jax import sharding, train
+from vicregl_jax.config import config_module
 
 from model_bench import peak_tflops  # noqa: E402  (benchmarks/ is the script's folder)
 
@@ -33,10 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_module(os.path.join(ROOT, "configs", f"{name}.py")).get_config(arg)
 
 
 def synthetic_batch(config, batch: int, seed: int = 0) -> dict:

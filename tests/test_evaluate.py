@@ -162,12 +162,9 @@ def test_cells_outside_the_other_view_are_not_counted():
 
 
 def demo_config(data_dir, **overrides):
-    import importlib.util
+    from vicregl_jax.config import config_module
 
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")).get_config()
     c.data_dir = data_dir
     # A handful of steps of the smallest graph: this tests the files, not the quality.
     c.total_steps = 3

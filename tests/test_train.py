@@ -252,21 +252,15 @@ def test_bad_configs_are_named(data_dir, overrides, pattern):
 
 def test_config_files_are_valid():
     """Every recipe of configs/ loads, with variants, and validates for a matching mesh."""
-    from ml_collections import config_flags  # noqa: F401
-
-    import importlib.util
+    from vicregl_jax.config import config_module
 
     root = os.path.join(HERE, "..", "configs")
     for name in ("r50", "convnext_s", "convnext_b", "convnext_xl", "demo"):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = config_module(os.path.join(root, f"{name}.py"))
         config = module.get_config()
         validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
         assert module.__doc__ and "python main.py --config=configs/" in module.__doc__
-    variant = importlib.util.spec_from_file_location("r50", os.path.join(root, "r50.py"))
-    module = importlib.util.module_from_spec(variant)
-    variant.loader.exec_module(module)
+    module = config_module(os.path.join(root, "r50.py"))
     assert module.get_config("alpha=0.9").alpha == 0.9
     with pytest.raises(ValueError, match="'alhpa' is not a config key"):
         module.get_config("alhpa=0.9")

@@ -130,6 +130,21 @@ def parse_arg(arg: str | None) -> dict:
     return out
 
 
+def config_module(path: str):
+    """Returns the module of a config file (configs/*.py): `config_module(path).get_config(arg)`
+    is the config that main.py's `--config=path:arg` gives."""
+    import importlib.util
+    import os
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"vicregl_config_{name}", path)
+    if spec is None:
+        raise FileNotFoundError(f"{path} is not a config file: pass e.g. configs/r50.py.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Applies "key=value,..." overrides to config; values are Python literals (strings may be
     bare), checked against the key's type by ConfigDict."""
