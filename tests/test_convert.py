@@ -11,7 +11,9 @@ from flax import nnx
 
 from torch_reference import (TORCH_BACKBONES, DataParallelLike, TorchVICRegL,
                                    randomize_torch_)
+from tiny import grouped
 from vicregl_jax import convert
+from vicregl_jax.losses import split_views
 from vicregl_jax.models import ARCHITECTURES, backbone_norm, create_backbone, feature_dim
 from vicregl_jax.models.vicregl import VICRegLModel
 
@@ -183,9 +185,11 @@ def flax_views_forward(model, views):
 
 
 def compare_outputs(out, ref):
+    """Compares the model's outputs (one array per crop group) with the reference's (per view)."""
     for key in ("representations", "embeddings", "local_embeddings", "maps"):
-        assert len(out[key]) == len(ref[key]), key
-        for a, b in zip(out[key], ref[key]):
+        views = split_views(out[key])
+        assert len(views) == len(ref[key]), key
+        for a, b in zip(views, ref[key]):
             assert a.dtype == jnp.float32
             assert_close(a, b)
     assert_close(out["logits"], ref["logits"])
@@ -207,13 +211,13 @@ def test_full_model_parity(arch):
     reference.load_state_dict(to_torch_tensors(state_dict), strict=True)
     model.eval()
     reference.eval()
-    compare_outputs(flax_views_forward(model, [jnp.asarray(v) for v in views]),
+    compare_outputs(flax_views_forward(model, grouped(views)),
                     reference.module([nchw(v) for v in views]))
 
     # Train mode: per-view batch statistics, and the running averages they leave behind.
     model.train()
     reference.train()
-    compare_outputs(flax_views_forward(model, [jnp.asarray(v) for v in views]),
+    compare_outputs(flax_views_forward(model, grouped(views)),
                     reference.module([nchw(v) for v in views]))
     updated = convert.to_torch_state_dict(model, arch, full=True)
     for k, v in reference.state_dict().items():
@@ -229,7 +233,7 @@ def test_full_model_parity(arch):
         torch_state = torch_numpy_state(reference if prefixed else reference.module)
         parts = convert.load_torch_state_dict(model, torch_state)
         assert parts == ("backbone", "expander", "local_projector", "classifier")
-        compare_outputs(flax_views_forward(model, [jnp.asarray(v) for v in views]), ref)
+        compare_outputs(flax_views_forward(model, grouped(views)), ref)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

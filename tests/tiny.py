@@ -1,6 +1,18 @@
-"""The tiny pre-training config the training tests share (one compiled step shape)."""
+"""What the tests share: the tiny pre-training config (one compiled step shape) and view grouping."""
+
+import itertools
+
+import jax.numpy as jnp
 
 from vicregl_jax.config import default_config
+
+
+def grouped(views):
+    """Returns per-view arrays (B, ...) stacked into crop groups (B, V_g, ...): runs of
+    consecutive views of one shape, the layout of the pipeline, the model and the criterion."""
+    if views is None:
+        return None
+    return [jnp.stack(list(run), axis=1) for _, run in itertools.groupby(views, key=lambda v: v.shape)]
 
 
 def tiny_config(data_dir: str, **overrides):

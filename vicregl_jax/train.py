@@ -149,17 +149,6 @@ def apply_init_weights(config, graphdef, state: TrainState, shardings) -> TrainS
 # --------------------------------------------------------------------------------------------
 
 
-def split_views(batch) -> tuple[list, list]:
-    """Returns the views (B, S, S, 3) and grids (B, n, n, 2) of a batch as flat lists, the
-    groups in recipe order (the two large views first), views in order within a group."""
-    views, grids = [], []
-    for group_views, group_grids in zip(batch["views"], batch["grids"]):
-        for c in range(group_views.shape[1]):
-            views.append(group_views[:, c])
-            grids.append(group_grids[:, c])
-    return views, grids
-
-
 def make_train_step(graphdef, tx, schedule, loss_cfg: losses.LossConfig, grad_accum_steps: int = 1):
     """Returns train_step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
@@ -172,14 +161,13 @@ def make_train_step(graphdef, tx, schedule, loss_cfg: losses.LossConfig, grad_ac
     def micro_loss(params, model_state, micro):
         # copy: the model mutates its statistics under this trace, not the caller's Variables.
         model = nnx.merge(graphdef, params, model_state, copy=True)
-        views, grids = split_views(micro)
-        out = model(views)
+        out = model(micro["views"])
         total, terms = losses.vicregl_loss(
-            out["embeddings"], out["local_embeddings"], grids, loss_cfg,
+            out["embeddings"], out["local_embeddings"], micro["grids"], loss_cfg,
             logits=out["logits"], labels=micro["label"],
         )
-        embedding0 = out["embeddings"][0] if out["embeddings"] is not None else None
-        terms.update(losses.collapse_metrics(out["representations"][0], embedding0))
+        embedding0 = out["embeddings"][0][:, 0] if out["embeddings"] is not None else None
+        terms.update(losses.collapse_metrics(out["representations"][0][:, 0], embedding0))
         _, _, new_model_state = _split(model)
         return total, (new_model_state, terms)
 
