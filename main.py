@@ -2,25 +2,44 @@
 
     python main.py --config=configs/r50.py --workdir=DIR                 # pre-train
     python main.py --config=configs/r50.py:alpha=0.9 --workdir=DIR       # a config variant
+    python main.py --config=configs/r50.py --workdir=DIR --config.batch_size=1024 --config.optim.base_lr=0.3
     python main.py --config=configs/demo.py --workdir=runs/demo          # laptop demo, offline
     python main.py --config=configs/r50.py --workdir=DIR --mode=knn      # evaluate DIR's model
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vicregl_jax import sharding
+from vicregl_jax import config as config_lib
+from vicregl_jax import convert, demo, sharding, train
+from vicregl_jax.evaluate import correspond, knn, linear, segment
 
-MODES = ("pretrain", "linear", "knn", "segment", "correspond", "export", "demo")
+MODES = {
+    "knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run,
+}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:key=value,...]).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant,...]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-_MODE = flags.DEFINE_enum("mode", None, MODES, "What to run; default: the config's `mode` (pretrain).")
+_MODE = flags.DEFINE_enum("mode", None, ["pretrain", *MODES, "export", "demo"],
+                          "What to run; default: the config's `mode` (pretrain).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Evaluate these weights (a workdir or a PyTorch .pth of the release) instead of --workdir's.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPU without SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host GPU without SLURM).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU without SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def check_overrides(argv) -> None:
+    """Exits with one line when a --config.<key> override names no key of the config file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None or not any(a.startswith("--config.") for a in argv):
+        return
+    try:
+        config_lib.check_override_names(argv, config_lib.load(path))
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
 
 
 def main(argv):
@@ -32,16 +51,18 @@ def main(argv):
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     mode = _MODE.value or config.get("mode", "pretrain")
-    logging.info("mode=%s workdir=%s", mode, _WORKDIR.value)
+    workdir = _WORKDIR.value
+    logging.info("mode=%s workdir=%s", mode, workdir)
     if mode == "pretrain":
-        from vicregl_jax import train
-
-        train.train_and_evaluate(config, _WORKDIR.value)
+        train.train_and_evaluate(config, workdir)
+    elif mode == "export":
+        convert.export_torch(workdir, _WEIGHTS.value)
+    elif mode == "demo":
+        demo.run_demo(config, workdir)
     else:
-        from vicregl_jax import evaluate
-
-        evaluate.run(mode, config, _WORKDIR.value, weights=_WEIGHTS.value)
+        MODES[mode](config, workdir, _WEIGHTS.value)
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     app.run(main)

@@ -389,12 +389,16 @@ def classifier_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arra
     count = jnp.maximum(jnp.sum(valid), 1)
     safe = jnp.where(valid, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-    k = min(5, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    hit = top == safe[:, None]
-    top1 = jnp.sum(hit[:, 0] & valid) / count * 100.0
-    top5 = jnp.sum(jnp.any(hit, axis=1) & valid) / count * 100.0
+    top1 = jnp.sum(topk_hits(logits, safe, 1) & valid) / count * 100.0
+    top5 = jnp.sum(topk_hits(logits, safe, 5) & valid) / count * 100.0
     return {"cls_loss": jnp.sum(jnp.where(valid, ce, 0.0)) / count, "top1": top1, "top5": top5}
+
+
+def topk_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Returns, per row of scores (B, C), whether its label is among its k highest scores
+    (k at most C; of equal scores the lower class index ranks first)."""
+    _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+    return jnp.any(top == labels[:, None], axis=-1)
 
 
 def _std_metric(x: jax.Array) -> jax.Array:

@@ -52,7 +52,7 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """Returns a 1-D ("data",) mesh over the first num_devices devices (all by default)."""
     n = num_devices or jax.device_count()
     if n > jax.device_count():
-        raise ValueError(f"config.num_devices={n} but only {jax.device_count()} devices are visible.")
+        raise ValueError(f"config.mesh.num_devices={n} but only {jax.device_count()} devices are visible.")
     devices = jax.devices()[:n]
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
@@ -102,7 +102,7 @@ def param_shardings(tree, mesh, mode: str = "replicated", rules: Sequence[tuple[
     applied before the mode's default.
     """
     if mode not in ("replicated", "fsdp"):
-        raise ValueError(f"config.param_sharding={mode!r}; use 'replicated' or 'fsdp'.")
+        raise ValueError(f"config.mesh.param_sharding={mode!r}; use 'replicated' or 'fsdp'.")
     compiled = [(re.compile(pattern), what) for pattern, what in rules]
     axis_size = mesh.shape[DATA_AXIS]
 

@@ -24,6 +24,7 @@ _LAZY = {
     "IMAGENET_MEAN": "augment", "IMAGENET_STD": "augment",
     "CONVNEXT_GROUPS": "crops", "RESNET_GROUPS": "crops", "CropGroup": "crops", "location_grid": "crops",
     "BatchIterator": "pipeline", "make_eval_iterator": "pipeline", "make_pretrain_iterator": "pipeline",
+    "open_source": "sources",
 }
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "location_grid",
     "make_eval_iterator",
     "make_pretrain_iterator",
+    "open_source",
     "to_global_batch",
 ]
 
