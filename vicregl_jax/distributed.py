@@ -28,13 +28,17 @@ import dataclasses
 import logging
 import os
 import re
+import uuid
+from typing import Callable, TypeVar
 
 import jax
+from etils import epath
 from jax._src import clusters as jax_clusters
 from jax._src import distributed as jax_distributed
 from jax._src.clusters import cloud_tpu_cluster
 
 MODES = ("auto", "on", "off")
+T = TypeVar("T")
 
 # The exit status of a run that saved a checkpoint because it was told to stop (SIGTERM from a
 # preemption notice or a scheduler's time limit) and should be started again with the same
@@ -411,3 +415,69 @@ def enable_compilation_cache(cache_dir: str | None = None, workdir: str | None =
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     return cache_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Process 0 first, then the others
+# ------------------------------------------------------------------------------------------
+
+# How long the other processes wait for process 0 to reach a first_process_then_others call,
+# and then to finish its work (preparing ImageNet from its tars takes hours).
+ARRIVAL_TIMEOUT_S = 30 * 60
+WORK_TIMEOUT_S = 48 * 3600
+
+
+def first_process_then_others(key: str, shared_dir: str, work: Callable[[], T]) -> T:
+    """Returns work()'s result, run by process 0 first and by the other processes after it:
+    for work that process 0 makes cheap for the rest (preparing a dataset into a directory the
+    processes share; the others then find it done). No file lock is needed, so it holds on
+    gs:// too. A process that does not see process 0's shared_dir (a host-local directory of
+    the same name) runs work() without waiting; on one process, work() simply runs.
+
+    Every process of the run must call it with the same key; process 0's failure is raised on
+    every process.
+    """
+    if coordination_client() is None:
+        return work()
+    marker_name = ".vicregl_jax_first." + re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+    if jax.process_index() == 0:
+        token = f"{marker_name}.{uuid.uuid4().hex}"
+        marker = epath.Path(shared_dir) / token
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
+        publish(f"vicregl_jax/first/{key}/marker", token)
+        try:
+            result = work()
+        except BaseException as error:
+            publish(f"vicregl_jax/first/{key}/done", f"error: {type(error).__name__}: {error}")
+            marker.unlink(missing_ok=True)
+            raise
+        # Published before the marker goes: a process that finds no marker and no answer is on
+        # another directory, never one that came too late.
+        publish(f"vicregl_jax/first/{key}/done", "ok")
+        marker.unlink(missing_ok=True)
+        return result
+    try:
+        token = wait_for(f"vicregl_jax/first/{key}/marker", ARRIVAL_TIMEOUT_S)
+    except TimeoutError:
+        logging.warning("Process 0 did not start %s within %d s: doing it here.", key, ARRIVAL_TIMEOUT_S)
+        return work()
+    if not (epath.Path(shared_dir) / token).exists():
+        done = _published(f"vicregl_jax/first/{key}/done")
+        if done is None:  # still running on process 0, in a directory this host does not see
+            logging.warning("%s is not process 0's directory (host-local?): doing %s here too.", shared_dir, key)
+            return work()
+    else:
+        print(f"vicregl_jax: process {jax.process_index()} waits for process 0 to finish {key}", flush=True)
+        done = wait_for(f"vicregl_jax/first/{key}/done", WORK_TIMEOUT_S)
+    if done != "ok":
+        raise RuntimeError(f"process 0 failed at {key}: {done.removeprefix('error: ')}")
+    return work()
+
+
+def _published(key: str) -> str | None:
+    """Returns the value published under key if there is one yet, else None."""
+    try:
+        return coordination_client().key_value_try_get(key)
+    except Exception:  # noqa: BLE001 - NOT_FOUND comes as a bare XlaRuntimeError
+        return None
