@@ -5,9 +5,10 @@
 #   launch/tpu_pod.sh create               # the slice, with the runtime of its generation; waits until ready
 #   launch/tpu_pod.sh install              # on every worker: Python 3.11 venv (uv), this repo, jax[tpu] pinned, no torch
 #   launch/tpu_pod.sh run CONFIG WORKDIR [flags ...]     # main.py on every worker; refused while one runs
-#   launch/tpu_pod.sh status               # one line per worker: running / exited STATUS / idle, and its last log line
+#   launch/tpu_pod.sh status               # per worker: running / exited STATUS / stopped / idle, and its last log line
 #   launch/tpu_pod.sh logs [N] [WORKDIR]   # follow worker N's log (default 0); with a gs:// WORKDIR, its bucket copy
-#   launch/tpu_pod.sh stop                 # SIGTERM on every worker: they save a checkpoint at one step and exit
+#   launch/tpu_pod.sh stop                 # SIGTERM on every worker: they save a checkpoint at one step and
+#                                          # exit (supervise then ends instead of restarting)
 #   launch/tpu_pod.sh supervise CONFIG WORKDIR [flags ...]   # create + install + run, and again after every
 #                                          # preemption, until the run ends (resumes from WORKDIR each time)
 #   launch/tpu_pod.sh delete
@@ -196,7 +197,7 @@ count() {  # count PATTERN TEXT: the lines of TEXT matching the extended regex P
 # that exit 75 (checkpoint saved after SIGTERM) get the same command again; a lost slice (spot
 # preemption, maintenance) is deleted and created anew, and the run resumes from WORKDIR.
 supervise() {
-  local state status workers running finished requeued failed restarts=0
+  local state status workers running finished stopped requeued failed restarts=0
   if dry_run; then
     create; install; start "$@"
     return
@@ -221,10 +222,14 @@ supervise() {
     workers="$(count '^worker ' "$status")"
     running="$(count ': running' "$status")"
     finished="$(count ': exited 0:' "$status")"
+    stopped="$(count ': stopped ' "$status")"
     requeued="$(count ": exited $REQUEUE_EXIT_CODE " "$status")"
     failed=$(( $(count ': exited ' "$status") - finished - requeued ))
     if (( workers > 0 && finished == workers )); then
       echo "tpu_pod.sh: the run finished on all $workers workers (the slice was lost $restarts times)" >&2
+      return 0
+    elif (( workers > 0 && stopped > 0 && finished + stopped == workers )); then
+      echo "tpu_pod.sh: the run was stopped by \`$0 stop\` (checkpoint saved); \`$0 supervise\` with the same arguments resumes it" >&2
       return 0
     elif (( failed > 0 )); then
       echo "tpu_pod.sh: the run failed on a worker above; stopping the others. \`$0 logs N\` shows worker N" >&2

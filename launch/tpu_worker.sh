@@ -3,7 +3,7 @@
 # of a slice (not meant to be called by hand):
 #
 #   tpu_worker.sh start CONFIG WORKDIR [flags ...]   start main.py detached; refused while one runs
-#   tpu_worker.sh status                             one line: running / exited STATUS / idle
+#   tpu_worker.sh status                             one line: running / exited STATUS / stopped / idle
 #   tpu_worker.sh stop                               SIGTERM to main.py: it saves a checkpoint, exits 75
 #   tpu_worker.sh log                                follow this worker's log
 #
@@ -54,7 +54,7 @@ case "${1:-}" in
       exit 3
     fi
     mkdir -p "$run_dir"
-    rm -f "$run_dir/exit_status" "$run_dir/python.pid"
+    rm -f "$run_dir/exit_status" "$run_dir/python.pid" "$run_dir/stop_requested"
     printf '%q ' "$@" >"$run_dir/command"
     # setsid + nohup: the run outlives the ssh session that started it.
     nohup setsid bash "${BASH_SOURCE[0]}" _run "$@" </dev/null >"$run_dir/wrapper.log" 2>&1 &
@@ -92,7 +92,9 @@ case "${1:-}" in
       echo "worker $worker: running (pid $pid): $last"
     elif [[ -f "$run_dir/exit_status" ]]; then
       status="$(<"$run_dir/exit_status")"
-      if [[ "$status" == "$REQUEUE_EXIT_CODE" ]]; then
+      if [[ "$status" == "$REQUEUE_EXIT_CODE" && -f "$run_dir/stop_requested" ]]; then
+        echo "worker $worker: stopped (checkpoint saved) by tpu_pod.sh stop: $last"
+      elif [[ "$status" == "$REQUEUE_EXIT_CODE" ]]; then
         echo "worker $worker: exited $status (checkpoint saved, asks for a restart): $last"
       else
         echo "worker $worker: exited $status: $last"
@@ -103,6 +105,7 @@ case "${1:-}" in
     ;;
   stop)
     if [[ -f "$run_dir/python.pid" ]] && running_pid >/dev/null; then
+      touch "$run_dir/stop_requested"  # so that tpu_pod.sh supervise does not restart it
       kill -TERM "$(<"$run_dir/python.pid")" 2>/dev/null || true
       echo "worker $worker: SIGTERM sent; main.py saves a checkpoint and exits"
     else

@@ -172,11 +172,13 @@ def test_arguments_reach_main_py_intact_and_a_busy_slice_refuses_a_second_run(fa
     assert len(attempts(workdir, 0)) == 1
 
     run_script(TPU_POD, "stop", env=env)
-    wait_until(lambda: "exited 75 (checkpoint saved" in run_script(TPU_POD, "status", env=env).stdout, "they stop")
+    wait_until(lambda: run_script(TPU_POD, "status", env=env).stdout.count("stopped (checkpoint saved) by") == 2,
+               "both stop")
 
 
-def test_supervise_restarts_after_a_saved_stop_and_recreates_a_preempted_slice(fake_slice):
-    """Attempt 1 is stopped (SIGTERM, exits 75): the same command runs again on the slice.
+def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice(fake_slice):
+    """Attempt 1 gets SIGTERM (a maintenance notice; it saves and exits 75): the same command
+    runs again on the slice.
     Attempt 2 loses its slice (spot preemption: the VMs vanish, the queued resource is
     SUSPENDED): the slice is deleted, created, installed, and attempt 3 runs to the end."""
     env, state, workdir = fake_slice
@@ -185,10 +187,13 @@ def test_supervise_restarts_after_a_saved_stop_and_recreates_a_preempted_slice(f
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: len(attempts(workdir, 0)) == len(attempts(workdir, 1)) == 1, "attempt 1 runs")
-        run_script(TPU_POD, "stop", env=env)
+        wait_until(lambda: len(list(state.glob("worker-*/vicregl-run/python.pid"))) == 2, "attempt 1 pids")
+        for pid_file in state.glob("worker-*/vicregl-run/python.pid"):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
         wait_until(lambda: len(attempts(workdir, 0)) == len(attempts(workdir, 1)) == 2, "attempt 2 runs")
         # Preemption: the queued resource is suspended and the workers' processes are gone.
-        wait_until(lambda: len(list(state.glob("worker-*/vicregl-run/python.pid"))) == 2, "attempt 2 pids")
+        wait_until(lambda: len(list(state.glob("worker-*/vicregl-run/python.pid"))) == 2
+                   and "running" in run_script(TPU_POD, "status", env=env).stdout, "attempt 2 pids")
         (state / "state").write_text("SUSPENDED")
         for pid_file in state.glob("worker-*/vicregl-run/*pid"):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -206,6 +211,23 @@ def test_supervise_restarts_after_a_saved_stop_and_recreates_a_preempted_slice(f
     assert verbs.count("create queued-resources") == 2 and verbs.count("delete queued-resources") == 1
     create = next(c for c in calls if c[3] == "create")
     assert "--spot" in create and "--runtime-version=tpu-ubuntu2204-base" in create
+
+
+
+def test_stop_saves_and_ends_supervise_instead_of_restarting(fake_slice):
+    env, state, workdir = fake_slice
+    env["FAKE_PLAN"] = "wait,exit0"
+    supervisor = subprocess.Popen(["bash", TPU_POD, "supervise", "configs/r50.py", str(workdir)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "worker 1: running" in run_script(TPU_POD, "status", env=env, check=False).stdout,
+                   "the run runs")
+        run_script(TPU_POD, "stop", env=env)
+        output = supervisor.communicate(timeout=60)[0]
+    finally:
+        supervisor.kill()
+    assert supervisor.returncode == 0 and "the run was stopped by" in output, output
+    assert len(attempts(workdir, 0)) == len(attempts(workdir, 1)) == 1
 
 
 # ------------------------------------------------------------------------------------------
