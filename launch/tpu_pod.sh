@@ -157,7 +157,16 @@ install() {
     'uv venv --quiet --python 3.11 vicregl-venv' \
     "cd vicregl-jax && uv pip install --quiet --python ../vicregl-venv/bin/python -r requirements.txt 'jax[tpu]==$version'" \
     "../vicregl-venv/bin/python -c 'import importlib.util as u, sys, jax; print(\"python\", sys.version.split()[0], \"jax\", jax.__version__, \"torch\", \"installed\" if u.find_spec(\"torch\") else \"absent\")'"
-  ssh_workers all "$script"
+  # A fresh slice may refuse ssh for a while (keys propagating, VMs booting): the script
+  # starts from scratch, so trying again is safe.
+  for attempt in 1 2 3; do
+    if ssh_workers all "$script"; then
+      return 0
+    fi
+    echo "tpu_pod.sh: install failed on a worker (attempt $attempt of 3)" >&2
+    sleep "$POLL_SECONDS"
+  done
+  die "install failed 3 times: run \`$0 install\` again, or look at the messages above"
 }
 
 # Prints one status line per worker (running / exited STATUS / idle); fails when a worker
