@@ -107,6 +107,12 @@ def test_slurm_one_task_per_node_drives_all_eight_gpus(monkeypatch):
         distributed.plan_launch("off")
 
 
+def test_a_single_slurm_task_runs_alone_on_every_gpu_of_its_node(monkeypatch):
+    slurm_env(monkeypatch, nodes=1, tasks_per_node=1, procid=0, gpus_visible=range(8))
+    launch = distributed.plan_launch("auto")
+    assert not launch.initialize and launch.local_device_ids == tuple(range(8)) and launch.expected_devices == 8
+
+
 @pytest.mark.parametrize("bound", [False, True], ids=["all-gpus-visible", "gpu-bind-per-task"])
 def test_slurm_one_task_per_gpu_drives_one_gpu(monkeypatch, bound):
     """--ntasks-per-node=8: each task sees the node's 8 GPUs and takes its own, or srun
