@@ -9,11 +9,12 @@
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vicregl_jax import config as config_lib
-from vicregl_jax import convert, demo, sharding, train
+from vicregl_jax import convert, demo, distributed, train
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
 MODES = {
@@ -25,6 +26,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs
 _MODE = flags.DEFINE_enum("mode", None, ["pretrain", *MODES, "export", "demo"],
                           "What to run; default: the config's `mode` (pretrain).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Evaluate these weights (a workdir or a PyTorch .pth of the release) instead of --workdir's.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", distributed.MODES,
+    "jax.distributed: auto (when SLURM, a Cloud TPU pod slice or the coordinator flags make this one of "
+    "several processes), on (always), off (never; refused as one of several).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPU without SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host GPU without SLURM).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU without SLURM).")
@@ -48,13 +53,18 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO, over the progress bar; --verbosity=0 brings it back.
         logging.set_verbosity(logging.WARNING)
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.start(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
-    mode = _MODE.value or config.get("mode", "pretrain")
     workdir = _WORKDIR.value
+    distributed.enable_compilation_cache(config.compilation_cache_dir, workdir)
+    mode = _MODE.value or config.get("mode", "pretrain")
     logging.info("mode=%s workdir=%s", mode, workdir)
     if mode == "pretrain":
-        train.train_and_evaluate(config, workdir)
+        result = train.train_and_evaluate(config, workdir)
+        if result.stopped_early:  # SIGTERM: a checkpoint was saved; the launchers restart the run
+            if jax.process_count() > 1:
+                jax.distributed.shutdown()  # every process past its save before any exits
+            sys.exit(distributed.REQUEUE_EXIT_CODE)
     elif mode == "export":
         convert.export_torch(workdir, _WEIGHTS.value)
     elif mode == "demo":

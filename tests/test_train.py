@@ -278,6 +278,10 @@ def test_config_files_are_valid():
         assert module.__doc__ and "python main.py --config=configs/" in module.__doc__
         for variant in variants:
             config = module.get_config(variant or None)
+            if variant == "size=xl":  # ImageNet-22k is the user's folder: required, named with the fix
+                with pytest.raises(ValueError, match=r"config.data.dataset=None.*folder:gs://BUCKET/imagenet22k"):
+                    config_lib.validate(config, num_devices=8)
+                config.data.dataset = "folder:/data/imagenet22k"
             config_lib.validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
     module = config_lib.config_module(os.path.join(root, "r50.py"))
     assert module.get_config("alpha=0.9").loss.alpha == 0.9

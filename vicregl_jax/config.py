@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # >1: statistics are per micro-batch (see README)
     c.log_every_steps = 50
     c.knn_every_epochs = 0.0  # >0: kNN on config.eval's dataset every this many epochs and at the end
+    # JAX's persistent compilation cache, so that a restart does not compile again. None:
+    # WORKDIR/compilation_cache ($JAX_COMPILATION_CACHE_DIR when set); "off": none; or a path (gs:// too).
+    c.compilation_cache_dir = config_dict.placeholder(str)
 
     # The input pipeline (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per
     # group; the first group holds the two large views every pair is anchored on.
@@ -252,6 +255,10 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
 
     Only facts that span parts are checked here; each constructor checks its own subtree.
     """
+    if not config.data.dataset:
+        raise _error("data.dataset", config.data.dataset,
+                     "give the pre-training data: a TFDS name, or a folder as --config.data.dataset=folder:PATH "
+                     "(e.g. folder:gs://BUCKET/imagenet22k).")
     if config.model.arch not in models.ARCHITECTURES:
         raise _error("model.arch", config.model.arch,
                      f"unknown architecture; use one of {', '.join(models.ARCHITECTURES)}.")
