@@ -9,10 +9,10 @@ import torch
 from flax import nnx
 
 from tiny import grouped
-from torch_reference import TORCH_BACKBONES
-from vicregl_jax import models
+from torch_reference import TORCH_BACKBONES, TorchResNet, randomize_torch_
+from vicregl_jax import layout, models
 from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
-                                feature_dim, parameter_count)
+                                feature_dim, parameter_count, stage_channels, with_output_stride)
 from vicregl_jax.models.convnext import ConvNeXtBlock, DepthwiseConv
 from vicregl_jax.models.layers import BatchNorm
 from vicregl_jax.models.vicregl import VICRegLModel
@@ -62,9 +62,16 @@ def test_registry():
         assert backbone_stride(name) == 32
         assert backbone_norm(name) == ("layer" if name.startswith("convnext") else "batch")
         assert feature_dim(name) == models.abstract_backbone(name).num_features
+        assert stage_channels(name) == models.abstract_backbone(name).stage_channels
     assert feature_dim("resnet50") == 2048 and feature_dim("resnet50x4") == 8192
+    assert stage_channels("resnet50") == (256, 512, 1024, 2048)
+    assert stage_channels("convnext_small") == (96, 192, 384, 768)
     with pytest.raises(ValueError, match="'resnet51'.*resnet50, .*convnext_test"):
         create_backbone("resnet51", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="output_stride=8 for convnext_test: only ResNets"):
+        create_backbone("convnext_test", output_stride=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="output_stride=4: use one of"):
+        create_backbone("resnet_test", output_stride=4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="alpha=1.5"):
         VICRegLModel(arch="resnet_test", alpha=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="drop_path_rate=0.1.*ConvNeXt"):
@@ -281,3 +288,87 @@ def test_batch_statistics_are_global_under_sharding(tiny):
     stats = lambda s: jax.tree.leaves(nnx.state(nnx.merge(graphdef, s), nnx.BatchStat))  # noqa: E731
     for a, b in zip(stats(got_state), stats(expected_state)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------- dense prediction maps
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    """max |actual - expected| below rtol times the scale of expected."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.max(np.abs(actual - expected)) <= rtol * np.max(np.abs(expected))
+
+
+@nnx.jit
+def stages(model, x):
+    return model.stage_maps(x)
+
+
+# mmsegmentation's per-stage (strides, dilations) of the dilated ResNets.
+DILATED = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
+
+
+@pytest.mark.parametrize("arch, output_stride", [("resnet50", 8), ("resnet_test", 16),
+                                                 ("resnet_test", 8)])
+def test_dilated_resnet_matches_torch(arch, output_stride):
+    """The dilated ResNet (same parameters, loaded from the release's layout) equals a PyTorch
+    ResNet with mmsegmentation's strides and contracted dilations, at every stage."""
+    block, sizes, width = models._RESNETS[arch]
+    strides, dilations = DILATED[output_stride]
+    reference = TorchResNet(block, sizes, width, strides=strides, dilations=dilations).eval()
+    randomize_torch_(reference, seed=11)
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    # Non-square input, so a swapped H/W shows.
+    x = np.random.default_rng(12).standard_normal((2, 64, 96, 3)).astype(np.float32)
+    expected = [t.numpy().transpose(0, 2, 3, 1) for t in reference.forward_stages(nchw(x))]
+
+    # Into a plain ResNet, then dilated: the weights are shared, not copied.
+    plain = nnx.eval_shape(lambda: create_backbone(arch, rngs=nnx.Rngs(0)))
+    layout.load_torch_state_dict(plain, state_dict)
+    plain.eval()
+    dilated = with_output_stride(plain, output_stride)
+    assert dilated.output_stride == output_stride and dilated.bn1.use_running_average
+    assert dilated.layer4[0].conv1.kernel[...] is plain.layer4[0].conv1.kernel[...]
+    got = stages(dilated, jnp.asarray(x))
+    assert [g.shape[1:3] for g in got][-1] == (64 // output_stride, 96 // output_stride)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+    # The release's file loads straight into a dilated ResNet too: same names and shapes.
+    direct = nnx.eval_shape(lambda: create_backbone(arch, output_stride=output_stride,
+                                                    rngs=nnx.Rngs(0)))
+    layout.load_torch_state_dict(direct, state_dict)
+    direct.eval()
+    assert_close(stages(direct, jnp.asarray(x))[-1], expected[-1])
+    assert (jax.tree.structure(nnx.state(direct)) == jax.tree.structure(nnx.state(plain)))
+
+
+def test_output_stride_map_sizes():
+    image = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
+    for output_stride, last in ((8, 64), (16, 32), (32, 16)):
+        model = nnx.eval_shape(lambda: create_backbone("resnet50", output_stride=output_stride,
+                                                       rngs=nnx.Rngs(0)))
+        shapes = [m.shape for m in nnx.eval_shape(lambda m, x: m.stage_maps(x), model, image)]
+        assert shapes[0] == (1, 128, 128, 256) and shapes[-1] == (1, last, last, 2048)
+    with pytest.raises(ValueError, match="needs a ResNet, got ConvNeXt"):
+        with_output_stride(models.abstract_backbone("convnext_test"), 8)
+
+
+def test_convnext_stage_maps_match_torch():
+    """The 4 stage outputs, before the final LayerNorm, equal the PyTorch reference's."""
+    reference = TORCH_BACKBONES["convnext_test"]().eval()
+    randomize_torch_(reference, seed=13)
+    # No drop path: its random stream would stay abstract (eval mode does not use it).
+    model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
+                                                   rngs=nnx.Rngs(0)))
+    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    model.eval()
+    x = np.random.default_rng(14).standard_normal((2, 64, 96, 3)).astype(np.float32)
+    got = stages(model, jnp.asarray(x))
+    expected = [t.numpy().transpose(0, 2, 3, 1) for t in reference.forward_stages(nchw(x))]
+    assert [g.shape[-1] for g in got] == list(stage_channels("convnext_test"))
+    for a, b in zip(got, expected):
+        assert_close(a, b)
