@@ -7,14 +7,17 @@ exp(similarity / temperature), the class with the largest vote wins. k = 20, T =
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from vicregl_jax import data as data_lib
 from vicregl_jax import sharding
+from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.losses import topk_hits
 
@@ -25,19 +28,32 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def nearest_candidates(train_features, train_labels, queries, k: int):
+    """Returns (similarities, labels), each (B_q, k'), of the k' = min(k, N) training rows most
+    cosine-similar to each query; rows with a negative label (padding) never count."""
+    sims = l2_normalize(queries) @ l2_normalize(train_features).T  # (B_q, N)
+    sims = jnp.where(train_labels[None, :] >= 0, sims, -jnp.inf)
+    top_sims, top_idx = jax.lax.top_k(sims, min(k, train_features.shape[0]))
+    return top_sims, train_labels[top_idx]
+
+
+def weighted_votes(top_sims, top_labels, *, temperature: float, num_classes: int):
+    """Returns (B_q, num_classes) votes: each neighbour adds exp(similarity / T) to its class."""
+    weights = jnp.where(jnp.isfinite(top_sims), jnp.exp(top_sims / temperature), 0.0)
+    return jnp.einsum("bk,bkc->bc", weights, jax.nn.one_hot(top_labels, num_classes))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
 def knn_scores(train_features, train_labels, test_features, *, k: int, temperature: float, num_classes: int):
     """Returns (B_test, num_classes) class votes of the k nearest training features of each test row."""
-    sims = l2_normalize(test_features) @ l2_normalize(train_features).T  # (B_test, N_train)
-    top_sims, top_idx = jax.lax.top_k(sims, k)
-    weights = jnp.exp(top_sims / temperature)
-    onehot = jax.nn.one_hot(train_labels[top_idx], num_classes)  # (B_test, k, C)
-    return jnp.einsum("bk,bkc->bc", weights, onehot)
+    top_sims, top_labels = nearest_candidates(train_features, train_labels, test_features, k)
+    return weighted_votes(top_sims, top_labels, temperature=temperature, num_classes=num_classes)
 
 
 def knn_classify(train_features, train_labels, test_features, test_labels, *, k: int = 20,
                  temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> dict:
-    """Returns {"top1", "top5"} in percent of weighted kNN over test_features, in test chunks."""
+    """Returns {"top1", "top5"} in percent of weighted kNN over test_features, in test chunks
+    (arrays on one device; evaluate_backbone keeps them sharded over a mesh instead)."""
     train_features = np.asarray(train_features)
     train_labels = np.asarray(train_labels)
     test_labels = np.asarray(test_labels)
@@ -54,6 +70,62 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, k:
         hits5 += int(jnp.sum(topk_hits(scores, labels, 5)))
     n = len(test_labels)
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature}
+
+
+@dataclasses.dataclass
+class ShardedFeatures:
+    """Pooled features and labels of one split, left where the feature extractor put them:
+    (T, B, C) and (T, B) global arrays, the batch axis sharded over the mesh's data axis (a
+    device holds its rows of every batch). Padding and undecodable examples have label -1."""
+
+    features: jax.Array
+    labels: jax.Array
+
+    @property
+    def count(self) -> int:
+        """Returns the number of real examples."""
+        return int(jnp.sum(self.labels >= 0))
+
+
+def sharded_features(feature_fn, iterator, mesh) -> ShardedFeatures:
+    """Returns the pooled features of every batch of an eval iterator, kept sharded over the
+    mesh (never gathered onto a host)."""
+    features, labels = [], []
+    for batch in iterator:
+        g = to_global_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
+        features.append(feature_fn(g["image"])[1])
+        labels.append(jnp.where(g["mask"], g["label"], -1))
+    if not features:
+        raise ValueError("The evaluation split is empty: check the dataset and split names.")
+    # Stacking along a new leading axis keeps every device's rows on that device.
+    return ShardedFeatures(jnp.stack(features), jnp.stack(labels))
+
+
+def make_sharded_hits(mesh, *, k: int, temperature: float, num_classes: int):
+    """Returns hits(train: ShardedFeatures arrays, queries (B, C), labels (B,)) -> (top-1 hits,
+    top-5 hits), jitted: each device ranks its own training rows, only the k best candidates
+    per device and query cross the mesh (an all-gather of (D, B, k)), then the global top k vote."""
+    axis = sharding.DATA_AXIS
+
+    def local(features, labels, queries):
+        t, b, c = features.shape
+        top_sims, top_labels = nearest_candidates(features.reshape(t * b, c), labels.reshape(t * b), queries, k)
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+        return gather(top_sims), gather(top_labels)
+
+    candidates = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()), out_specs=P(),
+                               check_vma=False)
+
+    @jax.jit
+    def hits(features, labels, queries, query_labels):
+        top_sims, top_labels = candidates(features, labels, queries)  # (B, D * k'), replicated
+        best, order = jax.lax.top_k(top_sims, min(k, top_sims.shape[1]))
+        votes = weighted_votes(best, jnp.take_along_axis(top_labels, order, axis=1),
+                               temperature=temperature, num_classes=num_classes)
+        valid = query_labels >= 0
+        return (jnp.sum(topk_hits(votes, query_labels, 1) & valid), jnp.sum(topk_hits(votes, query_labels, 5) & valid))
+
+    return hits
 
 
 def check_labelled(config) -> None:
@@ -73,10 +145,14 @@ def _require_labels(dataset: str, num_classes: int) -> None:
 
 def evaluate_backbone(backbone, config, mesh) -> dict:
     """Returns kNN results of a backbone (in eval mode) on config.eval's dataset: features of
-    config.eval.train_split are the neighbours, config.eval.split is scored."""
-    features = common.make_feature_fn(backbone, mesh)
+    config.eval.train_split are the neighbours, config.eval.split is scored.
+
+    The training features stay sharded over the mesh (on N devices each holds 1/N of them);
+    each test batch is scored against them where they are, so no host ever holds them all.
+    """
+    feature_fn = common.make_feature_fn(backbone, mesh)
     dataset = common.eval_dataset(config)
-    splits = {}
+    splits, num_classes = {}, 0
     for split in (config.eval.train_split, config.eval.split):
         iterator = data_lib.make_eval_iterator(
             dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
@@ -84,13 +160,20 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
             data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
         )
         _require_labels(dataset, iterator.num_classes)
-        splits[split] = common.extract_features(features, iterator, mesh)
+        num_classes = max(num_classes, iterator.num_classes)
+        splits[split] = sharded_features(feature_fn, iterator, mesh)
     train, test = splits[config.eval.train_split], splits[config.eval.split]
-    results = knn_classify(train["features"], train["labels"], test["features"], test["labels"],
-                           k=config.eval.knn.k, temperature=config.eval.knn.temperature)
-    results.update(dataset=f"{dataset} ({config.eval.train_split} -> {config.eval.split})",
-                   train_examples=len(train["labels"]), test_examples=len(test["labels"]))
-    return results
+    k = min(config.eval.knn.k, train.count)
+    hits = make_sharded_hits(mesh, k=k, temperature=config.eval.knn.temperature, num_classes=num_classes)
+    hits1 = hits5 = 0
+    for t in range(test.features.shape[0]):
+        h1, h5 = hits(train.features, train.labels, test.features[t], test.labels[t])
+        hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
+    n = test.count
+    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k,
+            "temperature": config.eval.knn.temperature,
+            "dataset": f"{dataset} ({config.eval.train_split} -> {config.eval.split})",
+            "train_examples": train.count, "test_examples": n}
 
 
 def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
