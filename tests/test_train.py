@@ -221,13 +221,6 @@ def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
         train.train_and_evaluate(other, tmp_path)
 
 
-def test_two_processes_equal_one_process(data_dir, tmp_path):
-    """2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
-    run_worker(tmp_path / "two", data_dir, {}, devices=4, num_processes=2, stop_after=3)
-    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "one", stop_after_steps=3)
-    assert max_abs_diff(params_of(tmp_path / "two"), params_of(tmp_path / "one")) < 1e-5
-
-
 def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     (proc,) = run_worker(tmp_path, data_dir, {}, wait=False)
     metrics = tmp_path / "metrics.jsonl"
@@ -241,6 +234,27 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     result = json.loads(out.split("RESULT", 1)[1])
     assert result["stopped_early"] and 2 <= result["step"] < 1000
     assert read_state(tmp_path)[0] == result["step"]
+
+
+def test_two_processes_equal_one_and_stop_together_on_one_sigterm(data_dir, tmp_path):
+    """2 processes x 4 devices (jax.distributed on 127.0.0.1) train as 1 process x 8 devices;
+    a preemption notice to one of them (SIGTERM) stops both at the same step through JAX's
+    preemption sync point, each past the checkpoint of that step."""
+    procs = run_worker(tmp_path / "two", data_dir, {}, devices=4, num_processes=2, wait=False)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[1][-3000:]
+    results = [json.loads(out.split("RESULT", 1)[1]) for out in outs]
+    assert results[0] == results[1] and results[0]["stopped_early"] and 2 <= results[0]["step"] < 1000
+    step = results[0]["step"]
+    assert read_state(tmp_path / "two")[0] == step
+    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "one", stop_after_steps=step)
+    assert max_abs_diff(params_of(tmp_path / "two"), params_of(tmp_path / "one")) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------
