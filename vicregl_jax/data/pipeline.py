@@ -55,6 +55,7 @@ EVAL_INTERPOLATION = "bilinear"
 # INTEGER_ACCURATE is libjpeg's default, hence PIL's: the same pixels as the release decodes.
 JPEG_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST")
 COLOUR_MODES = ("device", "host", "none")
+_JPEG_BLOCK = 16
 
 # Salts that separate the random streams derived from one seed.
 _SHUFFLE_SALT, _VIEW_SALT = 0x5EED, 0x71E35
@@ -164,8 +165,17 @@ def decode_covering(encoded: tf.Tensor, draw_boxes: Callable, dct_method: str, w
             top, left = tf.reduce_min(boxes[:, 0]), tf.reduce_min(boxes[:, 1])
             bottom = tf.reduce_max(boxes[:, 0] + boxes[:, 2])
             right = tf.reduce_max(boxes[:, 1] + boxes[:, 3])
-        window = tf.stack([top, left, bottom - top, right - left])
+        # libjpeg's cropped decoding upsamples chroma differently at the window's edges: a
+        # margin of one 16-pixel block (the largest JPEG block) aligned to the block grid gives
+        # exactly the pixels of a full decode (tests/test_data_colour.py), then we cut it off.
+        margin = _JPEG_BLOCK
+        top0 = tf.maximum(0, (top - margin) // margin * margin)
+        left0 = tf.maximum(0, (left - margin) // margin * margin)
+        bottom0 = tf.minimum(shape[0], -(-(bottom + margin) // margin) * margin)
+        right0 = tf.minimum(shape[1], -(-(right + margin) // margin) * margin)
+        window = tf.stack([top0, left0, bottom0 - top0, right0 - left0])
         region = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method=dct_method)
+        region = region[top - top0 : bottom - top0, left - left0 : right - left0]
         return boxes, tf.ensure_shape(region, [None, None, 3]), top, left
 
     def other():
