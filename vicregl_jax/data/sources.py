@@ -44,10 +44,12 @@ READ_TRIES = 5
 READ_BACKOFF_S = 0.2  # doubled after each failed try: 0.2 + 0.4 + 0.8 + 1.6 s of waiting in all
 
 
-def read_with_retries(read: Callable[[], Any], what: str, tries: int = READ_TRIES,
-                      backoff_s: float = READ_BACKOFF_S) -> tuple[Any, str | None]:
+def read_with_retries(read: Callable[[], Any], what: str, tries: int | None = None,
+                      backoff_s: float | None = None) -> tuple[Any, str | None]:
     """Returns (read(), None), or (None, the error) once `tries` tries failed or the error is
     permanent (missing file). Transient errors are retried with exponential backoff."""
+    tries = READ_TRIES if tries is None else tries
+    backoff_s = READ_BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(tries):
         try:
             return read(), None
