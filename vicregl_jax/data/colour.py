@@ -148,27 +148,33 @@ def solarize(planes):
     return tuple(jnp.where(p >= SOLARIZE_THRESHOLD, 1.0 - p, p) for p in planes)
 
 
+def _blend_slot(planes, op, draws):
+    """Returns the planes after the blend op `op` (per view: brightness, contrast, saturation,
+    or NO_OP). The three are one blend with another anchor and factor: one pass, not three."""
+    anchor = jnp.where(
+        _per_view(op == CONTRAST_OP),
+        jnp.mean(luma(*planes), axis=(-2, -1), keepdims=True),
+        jnp.where(_per_view(op == SATURATION_OP), luma(*planes), 0.0),
+    )
+    factor = jnp.select(
+        [op == BRIGHTNESS_OP, op == CONTRAST_OP, op == SATURATION_OP],
+        [jnp.asarray(draws[k], jnp.float32) for k in ("brightness", "contrast", "saturation")],
+        1.0,
+    )
+    return _blend(planes, anchor, _per_view(factor))  # NO_OP: 0 + 1 (x - 0) = x exactly
+
+
 def colour_jitter(planes, draws):
     """Returns the planes after brightness, contrast, saturation and hue in the drawn order."""
     order = jnp.asarray(draws["order"])
+    slots = jnp.arange(4)
+    # Hue, the costly op, once: the blends drawn before it, hue, then the blends after it.
+    hue_slot = jnp.min(jnp.where(order == HUE_OP, slots, 4), axis=-1)
     for slot in range(4):
-        op = order[..., slot]
-        # Brightness, contrast and saturation are one blend with another anchor and factor:
-        # one pass per slot instead of three.
-        anchor = jnp.where(
-            _per_view(op == CONTRAST_OP),
-            jnp.mean(luma(*planes), axis=(-2, -1), keepdims=True),
-            jnp.where(_per_view(op == SATURATION_OP), luma(*planes), 0.0),
-        )
-        factor = jnp.select(
-            [op == BRIGHTNESS_OP, op == CONTRAST_OP, op == SATURATION_OP],
-            [jnp.asarray(draws[k], jnp.float32) for k in ("brightness", "contrast", "saturation")],
-            1.0,
-        )
-        blended = _blend(planes, anchor, _per_view(factor))
-        hued = adjust_hue(planes, draws["hue"])
-        is_hue = _per_view(op == HUE_OP)
-        planes = tuple(jnp.where(is_hue, h, b) for h, b in zip(hued, blended))
+        planes = _blend_slot(planes, jnp.where(slot < hue_slot, order[..., slot], NO_OP), draws)
+    planes = _where(hue_slot < 4, adjust_hue(planes, draws["hue"]), planes)
+    for slot in range(4):
+        planes = _blend_slot(planes, jnp.where(slot > hue_slot, order[..., slot], NO_OP), draws)
     return planes
 
 

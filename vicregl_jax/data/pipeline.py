@@ -253,7 +253,8 @@ def make_views(encoded, seed, groups, grid_sizes, flip_grid, dct_method, method=
             crop = region[top - region_top : top - region_top + height,
                           left - region_left : left - region_left + width]
             view = to_uint8(resize(crop, [group.size, group.size], method))
-            views.append(tf.where(flips[v], tf.reverse(view, axis=[1]), view))
+            # A cond, not tf.where: where would compute the reversed copy of every view.
+            views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]), lambda view=view: view))
         grids = location_grid(*tf.unstack(tf.cast(group_boxes, tf.float64), axis=1), n,
                               flip=flips & flip_grid, xp=tnp)
         draws = augment.sample_colour_params(_fold(group_seed, _COLOUR), group.count)
