@@ -45,16 +45,8 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
         views.append(rng.normal(size=(batch, count, size, size, 3)).astype(np.float32))
         side = np.sqrt(rng.uniform(lo, hi, size=(batch, count))) * 400
         top, left = rng.uniform(0, 100, size=(2, batch, count))
-        grids.append(_grids(top, left, side, n))
+        grids.append(data_lib.location_grid(top, left, side, side, n))
     return {"views": tuple(views), "grids": tuple(grids), "label": rng.integers(0, config.num_classes, size=batch).astype(np.int32)}
-
-
-def _grids(top, left, side, n):
-    """Returns the (B, count, n, n, 2) grids of square crops (SPEC.md section 1)."""
-    k = (np.arange(n) + 0.5) / n
-    rows = top[..., None] + k * side[..., None]  # (B, count, n)
-    cols = left[..., None] + k * side[..., None]
-    return np.stack(np.broadcast_arrays(rows[..., :, None], cols[..., None, :]), -1).astype(np.float32)
 
 
 def step_flops(lowered) -> float:

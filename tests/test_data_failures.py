@@ -198,3 +198,13 @@ def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(ba
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """SLURM and containers bind a process to fewer CPUs than the machine has."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)
+    assert ReadOptions().threads() == 3
+    assert ReadOptions(num_threads=2).threads() == 2
+    with pytest.raises(ValueError, match="num_threads=0"):
+        ReadOptions(num_threads=0)
