@@ -137,7 +137,7 @@ def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> di
             args.append((views, draws))
         chain = jax.jit(lambda a: [colour.augment_views(v, d) for v, d in a])
         jax.block_until_ready(chain(args))
-        repeats = 3
+        repeats = 5
         cpu = cpu_seconds()
         for _ in range(repeats):
             jax.block_until_ready(chain(args))
