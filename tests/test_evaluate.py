@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,7 +46,7 @@ def test_linear_head_separable_is_perfect():
     xv, yv = separable(1, n_per_class=6)
     batches = lambda epoch: iter([(x, y, np.ones(len(y), bool))])  # noqa: E731
     val = lambda: iter([(xv, yv, np.ones(len(yv), bool))])  # noqa: E731
-    out = linear.train_linear_head(batches, val, dim=16, num_classes=5, epochs=20, lr=0.1)
+    out = linear.train_linear_head(batches, val, dim=16, num_classes=5, steps_per_epoch=1, epochs=20, lr=0.1)
     assert out["top1"] == 100.0 and out["best_top1"] == 100.0
 
 
@@ -56,11 +55,11 @@ def test_linear_head_steps_match_torch_sgd():
     torch = pytest.importorskip("torch")
     x, y = separable(2, n_per_class=4, classes=3, dim=6)
     epochs, lr, wd = 3, 0.3, 1e-2
-    params = linear.init_head(6, 3, seed=0)
+    start = linear.linear_head(6, 3, seed=0)  # train_linear_head starts from the same head
     head = torch.nn.Linear(6, 3).double()
     with torch.no_grad():
-        head.weight.copy_(torch.tensor(np.asarray(params["kernel"]).T))
-        head.bias.copy_(torch.tensor(np.asarray(params["bias"])))
+        head.weight.copy_(torch.tensor(np.asarray(start.kernel[...]).T))
+        head.bias.copy_(torch.tensor(np.asarray(start.bias[...])))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     halves = [slice(0, 6), slice(6, 12)]
@@ -73,10 +72,11 @@ def test_linear_head_steps_match_torch_sgd():
         sched.step()
     out = linear.train_linear_head(
         lambda epoch: iter([(x[s], y[s], np.ones(6, bool)) for s in halves]),
-        lambda: iter([(x, y, np.ones(12, bool))]), dim=6, num_classes=3, epochs=epochs, lr=lr, weight_decay=wd,
+        lambda: iter([(x, y, np.ones(12, bool))]), dim=6, num_classes=3, steps_per_epoch=2, epochs=epochs, lr=lr,
+        weight_decay=wd,
     )
-    np.testing.assert_allclose(np.asarray(out["params"]["kernel"]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(out["params"]["bias"]), head.bias.detach().numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["head"].kernel[...]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["head"].bias[...]), head.bias.detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,23 +161,22 @@ def test_cells_outside_the_other_view_are_not_counted():
 # ------------------------------------------------------------------------------------------
 
 
-def demo_config(data_dir, **overrides):
+def demo_config(data_dir, overrides=None):
     from vicregl_jax.config import config_module
 
     c = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")).get_config()
-    c.data_dir = data_dir
+    c.data.data_dir = data_dir
     # A handful of steps of the smallest graph: this tests the files, not the quality.
     c.total_steps = 3
-    c.crops = ((64, 2, 0.3, 1.0),)
-    c.num_matches = (3, 2)
-    c.mlp, c.maps_mlp = "64-64", "32-32"
-    c.correspond_crop_size = 64
-    c.linear_epochs = 2
-    c.correspond_pairs = 16
-    c.eval_batch_size = 512
-    c.checkpoint_every_steps = 100
-    for key, value in overrides.items():
-        c[key] = value
+    c.data.crops = ((64, 2, 0.3, 1.0),)
+    c.loss.num_matches = (3, 2)
+    c.model.mlp, c.model.maps_mlp = "64-64", "32-32"
+    c.eval.correspond.crop_size = 64
+    c.eval.linear.epochs = 2
+    c.eval.correspond.pairs = 16
+    c.eval.batch_size = 512
+    c.checkpoint.every_steps = 100
+    c.update_from_flattened_dict(dict(overrides or {}))
     return c
 
 
@@ -231,10 +230,12 @@ def test_segment_runner_on_a_folder(demo_run, data_dir, tmp_path):
             mask[0, :] = 255
             Image.fromarray(image).save(tmp_path / split / "images" / f"{i}.jpg")
             Image.fromarray(mask).save(tmp_path / split / "masks" / f"{i}.png")
-    config = demo_config(data_dir, seg_dataset=f"folder:{tmp_path}", seg_eval_split="val", seg_num_classes=2,
-                         seg_image_size=64, seg_steps=5, seg_batch_size=4)
+    config = demo_config(data_dir, {"eval.segment.dataset": f"folder:{tmp_path}", "eval.segment.split": "val",
+                                    "eval.segment.num_classes": 2, "eval.segment.image_size": 64,
+                                    "eval.segment.steps": 5, "eval.segment.batch_size": 4})
     results = segment.run(config, str(workdir))
     assert 0.0 <= results["miou"] <= 100.0 and len(results["per_class_iou"]) == 2
     assert json.loads((workdir / "eval_segment.json").read_text())["steps"] == 5
     with pytest.raises(FileNotFoundError, match="no nope/images and nope/masks"):
-        segment.run(demo_config(data_dir, seg_dataset=f"folder:{tmp_path}", seg_train_split="nope"), str(workdir))
+        segment.run(demo_config(data_dir, {"eval.segment.dataset": f"folder:{tmp_path}",
+                                           "eval.segment.train_split": "nope"}), str(workdir))

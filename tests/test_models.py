@@ -8,10 +8,11 @@ import pytest
 import torch
 from flax import nnx
 
-from torch_reference import TORCH_BACKBONES
-from vicregl_jax import models
+from tiny import grouped
+from torch_reference import TORCH_BACKBONES, TorchResNet, randomize_torch_
+from vicregl_jax import layout, models
 from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
-                                feature_dim, parameter_count)
+                                feature_dim, parameter_count, stage_channels, with_output_stride)
 from vicregl_jax.models.convnext import ConvNeXtBlock, DepthwiseConv
 from vicregl_jax.models.layers import BatchNorm
 from vicregl_jax.models.vicregl import VICRegLModel
@@ -61,9 +62,16 @@ def test_registry():
         assert backbone_stride(name) == 32
         assert backbone_norm(name) == ("layer" if name.startswith("convnext") else "batch")
         assert feature_dim(name) == models.abstract_backbone(name).num_features
+        assert stage_channels(name) == models.abstract_backbone(name).stage_channels
     assert feature_dim("resnet50") == 2048 and feature_dim("resnet50x4") == 8192
+    assert stage_channels("resnet50") == (256, 512, 1024, 2048)
+    assert stage_channels("convnext_small") == (96, 192, 384, 768)
     with pytest.raises(ValueError, match="'resnet51'.*resnet50, .*convnext_test"):
         create_backbone("resnet51", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="output_stride=8 for convnext_test: only ResNets"):
+        create_backbone("convnext_test", output_stride=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="output_stride=4: use one of"):
+        create_backbone("resnet_test", output_stride=4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="alpha=1.5"):
         VICRegLModel(arch="resnet_test", alpha=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="drop_path_rate=0.1.*ConvNeXt"):
@@ -127,8 +135,8 @@ def test_bfloat16_compute(tiny, arch):
                                                rngs=nnx.Rngs(0)))
     nnx.update(half, nnx.state(model))
     half.eval()
-    out32 = run(model, [x])
-    out16 = run(half, [x])
+    out32 = run(model, [x[:, None]])
+    out16 = run(half, [x[:, None]])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(half, nnx.Param)))
     for key in ("maps", "representations", "embeddings", "local_embeddings"):
         a, b = out16[key][0], out32[key][0]
@@ -202,23 +210,31 @@ def test_vicregl_outputs_and_per_view_statistics(tiny):
     a, b = (jax.random.normal(jax.random.key(i), (4, 64, 64, 3)) for i in range(2))
     small = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
     state = nnx.clone(nnx.state(model))
-    out = run(model, [a, b, small])
-    assert [m.shape for m in out["maps"]] == [(4, 4, 64), (4, 4, 64), (4, 1, 64)]
-    assert [e.shape for e in out["embeddings"]] == [(4, 16)] * 3
-    assert [e.shape for e in out["local_embeddings"]] == [(4, 4, 8), (4, 4, 8), (4, 1, 8)]
+    out = run(model, grouped([a, b, small]))
+    assert [m.shape for m in out["maps"]] == [(4, 2, 4, 64), (4, 1, 1, 64)]
+    assert [r.shape for r in out["representations"]] == [(4, 2, 64), (4, 1, 64)]
+    assert [e.shape for e in out["embeddings"]] == [(4, 2, 16), (4, 1, 16)]
+    assert [e.shape for e in out["local_embeddings"]] == [(4, 2, 4, 8), (4, 1, 1, 8)]
     assert out["logits"].shape == (4, 10)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
     # BatchNorm statistics per view: other data in view 1 leaves view 0's outputs alone.
     nnx.update(model, state)
-    other = run(model, [a, -b, small])
+    other = run(model, grouped([a, -b, small]))
     for key in ("embeddings", "local_embeddings", "maps"):
-        np.testing.assert_allclose(other[key][0], out[key][0], atol=1e-5)
-        assert not np.allclose(other[key][1], out[key][1])
+        np.testing.assert_allclose(other[key][0][:, 0], out[key][0][:, 0], atol=1e-5)
+        assert not np.allclose(other[key][0][:, 1], out[key][0][:, 1])
+    # ... and each view's statistics are its own: view 1 alone gives its outputs in the group.
+    nnx.update(model, state)
+    alone = run(model, [b[:, None]])
+    nnx.update(model, state)
+    np.testing.assert_allclose(alone["maps"][0][:, 0], out["maps"][0][:, 1], atol=1e-5)
 
-    # The classifier sees stop_gradient(representations[0]).
-    grads = nnx.jit(nnx.grad(lambda m: m([a])["logits"].sum()))(model)
+    # The classifier sees stop_gradient(representations of view 0).
+    grads = nnx.jit(nnx.grad(lambda m: m([a[:, None]])["logits"].sum()))(model)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["backbone"]))
     assert float(jnp.abs(grads["classifier"]["kernel"]).max()) > 0
+    with pytest.raises(ValueError, match=r"views\[0\] has shape \(4, 64, 64, 3\).*one \(B, V, H, W, 3\) array"):
+        model([a])
 
 
 def test_layer_norm_models_batch_views_with_the_same_result(tiny):
@@ -226,16 +242,16 @@ def test_layer_norm_models_batch_views_with_the_same_result(tiny):
     model.eval()
     big, big2, small = (jax.random.normal(jax.random.key(i), (2, s, s, 3))
                         for i, s in enumerate((64, 64, 32)))
-    together = run(model, [big, big2, small])  # the two large views run as one batch
-    apart = run(model, [big, small, big2])     # no two consecutive views of one size
-    for i, j in ((0, 0), (1, 2), (2, 1)):
+    together = run(model, grouped([big, big2, small]))  # the two large views run as one batch
+    apart = run(model, [big[:, None], small[:, None], big2[:, None]])  # every view alone
+    for (g, i), (h, j) in (((0, 0), (0, 0)), ((0, 1), (2, 0)), ((1, 0), (1, 0))):
         for key in ("maps", "embeddings", "local_embeddings"):
-            np.testing.assert_allclose(together[key][i], apart[key][j], atol=1e-5)
+            np.testing.assert_allclose(together[key][g][:, i], apart[key][h][:, j], atol=1e-5)
     # The heads, run once on all views, give what they give on each view alone.
-    np.testing.assert_allclose(model.expander(together["representations"][2]),
-                               together["embeddings"][2], atol=1e-5)
-    np.testing.assert_allclose(model.local_projector(together["maps"][2]),
-                               together["local_embeddings"][2], atol=1e-5)
+    np.testing.assert_allclose(model.expander(together["representations"][1][:, 0]),
+                               together["embeddings"][1][:, 0], atol=1e-5)
+    np.testing.assert_allclose(model.local_projector(together["maps"][1][:, 0]),
+                               together["local_embeddings"][1][:, 0], atol=1e-5)
     model.train()
 
 
@@ -245,7 +261,7 @@ def test_alpha_drops_a_branch(alpha):
                                                 rngs=nnx.Rngs(0)))
     assert (model.expander is None) == (alpha == 0.0)
     assert (model.local_projector is None) == (alpha == 1.0)
-    out = nnx.eval_shape(lambda m: m([jnp.zeros((2, 64, 64, 3))]), model)
+    out = nnx.eval_shape(lambda m: m([jnp.zeros((2, 1, 64, 64, 3))]), model)
     assert (out["embeddings"] is None) == (alpha == 0.0)
     assert (out["local_embeddings"] is None) == (alpha == 1.0)
 
@@ -255,7 +271,7 @@ def test_batch_statistics_are_global_under_sharding(tiny):
     model = tiny["resnet_test"]
     model.train()
     graphdef, state = nnx.split(model)
-    x = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+    x = jax.random.normal(jax.random.key(3), (8, 1, 32, 32, 3))
 
     @jax.jit
     def step(state, x):
@@ -272,3 +288,87 @@ def test_batch_statistics_are_global_under_sharding(tiny):
     stats = lambda s: jax.tree.leaves(nnx.state(nnx.merge(graphdef, s), nnx.BatchStat))  # noqa: E731
     for a, b in zip(stats(got_state), stats(expected_state)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------- dense prediction maps
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    """max |actual - expected| below rtol times the scale of expected."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.max(np.abs(actual - expected)) <= rtol * np.max(np.abs(expected))
+
+
+@nnx.jit
+def stages(model, x):
+    return model.stage_maps(x)
+
+
+# mmsegmentation's per-stage (strides, dilations) of the dilated ResNets.
+DILATED = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
+
+
+@pytest.mark.parametrize("arch, output_stride", [("resnet50", 8), ("resnet_test", 16),
+                                                 ("resnet_test", 8)])
+def test_dilated_resnet_matches_torch(arch, output_stride):
+    """The dilated ResNet (same parameters, loaded from the release's layout) equals a PyTorch
+    ResNet with mmsegmentation's strides and contracted dilations, at every stage."""
+    block, sizes, width = models._RESNETS[arch]
+    strides, dilations = DILATED[output_stride]
+    reference = TorchResNet(block, sizes, width, strides=strides, dilations=dilations).eval()
+    randomize_torch_(reference, seed=11)
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    # Non-square input, so a swapped H/W shows.
+    x = np.random.default_rng(12).standard_normal((2, 64, 96, 3)).astype(np.float32)
+    expected = [t.numpy().transpose(0, 2, 3, 1) for t in reference.forward_stages(nchw(x))]
+
+    # Into a plain ResNet, then dilated: the weights are shared, not copied.
+    plain = nnx.eval_shape(lambda: create_backbone(arch, rngs=nnx.Rngs(0)))
+    layout.load_torch_state_dict(plain, state_dict)
+    plain.eval()
+    dilated = with_output_stride(plain, output_stride)
+    assert dilated.output_stride == output_stride and dilated.bn1.use_running_average
+    assert dilated.layer4[0].conv1.kernel[...] is plain.layer4[0].conv1.kernel[...]
+    got = stages(dilated, jnp.asarray(x))
+    assert [g.shape[1:3] for g in got][-1] == (64 // output_stride, 96 // output_stride)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+    # The release's file loads straight into a dilated ResNet too: same names and shapes.
+    direct = nnx.eval_shape(lambda: create_backbone(arch, output_stride=output_stride,
+                                                    rngs=nnx.Rngs(0)))
+    layout.load_torch_state_dict(direct, state_dict)
+    direct.eval()
+    assert_close(stages(direct, jnp.asarray(x))[-1], expected[-1])
+    assert (jax.tree.structure(nnx.state(direct)) == jax.tree.structure(nnx.state(plain)))
+
+
+def test_output_stride_map_sizes():
+    image = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
+    for output_stride, last in ((8, 64), (16, 32), (32, 16)):
+        model = nnx.eval_shape(lambda: create_backbone("resnet50", output_stride=output_stride,
+                                                       rngs=nnx.Rngs(0)))
+        shapes = [m.shape for m in nnx.eval_shape(lambda m, x: m.stage_maps(x), model, image)]
+        assert shapes[0] == (1, 128, 128, 256) and shapes[-1] == (1, last, last, 2048)
+    with pytest.raises(ValueError, match="needs a ResNet, got ConvNeXt"):
+        with_output_stride(models.abstract_backbone("convnext_test"), 8)
+
+
+def test_convnext_stage_maps_match_torch():
+    """The 4 stage outputs, before the final LayerNorm, equal the PyTorch reference's."""
+    reference = TORCH_BACKBONES["convnext_test"]().eval()
+    randomize_torch_(reference, seed=13)
+    # No drop path: its random stream would stay abstract (eval mode does not use it).
+    model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
+                                                   rngs=nnx.Rngs(0)))
+    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    model.eval()
+    x = np.random.default_rng(14).standard_normal((2, 64, 96, 3)).astype(np.float32)
+    got = stages(model, jnp.asarray(x))
+    expected = [t.numpy().transpose(0, 2, 3, 1) for t in reference.forward_stages(nchw(x))]
+    assert [g.shape[-1] for g in got] == list(stage_channels("convnext_test"))
+    for a, b in zip(got, expected):
+        assert_close(a, b)

@@ -17,9 +17,10 @@ from torch import nn
 class TorchBasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_ch, planes, stride):
+    def __init__(self, in_ch, planes, stride, dilation=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, planes, 3, stride, 1, bias=False)
+        # Dilated variant as mmsegmentation builds it: the first 3x3 conv only.
+        self.conv1 = nn.Conv2d(in_ch, planes, 3, stride, dilation, dilation=dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -34,11 +35,11 @@ class TorchBasicBlock(nn.Module):
 class TorchBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_ch, planes, stride):
+    def __init__(self, in_ch, planes, stride, dilation=1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -58,7 +59,12 @@ def _torch_downsample(in_ch, out_ch, stride):
 
 
 class TorchResNet(nn.Module):
-    def __init__(self, block, stage_sizes, width=64):
+    """strides / dilations: per stage, as mmsegmentation's ResNet takes them (e.g. (1, 2, 1, 1)
+    and (1, 1, 2, 4) for output stride 8); with contract_dilation the first block of a
+    dilated stage uses half the stage's dilation."""
+
+    def __init__(self, block, stage_sizes, width=64, strides=(1, 2, 2, 2),
+                 dilations=(1, 1, 1, 1), contract_dilation=True):
         super().__init__()
         block_cls = {"basic": TorchBasicBlock, "bottleneck": TorchBottleneck}[block]
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -66,15 +72,25 @@ class TorchResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_ch = width
         for i, n in enumerate(stage_sizes):
+            dilation = dilations[i]
+            first = dilation // 2 if contract_dilation and dilation > 1 else dilation
             blocks = []
             for b in range(n):
-                blocks.append(block_cls(in_ch, width * 2**i, 2 if i > 0 and b == 0 else 1))
+                blocks.append(block_cls(in_ch, width * 2**i, strides[i] if b == 0 else 1,
+                                        first if b == 0 else dilation))
                 in_ch = width * 2**i * block_cls.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
 
-    def forward(self, x):
+    def forward_stages(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        outputs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x):
+        x = self.forward_stages(x)[-1]
         maps = x.flatten(2).transpose(1, 2)
         return maps, x.mean(dim=(2, 3))
 
@@ -131,9 +147,15 @@ class TorchConvNeXt(nn.Module):
             k += depth
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
 
-    def forward(self, x):
+    def forward_stages(self, x):
+        outputs = []
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x):
+        x = self.forward_stages(x)[-1]
         maps = self.norm(x.flatten(2).transpose(1, 2))
         return maps, maps.mean(dim=1)
 

@@ -32,6 +32,6 @@ from tiny import tiny_config  # noqa: E402
 from vicregl_jax import train  # noqa: E402
 
 result = train.train_and_evaluate(
-    tiny_config(args.data_dir, **json.loads(args.overrides)), args.workdir, stop_after_steps=args.stop_after
+    tiny_config(args.data_dir, json.loads(args.overrides)), args.workdir, stop_after_steps=args.stop_after
 )
 print("RESULT", json.dumps({"step": result.step, "stopped_early": result.stopped_early}), flush=True)

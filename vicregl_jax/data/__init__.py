@@ -34,6 +34,7 @@ _LAZY = {
     "BatchIterator": "pipeline", "EvalImages": "pipeline", "PipelineError": "pipeline",
     "ReadOptions": "pipeline", "make_eval_iterator": "pipeline",
     "make_linear_train_iterator": "pipeline", "make_pretrain_iterator": "pipeline",
+    "open_source": "sources",
 }
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "make_eval_iterator",
     "make_linear_train_iterator",
     "make_pretrain_iterator",
+    "open_source",
     "prefetch_to_mesh",
     "sum_over_hosts",
     "to_global_batch",

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vicregl_jax import distributed
 from vicregl_jax.data import embedded, folder
 
 FOLDER_PREFIX = "folder:"
@@ -167,10 +168,11 @@ def _image_and_label_keys(builder) -> tuple[str, str | None, int]:
 
 @contextlib.contextmanager
 def preparation_lock(builder):
-    """Holds an exclusive lock while one process prepares a dataset, so that the processes
-    of a multi-process run that share a local data_dir do not prepare it into each other
-    (TFDS renames its incomplete folder at the end: the second rename fails). No lock on
-    remote file systems (gs://): there the loser of the race finds the dataset prepared."""
+    """Holds an exclusive lock while one process prepares a dataset, so that independent
+    processes sharing a local data_dir (two runs, test workers) do not prepare it into each
+    other (TFDS renames its incomplete folder at the end: the second rename fails). No lock on
+    remote file systems (gs://): the processes of one run take turns through the coordination
+    service instead (_prepare)."""
     root = str(builder.data_dir_root)
     if "://" in root:
         yield
@@ -186,7 +188,7 @@ def preparation_lock(builder):
 
 def _prepare(builder, manual_dir: str | None):
     """Prepares a TFDS dataset in ArrayRecord format and returns its builder, or says how to
-    get it."""
+    get it. The processes of one run prepare it once: process 0 does, the others wait."""
     name = builder.name
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual = manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
@@ -200,17 +202,25 @@ def _prepare(builder, manual_dir: str | None):
                 f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}"
             )
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    try:
+    root = str(builder.data_dir_root)
+
+    def prepare_unless_prepared():
         with preparation_lock(builder):
-            # Another process (a second host, a test worker) may have prepared it meanwhile.
-            fresh = tfds.builder(name, data_dir=builder.data_dir_root)
+            # Another process (process 0 of this run, a test worker) may have prepared it.
+            fresh = tfds.builder(name, data_dir=root)
             if fresh.is_prepared():
                 return fresh
             builder.download_and_prepare(download_config=config, file_format="array_record")
             return builder
+
+    try:
+        # In a run of several processes, process 0 prepares and the others wait for it (then
+        # find it prepared): hosts sharing a gs:// data_dir, where no lock exists, would each
+        # build it for hours and race on the final rename.
+        return distributed.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
-        fresh = tfds.builder(name, data_dir=builder.data_dir_root)
-        if fresh.is_prepared():  # a process on another host won the race (no shared lock)
+        fresh = tfds.builder(name, data_dir=root)
+        if fresh.is_prepared():  # prepared meanwhile by a process that does not share this run
             return fresh
         raise FileNotFoundError(
             f"could not prepare TFDS dataset {name!r} in {builder.data_dir_root} ({error}). "

@@ -13,6 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vicregl_jax import data as data_lib
+from vicregl_jax import sharding
+from vicregl_jax.evaluate import common
+from vicregl_jax.losses import topk_hits
+
 
 def l2_normalize(x: jax.Array) -> jax.Array:
     """Returns x with unit-norm rows (zero rows stay zero)."""
@@ -44,61 +49,53 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, k:
     for start in range(0, len(test_labels), chunk):
         scores = knn_scores(train_features, train_labels, np.asarray(test_features[start:start + chunk]),
                             k=k, temperature=temperature, num_classes=num_classes)
-        top = np.argsort(-np.asarray(scores), axis=1, kind="stable")[:, :5]
-        labels = test_labels[start:start + chunk]
-        hits1 += int(np.sum(top[:, 0] == labels))
-        hits5 += int(np.sum(np.any(top == labels[:, None], axis=1)))
+        labels = jnp.asarray(test_labels[start:start + chunk])
+        hits1 += int(jnp.sum(topk_hits(scores, labels, 1)))
+        hits5 += int(jnp.sum(topk_hits(scores, labels, 5)))
     n = len(test_labels)
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature}
 
 
 def check_labelled(config) -> None:
-    """Raises ValueError, before any work, if kNN's dataset (config.eval_dataset) has no labels."""
-    from vicregl_jax.data import sources
-
-    dataset = config.eval_dataset or config.dataset
-    source = sources.open_source(dataset, config.eval_split, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    """Raises ValueError, before any work, if kNN's dataset (config.eval.dataset) has no labels."""
+    dataset = common.eval_dataset(config)
+    source = data_lib.open_source(dataset, config.eval.split, data_dir=config.data.data_dir,
+                                  manual_dir=config.data.manual_dir)
     _require_labels(dataset, source.num_classes)
 
 
 def _require_labels(dataset: str, num_classes: int) -> None:
     if num_classes == 0:
         raise ValueError(
-            f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval_dataset to a "
+            f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval.dataset to a "
             "labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
 
 
 def evaluate_backbone(backbone, config, mesh) -> dict:
-    """Returns kNN results of a backbone (in eval mode) on config.eval_dataset: features of
-    config.eval_train_split are the neighbours, config.eval_split is scored."""
-    from vicregl_jax import data as data_lib
-    from vicregl_jax.evaluate import common
-
+    """Returns kNN results of a backbone (in eval mode) on config.eval's dataset: features of
+    config.eval.train_split are the neighbours, config.eval.split is scored."""
     features = common.make_feature_fn(backbone, mesh)
-    dataset = config.eval_dataset or config.dataset
+    dataset = common.eval_dataset(config)
     splits = {}
-    for split in (config.eval_train_split, config.eval_split):
+    for split in (config.eval.train_split, config.eval.split):
         iterator = data_lib.make_eval_iterator(
             dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
-            image_size=config.eval_image_size, resize_size=config.eval_resize_size,
-            data_dir=config.data_dir, manual_dir=config.manual_dir,
+            image_size=config.eval.image_size, resize_size=config.eval.resize_size,
+            data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
         )
         _require_labels(dataset, iterator.num_classes)
         splits[split] = common.extract_features(features, iterator, mesh)
-    train, test = splits[config.eval_train_split], splits[config.eval_split]
+    train, test = splits[config.eval.train_split], splits[config.eval.split]
     results = knn_classify(train["features"], train["labels"], test["features"], test["labels"],
-                           k=config.knn_k, temperature=config.knn_temperature)
-    results.update(dataset=f"{dataset} ({config.eval_train_split} -> {config.eval_split})",
+                           k=config.eval.knn.k, temperature=config.eval.knn.temperature)
+    results.update(dataset=f"{dataset} ({config.eval.train_split} -> {config.eval.split})",
                    train_examples=len(train["labels"]), test_examples=len(test["labels"]))
     return results
 
 
 def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
-    """Runs weighted kNN on frozen pooled features of config.eval_dataset; returns and writes results."""
-    from vicregl_jax import sharding
-    from vicregl_jax.evaluate import common
-
-    mesh = sharding.make_mesh(config.num_devices)
+    """Runs weighted kNN on frozen pooled features of config.eval's dataset; returns and writes results."""
+    mesh = sharding.make_mesh(config.mesh.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     results = {**evaluate_backbone(backbone, config, mesh), "weights": description}
     common.write_results(workdir, name, results)

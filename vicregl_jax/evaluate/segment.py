@@ -21,6 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vicregl_jax import models, sharding
+from vicregl_jax.data import to_global_batch
+from vicregl_jax.data.segmentation import make_segmentation_iterator
+from vicregl_jax.evaluate import common
+
 IGNORE_LABEL = 255
 
 
@@ -147,22 +152,17 @@ def evaluate_segmentation_head(params, stats, batches: Iterator, num_classes: in
 
 def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "segment") -> dict:
     """Runs linear segmentation on the frozen last map; returns and writes mIoU."""
-    from vicregl_jax import sharding
-    from vicregl_jax.data import to_global_batch
-    from vicregl_jax.data.segmentation import make_segmentation_iterator
-    from vicregl_jax.evaluate import common
-    from vicregl_jax.models import backbone_stride
-
-    mesh = sharding.make_mesh(config.num_devices)
+    settings = config.eval.segment
+    mesh = sharding.make_mesh(config.mesh.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     features = common.make_feature_fn(backbone, mesh)
     batch_size = common.eval_batch_size(config, mesh)
-    n = config.seg_image_size // backbone_stride(config.arch)
+    n = settings.image_size // models.backbone_stride(config.model.arch)
 
     def cached(split):
         maps, masks = [], []
-        for batch in make_segmentation_iterator(config.seg_dataset, split, global_batch_size=batch_size,
-                                                image_size=config.seg_image_size, data_dir=config.data_dir,
+        for batch in make_segmentation_iterator(settings.dataset, split, global_batch_size=batch_size,
+                                                image_size=settings.image_size, data_dir=config.data.data_dir,
                                                 process_index=jax.process_index(), process_count=jax.process_count()):
             g = to_global_batch(batch, mesh)
             m, _ = features(g["image"])
@@ -171,15 +171,15 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
             masks.append(common.fetch(g["mask"])[valid])
         return np.concatenate(maps), np.concatenate(masks)
 
-    train_maps, train_masks = cached(config.seg_train_split)
+    train_maps, train_masks = cached(settings.train_split)
     params, stats = train_segmentation_head(
-        train_maps, train_masks, num_classes=config.seg_num_classes, steps=config.seg_steps,
-        batch_size=config.seg_batch_size, seed=config.seed,
+        train_maps, train_masks, num_classes=settings.num_classes, steps=settings.steps,
+        batch_size=settings.batch_size, seed=config.seed,
     )
-    val_maps, val_masks = cached(config.seg_eval_split)
+    val_maps, val_masks = cached(settings.split)
     chunks = ((val_maps[i:i + batch_size], val_masks[i:i + batch_size]) for i in range(0, len(val_maps), batch_size))
-    results = evaluate_segmentation_head(params, stats, chunks, config.seg_num_classes)
-    results.update(weights=description, dataset=f"{config.seg_dataset} ({config.seg_train_split} -> {config.seg_eval_split})",
-                   image_size=config.seg_image_size, steps=config.seg_steps)
+    results = evaluate_segmentation_head(params, stats, chunks, settings.num_classes)
+    results.update(weights=description, dataset=f"{settings.dataset} ({settings.train_split} -> {settings.split})",
+                   image_size=settings.image_size, steps=settings.steps)
     common.write_results(workdir, name, results)
     return results

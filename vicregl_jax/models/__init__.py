@@ -2,7 +2,9 @@
 
 Every backbone maps NHWC float32 images (B, H, W, 3) to ``(maps, pooled)``: maps
 (B, h*w, C) flattened row-major and pooled (B, C), both float32 whatever the compute
-dtype. Train / eval: ``model.train()`` / ``model.eval()`` (in place) or
+dtype; ``backbone.stage_maps(images)`` gives the 4 stages' NHWC outputs (dense
+prediction). ResNets also come dilated to output stride 16 or 8 (``output_stride=``, same
+parameters; ``with_output_stride`` makes one from a loaded ResNet). Train / eval: ``model.train()`` / ``model.eval()`` (in place) or
 ``nnx.view(model, use_running_average=..., deterministic=...)``.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vicregl_jax.models.convnext import ConvNeXt
-from vicregl_jax.models.resnet import ResNet
+from vicregl_jax.models.resnet import OUTPUT_STRIDES, ResNet
 
 _RESNETS = {
     # name: (block, stage sizes, width = 64 * widen)
@@ -54,9 +56,40 @@ def _check_name(name: str) -> str:
     return name
 
 
-def create_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, **kwargs) -> nnx.Module:
-    """Returns the backbone `name`; kwargs go to its constructor (e.g. drop_path_rate)."""
-    return ARCHITECTURES[_check_name(name)](rngs=rngs, dtype=dtype, **kwargs)
+def create_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, output_stride: int = 32,
+                    **kwargs) -> nnx.Module:
+    """Returns the backbone `name`; kwargs go to its constructor (e.g. drop_path_rate).
+
+    output_stride: 32, or 16 / 8 for a dilated ResNet (ConvNeXts have only 32).
+    """
+    if _check_name(name) in _RESNETS:
+        kwargs["output_stride"] = output_stride
+    elif output_stride != 32:
+        raise ValueError(f"output_stride={output_stride} for {name}: only ResNets have dilated "
+                         "variants; use output_stride=32 (the default)")
+    return ARCHITECTURES[name](rngs=rngs, dtype=dtype, **kwargs)
+
+
+def with_output_stride(backbone: ResNet, output_stride: int) -> ResNet:
+    """Returns the ResNet `backbone` dilated to output_stride, sharing its arrays and mode.
+
+    The parameters and BatchNorm statistics are the same arrays (a dilated ResNet has the
+    same parameter tree), so weights loaded or trained at one output stride serve at another.
+    """
+    if not isinstance(backbone, ResNet):
+        raise ValueError(f"with_output_stride needs a ResNet, got {type(backbone).__name__}: "
+                         "only ResNets have dilated variants")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride={output_stride}: use one of {OUTPUT_STRIDES}")
+    if backbone.output_stride == output_stride:
+        return backbone
+    dilated = nnx.eval_shape(lambda: ResNet(
+        block=backbone.block, stage_sizes=backbone.stage_sizes, width=backbone.width,
+        output_stride=output_stride, dtype=backbone.dtype, rngs=nnx.Rngs(0)))
+    nnx.update(dilated, nnx.state(backbone))
+    if backbone.bn1.use_running_average:
+        dilated.eval()
+    return dilated
 
 
 def abstract_backbone(name: str, layer_scale_init: float = 0.0) -> nnx.Module:
@@ -84,6 +117,14 @@ def backbone_stride(name: str) -> int:
     return 32
 
 
+def stage_channels(name: str) -> tuple[int, ...]:
+    """Returns the channels of the backbone's 4 stage outputs (``stage_maps``)."""
+    if _check_name(name) in _RESNETS:
+        block, _, width = _RESNETS[name]
+        return tuple(width * 2**i * (4 if block == "bottleneck" else 1) for i in range(4))
+    return tuple(_CONVNEXTS[name][1])
+
+
 def backbone_norm(name: str) -> str:
     """Returns "batch" for ResNets and "layer" for ConvNeXts (the norm of their heads)."""
     return "batch" if _check_name(name) in _RESNETS else "layer"
@@ -91,11 +132,9 @@ def backbone_norm(name: str) -> str:
 
 def feature_dim(name: str) -> int:
     """Returns the channels C of the backbone's maps and pooled representation."""
-    if _check_name(name) in _RESNETS:
-        block, _, width = _RESNETS[name]
-        return width * 8 * (4 if block == "bottleneck" else 1)
-    return _CONVNEXTS[name][1][-1]
+    return stage_channels(name)[-1]
 
 
-__all__ = ["ARCHITECTURES", "create_backbone", "abstract_backbone", "parameter_count",
-           "backbone_stride", "backbone_norm", "feature_dim", "ResNet", "ConvNeXt"]
+__all__ = ["ARCHITECTURES", "create_backbone", "with_output_stride", "abstract_backbone",
+           "parameter_count", "backbone_stride", "backbone_norm", "feature_dim",
+           "stage_channels", "ResNet", "ConvNeXt"]

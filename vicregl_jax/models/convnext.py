@@ -139,15 +139,24 @@ class ConvNeXt(nnx.Module):
             k += depth
         self.stages = nnx.List(stages)
         self.norm = LayerNorm(dims[-1], epsilon=LAYERNORM_EPS, dtype=jnp.float32)
+        self.stage_channels = tuple(dims)
         self.num_features = dims[-1]
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def stage_maps(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Returns the 4 stages' outputs (strides 4, 8, 16, 32), NHWC in the compute dtype,
+        without the final LayerNorm (what the release's segmentation heads read)."""
         x = x.astype(self.dtype)
+        outputs = []
         for downsample, stage in zip(self.downsample_layers, self.stages):
             for layer in downsample:
                 x = layer(x)
             for block in stage:
                 x = block(x)
+            outputs.append(x)
+        return tuple(outputs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = self.stage_maps(x)[-1]
         b, h, w, c = x.shape
         maps = self.norm(x.reshape(b, h * w, c))
         return maps, jnp.mean(maps, axis=1)

@@ -2,7 +2,7 @@
 
 Attribute names mirror torchvision's state_dict names (``conv1``, ``bn1``,
 ``layer{1..4}.{b}.{conv1,bn1,...}``, ``downsample.{0,1}``), so that conversion to and
-from the release (vicregl_jax/convert.py) is a renaming of leaves plus transposes.
+from the release (vicregl_jax/layout.py) is a renaming of leaves plus transposes.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from vicregl_jax.models.layers import BatchNorm, kaiming_normal_fan_out, max_poo
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dtype,
-          rngs: nnx.Rngs) -> nnx.Conv:
+          rngs: nnx.Rngs, dilation: int = 1) -> nnx.Conv:
     """Returns a bias-free conv with explicit symmetric padding, as PyTorch pads."""
     return nnx.Conv(
         in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)), use_bias=False,
-        kernel_init=kaiming_normal_fan_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        padding=((padding, padding), (padding, padding)), kernel_dilation=(dilation, dilation),
+        use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
+        param_dtype=jnp.float32, rngs=rngs)
 
 
 def _downsample(in_ch: int, out_ch: int, stride: int, *, dtype, rngs) -> nnx.List | None:
@@ -40,12 +41,18 @@ def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
 
 
 class BasicBlock(nnx.Module):
-    """Two 3x3 convs; the residual branch's last BatchNorm scale starts at 0."""
+    """Two 3x3 convs; the residual branch's last BatchNorm scale starts at 0.
+
+    dilation applies to the first 3x3 conv only (mmsegmentation's dilated BasicBlock;
+    torchvision has none).
+    """
 
     expansion = 1
 
-    def __init__(self, in_ch: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = _conv(in_ch, planes, 3, stride, 1, dtype=dtype, rngs=rngs)
+    def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype,
+                 rngs: nnx.Rngs):
+        self.conv1 = _conv(in_ch, planes, 3, stride, dilation, dilation=dilation, dtype=dtype,
+                           rngs=rngs)
         self.bn1 = BatchNorm(planes, dtype=dtype)
         self.conv2 = _conv(planes, planes, 3, 1, 1, dtype=dtype, rngs=rngs)
         self.bn2 = BatchNorm(planes, zero_init_scale=True, dtype=dtype)
@@ -58,15 +65,17 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """1x1, 3x3 (carrying the stride: v1.5), 1x1 x4; last BatchNorm scale starts at 0."""
+    """1x1, 3x3 (carrying the stride and dilation: v1.5), 1x1 x4; last BatchNorm scale 0."""
 
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype,
+                 rngs: nnx.Rngs):
         out_ch = planes * self.expansion
         self.conv1 = _conv(in_ch, planes, 1, 1, 0, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(planes, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, 1, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(planes, planes, 3, stride, dilation, dilation=dilation, dtype=dtype,
+                           rngs=rngs)
         self.bn2 = BatchNorm(planes, dtype=dtype)
         self.conv3 = _conv(planes, out_ch, 1, 1, 0, dtype=dtype, rngs=rngs)
         self.bn3 = BatchNorm(out_ch, zero_init_scale=True, dtype=dtype)
@@ -82,6 +91,32 @@ class Bottleneck(nnx.Module):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def stage_strides_and_dilations(output_stride: int) -> list[tuple[int, int, int]]:
+    """Returns (stride, first block's dilation, other blocks' dilation) of the 4 stages.
+
+    Stages 2-4 halve the resolution until the total stride reaches output_stride; past it a
+    stage keeps the resolution and doubles the dilation of its 3x3 convs instead, its first
+    block at half the new dilation ("contract dilation", as mmsegmentation's dilated
+    ResNets: output stride 8 is strides 1, 2, 1, 1 and dilations 1, 1, 2, 4).
+    """
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride={output_stride}: use one of {OUTPUT_STRIDES}")
+    total, dilation, out = 4, 1, []  # the stem and max-pool give stride 4
+    for i in range(4):
+        if i == 0:
+            out.append((1, 1, 1))
+        elif total < output_stride:
+            total *= 2
+            out.append((2, dilation, dilation))
+        else:
+            dilation *= 2
+            out.append((1, dilation // 2, dilation))
+    return out
+
+
 class ResNet(nnx.Module):
     """ResNet backbone: NHWC images -> (maps (B, h*w, C), pooled (B, C)), both float32.
 
@@ -89,37 +124,57 @@ class ResNet(nnx.Module):
       block: "basic" or "bottleneck".
       stage_sizes: blocks per stage (4 stages, total stride 32).
       width: channels of the stem and of the first stage's 3x3 convs (64 * widen).
+      output_stride: 32, or 16 / 8 for the dilated variants of dense prediction (same
+        parameters, see stage_strides_and_dilations).
       dtype: compute dtype (parameters and BatchNorm statistics stay float32).
     """
 
     def __init__(self, *, block: str, stage_sizes: Sequence[int], width: int = 64,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 output_stride: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
         if block not in BLOCKS:
             raise ValueError(f"block={block!r}: use one of {sorted(BLOCKS)}")
         if len(stage_sizes) != 4:
             raise ValueError(f"stage_sizes={tuple(stage_sizes)}: give 4 stage sizes")
+        schedule = stage_strides_and_dilations(output_stride)
         block_cls = BLOCKS[block]
+        self.block = block
+        self.stage_sizes = tuple(stage_sizes)
+        self.width = width
+        self.output_stride = output_stride
         self.dtype = dtype
         self.conv1 = _conv(3, width, 7, 2, 3, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(width, dtype=dtype)
         in_ch = width
-        for i, num_blocks in enumerate(stage_sizes):
+        stage_channels = []
+        for i, (num_blocks, (stride, first_dilation, dilation)) in enumerate(
+                zip(stage_sizes, schedule)):
             planes = width * 2**i
             blocks = []
             for b in range(num_blocks):
-                stride = 2 if (i > 0 and b == 0) else 1
-                blocks.append(block_cls(in_ch, planes, stride, dtype=dtype, rngs=rngs))
+                blocks.append(block_cls(in_ch, planes, stride if b == 0 else 1,
+                                        dilation=first_dilation if b == 0 else dilation,
+                                        dtype=dtype, rngs=rngs))
                 in_ch = planes * block_cls.expansion
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
+            stage_channels.append(in_ch)
+        self.stage_channels = tuple(stage_channels)
         self.num_features = in_ch
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def stage_maps(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Returns the 4 stages' outputs, NHWC in the compute dtype (strides 4, 8, 16, 32
+        or less when dilated)."""
         x = x.astype(self.dtype)
         x = nnx.relu(self.bn1(self.conv1(x)))
         x = max_pool_3x3_s2(x)
+        outputs = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x)
+            outputs.append(x)
+        return tuple(outputs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = self.stage_maps(x)[-1]
         b, h, w, c = x.shape
         maps = x.reshape(b, h * w, c).astype(jnp.float32)
         return maps, jnp.mean(maps, axis=1)
