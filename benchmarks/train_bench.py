@@ -23,7 +23,7 @@ from common import ROOT, compile_jitted, device_peak_bytes, median_seconds, peak
 
 from vicregl_jax import build, sharding, train
 from vicregl_jax import config as config_lib
-from vicregl_jax.data import crops
+from vicregl_jax.data import location_grid  # TF-free: the train step runs without TensorFlow
 
 CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s"}
 
@@ -36,7 +36,7 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
         views.append(rng.normal(size=(batch, count, size, size, 3)).astype(np.float32))
         side = np.sqrt(rng.uniform(lo, hi, size=(batch, count))) * 400
         top, left = rng.uniform(0, 100, size=(2, batch, count))
-        grids.append(crops.location_grid(top, left, side, side, size // 32))
+        grids.append(location_grid(top, left, side, side, size // 32))
     labels = rng.integers(0, config.model.num_classes, size=batch).astype(np.int32)
     return {"views": tuple(views), "grids": tuple(grids), "label": labels}
 
