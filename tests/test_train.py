@@ -16,6 +16,7 @@ import pytest
 from tiny import tiny_config
 from vicregl_jax import build, sharding, train
 from vicregl_jax import data as data_lib
+from vicregl_jax.data import global_batch
 from vicregl_jax import state as state_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,8 +170,9 @@ def test_gradient_accumulation_over_duplicated_halves(data_dir, three_batches):
 
 def test_non_finite_loss_keeps_the_state(data_dir, three_batches):
     config = tiny_config(data_dir)
-    bad = jax.tree.map(lambda x: x, three_batches[0])
-    bad["views"] = (np.full_like(bad["views"][0], np.nan),) + tuple(bad["views"][1:])
+    # Float views without draws skip the device colour chain: NaN pixels reach the model.
+    bad = {k: v for k, v in three_batches[0].items() if k != "draws"}
+    bad["views"] = tuple(np.full(v.shape, np.nan, np.float32) for v in bad["views"])
     mesh = sharding.make_mesh(8)
     step, state = jitted_step(config, mesh)
     before = jax.device_get(state)
@@ -182,16 +184,18 @@ def test_non_finite_loss_keeps_the_state(data_dir, three_batches):
 
 def test_nan_in_the_loop_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     config = tiny_config(data_dir, {"checkpoint.every_steps": 2})
-    real = data_lib.to_global_batch
+    real = global_batch.to_global_batch
     calls = {"n": 0}
 
-    def poisoned(batch, mesh):
+    def poisoned(batch, mesh, data_axis="data"):
         calls["n"] += 1
-        if calls["n"] == 4:  # the batch of step 4
-            batch = dict(batch, views=(np.full_like(batch["views"][0], np.nan),) + tuple(batch["views"][1:]))
-        return real(batch, mesh)
+        if calls["n"] == 4:  # the batch of step 4: NaN brightness factors make NaN views on the device
+            draws = tuple({**d, "brightness": np.full_like(d["brightness"], np.nan),
+                           "order": np.zeros_like(d["order"])} for d in batch["draws"])
+            batch = dict(batch, draws=draws)
+        return real(batch, mesh, data_axis)
 
-    monkeypatch.setattr(data_lib, "to_global_batch", poisoned)
+    monkeypatch.setattr(global_batch, "to_global_batch", poisoned)
     with pytest.raises(train.NonFiniteLossError, match=r"at step 4: stopping.*last good checkpoint is step 2"):
         train.train_and_evaluate(config, tmp_path)
     assert read_state(tmp_path)[0] == 2

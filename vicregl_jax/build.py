@@ -67,8 +67,8 @@ def pretrain_iterator(config, start_step: int):
     return data_lib.make_pretrain_iterator(
         config.data.dataset, config.data.split, groups=crop_groups(config), global_batch_size=config.batch_size,
         seed=config.seed, stride=models.backbone_stride(config.model.arch), flip_grid=config.data.flip_grid,
-        with_labels=True, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
-        process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step,
+        with_labels=True, start_step=start_step,
+        read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
     )
 
 

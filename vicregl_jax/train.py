@@ -39,6 +39,14 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+def coloured_views(batch) -> tuple:
+    """Returns the batch's views per crop group, colour-augmented from the host's draws and
+    normalised (float32) on the device; views without draws are already normalised."""
+    if "draws" not in batch:
+        return batch["views"]
+    return tuple(data_lib.augment_views(v, d) for v, d in zip(batch["views"], batch["draws"]))
+
+
 def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.LossConfig, *, seed: int = 0,
                     grad_accum_steps: int = 1):
     """Returns train_step(state, batch) -> (state, metrics), pure and ready for jax.jit.
@@ -56,7 +64,7 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
         # copy: the model mutates its statistics under this trace, not the caller's Variables.
         model = nnx.merge(graphdef, params, batch_stats, random_streams, copy=True)
         state_lib.seed_random_streams(model, key)
-        out = model(micro["views"])
+        out = model(coloured_views(micro))
         total, terms = losses.vicregl_loss(
             out["embeddings"], out["local_embeddings"], micro["grids"], loss_cfg,
             logits=out["logits"], labels=micro["label"],
@@ -244,13 +252,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     watcher = PreemptionWatcher(run.checkpointer.manager)
     bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step", dynamic_ncols=True,
                desc="pretrain", disable=jax.process_index() != 0)
+    batches = data_lib.prefetch_to_mesh(run.iterator, run.mesh)  # two batches on the devices ahead
     state, step, total = run.state, run.start_step, run.total_steps
     last_saved, last_metrics, stopped_early = run.start_step, {}, False
     window_start, window_steps = time.perf_counter(), 0
     pending = None  # (step, metrics) of a step not yet checked: read one step late to keep the device busy
     try:
         while step < total:
-            state, metrics = step_fn(state, data_lib.to_global_batch(next(run.iterator), run.mesh))
+            state, metrics = step_fn(state, next(batches))
             step += 1
             window_steps += 1
             bar.update(1)
@@ -270,7 +279,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                 last_metrics.update(step_time_s=elapsed / window_steps,
                                     images_per_s=config.batch_size * window_steps / elapsed,
-                                    skipped_images=float(run.iterator.num_skipped))
+                                    skipped_images=float(batches.num_skipped))
                 log.write(step, last_metrics)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -292,6 +301,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         if last_saved != step:
             run.checkpointer.save(step, state)
     finally:
+        batches.close()
         bar.close()
         watcher.close()
         log.close()

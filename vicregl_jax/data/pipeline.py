@@ -37,7 +37,6 @@ import threading
 import weakref
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
 from absl import logging

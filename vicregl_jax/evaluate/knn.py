@@ -156,8 +156,8 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
     for split in (config.eval.train_split, config.eval.split):
         iterator = data_lib.make_eval_iterator(
             dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
-            image_size=config.eval.image_size, resize_size=config.eval.resize_size,
-            data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
+            images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
+            read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
         )
         _require_labels(dataset, iterator.num_classes)
         num_classes = max(num_classes, iterator.num_classes)

@@ -136,8 +136,8 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     features = common.make_feature_fn(backbone, mesh)
     dataset = common.eval_dataset(config)
     batch_size = common.eval_batch_size(config, mesh)
-    size = dict(image_size=config.eval.image_size, resize_size=config.eval.resize_size,
-                data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
+    size = dict(images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
+                read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir))
 
     def centre_features(split):
         iterator = data_lib.make_eval_iterator(dataset, split, global_batch_size=batch_size, **size)
@@ -164,9 +164,8 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
                 idx = order[start:start + batch_size]
                 yield train["features"][idx], train["labels"][idx], np.ones(len(idx), bool)
     else:
-        augmented = data_lib.make_eval_iterator(
-            dataset, config.eval.train_split, global_batch_size=batch_size, train_augment=True, seed=config.seed,
-            **size)
+        augmented = data_lib.make_linear_train_iterator(
+            dataset, config.eval.train_split, global_batch_size=batch_size, seed=config.seed, **size)
         num_train = augmented.num_examples
         num_classes = max(num_classes, augmented.num_classes or 0)
         steps_per_epoch = -(-num_train // batch_size)
