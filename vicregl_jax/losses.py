@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from vicregl_jax import sharding
 
 # Statistics are float32 and their matmuls run at full float32 precision: on TPU the default
 # precision would take bfloat16 passes and the covariance sums would lose their digits.
@@ -86,32 +89,101 @@ def _center(x: jax.Array) -> jax.Array:
     return x - jnp.mean(x, axis=0, keepdims=True)
 
 
-def variance_term(x: jax.Array) -> jax.Array:
-    """Returns mean over (k, d) of relu(1 - sqrt(var_unbiased + 1e-4)) for x (B, K, D) or (B, D)."""
-    x = _as_f32(x)
-    var = jnp.sum(jnp.square(_center(x)), axis=0) / (x.shape[0] - 1)
-    return jnp.mean(jax.nn.relu(1.0 - jnp.sqrt(var + _STD_EPS)))
+def _statistics(x: jax.Array, *, gather=lambda a: a) -> tuple[jax.Array, jax.Array]:
+    """Returns per k of x (B, K, D) with the whole batch: the summed variance terms
+    sum_d relu(1 - sqrt(var + 1e-4)) and the sum of squared off-diagonal covariances.
 
-
-def offdiag_cov_sq_sum(x: jax.Array) -> jax.Array:
-    """Returns, per k, the sum of squared off-diagonal entries of the (D, D) batch covariance.
-
-    x is (B, K, D). ||X^T X||_F = ||X X^T||_F, so the sum can be had from either the D x D
-    covariance or the B x B Gram matrix of the centred batch; we take the smaller one, which
-    for the usual B < D (8192-wide expanders) is 2 * D / B times cheaper.
+    ||X^T X||_F = ||X X^T||_F, so the covariance sum comes from either the D x D covariance
+    or the B x B Gram matrix of the centred batch; we take the smaller one, which for the
+    usual B < D (8192-wide expanders) is 2 * D / B times cheaper. gather: applied to the
+    second operand of the Gram product (a replication when its type carries a sharding).
     """
-    x = _as_f32(x)
     b, _, d = x.shape
     xc = _center(x)
-    diag = jnp.sum(jnp.square(xc), axis=0) / (b - 1)  # (K, D): the variances
+    var = jnp.sum(jnp.square(xc), axis=0) / (b - 1)  # (K, D)
+    var_sum = jnp.sum(jax.nn.relu(1.0 - jnp.sqrt(var + _STD_EPS)), axis=-1)
     if b < d:
-        # Rows of the Gram matrix stay sharded like the batch; the other operand is gathered.
-        gram = jnp.einsum("bkd,ckd->kbc", xc, _replicated(xc), precision=_HIGHEST) / (b - 1)
+        gram = jnp.einsum("bkd,ckd->kbc", xc, gather(xc), precision=_HIGHEST) / (b - 1)
         total = jnp.sum(jnp.square(gram), axis=(1, 2))
     else:
         cov = jnp.einsum("bkd,bke->kde", xc, xc, precision=_HIGHEST) / (b - 1)
         total = jnp.sum(jnp.square(cov), axis=(1, 2))
-    return total - jnp.sum(jnp.square(diag), axis=1)
+    return var_sum, total - jnp.sum(jnp.square(var), axis=1)
+
+
+def _by_locations(x: jax.Array, devices: int) -> tuple[jax.Array, jax.Array]:
+    """_statistics of a batch-sharded x (B, K, D) computed with the locations k spread over the
+    devices: one all-to-all gives each device the whole batch of K / devices locations
+    (K padded with zeros to a multiple), whose statistics need no further collective."""
+    k = x.shape[1]
+    padded = -(-k // devices) * devices
+    x = jnp.pad(x, ((0, 0), (0, padded - k), (0, 0)))
+
+    def local(shard):  # (B / devices, padded, D) -> the whole batch of padded / devices locations
+        whole = jax.lax.all_to_all(shard, sharding.DATA_AXIS, split_axis=1, concat_axis=0, tiled=True)
+        return _statistics(whole)
+
+    spec = PartitionSpec(sharding.DATA_AXIS)
+    var_sum, offdiag = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec,
+                                     out_specs=(spec, spec))(x)
+    return var_sum[:k], offdiag[:k]
+
+
+def _by_channels(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """_statistics of a batch-sharded x (B, K, D) computed with the channels d spread over the
+    devices: one all-to-all gives each device the whole batch of D / devices channels; the
+    variance terms and the B x B Gram matrices are sums over channels, added over devices."""
+    axis = sharding.DATA_AXIS
+
+    def local(shard):  # (B / devices, K, D) -> the whole batch of D / devices channels
+        xc = _center(jax.lax.all_to_all(shard, axis, split_axis=2, concat_axis=0, tiled=True))
+        b = xc.shape[0]
+        var = jnp.sum(jnp.square(xc), axis=0) / (b - 1)  # (K, D / devices)
+        var_sum = jax.lax.psum(jnp.sum(jax.nn.relu(1.0 - jnp.sqrt(var + _STD_EPS)), axis=-1), axis)
+        gram = jax.lax.psum(jnp.einsum("bkd,ckd->kbc", xc, xc, precision=_HIGHEST), axis) / (b - 1)
+        diagonal = jax.lax.psum(jnp.sum(jnp.square(var), axis=1), axis)
+        return var_sum, jnp.sum(jnp.square(gram), axis=(1, 2)) - diagonal
+
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=PartitionSpec(axis),
+                         out_specs=(PartitionSpec(), PartitionSpec()))(x)
+
+
+def batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns, per k of x (B, K, D), the summed variance terms sum_d relu(1 - std_d) and the
+    sum of squared off-diagonal entries of the (D, D) batch covariance, over the global batch.
+
+    Inside a train step's sharding.step_context, with the batch sharded over the devices, the
+    statistics are computed with explicit collectives that move far fewer bytes than XLA's
+    all-reduce of (K, D, D) partial covariances (or all-gather of the batch for the Gram form):
+    one all-to-all of the batch (forward, and its transpose backward), spreading either the
+    locations k or the channels d over the devices, whichever moves fewer bytes (the channels
+    add an all-reduce of the K x B x B Gram matrices). Elsewhere the plain computation.
+    """
+    x = _as_f32(x)
+    devices = sharding.data_axis_size()
+    b, k, d = x.shape
+    if devices == 1 or b % devices:
+        return _statistics(x, gather=_replicated)
+    padded = -(-k // devices) * devices
+    by_locations = 2 * padded * d  # all-to-all elements, forward and backward, per local example
+    by_channels = 2 * k * d + 2 * k * b * b * devices / b  # ... + the Gram all-reduce, per local example
+    if by_locations <= by_channels or d % devices:
+        return _by_locations(x, devices)
+    return _by_channels(x)
+
+
+def variance_term(x: jax.Array) -> jax.Array:
+    """Returns mean over (k, d) of relu(1 - sqrt(var_unbiased + 1e-4)) for x (B, K, D) or (B, D)."""
+    x = _as_f32(x)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    return jnp.mean(batch_statistics(x)[0]) / x.shape[-1]
+
+
+def offdiag_cov_sq_sum(x: jax.Array) -> jax.Array:
+    """Returns, per k, the sum of squared off-diagonal entries of the (D, D) batch covariance of
+    x (B, K, D)."""
+    return batch_statistics(x)[1]
 
 
 def covariance_term(x: jax.Array) -> jax.Array:
@@ -120,6 +192,24 @@ def covariance_term(x: jax.Array) -> jax.Array:
     if x.ndim == 2:
         x = x[:, None, :]
     return jnp.mean(offdiag_cov_sq_sum(x)) / x.shape[-1]
+
+
+def _var_cov_terms(pieces: Sequence[jax.Array], var_coeff: float, cov_coeff: float):
+    """Returns the weighted (var, cov) terms of each of pieces (B, K_i, D), from one
+    batch_statistics of them joined along K (one collective for all)."""
+    sizes = [p.shape[1] for p in pieces]
+    var_sum, offdiag = batch_statistics(jnp.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0])
+    d = pieces[0].shape[-1]
+    out = []
+    for v, c in zip(_split(var_sum, sizes, 0), _split(offdiag, sizes, 0)):
+        out.append((var_coeff * jnp.mean(v) / d, cov_coeff * jnp.mean(c) / d))
+    return out
+
+
+def _split(x: jax.Array, sizes: Sequence[int], axis: int) -> list[jax.Array]:
+    """Returns the consecutive pieces of x along axis with the given sizes."""
+    ends = list(itertools.accumulate(sizes))
+    return jnp.split(x, ends[:-1], axis=axis)
 
 
 def vicreg_terms(
@@ -131,9 +221,10 @@ def vicreg_terms(
     """
     x, y = _as_f32(x), _as_f32(y)
     inv = inv_coeff * jnp.mean(jnp.square(x - y))
-    var = var_coeff * (variance_term(x) + variance_term(y)) / 2
-    cov = cov_coeff * (covariance_term(x) + covariance_term(y)) / 2
-    return inv, var, cov
+    if x.ndim == 2:
+        x, y = x[:, None, :], y[:, None, :]
+    (var_x, cov_x), (var_y, cov_y) = _var_cov_terms([x, y], var_coeff, cov_coeff)
+    return inv, (var_x + var_y) / 2, (cov_x + cov_y) / 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +268,11 @@ def global_loss(
     z = [_as_f32(e) for e in split_views(embeddings)]
     pairs = view_pairs(len(z))
     inv = cfg.inv_coeff * sum(jnp.mean(jnp.square(z[i] - z[j])) for i, j in pairs) / len(pairs)
-    var = cfg.var_coeff * sum(variance_term(e) for e in z) / len(z)
-    cov = cfg.cov_coeff * sum(covariance_term(e) for e in z) / len(z)
+    # Every view is one k of the statistics: one batch_statistics call for all views.
+    var_sum, offdiag = batch_statistics(jnp.concatenate([_as_f32(e) for e in embeddings], axis=1))
+    dim = z[0].shape[-1]
+    var = cfg.var_coeff * jnp.mean(var_sum) / dim
+    cov = cfg.cov_coeff * jnp.mean(offdiag) / dim
     return inv, var, cov
 
 
@@ -214,7 +308,8 @@ def nearest_matches(distances: jax.Array, num_matches: int) -> tuple[jax.Array, 
 
 def _gather_matches(src, dst, distances, num_matches):
     """Returns (x, y) of shape (B, K, D): kept vectors of src and their matches in dst."""
-    kept, partner = jax.vmap(nearest_matches, in_axes=(0, None))(distances, num_matches)
+    nearest = jax.vmap(functools.partial(nearest_matches, num_matches=num_matches))
+    kept, partner = sharding.per_example(nearest)(distances)
     take = jax.vmap(lambda m, idx: jnp.take(m, idx, axis=0))
     return take(src, kept), take(dst, partner)
 
@@ -238,31 +333,27 @@ def match_by_location(src, dst, src_grid, dst_grid, num_matches: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _pair_terms(m_i, m_j, g_i, g_j, cfg: LossConfig):
-    """Returns the weighted local (inv, var, cov) of one ordered pair: feature + location parts."""
+def _pair_matches(m_i, m_j, g_i, g_j, cfg: LossConfig):
+    """Returns (inv, pieces) of one ordered pair: its weighted local invariance (feature +
+    location parts) and the matched batches [x, y] of its four directions, 8 arrays (B, K, D)
+    whose variance and covariance terms the pair adds, each with weight 1/4."""
     n_i, n_j = m_i.shape[1], m_j.shape[1]
     l2_matches = (n_i, n_j) if cfg.l2_all_matches else cfg.num_matches
-    feature_part = (
-        match_by_embedding(m_i, m_j, l2_matches[0]),
+    directions = (
+        match_by_embedding(m_i, m_j, l2_matches[0]),  # the feature part's two directions
         match_by_embedding(m_j, m_i, l2_matches[1]),
-    )
-    location_part = (
-        match_by_location(m_i, m_j, g_i, g_j, cfg.num_matches[0]),
+        match_by_location(m_i, m_j, g_i, g_j, cfg.num_matches[0]),  # the location part's
         match_by_location(m_j, m_i, g_j, g_i, cfg.num_matches[1]),
     )
-    inv = var = cov = jnp.float32(0.0)
-    for part in (feature_part, location_part):  # the two parts: added
-        for x, y in part:  # the two directions: averaged
-            if cfg.fast_vc_reg:
-                inv += jnp.mean(jnp.square(x - y)) / 2
-            else:
-                t = vicreg_terms(
-                    x, y, inv_coeff=cfg.inv_coeff, var_coeff=cfg.var_coeff, cov_coeff=cfg.cov_coeff
-                )
-                inv, var, cov = inv + t[0] / 2, var + t[1] / 2, cov + t[2] / 2
-    if cfg.fast_vc_reg:
-        inv = cfg.inv_coeff * inv
-    return inv, var, cov
+    # The two parts are added and their two directions averaged.
+    inv = cfg.inv_coeff * sum(jnp.mean(jnp.square(x - y)) for x, y in directions) / 2
+    return inv, [a for xy in directions for a in xy]
+
+
+def _piece_means(per_k: jax.Array, sizes: Sequence[int]) -> jax.Array:
+    """Returns the mean over each piece's locations of per_k (..., sum(sizes)), summed over
+    the pieces: (...)."""
+    return sum(jnp.mean(p, axis=-1) for p in _split(per_k, sizes, -1))
 
 
 def local_loss(
@@ -275,13 +366,15 @@ def local_loss(
     One array per crop group: local_embeddings[g] is (B, V_g, N_g, D) and grids[g] is
     (B, V_g, n, n, 2) or (B, V_g, N_g, 2), in the original image's pixels. The anchors i are
     the first two views of group 0; the pairs (i, j) with j in one group run as one vmap over
-    that group's view axis.
+    that group's view axis, and the variance / covariance statistics of all their matched
+    batches are one batch_statistics call (their locations joined along one axis).
     """
     maps = [_as_f32(m) for m in local_embeddings]
     grids = [_as_f32(g).reshape(*g.shape[:2], -1, g.shape[-1]) for g in grids]
     check_local_inputs(maps, grids, cfg)
+    dim = maps[0].shape[-1]
     num_pairs = len(view_pairs(num_views(maps)))
-    pair_terms = jax.vmap(functools.partial(_pair_terms, cfg=cfg), in_axes=(None, 1, None, 1))
+    pair_matches = jax.vmap(functools.partial(_pair_matches, cfg=cfg), in_axes=(None, 1, None, 1))
     inv = var = cov = jnp.float32(0.0)
     for i in range(2):
         m_i, g_i = maps[0][:, i], grids[0][:, i]
@@ -290,16 +383,26 @@ def local_loss(
                 m_j, g_j = _without_view(m_j, i), _without_view(g_j, i)
                 if m_j is None:
                     continue
-            terms = pair_terms(m_i, m_j, g_i, g_j)
-            inv, var, cov = inv + terms[0].sum(), var + terms[1].sum(), cov + terms[2].sum()
+            pair_inv, pieces = pair_matches(m_i, m_j, g_i, g_j)  # pieces: (V_j, B, K, D)
+            inv = inv + pair_inv.sum()
+            if cfg.fast_vc_reg:
+                continue
+            sizes = [p.shape[2] for p in pieces]
+            joined = jnp.swapaxes(jnp.concatenate(pieces, axis=2), 0, 1)  # (B, V_j, K_all, D)
+            b, v = joined.shape[:2]
+            var_sum, offdiag = batch_statistics(joined.reshape(b, v * sum(sizes), dim))
+            var = var + cfg.var_coeff * _piece_means(var_sum.reshape(v, -1), sizes).sum() / (4 * dim)
+            cov = cov + cfg.cov_coeff * _piece_means(offdiag.reshape(v, -1), sizes).sum() / (4 * dim)
     inv, var, cov = inv / num_pairs, var / num_pairs, cov / num_pairs
     if cfg.fast_vc_reg:
         # The release's fast branch overwrites its running sum of cov terms at every view (and
         # then adds the per-location vector to its own mean); we implement the evident intent:
         # var and cov of each view's whole local map, averaged over the views.
-        per_view = lambda term: sum(jax.vmap(term, in_axes=1)(m).sum() for m in maps)  # noqa: E731
-        var = cfg.var_coeff * per_view(variance_term) / num_views(maps)
-        cov = cfg.cov_coeff * per_view(covariance_term) / num_views(maps)
+        sizes = [n for m in maps for n in [m.shape[2]] * m.shape[1]]  # one piece per view
+        var_sum, offdiag = batch_statistics(
+            jnp.concatenate([m.reshape(m.shape[0], -1, dim) for m in maps], axis=1))
+        var = cfg.var_coeff * _piece_means(var_sum, sizes) / (dim * len(sizes))
+        cov = cfg.cov_coeff * _piece_means(offdiag, sizes) / (dim * len(sizes))
     return inv, var, cov
 
 
@@ -397,8 +500,11 @@ def classifier_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arra
 def topk_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """Returns, per row of scores (B, C), whether its label is among its k highest scores
     (k at most C; of equal scores the lower class index ranks first)."""
-    _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
-    return jnp.any(top == labels[:, None], axis=-1)
+    def hits(scores, labels):
+        _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+        return jnp.any(top == labels[:, None], axis=-1)
+
+    return sharding.per_example(hits)(scores, labels)
 
 
 def _std_metric(x: jax.Array) -> jax.Array:
@@ -447,6 +553,12 @@ def vicregl_loss(
     that alpha turns off are 0 and its inputs may be None.
     """
     check_criterion_inputs(embeddings, local_embeddings, grids, cfg)
+    with jax.named_scope("criterion"):  # what profiles and HLO metadata show
+        return _vicregl_loss(embeddings, local_embeddings, grids, cfg, logits, labels)
+
+
+def _vicregl_loss(embeddings, local_embeddings, grids, cfg, logits, labels):
+    """vicregl_loss after its input checks."""
     zero = jnp.float32(0.0)
     terms = {k: zero for k in ("global_inv", "global_var", "global_cov", "local_inv", "local_var", "local_cov")}
     total = zero
