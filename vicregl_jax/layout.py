@@ -13,7 +13,10 @@ ResNet names (without fc) or the release's ConvNeXt names. Full checkpoints hold
 projector) and ``module.classifier.*``. Flax conv kernels are (kh, kw, in, out) and
 PyTorch's (out, in, kh, kw); Dense kernels (in, out) and Linear weights (out, in).
 BatchNorm's ``num_batches_tracked`` is written as 0 (PyTorch only reads it when
-momentum=None) and ignored, or allowed to be absent, when reading.
+momentum=None) and ignored, or allowed to be absent, when reading. Blocks that run as one
+scan keep their parameters stacked (``stages.2.0.stacked.dwconv.kernel`` of shape
+(27, 7, 7, 1, C), models/stack.py): block j of the stack at list index i of its stage is the
+release's block i + j, so the release's names are the same whether or not a model scans.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from vicregl_jax.models import ARCHITECTURES, abstract_backbone, backbone_norm
+from vicregl_jax.sharding import STACKED
 
 # Flax attribute of VICRegLModel -> the release's attribute of its VICRegL module.
 PARTS = {"backbone": "backbone", "expander": "projector",
@@ -69,6 +73,30 @@ def _flat_weights(model_or_state: Any) -> dict[tuple, Any]:
                        for p in path)] = node
     visit(tree, ())
     return flat
+
+
+def _block_of(value: Any, j: int) -> Any:
+    """Returns block j of a stacked array (a ShapeDtypeStruct gives one of the block's shape)."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+    return value[j]
+
+
+def _unstack(flat: Mapping[tuple, Any]) -> tuple[dict[tuple, Any], dict[tuple, tuple[tuple, int]]]:
+    """Returns (flat, origins): the flat state with every stacked leaf split into its blocks
+    at the paths an unrolled model has, and {block path: (stacked path, block index)}."""
+    out, origins = {}, {}
+    for path, value in flat.items():
+        if STACKED not in path:
+            out[path] = value
+            continue
+        at = path.index(STACKED)
+        first = path[at - 1]  # the stack's index in its stage's list: its first block's number
+        for j in range(value.shape[0]):
+            block_path = path[:at - 1] + (first + j,) + path[at + 1:]
+            out[block_path] = _block_of(value, j)
+            origins[block_path] = (path, j)
+    return out, origins
 
 
 def _torch_entry(path: tuple, ndim: int, *, full: bool) -> _Entry:
@@ -144,7 +172,7 @@ def backbone_torch_shapes(arch: str, layer_scale: bool = False) -> dict[str, tup
     Built abstractly (nnx.eval_shape): nothing is allocated, even for the largest
     models. layer_scale: ConvNeXt with layer scale (a ``gamma`` per block).
     """
-    flat = _flat_weights(abstract_backbone(arch, 1e-6 if layer_scale else 0.0))
+    flat = _unstack(_flat_weights(abstract_backbone(arch, 1e-6 if layer_scale else 0.0)))[0]
     return {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else ()
             for e in _layout(flat, full=False)}
 
@@ -246,6 +274,7 @@ def to_torch_state_dict(model_or_state: Any, arch: str, *, full: bool = False
     if model_arch != arch:
         raise ValueError(f"arch={arch!r} but the model is a {model_arch!r}: pass arch={model_arch!r}")
     flat = {path: np.asarray(jax.device_get(v)) for path, v in _flat_weights(model_or_state).items()}
+    flat = _unstack(flat)[0]
     backbone_flat, is_full = _split_full(flat)
     if full and not is_full:
         raise ValueError("full=True needs the state of a whole VICRegLModel (backbone and "
@@ -305,7 +334,8 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> t
     nothing is loaded then.
     """
     given = strip_ddp_prefix(state_dict)
-    flat = _flat_weights(model)
+    stacked_flat = _flat_weights(model)
+    flat, origins = _unstack(stacked_flat)
     target_backbone, target_full = _split_full(flat)
     given_full = is_full_layout(given)
     if target_full and given_full:
@@ -340,14 +370,25 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> t
                               unexpected, wrong, hint)
     state = nnx.state(model, (nnx.Param, nnx.BatchStat))
     tree = nnx.to_pure_dict(state)
+    stacks = {}  # stacked path -> its blocks, all of which the entries fill
+
+    def assign(path, value):
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = jnp.asarray(value)
+
     for e in entries:
         if e.path is None:
             continue
         value = _from_torch(np.asarray(given[e.name], dtype=np.float32), e.kind)
-        node = tree
-        for key in e.path[:-1]:
-            node = node[key]
-        node[e.path[-1]] = jnp.asarray(value)
+        if e.path in origins:
+            path, j = origins[e.path]
+            stacks.setdefault(path, [None] * stacked_flat[path].shape[0])[j] = value
+        else:
+            assign(e.path, value)
+    for path, blocks in stacks.items():
+        assign(path, np.stack(blocks))
     nnx.replace_by_pure_dict(state, tree)
     nnx.update(model, state)
     if parts is None:

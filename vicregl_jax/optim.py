@@ -1,9 +1,17 @@
-"""Optimisers and learning-rate schedule of SPEC.md section 4, built from optax parts."""
+"""Optimisers and learning-rate schedule of SPEC.md section 4, built from optax parts.
+
+Parameters of blocks run by a scan are stacked (axis 0 counts the blocks, see
+sharding.STACKED): every block's slice is treated as its own parameter, so weight decay
+masks look at the slice's dimensions and LARS takes one trust ratio per block, as for the
+same blocks unrolled.
+"""
 
 from __future__ import annotations
 
 import jax
 import optax
+
+from vicregl_jax import sharding
 
 
 def learning_rate_schedule(
@@ -28,8 +36,24 @@ def learning_rate_schedule(
 
 def matrix_mask(params):
     """Returns a pytree of bools: True for parameters with 2+ dims (kernels), False for biases
-    and normalisation scales, which get neither weight decay nor LARS adaptation."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    and normalisation scales, which get neither weight decay nor LARS adaptation (a stacked
+    parameter's block axis does not count)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - sharding.is_stacked(path) > 1, params)
+
+
+def per_block(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Returns the stateless transformation inner applied to each block of a stacked
+    parameter on its own (jax.vmap over axis 0), and to other parameters as they are."""
+
+    def update(updates, state, params=None):
+        def leaf(path, update, param):
+            if sharding.is_stacked(path):
+                return jax.vmap(lambda u, p: inner.update(u, state, p)[0])(update, param)
+            return inner.update(update, state, param)[0]
+
+        return jax.tree_util.tree_map_with_path(leaf, updates, params), state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def lars(
@@ -47,7 +71,7 @@ def lars(
     """
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=matrix_mask),
-        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrix_mask),
+        optax.masked(per_block(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient)), matrix_mask),
         optax.trace(decay=momentum),
         optax.scale_by_learning_rate(learning_rate),
     )

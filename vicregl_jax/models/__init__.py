@@ -58,7 +58,7 @@ def _check_name(name: str) -> str:
 
 def create_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, output_stride: int = 32,
                     **kwargs) -> nnx.Module:
-    """Returns the backbone `name`; kwargs go to its constructor (e.g. drop_path_rate).
+    """Returns the backbone `name`; kwargs go to its constructor (e.g. drop_path_rate, remat).
 
     output_stride: 32, or 16 / 8 for a dilated ResNet (ConvNeXts have only 32).
     """
@@ -85,7 +85,8 @@ def with_output_stride(backbone: ResNet, output_stride: int) -> ResNet:
         return backbone
     dilated = nnx.eval_shape(lambda: ResNet(
         block=backbone.block, stage_sizes=backbone.stage_sizes, width=backbone.width,
-        output_stride=output_stride, dtype=backbone.dtype, rngs=nnx.Rngs(0)))
+        output_stride=output_stride, dtype=backbone.dtype, remat=backbone.remat,
+        scan=backbone.scan, rngs=nnx.Rngs(0)))
     nnx.update(dilated, nnx.state(backbone))
     if backbone.bn1.use_running_average:
         dilated.eval()

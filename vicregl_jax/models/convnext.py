@@ -1,9 +1,11 @@
 """ConvNeXt backbones of the release: tiny, small, base, large, xlarge.
 
 Attribute names mirror the release's state_dict (``downsample_layers.{i}.{0,1}``,
-``stages.{s}.{b}.{dwconv,norm,pwconv1,pwconv2,gamma}``, ``norm``). The release returns
-the last stage's map flattened with the final LayerNorm applied to every location, and
-the mean of that normalised map as the pooled representation (not norm of the mean).
+``stages.{s}.{b}.{dwconv,norm,pwconv1,pwconv2,gamma}``, ``norm``); a stage of 2 or more
+blocks is one BlockStack (``stages.{s}.0.stacked.*`` with a leading block axis, run by a
+scan), which layout.py maps to the release's per-block names. The release returns the last
+stage's map flattened with the final LayerNorm applied to every location, and the mean of
+that normalised map as the pooled representation (not norm of the mean).
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vicregl_jax import sharding
 from vicregl_jax.models.layers import LayerNorm, convnext_normal, drop_path
+from vicregl_jax.models.stack import check_remat, run_stage, stage_blocks
 
 LAYERNORM_EPS = 1e-6
 
@@ -25,13 +29,15 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, dtype,
     return nnx.Conv(
         in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding="VALID",
         use_bias=True, kernel_init=convnext_normal, bias_init=nnx.initializers.zeros,
-        dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        dtype=dtype, param_dtype=jnp.float32,
+        conv_general_dilated=sharding.gathered_conv_general_dilated, rngs=rngs)
 
 
 def _linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, kernel_init=convnext_normal,
                       bias_init=nnx.initializers.zeros, dtype=dtype,
-                      param_dtype=jnp.float32, rngs=rngs)
+                      param_dtype=jnp.float32, dot_general=sharding.gathered_dot_general,
+                      rngs=rngs)
 
 
 class DepthwiseConv(nnx.Module):
@@ -62,7 +68,7 @@ class DepthwiseConv(nnx.Module):
         k, pad = self.kernel_size, self.kernel_size // 2
         x = x.astype(self.dtype)
         if self.implementation == "grouped":
-            y = jax.lax.conv_general_dilated(
+            y = sharding.gathered_conv_general_dilated(
                 x, self.kernel[...].astype(self.dtype), (1, 1), ((pad, pad), (pad, pad)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
         else:
@@ -88,13 +94,15 @@ class ConvNeXtBlock(nnx.Module):
                       if layer_scale_init > 0 else nnx.data(None))
         self.drop_path = drop_path(drop_path_rate, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_path=None) -> jax.Array:
+        """Returns x + the residual branch; drop_path (a function) overrides the block's own."""
         y = self.norm(self.dwconv(x))
         y = self.pwconv2(jax.nn.gelu(self.pwconv1(y), approximate=False))
         if self.gamma is not None:
             y = y * self.gamma[...].astype(y.dtype)
-        if self.drop_path is not None:
-            y = self.drop_path(y)
+        drop_path = drop_path or self.drop_path
+        if drop_path is not None:
+            y = drop_path(y)
         return x + y
 
 
@@ -108,16 +116,21 @@ class ConvNeXt(nnx.Module):
       depthwise: "grouped" or "shifted" 7x7 depthwise convs (see DepthwiseConv; "shifted"
         only for long runs on CPU).
       dtype: compute dtype (parameters and LayerNorm statistics stay float32).
+      remat: rematerialisation per block, "none" | "block" | "dots" (models/stack.py).
+      scan: run a stage's blocks as one scan (BlockStack); False unrolls them (same
+        function, other parameter tree; for comparisons).
     """
 
     def __init__(self, *, depths: Sequence[int], dims: Sequence[int],
                  drop_path_rate: float = 0.1, layer_scale_init: float = 0.0,
-                 depthwise: str = "grouped", dtype=jnp.float32, rngs: nnx.Rngs):
+                 depthwise: str = "grouped", dtype=jnp.float32, remat: str = "none",
+                 scan: bool = True, rngs: nnx.Rngs):
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths={tuple(depths)}, dims={tuple(dims)}: give 4 stages each")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate={drop_path_rate}: use a value in [0, 1)")
         self.dtype = dtype
+        self.remat = check_remat(remat)
         downsample_layers = [nnx.List([
             _conv(3, dims[0], 4, 4, dtype=dtype, rngs=rngs),
             LayerNorm(dims[0], epsilon=LAYERNORM_EPS, dtype=dtype)])]
@@ -131,11 +144,11 @@ class ConvNeXt(nnx.Module):
         rates = [float(r) for r in np.linspace(0.0, drop_path_rate, total)]
         stages, k = [], 0
         for depth, dim in zip(depths, dims):
-            stages.append(nnx.List([
-                ConvNeXtBlock(dim, drop_path_rate=rates[k + j],
-                              layer_scale_init=layer_scale_init, depthwise=depthwise,
-                              dtype=dtype, rngs=rngs)
-                for j in range(depth)]))
+            def make_block(rngs, rate, dim=dim):
+                return ConvNeXtBlock(dim, drop_path_rate=rate, layer_scale_init=layer_scale_init,
+                                     depthwise=depthwise, dtype=dtype, rngs=rngs)
+            stages.append(nnx.List(stage_blocks(make_block, depth, rngs=rngs, scan=scan,
+                                                drop_path_rates=rates[k:k + depth], remat=remat)))
             k += depth
         self.stages = nnx.List(stages)
         self.norm = LayerNorm(dims[-1], epsilon=LAYERNORM_EPS, dtype=jnp.float32)
@@ -150,8 +163,7 @@ class ConvNeXt(nnx.Module):
         for downsample, stage in zip(self.downsample_layers, self.stages):
             for layer in downsample:
                 x = layer(x)
-            for block in stage:
-                x = block(x)
+            x = run_stage(stage, sharding.constrain_batch(x), self.remat)
             outputs.append(x)
         return tuple(outputs)
 

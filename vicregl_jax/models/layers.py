@@ -5,18 +5,29 @@ float32 whatever the compute dtype (as PyTorch autocast does), and use the two-p
 variance E[(x - E[x])^2] rather than E[x^2] - E[x]^2, so that converted PyTorch weights
 give the same outputs to float32 round-off.
 
-Mode switching: BatchNorm has a ``use_running_average`` attribute and drop path (an
-``nnx.Dropout`` with a per-sample mask) a ``deterministic`` one, so ``model.train()`` /
-``model.eval()`` (in place) and ``nnx.view(model, use_running_average=..., deterministic=...)``
-(a new view sharing the arrays) both work.
+LayerNorm has its own backward pass (`layer_norm`, a custom_vjp): it keeps its input in the
+compute dtype and two float32 numbers per row (mean, reciprocal std) for the backward pass,
+where automatic differentiation of the float32 computation would keep float32 copies of the
+whole input.
+
+Mode switching: BatchNorm has a ``use_running_average`` attribute and drop path (DropPath, a
+per-sample mask) a ``deterministic`` one, so ``model.train()`` / ``model.eval()`` (in place)
+and ``nnx.view(model, use_running_average=..., deterministic=...)`` (a new view sharing the
+arrays) both work.
+
+Linear and conv layers made here compute through vicregl_jax.sharding's gathered operations:
+the plain ones, except when a train step traces them with FSDP-sharded weights.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vicregl_jax import sharding
 
 # PyTorch BatchNorm momentum 0.1 (weight of the new batch) is a decay of 0.9 here.
 BATCHNORM_MOMENTUM = 0.9
@@ -73,7 +84,8 @@ def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True,
         in_features, out_features, use_bias=use_bias,
         kernel_init=torch_linear_kernel_init,
         bias_init=torch_linear_bias_init(in_features),
-        dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        dtype=dtype, param_dtype=jnp.float32, dot_general=sharding.gathered_dot_general,
+        rngs=rngs)
 
 
 def _mean_and_variance(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -128,6 +140,47 @@ class BatchNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+def _layer_norm_forward(x, scale, bias, epsilon, dtype):
+    mean, var = _mean_and_variance(x, (x.ndim - 1,))
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x.astype(jnp.float32) - mean[..., None]) * rstd[..., None]
+    return (y * scale + bias).astype(dtype), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype) -> jax.Array:
+    """Returns x normalised over its last axis (float32 statistics), times scale plus bias, in dtype.
+
+    The backward pass keeps x as given (e.g. bfloat16) and the float32 mean and reciprocal
+    std of each row, and recomputes the normalised rows from them.
+    """
+    return _layer_norm_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+    y, (mean, rstd) = _layer_norm_forward(x, scale, bias, epsilon, dtype)
+    return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, grad):
+    x, mean, rstd, scale = residuals
+    rstd = rstd[..., None]
+    normalised = (x.astype(jnp.float32) - mean[..., None]) * rstd
+    grad = grad.astype(jnp.float32)
+    rows = tuple(range(x.ndim - 1))
+    grad_scale = jnp.sum(grad * normalised, axis=rows)
+    grad_bias = jnp.sum(grad, axis=rows)
+    g = grad * scale
+    # d/dx of (x - mean) * rstd: g minus its row mean, minus the normalised row times the row
+    # mean of g * normalised, all times rstd.
+    grad_x = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                     - normalised * jnp.mean(g * normalised, axis=-1, keepdims=True))
+    return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis (torch.nn.LayerNorm / ConvNeXt's channels-first one)."""
 
@@ -138,21 +191,46 @@ class LayerNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        mean, var = _mean_and_variance(x, (x.ndim - 1,))
-        y = (x.astype(jnp.float32) - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.epsilon)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.epsilon, jnp.dtype(self.dtype))
 
 
-def drop_path(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout | None:
-    """Returns stochastic depth for NHWC residual branches (None when rate is 0).
+def drop_samples(x: jax.Array, rate, key: jax.Array) -> jax.Array:
+    """Returns x with whole samples (axis 0) zeroed with probability rate and the others
+    scaled by 1 / (1 - rate); rate may be a traced scalar (a scanned block's rate)."""
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
-    An nnx.Dropout whose mask is shared over H, W, C drops whole samples and scales the
-    kept ones by 1 / (1 - rate), as timm's DropPath; it draws from the 'dropout' stream
-    (or 'default') and is off after ``model.eval()``.
+
+class DropPath(nnx.Module):
+    """Stochastic depth as timm's DropPath: drops whole samples of a residual branch.
+
+    Draws from the 'dropout' stream of the Rngs it is given (or 'default'), one key per call;
+    off after ``model.eval()`` (``deterministic``). A scan over blocks (BlockStack) uses one
+    DropPath for its stream and passes each block's rate and key to ``drop_samples``.
     """
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+        self.rate = rate
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork()
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by nnx.view: True turns drop path off."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic:
+            return x
+        return drop_samples(x, self.rate, self.rngs())
+
+
+def drop_path(rate: float, *, rngs: nnx.Rngs) -> DropPath | None:
+    """Returns stochastic depth for residual branches (None when rate is 0)."""
     if rate <= 0.0:
         return None
-    return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
+    return DropPath(rate, rngs=rngs)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

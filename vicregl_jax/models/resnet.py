@@ -2,7 +2,9 @@
 
 Attribute names mirror torchvision's state_dict names (``conv1``, ``bn1``,
 ``layer{1..4}.{b}.{conv1,bn1,...}``, ``downsample.{0,1}``), so that conversion to and
-from the release (vicregl_jax/layout.py) is a renaming of leaves plus transposes.
+from the release (vicregl_jax/layout.py) is a renaming of leaves plus transposes. The
+blocks after the first of a stage, when there are 2 or more, are one BlockStack
+(``layer{i}.1.stacked.*`` with a leading block axis, run by a scan).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vicregl_jax import sharding
 from vicregl_jax.models.layers import BatchNorm, kaiming_normal_fan_out, max_pool_3x3_s2
+from vicregl_jax.models.stack import check_remat, run_stage, stage_blocks
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dtype,
@@ -22,7 +26,8 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dt
         in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
         padding=((padding, padding), (padding, padding)), kernel_dilation=(dilation, dilation),
         use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
-        param_dtype=jnp.float32, rngs=rngs)
+        param_dtype=jnp.float32, conv_general_dilated=sharding.gathered_conv_general_dilated,
+        rngs=rngs)
 
 
 def _downsample(in_ch: int, out_ch: int, stride: int, *, dtype, rngs) -> nnx.List | None:
@@ -59,6 +64,7 @@ class BasicBlock(nnx.Module):
         self.downsample = _downsample(in_ch, planes, stride, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns relu(x's shortcut + the residual branch)."""
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         return nnx.relu(y + _shortcut(self.downsample, x))
@@ -82,6 +88,7 @@ class Bottleneck(nnx.Module):
         self.downsample = _downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns relu(x's shortcut + the residual branch)."""
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = nnx.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
@@ -127,10 +134,14 @@ class ResNet(nnx.Module):
       output_stride: 32, or 16 / 8 for the dilated variants of dense prediction (same
         parameters, see stage_strides_and_dilations).
       dtype: compute dtype (parameters and BatchNorm statistics stay float32).
+      remat: rematerialisation per block, "none" | "block" | "dots" (models/stack.py).
+      scan: run the blocks after the first of a stage as one scan (BlockStack); False
+        unrolls them (same function, other parameter tree; for comparisons).
     """
 
     def __init__(self, *, block: str, stage_sizes: Sequence[int], width: int = 64,
-                 output_stride: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
+                 output_stride: int = 32, dtype=jnp.float32, remat: str = "none",
+                 scan: bool = True, rngs: nnx.Rngs):
         if block not in BLOCKS:
             raise ValueError(f"block={block!r}: use one of {sorted(BLOCKS)}")
         if len(stage_sizes) != 4:
@@ -142,6 +153,8 @@ class ResNet(nnx.Module):
         self.width = width
         self.output_stride = output_stride
         self.dtype = dtype
+        self.remat = check_remat(remat)
+        self.scan = scan
         self.conv1 = _conv(3, width, 7, 2, 3, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(width, dtype=dtype)
         in_ch = width
@@ -149,12 +162,14 @@ class ResNet(nnx.Module):
         for i, (num_blocks, (stride, first_dilation, dilation)) in enumerate(
                 zip(stage_sizes, schedule)):
             planes = width * 2**i
-            blocks = []
-            for b in range(num_blocks):
-                blocks.append(block_cls(in_ch, planes, stride if b == 0 else 1,
-                                        dilation=first_dilation if b == 0 else dilation,
-                                        dtype=dtype, rngs=rngs))
-                in_ch = planes * block_cls.expansion
+            blocks = [block_cls(in_ch, planes, stride, dilation=first_dilation, dtype=dtype,
+                                rngs=rngs)]
+            in_ch = planes * block_cls.expansion
+
+            def make_block(rngs, rate, in_ch=in_ch, planes=planes, dilation=dilation):
+                return block_cls(in_ch, planes, 1, dilation=dilation, dtype=dtype, rngs=rngs)
+            blocks += stage_blocks(make_block, num_blocks, first=1, rngs=rngs, scan=scan,
+                                   remat=remat)
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
             stage_channels.append(in_ch)
         self.stage_channels = tuple(stage_channels)
@@ -165,11 +180,10 @@ class ResNet(nnx.Module):
         or less when dilated)."""
         x = x.astype(self.dtype)
         x = nnx.relu(self.bn1(self.conv1(x)))
-        x = max_pool_3x3_s2(x)
+        x = sharding.constrain_batch(max_pool_3x3_s2(x))
         outputs = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in stage:
-                x = block(x)
+            x = run_stage(stage, x, self.remat)
             outputs.append(x)
         return tuple(outputs)
 

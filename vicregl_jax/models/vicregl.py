@@ -31,25 +31,28 @@ class VICRegLModel(nnx.Module):
         all outputs stay float32.
       drop_path_rate, layer_scale_init: ConvNeXt only; None means the release's default
         (0.1 and 0, i.e. no layer scale).
+      remat: the backbone's rematerialisation per block, "none" | "block" | "dots"
+        (models/stack.py).
 
     Views come as one stacked array per crop group (B, V, S, S, 3), as the input pipeline
     gives them, and every output keeps that layout. With BatchNorm (ResNets) every view is
     its own forward pass, with its own batch statistics as in the release; LayerNorm models
     run a group as one batch (the result is the same). Mode: ``model.train()`` /
-    ``model.eval()``, or ``nnx.view``.
+    ``model.eval()``, or ``nnx.view``. The computations are in named scopes (``backbone_224``
+    per crop size, ``heads``) that profiles and HLO metadata show.
     """
 
     def __init__(self, *, arch: str, mlp: str = "8192-8192-8192",
                  maps_mlp: str = "512-512-512", alpha: float = 0.75,
                  num_classes: int = 1000, dtype=jnp.float32,
                  drop_path_rate: float | None = None, layer_scale_init: float | None = None,
-                 rngs: nnx.Rngs):
+                 remat: str = "none", rngs: nnx.Rngs):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha}: use a value in [0, 1]")
         norm = backbone_norm(arch)
         dtype = jnp.dtype(dtype)
         parse_mlp_spec(mlp), parse_mlp_spec(maps_mlp)  # fail early, before any init
-        backbone_kwargs = {}
+        backbone_kwargs = {"remat": remat}
         if norm == "layer":
             if drop_path_rate is not None:
                 backbone_kwargs["drop_path_rate"] = drop_path_rate
@@ -115,14 +118,18 @@ class VICRegLModel(nnx.Module):
             if group.ndim != 5 or group.shape[-1] != 3:
                 raise ValueError(f"views[{k}] has shape {group.shape}: pass one (B, V, H, W, 3) array "
                                  "per crop group (add a view axis with x[:, None] for a single view)")
-        features = [self._backbone(group) for group in views]
+        features = []
+        for group in views:
+            with jax.named_scope(f"backbone_{group.shape[2]}"):
+                features.append(self._backbone(group))
         maps = tuple(m for m, _ in features)
         representations = tuple(p for _, p in features)
-        embeddings = (self._head(self.expander, representations)
-                      if self.expander is not None else None)
-        local_embeddings = (self._head(self.local_projector, maps)
-                            if self.local_projector is not None else None)
-        logits = self.classifier(jax.lax.stop_gradient(representations[0][:, 0]))
+        with jax.named_scope("heads"):
+            embeddings = (self._head(self.expander, representations)
+                          if self.expander is not None else None)
+            local_embeddings = (self._head(self.local_projector, maps)
+                                if self.local_projector is not None else None)
+            logits = self.classifier(jax.lax.stop_gradient(representations[0][:, 0]))
         return {
             "representations": representations,
             "embeddings": embeddings,
