@@ -64,7 +64,9 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
         # copy: the model mutates its statistics under this trace, not the caller's Variables.
         model = nnx.merge(graphdef, params, batch_stats, random_streams, copy=True)
         state_lib.seed_random_streams(model, key)
-        out = model(coloured_views(micro))
+        with jax.named_scope("augment"):
+            views = coloured_views(micro)
+        out = model(views)
         total, terms = losses.vicregl_loss(
             out["embeddings"], out["local_embeddings"], micro["grids"], loss_cfg,
             logits=out["logits"], labels=micro["label"],
@@ -95,8 +97,9 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
             grads = jax.tree.map(lambda g: g / k, grad_sum)
             metrics = jax.tree.map(jnp.mean, metrics)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimiser"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["loss"])
         new = TrainState(state.step + 1, params, batch_stats, opt_state)
         # A non-finite step keeps the old state, so the last good state is what gets saved.
@@ -108,9 +111,14 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
 
 
 def jit_train_step(train_step, state_shardings, mesh):
-    """Returns the jitted step: batch sharded over "data", state sharded as given and donated."""
+    """Returns the jitted step: batch sharded over "data", state sharded as given and donated.
+
+    The step traces on the mesh (sharding.step_context): activations constrained to the batch
+    axis, the criterion's statistics with explicit collectives, FSDP-sharded weights gathered
+    just in time and their gradients reduce-scattered.
+    """
     return jax.jit(
-        train_step,
+        sharding.on_mesh(train_step, mesh, state_shardings.params),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
