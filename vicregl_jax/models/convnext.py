@@ -116,14 +116,14 @@ class ConvNeXt(nnx.Module):
       depthwise: "grouped" or "shifted" 7x7 depthwise convs (see DepthwiseConv; "shifted"
         only for long runs on CPU).
       dtype: compute dtype (parameters and LayerNorm statistics stay float32).
-      remat: rematerialisation per block, "none" | "block" | "dots" (models/stack.py).
+      remat: rematerialisation per block, "dots" (default) | "block" | "none" (models/stack.py).
       scan: run a stage's blocks as one scan (BlockStack); False unrolls them (same
         function, other parameter tree; for comparisons).
     """
 
     def __init__(self, *, depths: Sequence[int], dims: Sequence[int],
                  drop_path_rate: float = 0.1, layer_scale_init: float = 0.0,
-                 depthwise: str = "grouped", dtype=jnp.float32, remat: str = "none",
+                 depthwise: str = "grouped", dtype=jnp.float32, remat: str = "dots",
                  scan: bool = True, rngs: nnx.Rngs):
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths={tuple(depths)}, dims={tuple(dims)}: give 4 stages each")

@@ -134,13 +134,13 @@ class ResNet(nnx.Module):
       output_stride: 32, or 16 / 8 for the dilated variants of dense prediction (same
         parameters, see stage_strides_and_dilations).
       dtype: compute dtype (parameters and BatchNorm statistics stay float32).
-      remat: rematerialisation per block, "none" | "block" | "dots" (models/stack.py).
+      remat: rematerialisation per block, "dots" (default) | "block" | "none" (models/stack.py).
       scan: run the blocks after the first of a stage as one scan (BlockStack); False
         unrolls them (same function, other parameter tree; for comparisons).
     """
 
     def __init__(self, *, block: str, stage_sizes: Sequence[int], width: int = 64,
-                 output_stride: int = 32, dtype=jnp.float32, remat: str = "none",
+                 output_stride: int = 32, dtype=jnp.float32, remat: str = "dots",
                  scan: bool = True, rngs: nnx.Rngs):
         if block not in BLOCKS:
             raise ValueError(f"block={block!r}: use one of {sorted(BLOCKS)}")

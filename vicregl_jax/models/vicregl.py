@@ -31,7 +31,7 @@ class VICRegLModel(nnx.Module):
         all outputs stay float32.
       drop_path_rate, layer_scale_init: ConvNeXt only; None means the release's default
         (0.1 and 0, i.e. no layer scale).
-      remat: the backbone's rematerialisation per block, "none" | "block" | "dots"
+      remat: the backbone's rematerialisation per block, "dots" (default) | "block" | "none"
         (models/stack.py).
 
     Views come as one stacked array per crop group (B, V, S, S, 3), as the input pipeline
@@ -46,7 +46,7 @@ class VICRegLModel(nnx.Module):
                  maps_mlp: str = "512-512-512", alpha: float = 0.75,
                  num_classes: int = 1000, dtype=jnp.float32,
                  drop_path_rate: float | None = None, layer_scale_init: float | None = None,
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "dots", rngs: nnx.Rngs):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha}: use a value in [0, 1]")
         norm = backbone_norm(arch)
