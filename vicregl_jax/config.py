@@ -67,7 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = config_dict.placeholder(float)  # ConvNeXt only; None: 0.1
     c.model.layer_scale_init = config_dict.placeholder(float)  # ConvNeXt only; None: 0 (off)
     c.model.dtype = "auto"  # compute dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
-    c.model.remat = "none"  # recompute in the backward pass, per block: "none" | "block" | "dots"
+    # Per block, kept for the backward pass: "dots" (matmul / conv outputs), "none" (all), "block" (inputs).
+    c.model.remat = "dots"
     c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
 
     # The criterion (SPEC.md section 3): the fields of losses.LossConfig.
