@@ -4,6 +4,10 @@ Written for these tests from the architecture descriptions (torchvision-style Re
 names, the release's ConvNeXt names of SPEC.md section 6 and its MLP heads); they are
 the yardstick the Flax models and the weight conversion are checked against.
 Each backbone's forward returns (maps (B, h*w, C), pooled (B, C)) from NCHW images.
+
+`torch_vicregl_loss` is the criterion in PyTorch (written from SPEC.md section 3 and
+checked against tests/reference_loss.py) and `TorchLARS` the release's LARS: with them,
+benchmarks/torch_step_bench.py times the release's whole training step.
 """
 from __future__ import annotations
 
@@ -126,7 +130,7 @@ class TorchConvNeXtBlock(nn.Module):
             y = self.gamma * y
         y = y.permute(0, 3, 1, 2)
         if self.training and self.drop_path > 0:
-            keep = torch.rand(y.shape[0], 1, 1, 1) >= self.drop_path
+            keep = torch.rand(y.shape[0], 1, 1, 1, device=y.device) >= self.drop_path
             y = y * keep / (1 - self.drop_path)
         return x + y
 
@@ -289,3 +293,103 @@ def _layernorm_inputs(model: nn.Module) -> set[str]:
                 if isinstance(nxt, nn.LayerNorm):
                     names.add(f"{name}.{a}")
     return names
+
+
+# ------------------------------------------------------------------------ criterion
+
+def _at_least_f32(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _torch_var_cov(x):
+    """(var term, cov term) of x (B, K, D): the means over k of the per-k terms."""
+    b, _, d = x.shape
+    xc = x - x.mean(dim=0)
+    var = xc.square().sum(dim=0) / (b - 1)
+    var_term = F.relu(1.0 - torch.sqrt(var + 1e-4)).mean()
+    if b < d:  # the same sum of squares from the smaller Gram matrix
+        total = torch.einsum("bkd,ckd->kbc", xc, xc).div(b - 1).square().sum(dim=(1, 2))
+    else:
+        total = torch.einsum("bkd,bke->kde", xc, xc).div(b - 1).square().sum(dim=(1, 2))
+    cov_term = ((total - var.square().sum(dim=1)) / d).mean()
+    return var_term, cov_term
+
+
+def _torch_vicreg(x, y, coeffs):
+    inv_c, var_c, cov_c = coeffs
+    (vx, cx), (vy, cy) = _torch_var_cov(x), _torch_var_cov(y)
+    return inv_c * F.mse_loss(x, y), var_c * (vx + vy) / 2, cov_c * (cx + cy) / 2
+
+
+def _torch_matches(src_keys, dst_keys, src, dst, k):
+    """Kept vectors of src (B, K, D) and their nearest (by keys) vectors of dst."""
+    with torch.no_grad():
+        nearest_dist, nearest = torch.cdist(_at_least_f32(src_keys), _at_least_f32(dst_keys)).min(dim=2)
+        kept = (torch.arange(src.shape[1], device=src.device).expand(src.shape[0], -1) if k == src.shape[1]
+                else torch.topk(-nearest_dist, k, dim=1).indices.sort(dim=1).values)
+        partner = torch.gather(nearest, 1, kept)
+    take = lambda m, idx: torch.gather(m, 1, idx[..., None].expand(-1, -1, m.shape[-1]))  # noqa: E731
+    return take(src, kept), take(dst, partner)
+
+
+def torch_vicregl_loss(embeddings, local_embeddings, grids, *, alpha=0.75, num_matches=(20, 4),
+                       l2_all_matches=True, coeffs=(25.0, 25.0, 1.0)):
+    """Returns (total, terms) of the VICRegL criterion over per-view lists: embeddings (B, D),
+    local_embeddings (B, N, D), grids (B, N, 2); float32 statistics whatever the inputs."""
+    terms, total = {}, 0.0
+    pairs = [(i, j) for i in range(2) for j in range(len(grids or embeddings)) if j != i]
+    if alpha > 0:
+        z = [_at_least_f32(e) for e in embeddings]
+        inv = coeffs[0] * sum(F.mse_loss(z[i], z[j]) for i, j in pairs) / len(pairs)
+        stats = [_torch_var_cov(e[:, None]) for e in z]
+        var = coeffs[1] * sum(v for v, _ in stats) / len(z)
+        cov = coeffs[2] * sum(c for _, c in stats) / len(z)
+        terms.update(global_inv=inv, global_var=var, global_cov=cov)
+        total = total + alpha * (inv + var + cov)
+    if alpha < 1:
+        maps = [_at_least_f32(m) for m in local_embeddings]
+        inv = var = cov = 0.0
+        for i, j in pairs:
+            n_i, n_j = maps[i].shape[1], maps[j].shape[1]
+            l2 = (n_i, n_j) if l2_all_matches else num_matches
+            directions = [
+                _torch_matches(maps[i], maps[j], maps[i], maps[j], l2[0]),
+                _torch_matches(maps[j], maps[i], maps[j], maps[i], l2[1]),
+                _torch_matches(grids[i], grids[j], maps[i], maps[j], num_matches[0]),
+                _torch_matches(grids[j], grids[i], maps[j], maps[i], num_matches[1]),
+            ]
+            for x, y in directions:
+                t = _torch_vicreg(x, y, coeffs)
+                inv, var, cov = inv + t[0] / 2, var + t[1] / 2, cov + t[2] / 2
+        inv, var, cov = inv / len(pairs), var / len(pairs), cov / len(pairs)
+        terms.update(local_inv=inv, local_var=var, local_cov=cov)
+        total = total + (1 - alpha) * (inv + var + cov)
+    terms["vicreg"] = total
+    return total, terms
+
+
+class TorchLARS(torch.optim.Optimizer):
+    """LARS as the release runs it: weight decay and the trust ratio on 2+ dim parameters
+    only, then momentum of the update, then the learning rate."""
+
+    def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["eta"] * param_norm / update_norm, torch.ones_like(param_norm))
+                    update = update * trust
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(update)
+                p.add_(state["mu"], alpha=-group["lr"])
