@@ -37,14 +37,15 @@ RESNET = dict(block="basic", stage_sizes=(1, 3, 1, 1), width=8)
 
 
 def tiny_backbone(kind, *, scan=True, remat="none", seed=0):
-    """A tiny backbone holding the random weights of the PyTorch reference (seed)."""
+    """A tiny backbone holding the random weights of the PyTorch reference (seed); its stacks
+    run as loops (as on GPU / TPU) even on CPU."""
     if kind == "convnext":
         reference = TorchConvNeXt(CONVNEXT["depths"], CONVNEXT["dims"])
         make = lambda: ConvNeXt(**CONVNEXT, drop_path_rate=0.0, scan=scan, remat=remat,  # noqa: E731
-                                rngs=nnx.Rngs(0))
+                                unroll=False, rngs=nnx.Rngs(0))
     else:
         reference = TorchResNet(RESNET["block"], RESNET["stage_sizes"], RESNET["width"])
-        make = lambda: ResNet(**RESNET, scan=scan, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
+        make = lambda: ResNet(**RESNET, scan=scan, remat=remat, unroll=False, rngs=nnx.Rngs(0))  # noqa: E731
     randomize_torch_(reference, seed=seed)
     model = nnx.eval_shape(make)
     layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
@@ -172,7 +173,7 @@ class AddOne(nnx.Module):
 
 def test_drop_path_rates_of_a_stack_are_per_block():
     rates = (0.0, 0.5, 0.75)  # branch outputs 1, 2 or 0, 4 or 0: their sum tells each mask
-    stack = BlockStack(AddOne, 3, rngs=nnx.Rngs(0), drop_path_rates=rates)
+    stack = BlockStack(AddOne, 3, rngs=nnx.Rngs(0), drop_path_rates=rates, unroll=False)
     run = nnx.jit(lambda s, x: s(x))
     out = np.asarray(run(stack, jnp.zeros((4000, 1, 1, 1)))).ravel()
     assert set(np.round(out, 5)) <= {1.0, 3.0, 5.0, 7.0}

@@ -86,7 +86,7 @@ def with_output_stride(backbone: ResNet, output_stride: int) -> ResNet:
     dilated = nnx.eval_shape(lambda: ResNet(
         block=backbone.block, stage_sizes=backbone.stage_sizes, width=backbone.width,
         output_stride=output_stride, dtype=backbone.dtype, remat=backbone.remat,
-        scan=backbone.scan, rngs=nnx.Rngs(0)))
+        scan=backbone.scan, unroll=backbone.unroll, rngs=nnx.Rngs(0)))
     nnx.update(dilated, nnx.state(backbone))
     if backbone.bn1.use_running_average:
         dilated.eval()

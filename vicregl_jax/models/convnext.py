@@ -119,12 +119,13 @@ class ConvNeXt(nnx.Module):
       remat: rematerialisation per block, "dots" (default) | "block" | "none" (models/stack.py).
       scan: run a stage's blocks as one scan (BlockStack); False unrolls them (same
         function, other parameter tree; for comparisons).
+      unroll: run the scans unrolled (same parameters); None: on CPU only (models/stack.py).
     """
 
     def __init__(self, *, depths: Sequence[int], dims: Sequence[int],
                  drop_path_rate: float = 0.1, layer_scale_init: float = 0.0,
                  depthwise: str = "grouped", dtype=jnp.float32, remat: str = "dots",
-                 scan: bool = True, rngs: nnx.Rngs):
+                 scan: bool = True, unroll: bool | None = None, rngs: nnx.Rngs):
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths={tuple(depths)}, dims={tuple(dims)}: give 4 stages each")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -148,7 +149,8 @@ class ConvNeXt(nnx.Module):
                 return ConvNeXtBlock(dim, drop_path_rate=rate, layer_scale_init=layer_scale_init,
                                      depthwise=depthwise, dtype=dtype, rngs=rngs)
             stages.append(nnx.List(stage_blocks(make_block, depth, rngs=rngs, scan=scan,
-                                                drop_path_rates=rates[k:k + depth], remat=remat)))
+                                                drop_path_rates=rates[k:k + depth], remat=remat,
+                                                unroll=unroll)))
             k += depth
         self.stages = nnx.List(stages)
         self.norm = LayerNorm(dims[-1], epsilon=LAYERNORM_EPS, dtype=jnp.float32)

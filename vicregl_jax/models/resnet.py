@@ -137,11 +137,12 @@ class ResNet(nnx.Module):
       remat: rematerialisation per block, "dots" (default) | "block" | "none" (models/stack.py).
       scan: run the blocks after the first of a stage as one scan (BlockStack); False
         unrolls them (same function, other parameter tree; for comparisons).
+      unroll: run the scans unrolled (same parameters); None: on CPU only (models/stack.py).
     """
 
     def __init__(self, *, block: str, stage_sizes: Sequence[int], width: int = 64,
                  output_stride: int = 32, dtype=jnp.float32, remat: str = "dots",
-                 scan: bool = True, rngs: nnx.Rngs):
+                 scan: bool = True, unroll: bool | None = None, rngs: nnx.Rngs):
         if block not in BLOCKS:
             raise ValueError(f"block={block!r}: use one of {sorted(BLOCKS)}")
         if len(stage_sizes) != 4:
@@ -155,6 +156,7 @@ class ResNet(nnx.Module):
         self.dtype = dtype
         self.remat = check_remat(remat)
         self.scan = scan
+        self.unroll = unroll
         self.conv1 = _conv(3, width, 7, 2, 3, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(width, dtype=dtype)
         in_ch = width
@@ -169,7 +171,7 @@ class ResNet(nnx.Module):
             def make_block(rngs, rate, in_ch=in_ch, planes=planes, dilation=dilation):
                 return block_cls(in_ch, planes, 1, dilation=dilation, dtype=dtype, rngs=rngs)
             blocks += stage_blocks(make_block, num_blocks, first=1, rngs=rngs, scan=scan,
-                                   remat=remat)
+                                   remat=remat, unroll=unroll)
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
             stage_channels.append(in_ch)
         self.stage_channels = tuple(stage_channels)

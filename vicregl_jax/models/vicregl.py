@@ -33,6 +33,7 @@ class VICRegLModel(nnx.Module):
         (0.1 and 0, i.e. no layer scale).
       remat: the backbone's rematerialisation per block, "dots" (default) | "block" | "none"
         (models/stack.py).
+      unroll_blocks: run the backbone's scans over blocks unrolled; None: on CPU only.
 
     Views come as one stacked array per crop group (B, V, S, S, 3), as the input pipeline
     gives them, and every output keeps that layout. With BatchNorm (ResNets) every view is
@@ -46,13 +47,13 @@ class VICRegLModel(nnx.Module):
                  maps_mlp: str = "512-512-512", alpha: float = 0.75,
                  num_classes: int = 1000, dtype=jnp.float32,
                  drop_path_rate: float | None = None, layer_scale_init: float | None = None,
-                 remat: str = "dots", rngs: nnx.Rngs):
+                 remat: str = "dots", unroll_blocks: bool | None = None, rngs: nnx.Rngs):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha}: use a value in [0, 1]")
         norm = backbone_norm(arch)
         dtype = jnp.dtype(dtype)
         parse_mlp_spec(mlp), parse_mlp_spec(maps_mlp)  # fail early, before any init
-        backbone_kwargs = {"remat": remat}
+        backbone_kwargs = {"remat": remat, "unroll": unroll_blocks}
         if norm == "layer":
             if drop_path_rate is not None:
                 backbone_kwargs["drop_path_rate"] = drop_path_rate
