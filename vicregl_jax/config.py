@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"  # compute dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
     # Per block, kept for the backward pass: "dots" (matmul / conv outputs), "none" (all), "block" (inputs).
     c.model.remat = "dots"
+    # The scans over a stage's blocks: None unrolls them on CPU only (XLA:CPU runs convolutions
+    # inside loops ~8x slower), True / False everywhere. Same parameters either way.
+    c.model.unroll_blocks = config_dict.placeholder(bool)
     c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
 
     # The criterion (SPEC.md section 3): the fields of losses.LossConfig.

@@ -61,7 +61,8 @@ def model_kwargs(config) -> dict:
     m = config.model
     return dict(arch=m.arch, mlp=m.mlp, maps_mlp=m.maps_mlp, alpha=config.loss.alpha,
                 num_classes=m.num_classes, dtype=compute_dtype(m.dtype),
-                drop_path_rate=m.drop_path_rate, layer_scale_init=m.layer_scale_init, remat=m.remat)
+                drop_path_rate=m.drop_path_rate, layer_scale_init=m.layer_scale_init, remat=m.remat,
+                unroll_blocks=m.unroll_blocks)
 
 
 def create_model(config, *, rngs: nnx.Rngs) -> VICRegLModel:
