@@ -5,7 +5,10 @@ Shapes: B images per global batch; views come as one stacked array per crop grou
 anchored on), as the input pipeline and the model produce them; N_g locations per view of
 group g, D embedding channels. Every function works on global `jax.Array`s sharded over the
 batch axis of a mesh: under SPMD `jax.jit` a mean over the batch axis is already a mean over the
-global batch, so the variance and covariance statistics need no `pmean`.
+global batch, so the variance and covariance statistics need no `pmean`. Inside a train step's
+`sharding.step_context` they are computed with explicit collectives instead (`batch_statistics`:
+one all-to-all of the matched batches rather than XLA's all-reduce of (K, D, D) partial
+covariances), and the matching runs where each device's examples are; the values are the same.
 
 Matching is per example and `jax.vmap`-ed over the batch; the ordered view pairs whose second
 view lies in one group are `jax.vmap`-ed over that group's view axis, so there is no Python

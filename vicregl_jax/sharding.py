@@ -138,7 +138,9 @@ def weight_specs(params, shardings) -> dict[tuple, P]:
     under shardings (a matching tree of NamedShardings): the weights a layer must gather.
 
     A stacked parameter also gives its per-block slice (its shape and spec without axis 0),
-    which is what a layer sees inside the scan over blocks.
+    which is what a layer sees inside the scan over blocks. Weights are told apart by shape:
+    where two of one shape are sharded differently the last one's spec is used for both, which
+    costs the other a reshard, not its values.
     """
     specs = {}
     flat = jax.tree_util.tree_leaves_with_path(params)
