@@ -2,6 +2,7 @@
 
     python benchmarks/train_bench.py                                 # CPU: batch 8, float32
     python benchmarks/train_bench.py --batch-per-device 128 --dtype bfloat16   # a GPU / TPU
+    python benchmarks/train_bench.py --profile /tmp/trace            # + a trace and its time split
 
 For configs/r50.py and configs/convnext.py:size=s (their crops, heads, optimiser and sharding),
 on synthetic batches of the right shapes (the input pipeline is benchmarked on its own in
@@ -10,6 +11,17 @@ pipeline_bench.py): compile time, step time (median after a warm-up), images/s, 
 of the compiled step, common.compiled_peak_bytes) and the model FLOP utilisation (the FLOPs
 of the lowered step / step time / peak FLOP/s of all devices, when the peak is known or
 given with --peak-tflops).
+
+The backbone share (--backbone-share, on by default): the backbone alone (forward + backward in
+train mode, same dtype and remat policy) over the same images, one compiled program per crop
+size, timed in the same process; "step / share" is that time over the step's (1.0 would be a
+step that costs nothing but its backbone).
+
+--profile DIR writes a jax.profiler trace of --profile-steps steps to DIR and prints the time
+split of the step's operations by the named scopes of the model, criterion and step
+(backbone_<crop size>, heads, criterion, optimiser, augment; "other" is the rest), forward and
+backward, from the trace's per-operation events (on CPU the thunks of XLA's runtime, which run
+on several threads: their times add up to more than the step's wall time).
 """
 
 from __future__ import annotations
@@ -18,10 +30,14 @@ import argparse
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from common import ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table
+from common import (ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table,
+                    time_split)
+from flax import nnx
 
 from vicregl_jax import build, sharding, train
+from vicregl_jax import state as state_lib
 from vicregl_jax import config as config_lib
 from vicregl_jax.data import location_grid  # TF-free: the train step runs without TensorFlow
 
@@ -41,12 +57,41 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
     return {"views": tuple(views), "grids": tuple(grids), "label": labels}
 
 
-def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_override: float | None):
+def backbone_seconds(config, batch: int, repeats: int) -> tuple[float, float]:
+    """Returns (seconds, compile seconds) of the backbone's forward + backward (train mode) over
+    the images of one step: per crop group, B x V_g images as one batch."""
+    model = nnx.eval_shape(lambda: state_lib.create_model(config, rngs=nnx.Rngs(0))).backbone
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), params)
+    rest = jax.tree.map(lambda a: (jax.random.key(0) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                                   else jnp.zeros(a.shape, a.dtype)), rest)
+
+    @jax.jit
+    def step(params, x):
+        def loss(params):
+            maps, pooled = nnx.merge(graphdef, params, rest, copy=True)(x)
+            return jnp.mean(jnp.square(maps)) + jnp.mean(jnp.square(pooled))
+        return jax.grad(loss)(params)
+
+    total = compile_total = 0.0
+    for size, count, _, _ in config.data.crops:
+        x = jax.random.normal(jax.random.key(1), (batch * count, size, size, 3))
+        compiled = compile_jitted(step, params, x)
+        compile_total += compiled.compile_s
+        total += median_seconds(lambda: jax.block_until_ready(compiled.fn(params, x)), repeats)
+    return total, compile_total
+
+
+def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_override: float | None,
+          remat: str | None = None, profile: str | None = None, profile_steps: int = 3,
+          backbone_share: bool = True):
     config = config_lib.load(os.path.join(ROOT, CONFIGS[name]))
     mesh = sharding.make_mesh()
     config.batch_size = batch_per_device * mesh.size
     config.model.dtype = dtype
     config.total_steps = 1000
+    if remat:
+        config.model.remat = remat
     schedule, tx = build.make_optimizer(config, steps_per_epoch=100, total_steps=1000)
     graphdef, streams, state, shardings = build.init_train_state(config, tx, mesh)
     step = train.jit_train_step(
@@ -64,13 +109,28 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_overr
     peak_bytes = device_peak_bytes() or compiled.peak_bytes  # what the device allocator really held
     peak = peak_tflops(jax.devices()[0], peak_override)
     mfu = None if not peak or not np.isfinite(compiled.flops) else compiled.flops / step_s / (peak * 1e12 * mesh.size)
-    return {
+    row = {
         "config": name, "device": f"{jax.devices()[0].device_kind} x {mesh.size}", "dtype": dtype,
-        "batch": config.batch_size, "compile": f"{compiled.compile_s:.1f} s", "step": f"{step_s * 1e3:.0f} ms",
+        "remat": config.model.get("remat", "-"), "batch": config.batch_size,
+        "compile": f"{compiled.compile_s:.1f} s", "step": f"{step_s * 1e3:.0f} ms",
         "images/s": f"{config.batch_size / step_s:.1f}",
         "peak mem/device": "n/a" if peak_bytes is None else f"{peak_bytes / 2**30:.2f} GiB",
         "GFLOP/step": f"{compiled.flops / 1e9:.0f}", "MFU": "n/a" if mfu is None else f"{100 * mfu:.1f}%",
     }
+    if profile:
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for _ in range(profile_steps):
+                one_step()
+        scopes = ([f"backbone_{size}" for size, _, _, _ in config.data.crops]
+                  + ["heads", "criterion", "optimiser", "augment"])
+        split = time_split(profile, compiled.fn.as_text(), scopes)
+        print(f"\nTime split of {name} ({profile_steps} steps traced in {profile}):\n", flush=True)
+        print_table(split)
+    if backbone_share:
+        share_s, share_compile = backbone_seconds(config, batch_per_device, repeats)
+        row.update({"backbone share": f"{share_s * 1e3:.0f} ms", "step / share": f"{share_s / step_s:.2f}",
+                    "backbone compile": f"{share_compile:.1f} s"})
+    return row
 
 
 def main():
@@ -80,10 +140,17 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for the MFU column")
+    parser.add_argument("--remat", default=None, choices=("none", "block", "dots"),
+                        help="config.model.remat (default: the config's)")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write a trace here and print its time split")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--no-backbone-share", dest="backbone_share", action="store_false")
     args = parser.parse_args()
     rows = []
     for name in args.configs.split(","):
-        rows.append(bench(name, args.batch_per_device, args.dtype, args.repeats, args.peak_tflops))
+        rows.append(bench(name, args.batch_per_device, args.dtype, args.repeats, args.peak_tflops, args.remat,
+                          args.profile and os.path.join(args.profile, name), args.profile_steps,
+                          args.backbone_share))
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)  # in case a later one fails
     print_table(rows)
 
