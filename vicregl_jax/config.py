@@ -46,6 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache, so that a restart does not compile again. None:
     # WORKDIR/compilation_cache ($JAX_COMPILATION_CACHE_DIR when set); "off": none; or a path (gs:// too).
     c.compilation_cache_dir = config_dict.placeholder(str)
+    # Resuming a workdir under a config that changes what the run computes (RESUME_KEYS) is
+    # refused unless this is True; the changes are then logged and the new config is written
+    # beside the old one as config.<step>.json.
+    c.allow_config_change = False
 
     # The input pipeline (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per
     # group; the first group holds the two large views every pair is anchored on.
@@ -250,11 +254,45 @@ def _error(key: str, value, fix: str) -> ValueError:
     return ValueError(f"config.{key}={value!r}: {fix}")
 
 
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_values(config) -> None:
+    """Raises ValueError naming the key for a value that no run can use (a count below 1, a
+    negative rate, decay or coefficient); checks nothing that depends on the machine."""
+    if config.total_steps is not None and config.total_steps < 1:
+        raise _error("total_steps", config.total_steps,
+                     "must be 1 or more; leave it unset (None) to train for config.epochs.")
+    if config.total_steps is None and not config.epochs > 0:
+        raise _error("epochs", config.epochs, "must be above 0 (or set config.total_steps).")
+    if config.batch_size < 1:
+        raise _error("batch_size", config.batch_size, "must be 1 or more (the global batch over all devices).")
+    if config.data.num_examples is not None and config.data.num_examples < 1:
+        raise _error("data.num_examples", config.data.num_examples, "must be 1 or more; leave it unset to read it "
+                     "from the dataset.")
+    if config.mesh.num_devices is not None and config.mesh.num_devices < 1:
+        raise _error("mesh.num_devices", config.mesh.num_devices, "must be 1 or more; leave it unset for every device.")
+    for key in ("optim.base_lr", "optim.weight_decay", "optim.end_lr_ratio", "optim.warmup_epochs",
+                "loss.inv_coeff", "loss.var_coeff", "loss.cov_coeff"):
+        value = _get(config, key)
+        if value is None or not value >= 0:  # also NaN
+            raise _error(key, value, "must be 0 or more.")
+    for key in ("eval.batch_size", "eval.image_size", "eval.linear.epochs"):
+        if _get(config, key) < 1:
+            raise _error(key, _get(config, key), "must be 1 or more.")
+
+
 def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     """Raises ValueError naming the key and the fix for a combination the run cannot use.
 
-    Only facts that span parts are checked here; each constructor checks its own subtree.
+    Only facts that span parts are checked here (and single values no run can use, see
+    check_values); each constructor checks its own subtree.
     """
+    check_values(config)
     if not config.data.dataset:
         raise _error("data.dataset", config.data.dataset,
                      "give the pre-training data: a TFDS name, or a folder as --config.data.dataset=folder:PATH "
@@ -306,8 +344,42 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     if config.knn_every_epochs < 0:
         raise _error("knn_every_epochs", config.knn_every_epochs, "use 0 (no kNN monitor) or a positive number of epochs.")
     for key in ("log_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = _get(config, key)
         if value < 1:
             raise _error(key, value, "must be 1 or more.")
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming under another config
+# --------------------------------------------------------------------------------------------
+
+# What a run computes: a resumed run whose config differs in one of these (or in a key under
+# one of these sections) is refused unless config.allow_config_change. The keys that define
+# the state's shapes are refused by the checkpoint itself, whatever this flag says.
+# Everything else (logging, checkpoint cadence, devices and sharding, data locations, the
+# evaluations) may change between a run and its resumption.
+RESUME_KEYS = ("seed", "batch_size", "epochs", "total_steps", "grad_accum_steps", "data.dataset", "data.split",
+               "data.crops", "data.flip_grid", "data.num_examples", "model", "loss", "optim")
+RESUME_FREE_KEYS = ("model.init_weights",)  # read only when a run starts
+
+
+def _normalised(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    return value
+
+
+def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
+    """Returns (key, saved value, new value) for every key of RESUME_KEYS that differs."""
+    changes = []
+    for key in all_keys(config):
+        if key in RESUME_FREE_KEYS or not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS):
+            continue
+        try:
+            old = _get(saved, key)
+        except (KeyError, AttributeError):
+            continue  # a key the saved config predates
+        new = _get(config, key)
+        if _normalised(old) != _normalised(new):
+            changes.append((key, old, new))
+    return changes
