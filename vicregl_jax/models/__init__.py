@@ -77,7 +77,7 @@ def with_output_stride(backbone: ResNet, output_stride: int) -> ResNet:
     same parameter tree), so weights loaded or trained at one output stride serve at another.
     """
     if not isinstance(backbone, ResNet):
-        raise ValueError(f"with_output_stride needs a ResNet, got {type(backbone).__name__}: "
+        raise TypeError(f"with_output_stride needs a ResNet, got {type(backbone).__name__}: "
                          "only ResNets have dilated variants")
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride={output_stride}: use one of {OUTPUT_STRIDES}")
