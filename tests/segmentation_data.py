@@ -1,9 +1,9 @@
 """A small segmentation dataset built offline in Pascal VOC's layout, for the tests.
 
-Coloured shapes (class 1: magenta discs, 2: blue squares, 3: green triangles) pasted on crops of scikit-image's
-photos; masks are palette PNGs (SegmentationClass, VOC's palette) or grey-level PNGs
-(SegmentationClassAug, as mmsegmentation's converter writes them), with a 255 band along
-every shape's border as VOC draws it.
+Coloured shapes (class 1: magenta discs, 2: blue squares, 3: green triangles) pasted on crops
+of scikit-image's photos; masks are palette PNGs (SegmentationClass, VOC's palette) or
+grey-level PNGs (SegmentationClassAug, as mmsegmentation's converter writes them), with a 255
+band along every shape's border as VOC draws it.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def synthetic_pair(rng: np.random.Generator, height: int, width: int
     image = Image.fromarray(np.ascontiguousarray(photo[top:top + height, left:left + width, :3]))
     mask = Image.new("L", (width, height), 0)
     border = Image.new("L", (width, height), 0)
-    draw, mask_draw, border_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask), ImageDraw.Draw(border)
+    draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+    border_draw = ImageDraw.Draw(border)
     for _ in range(rng.integers(1, 4)):
         cls = int(rng.integers(1, 4))
         size = int(rng.integers(min(height, width) // 4, min(height, width) // 2))

@@ -27,7 +27,13 @@ _LAZY = {
 }
 
 
+# Modules imported on first use the same way (they import TensorFlow).
+_LAZY_MODULES = ("segmentation",)
+
+
 def __getattr__(name):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"vicregl_jax.data.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(f"vicregl_jax.data.{_LAZY[name]}"), name)
         globals()[name] = value

@@ -238,8 +238,10 @@ def _list_cityscapes(root: str, split: str, layout: Layout) -> tuple[list[str], 
     images, masks, missing, total = [], [], [], 0
     for city in sorted(tf.io.gfile.listdir(images_root)):
         city = city.rstrip("/")
-        names = sorted(n for n in _files(_join(images_root, city)) if n.endswith("_leftImg8bit.png"))
-        labels = _files(_join(masks_root, city)) if tf.io.gfile.isdir(_join(masks_root, city)) else set()
+        names = sorted(n for n in _files(_join(images_root, city))
+                       if n.endswith("_leftImg8bit.png"))
+        city_masks = _join(masks_root, city)
+        labels = _files(city_masks) if tf.io.gfile.isdir(city_masks) else set()
         for name in names:
             total += 1
             label = name[: -len("_leftImg8bit.png")] + "_gtFine_labelTrainIds.png"

@@ -47,14 +47,14 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
+from vicregl_jax import data as data_lib
 from vicregl_jax import sharding
-from vicregl_jax.data import segmentation as seg_data
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.models import ConvNeXt, ResNet, with_output_stride
 from vicregl_jax.models.layers import BatchNorm
 
-IGNORE_LABEL = seg_data.IGNORE_LABEL
+IGNORE_LABEL = 255  # as data/segmentation.py's masks
 PROTOCOLS = ("release", "fast")
 
 
@@ -114,7 +114,7 @@ def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides
 
     arch: the architecture name (convnext_xlarge gets lr 8e-5, as the release).
     """
-    layout, _ = seg_data.parse_dataset(dataset)
+    layout, _ = data_lib.segmentation.parse_dataset(dataset)
     if family == "resnet":
         base = dict(features="last", output_stride=8, dropout=0.1, optimizer="sgd", lr=0.01,
                     weight_decay=5e-4, power=0.9, min_lr=1e-4, warmup_steps=0,
@@ -141,7 +141,7 @@ def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides
     return settings
 
 
-def _check(s: SegmentSettings, layout: seg_data.Layout) -> None:
+def _check(s: SegmentSettings, layout) -> None:
     choices = {"protocol": PROTOCOLS, "features": ("last", "concat"),
                "optimizer": ("sgd", "adamw"), "inference": ("whole", "slide"),
                "output_stride": (8, 16, 32)}
@@ -297,7 +297,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     def cell(value):
         return "-" if value is None else f"{value:.2f}"
     width = max(len("class"), *(len(name) for name in metrics["per_class"]))
-    lines = [f"| {'class':<{width}} | IoU    | Acc    |", f"|{'-' * (width + 2)}|--------|--------|"]
+    lines = [f"| {'class':<{width}} | IoU    | Acc    |",
+             f"|{'-' * (width + 2)}|--------|--------|"]
     for name, values in metrics["per_class"].items():
         lines.append(f"| {name:<{width}} | {cell(values['IoU']):>6} | {cell(values['Acc']):>6} |")
     lines.append(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  "
@@ -329,7 +330,8 @@ def make_scorer(num_classes: int) -> Callable:
             canvas = jnp.zeros((b, *image_size, num_classes), jnp.float32)
             count = np.zeros(image_size, np.float32)
             for logits, (top, left, h, w) in zip(window_logits, windows):
-                canvas = canvas.at[:, top:top + h, left:left + w].add(resize_bilinear(logits, (h, w)))
+                window = resize_bilinear(logits, (h, w))
+                canvas = canvas.at[:, top:top + h, left:left + w].add(window)
                 count[top:top + h, left:left + w] += 1
             logits = canvas / count[None, :, :, None]
         pred = jnp.argmax(resize_bilinear(logits, masks.shape[1:3]), axis=-1)
@@ -372,7 +374,7 @@ def evaluate_chunks(logits_fn: Callable, batches: Iterator[dict], chunks: Sequen
         batch = to_global_batch(batch, mesh)
         height, width = chunk.resized_size
         if settings.inference == "slide":
-            windows = tuple(seg_data.slide_windows(height, width, settings.crop_size,
+            windows = tuple(data_lib.segmentation.slide_windows(height, width, settings.crop_size,
                                                    settings.slide_stride))
             window_logits = [logits_fn(_cut(batch["image"], top, left, size=(h, w)))
                              for top, left, h, w in windows]
@@ -505,8 +507,8 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
     """
     family = backbone_family(backbone)
     settings = settings or segment_settings(family, dataset, arch=arch)
-    train_split = seg_data.open_split(dataset, settings.train_split)
-    eval_split = seg_data.open_split(dataset, settings.eval_split)
+    train_split = data_lib.segmentation.open_split(dataset, settings.train_split)
+    eval_split = data_lib.segmentation.open_split(dataset, settings.eval_split)
     layout = train_split.layout
     backbone.eval()
     kind = settings.features if settings.protocol == "release" else "map"
@@ -547,7 +549,7 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
                 return dense_features(nnx.merge(graph, state, copy=True), images, kind)
 
             start = (checkpoints.latest_step() or 0) if checkpoints else 0
-            batches = seg_data.make_train_iterator(
+            batches = data_lib.segmentation.make_train_iterator(
                 train_split, global_batch_size=settings.batch_size, seed=seed,
                 start_step=start, scale=settings.scale, crop_size=settings.crop_size,
                 ratio_range=settings.ratio_range, cat_max_ratio=settings.cat_max_ratio, **process)
@@ -575,10 +577,10 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
         return {"stopped_at_step": reached}
 
     if settings.protocol == "release":
-        sizes = seg_data.image_sizes(eval_split.masks)
-        chunks = seg_data.eval_chunks(sizes, scale=settings.scale,
+        sizes = data_lib.segmentation.image_sizes(eval_split.masks)
+        chunks = data_lib.segmentation.eval_chunks(sizes, scale=settings.scale,
                                       images_per_chunk=settings.eval_batch_size, row_multiple=rows)
-        batches = seg_data.make_eval_iterator(eval_split, chunks, **process)
+        batches = data_lib.segmentation.make_eval_iterator(eval_split, chunks, **process)
         confusion = evaluate_chunks(make_logits_fn(backbone, head, kind, mesh), batches, chunks,
                                     settings, layout.num_classes, mesh, progress)
         resolution = "original"
@@ -607,7 +609,7 @@ def _jitted_features(backbone, kind, mesh):
 def _cache_features(feature_fn, split, settings, mesh, process) -> dict[str, np.ndarray]:
     """Returns the fast protocol's cached {"features" float16, "mask"} of a split (all hosts)."""
     features, masks = [], []
-    for batch in seg_data.make_resized_iterator(
+    for batch in data_lib.segmentation.make_resized_iterator(
             split, image_size=settings.fast_image_size,
             global_batch_size=settings.eval_batch_size, **process):
         batch = to_global_batch(batch, mesh)
