@@ -2,25 +2,49 @@
 
     python main.py --config=configs/r50.py --workdir=DIR                 # pre-train
     python main.py --config=configs/r50.py:alpha=0.9 --workdir=DIR       # a config variant
+    python main.py --config=configs/r50.py --workdir=DIR --config.batch_size=1024 --config.optim.base_lr=0.3
     python main.py --config=configs/demo.py --workdir=runs/demo          # laptop demo, offline
     python main.py --config=configs/r50.py --workdir=DIR --mode=knn      # evaluate DIR's model
 """
 
+import sys
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vicregl_jax import sharding
+from vicregl_jax import config as config_lib
+from vicregl_jax import convert, demo, distributed, train
+from vicregl_jax.evaluate import correspond, knn, linear, segment
 
-MODES = ("pretrain", "linear", "knn", "segment", "correspond", "export", "demo")
+MODES = {
+    "knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run,
+}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:key=value,...]).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant,...]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-_MODE = flags.DEFINE_enum("mode", None, MODES, "What to run; default: the config's `mode` (pretrain).")
+_MODE = flags.DEFINE_enum("mode", None, ["pretrain", *MODES, "export", "demo"],
+                          "What to run; default: the config's `mode` (pretrain).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Evaluate these weights (a workdir or a PyTorch .pth of the release) instead of --workdir's.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", distributed.MODES,
+    "jax.distributed: auto (when SLURM, a Cloud TPU pod slice or the coordinator flags make this one of "
+    "several processes), on (always), off (never; refused as one of several).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPU without SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host GPU without SLURM).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU without SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def check_overrides(argv) -> None:
+    """Exits with one line when a --config.<key> override names no key of the config file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None or not any(a.startswith("--config.") for a in argv):
+        return
+    try:
+        config_lib.check_override_names(argv, config_lib.load(path))
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
 
 
 def main(argv):
@@ -29,19 +53,26 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO, over the progress bar; --verbosity=0 brings it back.
         logging.set_verbosity(logging.WARNING)
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.start(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
+    workdir = _WORKDIR.value
+    distributed.enable_compilation_cache(config.compilation_cache_dir, workdir)
     mode = _MODE.value or config.get("mode", "pretrain")
-    logging.info("mode=%s workdir=%s", mode, _WORKDIR.value)
+    logging.info("mode=%s workdir=%s", mode, workdir)
     if mode == "pretrain":
-        from vicregl_jax import train
-
-        train.train_and_evaluate(config, _WORKDIR.value)
+        result = train.train_and_evaluate(config, workdir)
+        if result.stopped_early:  # SIGTERM: a checkpoint was saved; the launchers restart the run
+            if jax.process_count() > 1:
+                jax.distributed.shutdown()  # every process past its save before any exits
+            sys.exit(distributed.REQUEUE_EXIT_CODE)
+    elif mode == "export":
+        convert.export_torch(workdir, _WEIGHTS.value)
+    elif mode == "demo":
+        demo.run_demo(config, workdir)
     else:
-        from vicregl_jax import evaluate
-
-        evaluate.run(mode, config, _WORKDIR.value, weights=_WEIGHTS.value)
+        MODES[mode](config, workdir, _WEIGHTS.value)
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     app.run(main)

@@ -4,8 +4,8 @@
 
 Prints one table: for the ResNet-50 setting (2 views of 7x7, local dim 512, expander 8192)
 and the ConvNeXt multi-crop setting (2 x 7x7 + 6 x 3x3), the loss's compile time, forward and
-forward+backward time (median after a warm-up) and peak memory (XLA's memory analysis of the
-compiled program: arguments + outputs + temporaries), then the same for a ResNet-50
+forward+backward time (median after a warm-up) and peak memory (XLA's buffer assignment of
+the compiled program, common.compiled_peak_bytes), then the same for a ResNet-50
 forward+backward over the images those views come from (2 x 224; 2 x 224 + 6 x 96; one
 forward pass per view as in training, timed once per crop size and summed), and the loss's
 share of it. Timings are medians of wall-clock time on whatever device JAX uses.
@@ -15,50 +15,40 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import compile_jitted, median_seconds, mib
 from flax import nnx
 
 from vicregl_jax import losses
+from vicregl_jax.models import create_backbone
 
 
 def timed(fn, args, repeats):
     """Returns (compile seconds, median run seconds, peak bytes) of jax.jit(fn)(*args)."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    peak = None
-    if mem is not None:
-        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    jax.block_until_ready(compiled(*args))  # warm-up
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        runs.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(runs), peak
+    compiled = compile_jitted(jax.jit(fn), *args)
+    seconds = median_seconds(lambda: jax.block_until_ready(compiled.fn(*args)), repeats)
+    return compiled.compile_s, seconds, compiled.peak_bytes
 
 
-def loss_inputs(batch, grid_sizes, dim=8192, local_dim=512, seed=0):
+def loss_inputs(batch, groups, dim=8192, local_dim=512, seed=0):
+    """Returns embeddings, local embeddings and grids of the crop groups ((count, grid side), ...)."""
     rng = np.random.default_rng(seed)
-    emb = [jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32) for _ in grid_sizes]
-    maps = [jnp.asarray(rng.normal(size=(batch, n * n, local_dim)), jnp.float32) for n in grid_sizes]
+    emb = [jnp.asarray(rng.normal(size=(batch, count, dim)), jnp.float32) for count, _ in groups]
+    maps = [jnp.asarray(rng.normal(size=(batch, count, n * n, local_dim)), jnp.float32) for count, n in groups]
     grids = []
-    for n in grid_sizes:
-        corner = rng.uniform(0, 200, size=(batch, 1, 1, 2))
-        step = rng.uniform(5, 40, size=(batch, 1, 1, 2))
-        ij = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1)[None] + 0.5
+    for count, n in groups:
+        corner = rng.uniform(0, 200, size=(batch, count, 1, 1, 2))
+        step = rng.uniform(5, 40, size=(batch, count, 1, 1, 2))
+        ij = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1) + 0.5
         grids.append(jnp.asarray(corner + ij * step, jnp.float32))
     return emb, maps, grids
 
 
-def bench_loss(batch, grid_sizes, repeats):
-    emb, maps, grids = loss_inputs(batch, grid_sizes)
+def bench_loss(batch, groups, repeats):
+    emb, maps, grids = loss_inputs(batch, groups)
     cfg = losses.LossConfig()
 
     def forward(emb, maps, grids):
@@ -73,8 +63,6 @@ def bench_loss(batch, grid_sizes, repeats):
 def bench_resnet50_view(batch, size, repeats):
     """(compile s, median s, peak bytes) of a ResNet-50 forward+backward (train mode) of one
     batch of views of one size."""
-    from vicregl_jax.models import create_backbone
-
     model = create_backbone("resnet50", rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     view = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
@@ -105,10 +93,10 @@ def main():
     args = parser.parse_args()
 
     settings = [
-        ("ResNet-50: 2 x 7x7", (7, 7), (224, 224), 0.05),
-        ("multi-crop: 2 x 7x7 + 6 x 3x3", (7, 7) + (3,) * 6, (224, 224) + (96,) * 6, 0.10),
+        ("ResNet-50: 2 x 7x7", ((2, 7),), (224, 224), 0.05),
+        ("multi-crop: 2 x 7x7 + 6 x 3x3", ((2, 7), (6, 3)), (224, 224) + (96,) * 6, 0.10),
     ]
-    mb = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
+
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, batch {args.batch}, "
           f"expander 8192, local dim 512, median of {args.repeats} (reference {args.reference_repeats})")
     header = ("setting", "loss compile", "loss fwd", "loss fwd+bwd", "loss peak mem",
@@ -118,8 +106,8 @@ def main():
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", flush=True)
-    for name, grid_sizes, crops, target in settings:
-        (c_f, t_f, m_f), (c_b, t_b, m_b) = bench_loss(args.batch, grid_sizes, args.repeats)
+    for name, groups, crops, target in settings:
+        (c_f, t_f, m_f), (c_b, t_b, m_b) = bench_loss(args.batch, groups, args.repeats)
         if args.skip_reference:
             ref = (None, None, None)
             share = "-"
@@ -127,8 +115,8 @@ def main():
             ref = bench_resnet50(args.batch, crops, args.reference_repeats)
             share = f"{100 * t_b / ref[1]:.2f}%"
         rows.append((
-            name, f"{c_b:.1f} s", f"{1e3 * t_f:.1f} ms", f"{1e3 * t_b:.1f} ms", mb(max(m_f or 0, m_b or 0)),
-            "-" if ref[1] is None else f"{ref[1]:.2f} s", mb(ref[2]), share, f"< {100 * target:.0f}%",
+            name, f"{c_b:.1f} s", f"{1e3 * t_f:.1f} ms", f"{1e3 * t_b:.1f} ms", mib(max(m_f or 0, m_b or 0)),
+            "-" if ref[1] is None else f"{ref[1]:.2f} s", mib(ref[2]), share, f"< {100 * target:.0f}%",
         ))
         print(line(rows[-1]), flush=True)
 

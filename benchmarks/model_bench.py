@@ -25,46 +25,14 @@ convolutions as a dense convolution.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import compile_jitted, device_peak_bytes, median_seconds, peak_tflops
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vicregl_jax.models import create_backbone  # noqa: E402
-
-# Dense bfloat16 peak TFLOP/s per chip, by jax device_kind prefix.
-PEAK_TFLOPS = {
-    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-    "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-}
-
-
-def peak_tflops(device, override: float | None) -> float | None:
-    """Returns the device's peak TFLOP/s (override first), or None if unknown."""
-    if override:
-        return override
-    for prefix, value in PEAK_TFLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return value
-    return None
-
-
-def _time_steps(step, steps: int) -> float:
-    """Returns the median wall time of `steps` calls of step() (which must block)."""
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
+from vicregl_jax.models import create_backbone
 
 def bench_jax(arch: str, batch: int, size: int, dtype, steps: int) -> dict:
     """Returns img/s, peak bytes and FLOPs of one jitted forward+backward of arch.
@@ -90,25 +58,10 @@ def bench_jax(arch: str, batch: int, size: int, dtype, steps: int) -> dict:
         (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return value, grads, new_rest
 
-    lowered = step.lower(params, rest, x)
-    compiled = lowered.compile()
-    # FLOPs of the lowered program: the compiled one's analysis misses the convolutions that
-    # GPU backends hand to cuDNN, and counts XLA:CPU's dense lowering of depthwise ones.
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    device = jax.devices()[0]
-    for _ in range(2):  # warm-up
-        jax.block_until_ready(compiled(params, rest, x))
-    seconds = _time_steps(lambda: jax.block_until_ready(compiled(params, rest, x)), steps)
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        peak = stats["peak_bytes_in_use"]
-    else:
-        mem = compiled.memory_analysis()
-        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    return {"img_s": batch / seconds, "peak": peak, "flops": flops, "seconds": seconds}
+    compiled = compile_jitted(step, params, rest, x)
+    seconds = median_seconds(lambda: jax.block_until_ready(compiled.fn(params, rest, x)), steps, warmup=2)
+    peak = device_peak_bytes() or compiled.peak_bytes
+    return {"img_s": batch / seconds, "peak": peak, "flops": compiled.flops, "seconds": seconds}
 
 
 def bench_torch(arch: str, batch: int, size: int, dtype, steps: int) -> dict | None:
@@ -146,11 +99,10 @@ def bench_torch(arch: str, batch: int, size: int, dtype, steps: int) -> dict | N
             torch.cuda.synchronize()
         return activations
 
-    for _ in range(2):
-        activations = step()
+    activations = step()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds = _time_steps(step, steps)
+    seconds = median_seconds(step, steps)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:

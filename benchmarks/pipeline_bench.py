@@ -1,30 +1,37 @@
-"""Images per second per CPU core: the tf.data pipeline against a plain PIL reference.
+"""Host images per CPU-second on one pinned core: this pipeline, an earlier revision, the release.
 
-    python benchmarks/pipeline_bench.py [--cores 1] [--rounds 3]
+    python benchmarks/pipeline_bench.py [--core N] [--rounds 3] [--baseline 4d00eec]
 
-Makes 64 JPEGs of about 500 x 375 from the embedded photos, then for each recipe
-(2 x 224; 2 x 224 + 6 x 96) measures, in alternating rounds in this one process pinned to
-`--cores` CPU cores:
-- tf.data: `make_pretrain_iterator` with num_threads = cores, batches of 32, steady state
-  (the batches buffered while idle are drained before the clock starts);
-- PIL: `reference_pil.pil_multi_crop`, one image at a time in one thread (the way the
-  release's DataLoader workers run: one worker per core), not even collated into batches.
-Per core is measured two ways: images per CPU-second of this process (user + system time
-of all its threads, robust to other processes sharing the cores: the headline) and images
-per wall-clock second divided by the cores. Each figure is the best of the rounds; the ratio
-is tf.data / PIL.
+Makes 64 JPEGs of 500 x 375 (a quarter in portrait) from the embedded photos, then for each
+recipe (2 x 224; 2 x 224 + 6 x 96), in alternating rounds, runs each of these in a fresh
+process pinned to the same single core:
+- host: `make_pretrain_iterator` (colour="device": decode the crops' region, crop, resize,
+  uint8 views + colour draws), num_threads 1, batches of 32, steady state;
+- before: the same call on the package of git revision --baseline (default: the revision
+  before the uint8 host path; colour on the host, float32 views), extracted with git archive;
+- release: `reference_pil.ReleaseMultiCrop`, the release's transform chain one image at a time
+  in one thread (its DataLoader workers run one per core), not collated into batches;
+- colour: `colour.augment_views` jitted on XLA:CPU, one batch of 32 of the recipe's views (the
+  work the accelerator now does), in ms per batch.
+Rates are images per CPU-second of the process (user + system of all its threads: robust to
+other load on the machine), best of the rounds; cores per 1,000 images/s = 1000 / rate.
+Bytes per sample are what a host sends to the devices per image (views, grids, draws, label).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = ("2 x 224", "2 x 224 + 6 x 96")
+BATCH = 32
 
 
 def make_jpegs(directory: str, count: int = 64, seed: int = 0) -> list[bytes]:
@@ -59,89 +66,149 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_tf(iterator, batches: int, batch_size: int) -> tuple[float, float]:
-    """Returns (images per CPU-second, images per wall-second) of the iterator, steady state."""
-    for _ in range(3):  # drain what was buffered while we measured something else
-        next(iterator)
-    cpu, wall = cpu_seconds(), time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    images = batches * batch_size
-    return images / (cpu_seconds() - cpu), images / (time.perf_counter() - wall)
+def _groups(recipe: str):
+    from vicregl_jax.data import CONVNEXT_GROUPS, RESNET_GROUPS
+
+    return RESNET_GROUPS if recipe == RECIPES[0] else CONVNEXT_GROUPS
 
 
-def time_pil(encoded, groups, images: int, seed: int) -> tuple[float, float]:
-    """Returns (images per CPU-second, images per wall-second) of the single-image PIL reference.
+def _bytes_per_sample(batch) -> int:
+    import jax
 
-    Images are made one at a time and not collated into batches (collating would add a copy
-    and hold a batch of arrays, slowing the reference further): a conservative yardstick.
-    """
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(batch)) // BATCH
+
+
+def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> dict:
+    """Measures one kind on one recipe in this (pinned) process; returns its figures."""
     import numpy as np
+    import tensorflow as tf
 
-    from vicregl_jax.data.reference_pil import pil_multi_crop
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    groups = _groups(recipe)
+    if kind in ("host", "before"):
+        from vicregl_jax import data
 
-    rng = np.random.default_rng(seed)
-    cpu, wall = cpu_seconds(), time.perf_counter()
-    for k in range(images):
-        pil_multi_crop(encoded[k % len(encoded)], groups, rng)
-    return images / (cpu_seconds() - cpu), images / (time.perf_counter() - wall)
+        common = dict(groups=groups, global_batch_size=BATCH, seed=0)
+        if hasattr(data, "ReadOptions"):
+            iterator = data.make_pretrain_iterator(
+                f"folder:{folder}", "train", **common,
+                read=data.ReadOptions(process_index=0, process_count=1, num_threads=1))
+        else:  # the earlier revision's signature
+            iterator = data.make_pretrain_iterator(
+                f"folder:{folder}", "train", **common, process_index=0, process_count=1, num_threads=1)
+        first = next(iterator)  # trace and compile
+        for _ in range(3):
+            next(iterator)
+        cpu, wall = cpu_seconds(), time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+        return {"rate": batches * BATCH / cpu, "wall_rate": batches * BATCH / wall,
+                "bytes": _bytes_per_sample(first)}
+    if kind == "release":
+        import torch
+
+        from vicregl_jax.data.reference_pil import ReleaseMultiCrop
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        np.random.seed(0)
+        encoded = [open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))]
+        transform = ReleaseMultiCrop(groups)
+        transform(encoded[0])
+        cpu, wall = cpu_seconds(), time.perf_counter()
+        for k in range(images):
+            transform(encoded[k % len(encoded)])
+        cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+        return {"rate": images / cpu, "wall_rate": images / wall}
+    if kind == "colour":
+        import jax
+
+        from vicregl_jax.data import augment, colour
+
+        rng = np.random.default_rng(0)
+        args = []
+        for k, group in enumerate(groups):
+            views = rng.integers(0, 256, (BATCH, group.count, group.size, group.size, 3), dtype=np.uint8)
+            draws = augment.sample_colour_params(tf.constant([k, 0], tf.int64), BATCH * group.count)
+            draws = {key: np.reshape(v.numpy(), (BATCH, group.count, -1) if key == "order" else (BATCH, group.count))
+                     for key, v in draws.items()}
+            args.append((views, draws))
+        chain = jax.jit(lambda a: [colour.augment_views(v, d) for v, d in a])
+        jax.block_until_ready(chain(args))
+        repeats = 5
+        cpu = cpu_seconds()
+        for _ in range(repeats):
+            jax.block_until_ready(chain(args))
+        return {"ms_per_batch": (cpu_seconds() - cpu) / repeats * 1e3}
+    raise ValueError(kind)
+
+
+def _run(kind, recipe, folder, core, args, pythonpath) -> dict:
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--recipe", recipe, "--folder", folder,
+               "--core", str(core), "--batches", str(args.batches), "--images", str(args.images)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{kind} / {recipe} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cores", type=int, default=1, help="CPU cores to pin the process to")
+    parser.add_argument("--core", type=int, default=None, help="the CPU core to pin to (default: the last one usable)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=6, help="timed tf.data batches per round")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--pil_images", type=int, default=48, help="PIL images per round")
+    parser.add_argument("--batches", type=int, default=6, help="timed batches of 32 per round (host, before)")
+    parser.add_argument("--images", type=int, default=48, help="timed images per round (release)")
+    parser.add_argument("--baseline", default="4d00eec", help="git revision measured as 'before'")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    core = args.core if args.core is not None else sorted(os.sched_getaffinity(0))[-1]
+    if args.worker:
+        os.sched_setaffinity(0, [core])  # before TensorFlow, JAX or torch start their threads
+        print(json.dumps(worker(args.worker, args.recipe, args.folder, args.batches, args.images)), flush=True)
+        return
 
-    cores = sorted(os.sched_getaffinity(0))[: args.cores]
-    os.sched_setaffinity(0, cores)  # before TensorFlow starts its threads
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    sys.path.insert(0, ROOT)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "jpegs")
+        os.makedirs(folder)
+        make_jpegs(folder)
+        baseline = os.path.join(tmp, "baseline")
+        os.makedirs(baseline)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline, "vicregl_jax"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", baseline], input=archive.stdout, check=True)
+        paths = {"host": ROOT, "before": baseline, "release": ROOT, "colour": ROOT}
+        for r in range(args.rounds):
+            for recipe in RECIPES:
+                for kind in ("host", "before", "release") + (("colour",) if r == 0 else ()):
+                    figures = _run(kind, recipe, folder, core, args, paths[kind])
+                    results.setdefault((recipe, kind), []).append(figures)
+                    print(f"round {r} {recipe} {kind}: {figures}", flush=True)
 
-    tf.config.threading.set_inter_op_parallelism_threads(len(cores))
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    from vicregl_jax.data import CONVNEXT_GROUPS, RESNET_GROUPS, make_pretrain_iterator
-
-    recipes = {"2 x 224": RESNET_GROUPS, "2 x 224 + 6 x 96": CONVNEXT_GROUPS}
-    rows = []
-    with tempfile.TemporaryDirectory() as directory:
-        encoded = make_jpegs(directory)
-        for name, groups in recipes.items():
-            iterator = make_pretrain_iterator(
-                f"folder:{directory}", "train", groups=groups, global_batch_size=args.batch_size,
-                seed=0, process_index=0, process_count=1, num_threads=len(cores),
-            )
-            next(iterator)  # trace and compile
-            tf_rates, pil_rates = [], []
-            for r in range(args.rounds):
-                tf_rates.append(time_tf(iterator, args.batches, args.batch_size))
-                time.sleep(2.0)  # let tf.data fill its buffers and go idle
-                pil_rates.append(time_pil(encoded, groups, args.pil_images, seed=r))
-            # CPU-second rates are per core already; wall rates are divided by the cores used
-            # (PIL runs one thread: one core).
-            tf_cpu = max(c for c, _ in tf_rates)
-            tf_wall = max(w for _, w in tf_rates) / len(cores)
-            pil_cpu = max(c for c, _ in pil_rates)
-            pil_wall = max(w for _, w in pil_rates)
-            rows.append((name, tf_cpu, pil_cpu, tf_wall, pil_wall))
-            tf_list = [(round(c, 1), round(w / len(cores), 1)) for c, w in tf_rates]
-            print(f"{name}: tf.data {tf_list}, "
-                  f"PIL {[(round(c, 1), round(w, 1)) for c, w in pil_rates]} "
-                  "(images per CPU-s, per wall-s per core)", flush=True)
-            del iterator
+    def best(recipe, kind, key="rate"):
+        return max(f[key] for f in results[(recipe, kind)])
 
     load = os.getloadavg()[0]
-    print(f"\nimages/s per CPU core ({len(cores)} core(s) pinned, batch {args.batch_size}, "
-          f"best of {args.rounds} rounds; load average {load:.1f} on {os.cpu_count()} cores)\n")
-    print("| recipe | tf.data (CPU time) | PIL (CPU time) | ratio "
-          "| tf.data (wall) | PIL (wall) | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, tf_cpu, pil_cpu, tf_wall, pil_wall in rows:
-        print(f"| {name} | {tf_cpu:.1f} | {pil_cpu:.1f} | {tf_cpu / pil_cpu:.2f}x "
-              f"| {tf_wall:.1f} | {pil_wall:.1f} | {tf_wall / pil_wall:.2f}x |")
+    print(f"\nhost images per CPU-second, one core pinned (core {core}), batches of {BATCH}, best of "
+          f"{args.rounds} rounds; load average {load:.1f} on {os.cpu_count()} cores; before = {args.baseline}\n")
+    print("| recipe | this pipeline | before | release (PIL) | this / release | before / release "
+          "| cores per 1,000 images/s (before -> now) | bytes per sample to devices (before -> now) "
+          "| colour on the device, XLA:CPU, per batch of 32 |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---:|")
+    for recipe in RECIPES:
+        host, before, release = best(recipe, "host"), best(recipe, "before"), best(recipe, "release")
+        bytes_now = results[(recipe, "host")][0]["bytes"]
+        bytes_before = results[(recipe, "before")][0]["bytes"]
+        colour_ms = results[(recipe, "colour")][0]["ms_per_batch"]
+        print(f"| {recipe} | {host:.0f} | {before:.0f} | {release:.0f} | {host / release:.2f}x | "
+              f"{before / release:.2f}x | {1000 / before:.1f} -> {1000 / host:.1f} | "
+              f"{bytes_before / 1e6:.2f} MB -> {bytes_now / 1e6:.2f} MB ({bytes_before / bytes_now:.1f}x fewer) | "
+              f"{colour_ms:.0f} ms |")
 
 
 if __name__ == "__main__":

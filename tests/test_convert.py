@@ -11,7 +11,12 @@ from flax import nnx
 
 from torch_reference import (TORCH_BACKBONES, DataParallelLike, TorchVICRegL,
                                    randomize_torch_)
-from vicregl_jax import convert
+from tiny import grouped
+from vicregl_jax import config as config_lib
+from vicregl_jax import convert, layout
+from vicregl_jax import state as state_lib
+from vicregl_jax import torch_io
+from vicregl_jax.losses import split_views
 from vicregl_jax.models import ARCHITECTURES, backbone_norm, create_backbone, feature_dim
 from vicregl_jax.models.vicregl import VICRegLModel
 
@@ -40,7 +45,7 @@ def random_flax(make, seed: int, *, layer_norm_heads: bool = False):
     """
     graphdef, state = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(seed)
-    tree = state.to_pure_dict()
+    tree = nnx.to_pure_dict(state)
 
     def fill(node, path):
         if "var" in node:  # BatchNorm: draw var first, then scale relative to it
@@ -76,7 +81,7 @@ def random_flax(make, seed: int, *, layer_norm_heads: bool = False):
     fill(tree, ())
     tree = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32)
                         if isinstance(v, np.ndarray) else v, tree)
-    state.replace_by_pure_dict(tree)
+    nnx.replace_by_pure_dict(state, tree)
     return nnx.merge(graphdef, state)
 
 
@@ -113,7 +118,7 @@ def flax_forward(model, x):
 
 
 def flax_state(model):
-    return {k: np.asarray(v) for k, v in convert._flat_weights(model).items()}
+    return {k: np.asarray(v) for k, v in layout._flat_weights(model).items()}
 
 
 # ------------------------------------------------------------------ backbone parity
@@ -130,7 +135,7 @@ def test_backbone_parity_both_ways(arch):
     model.eval()
     maps, pooled = flax_forward(model, jnp.asarray(x))
     assert maps.shape == (2, 2 * 3, feature_dim(arch)) and maps.dtype == jnp.float32
-    state_dict = convert.to_torch_state_dict(model, arch)
+    state_dict = layout.to_torch_state_dict(model, arch)
     reference.load_state_dict(to_torch_tensors(state_dict), strict=True)
     ref_maps, ref_pooled = reference(nchw(x))
     assert_close(maps, ref_maps)
@@ -140,11 +145,11 @@ def test_backbone_parity_both_ways(arch):
     randomize_torch_(reference, seed=2)
     ref_maps, ref_pooled = reference(nchw(x))
     torch_state = torch_numpy_state(reference)
-    assert convert.load_torch_state_dict(model, torch_state) == ("backbone",)
+    assert layout.load_torch_state_dict(model, torch_state) == ("backbone",)
     maps, pooled = flax_forward(model, jnp.asarray(x))
     assert_close(maps, ref_maps)
     assert_close(pooled, ref_pooled)
-    back = convert.to_torch_state_dict(model, arch)
+    back = layout.to_torch_state_dict(model, arch)
     assert back.keys() == torch_state.keys()
     for k in torch_state:
         np.testing.assert_array_equal(back[k], torch_state[k], err_msg=k)
@@ -154,11 +159,11 @@ def test_flax_round_trip_is_exact():
     model = random_flax(lambda: create_backbone("convnext_test", layer_scale_init=1e-6,
                                                 rngs=nnx.Rngs(0)), seed=3)
     before = flax_state(model)
-    state_dict = convert.to_torch_state_dict(model, "convnext_test")
+    state_dict = layout.to_torch_state_dict(model, "convnext_test")
     assert "stages.0.0.gamma" in state_dict
     other = random_flax(lambda: create_backbone("convnext_test", layer_scale_init=1e-6,
                                                 rngs=nnx.Rngs(0)), seed=4)
-    convert.load_torch_state_dict(other, state_dict)
+    layout.load_torch_state_dict(other, state_dict)
     after = flax_state(other)
     assert before.keys() == after.keys()
     for k in before:
@@ -183,9 +188,11 @@ def flax_views_forward(model, views):
 
 
 def compare_outputs(out, ref):
+    """Compares the model's outputs (one array per crop group) with the reference's (per view)."""
     for key in ("representations", "embeddings", "local_embeddings", "maps"):
-        assert len(out[key]) == len(ref[key]), key
-        for a, b in zip(out[key], ref[key]):
+        views = split_views(out[key])
+        assert len(views) == len(ref[key]), key
+        for a, b in zip(views, ref[key]):
             assert a.dtype == jnp.float32
             assert_close(a, b)
     assert_close(out["logits"], ref["logits"])
@@ -201,21 +208,21 @@ def test_full_model_parity(arch):
     reference = DataParallelLike(torch_vicregl(arch))
 
     # Flax -> PyTorch: the full checkpoint's names load strictly into the DDP-wrapped model.
-    state_dict = convert.to_torch_state_dict(model, arch, full=True)
+    state_dict = layout.to_torch_state_dict(model, arch, full=True)
     assert all(k.startswith("module.") for k in state_dict)
     assert "module.projector.6.weight" in state_dict and "module.projector.6.bias" not in state_dict
     reference.load_state_dict(to_torch_tensors(state_dict), strict=True)
     model.eval()
     reference.eval()
-    compare_outputs(flax_views_forward(model, [jnp.asarray(v) for v in views]),
+    compare_outputs(flax_views_forward(model, grouped(views)),
                     reference.module([nchw(v) for v in views]))
 
     # Train mode: per-view batch statistics, and the running averages they leave behind.
     model.train()
     reference.train()
-    compare_outputs(flax_views_forward(model, [jnp.asarray(v) for v in views]),
+    compare_outputs(flax_views_forward(model, grouped(views)),
                     reference.module([nchw(v) for v in views]))
-    updated = convert.to_torch_state_dict(model, arch, full=True)
+    updated = layout.to_torch_state_dict(model, arch, full=True)
     for k, v in reference.state_dict().items():
         if "running" in k:
             assert_close(updated[k], v.numpy(), rtol=1e-5)
@@ -227,20 +234,20 @@ def test_full_model_parity(arch):
     ref = reference.module([nchw(v) for v in views])
     for prefixed in (True, False):
         torch_state = torch_numpy_state(reference if prefixed else reference.module)
-        parts = convert.load_torch_state_dict(model, torch_state)
+        parts = layout.load_torch_state_dict(model, torch_state)
         assert parts == ("backbone", "expander", "local_projector", "classifier")
-        compare_outputs(flax_views_forward(model, [jnp.asarray(v) for v in views]), ref)
+        compare_outputs(flax_views_forward(model, grouped(views)), ref)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_full_model_without_a_branch(alpha):
     model = random_flax(make_vicregl("resnet_test", alpha), seed=8)
-    state_dict = convert.to_torch_state_dict(model, "resnet_test", full=True)
+    state_dict = layout.to_torch_state_dict(model, "resnet_test", full=True)
     assert any(".maps_projector." in k for k in state_dict) == (alpha < 1)
     assert any(".projector." in k for k in state_dict) == (alpha > 0)
     reference = DataParallelLike(torch_vicregl("resnet_test", alpha))
     reference.load_state_dict(to_torch_tensors(state_dict), strict=True)
-    kwargs = convert.infer_model_kwargs(state_dict)
+    kwargs = layout.infer_model_kwargs(state_dict)
     assert kwargs == {"arch": "resnet_test", "mlp": HEADS["mlp"] if alpha else "8192-8192-8192",
                       "maps_mlp": HEADS["maps_mlp"] if alpha < 1 else "512-512-512",
                       "alpha": alpha, "num_classes": 10}
@@ -253,7 +260,7 @@ def test_every_architecture_converts_shapes():
         with torch.device("meta"):
             reference = TORCH_BACKBONES[arch]()
         expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-        shapes = convert.backbone_torch_shapes(arch)
+        shapes = layout.backbone_torch_shapes(arch)
         assert shapes == expected, arch
 
 
@@ -267,14 +274,14 @@ def test_other_architecture_is_refused_with_names():
     state_dict = {k: np.zeros(v.shape, np.float32) for k, v in convnext.state_dict().items()}
     with pytest.raises(ValueError, match=r"(?s)weights of 'convnext_test'.*missing: .*conv1\.weight"
                                          r".*unexpected: downsample_layers\.0\.0\.bias"):
-        convert.load_torch_state_dict(model, state_dict)
+        layout.load_torch_state_dict(model, state_dict)
 
-    good = convert.to_torch_state_dict(model, "resnet_test")
+    good = layout.to_torch_state_dict(model, "resnet_test")
     bad = dict(good, **{"layer1.0.conv1.weight": np.zeros((8, 8, 1, 1), np.float32)})
     bad["fc.weight"] = np.zeros((10, 64), np.float32)
     del bad["layer4.0.bn2.running_var"]
     with pytest.raises(ValueError) as e:
-        convert.load_torch_state_dict(model, bad)
+        layout.load_torch_state_dict(model, bad)
     message = str(e.value)
     assert "missing: layer4.0.bn2.running_var" in message
     assert "unexpected: fc.weight" in message
@@ -284,19 +291,19 @@ def test_other_architecture_is_refused_with_names():
 
     mixed = {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(good.items())}
     with pytest.raises(ValueError, match="prefix"):
-        convert.load_torch_state_dict(model, mixed)
+        layout.load_torch_state_dict(model, mixed)
 
     with pytest.raises(ValueError, match="not 'resnet18'"):
-        convert.to_torch_state_dict(model, "resnet18")
+        layout.to_torch_state_dict(model, "resnet18")
     with pytest.raises(ValueError, match="full=True"):
-        convert.to_torch_state_dict(model, "resnet_test", full=True)
+        layout.to_torch_state_dict(model, "resnet_test", full=True)
 
 
 def test_backbone_file_into_full_model_and_back():
     full = random_flax(make_vicregl("resnet_test"), seed=10)
     backbone = random_flax(lambda: create_backbone("resnet_test", rngs=nnx.Rngs(0)), seed=11)
     heads_before = {k: v for k, v in flax_state(full).items() if k[0] != "backbone"}
-    parts = convert.load_torch_state_dict(full, convert.to_torch_state_dict(backbone, "resnet_test"))
+    parts = layout.load_torch_state_dict(full, layout.to_torch_state_dict(backbone, "resnet_test"))
     assert parts == ("backbone",)
     state = flax_state(full)
     for k, v in heads_before.items():
@@ -305,20 +312,29 @@ def test_backbone_file_into_full_model_and_back():
         np.testing.assert_array_equal(state[("backbone",) + k], v)
     # A full checkpoint gives its backbone to a backbone model.
     other = random_flax(lambda: create_backbone("resnet_test", rngs=nnx.Rngs(0)), seed=12)
-    convert.load_torch_state_dict(other, convert.to_torch_state_dict(full, "resnet_test", full=True))
+    layout.load_torch_state_dict(other, layout.to_torch_state_dict(full, "resnet_test", full=True))
     for k, v in flax_state(backbone).items():
         np.testing.assert_array_equal(flax_state(other)[k], v)
 
 
 # ---------------------------------------------------------------------- files and CLI
 
+def converted_workdir_config(**model):
+    """Returns the nested config of a workdir holding a model of the given kwargs."""
+    config = config_lib.default_config()
+    alpha = model.pop("alpha", 0.75)
+    config.loss.alpha = alpha
+    for key, value in model.items():
+        config.model[key] = value
+    return config
+
+
 def test_files_and_cli_round_trip(tmp_path):
-    kwargs = dict(arch="convnext_test", alpha=0.75, dtype="bfloat16", **HEADS)
-    model = random_flax(lambda: VICRegLModel(**kwargs, rngs=nnx.Rngs(0)), seed=13,
-                        layer_norm_heads=True)
-    convert.save_model_dir(model, str(tmp_path / "flax"), kwargs)
-    restored = convert.load_model_dir(str(tmp_path / "flax"))
-    assert restored.backbone.dtype == jnp.bfloat16
+    config = converted_workdir_config(arch="convnext_test", dtype="bfloat16", **HEADS)
+    model = random_flax(lambda: state_lib.create_model(config, rngs=nnx.Rngs(0)), seed=13, layer_norm_heads=True)
+    state_lib.write_workdir(model, config, str(tmp_path / "flax"))
+    restored, saved_config, step = state_lib.load_workdir_model(str(tmp_path / "flax"))
+    assert restored.backbone.dtype == jnp.bfloat16 and saved_config.model.mlp == HEADS["mlp"] and step == 0
 
     convert.main(["to-torch", str(tmp_path / "flax"), str(tmp_path / "full.pth"),
                   "--full", "--safetensors", "--epoch", "3"])
@@ -334,7 +350,8 @@ def test_files_and_cli_round_trip(tmp_path):
         out = tmp_path / source.replace(".", "_")
         convert.main(["from-torch", str(tmp_path / source), str(out), "--arch", "convnext_test",
                       "--dtype", "bfloat16"])
-        loaded = convert.load_model_dir(str(out))
+        loaded, loaded_config, _ = state_lib.load_workdir_model(str(out))
+        assert loaded_config.model.maps_mlp == HEADS["maps_mlp"] and loaded_config.model.num_classes == 10
         state = flax_state(loaded)
         assert state.keys() == expected.keys()
         for k in expected:
@@ -345,10 +362,78 @@ def test_files_and_cli_round_trip(tmp_path):
                       "--arch", "resnet_test"])
 
 
+def test_release_training_checkpoints_convert_and_code_never_runs(tmp_path, capfd):
+    """The release's training checkpoints pickle a function reference in their LARS state:
+    they convert (the optimiser entry is ignored); a __reduce__ payload runs nothing."""
+    model = random_flax(lambda: create_backbone("resnet_test", rngs=nnx.Rngs(0)), seed=14)
+    state_dict = to_torch_tensors(layout.to_torch_state_dict(model, "resnet_test"))
+    lars = {"param_groups": [{"params": [0], "lars_adaptation_filter": exclude_bias_and_norm}], "state": {}}
+    torch.save({"epoch": 1, "model": state_dict, "optimizer": lars}, tmp_path / "lars.pth")
+    with pytest.raises(Exception):  # what users met before: torch refuses the whole file
+        torch.load(tmp_path / "lars.pth", weights_only=True)
+    loaded = torch_io.read_torch_weights(str(tmp_path / "lars.pth"))
+    for k, v in state_dict.items():
+        np.testing.assert_array_equal(loaded[k], v.numpy())
+    convert.main(["from-torch", str(tmp_path / "lars.pth"), str(tmp_path / "converted"), "--arch", "resnet_test"])
+    assert (tmp_path / "converted" / "config.json").exists()
+
+    marker = tmp_path / "pwned"
+    for payload in (WritesFile(str(marker)), RunsShell(f"touch {marker}")):
+        torch.save({"epoch": 1, "model": state_dict, "optimizer": payload}, tmp_path / "evil.pth")
+        try:
+            torch_io.read_torch_weights(str(tmp_path / "evil.pth"))
+        except ValueError as error:
+            assert "weights_only" not in str(error) and "refused" in str(error)
+        assert not marker.exists()
+
+
+def exclude_bias_and_norm(p):  # the kind of function the release's LARS state refers to
+    return p.ndim == 1
+
+
+class WritesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class RunsShell:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_damaged_weight_files_fail_with_one_line(tmp_path):
+    model = random_flax(lambda: create_backbone("resnet_test", rngs=nnx.Rngs(0)), seed=15)
+    state_dict = layout.to_torch_state_dict(model, "resnet_test")
+    good = tmp_path / "good.pth"
+    torch_io.write_torch_weights(state_dict, str(good), safetensors=True)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    st = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(st[: len(st) // 2])
+    for name in ("truncated.pth", "empty.pth", "truncated.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name}: not a readable .*(truncated|damaged)") as error:
+            torch_io.read_torch_weights(str(tmp_path / name))
+        assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+        torch_io.read_torch_weights(str(tmp_path / "missing.pth"))
+    nan = dict(state_dict, **{"conv1.weight": np.full_like(state_dict["conv1.weight"], np.nan)})
+    torch_io.write_torch_weights(nan, str(tmp_path / "nan.pth"))
+    with pytest.raises(ValueError, match=r"nan.pth: 1 tensors hold NaN or Inf \(e.g. conv1.weight\)"):
+        torch_io.read_torch_weights(str(tmp_path / "nan.pth"))
+
+
 def test_torch_is_imported_only_by_file_functions():
-    """torch is imported inside the file functions and the CLI of convert.py, nowhere else."""
+    """torch is imported inside the file functions of torch_io.py, nowhere else."""
     package = os.path.join(os.path.dirname(os.path.dirname(__file__)), "vicregl_jax")
-    allowed = {("convert.py", "read_torch_weights"), ("convert.py", "write_torch_weights")}
+    allowed = {("torch_io.py", "_load_pth"), ("torch_io.py", "read_torch_weights"),
+               ("torch_io.py", "write_torch_weights")}
     found = set()
     for root, _, files in os.walk(package):
         for name in files:

@@ -1,10 +1,12 @@
 """Crop boxes and location grids (SPEC.md section 1, steps 1 and 5)."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
 
 from vicregl_jax.data import CropGroup, location_grid
-from vicregl_jax.data.crops import grid_size, location_grid_tf, sample_crop_boxes, sample_flips
+from vicregl_jax.data.crops import grid_size, sample_crop_boxes, sample_flips
 from vicregl_jax.data.reference_pil import pil_crop_box
 
 
@@ -24,14 +26,18 @@ def test_location_grid_of_a_known_crop_is_the_spec_formula_by_hand():
     np.testing.assert_allclose(location_grid(0, 0, 50, 31, 3)[2, 1], [50 * 2.5 / 3, 31 * 1.5 / 3], rtol=1e-6)
 
 
-def test_location_grid_broadcasts_and_tf_version_agrees():
+def test_location_grid_broadcasts_and_is_one_formula_for_numpy_tf_and_jax():
     rng = np.random.default_rng(0)
     boxes = rng.integers(1, 300, size=(20, 4))
     flips = rng.random(20) < 0.5
-    ours = location_grid_tf(tf.constant(boxes), tf.constant(flips), 5).numpy()
     batched = location_grid(*boxes.T, 5, flip=flips)
     assert batched.shape == (20, 5, 5, 2)
-    np.testing.assert_allclose(ours, batched, rtol=1e-6)
+    in_tf = location_grid(*tf.unstack(tf.constant(boxes), axis=1), 5, flip=tf.constant(flips), xp=tnp)
+    assert isinstance(in_tf, tf.Tensor) and in_tf.dtype == tf.float32
+    np.testing.assert_array_equal(in_tf.numpy(), batched)
+    in_jax = location_grid(*jnp.asarray(boxes).T, 5, flip=jnp.asarray(flips), xp=jnp)
+    assert in_jax.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(in_jax), batched, rtol=1e-6)
     for k in range(3):
         np.testing.assert_array_equal(batched[k], location_grid(*boxes[k], 5, flip=flips[k]))
 

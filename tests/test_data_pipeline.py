@@ -11,7 +11,11 @@ from vicregl_jax.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CropGroup,
+    EvalImages,
+    ReadOptions,
+    augment_views,
     make_eval_iterator,
+    make_linear_train_iterator,
     make_pretrain_iterator,
     to_global_batch,
 )
@@ -22,6 +26,11 @@ GROUPS = (CropGroup(64, 2, (0.08, 1.0)), CropGroup(32, 3, (0.05, 0.4)))
 STRIDE = 16
 BATCH = 8
 HOSTS = dict(process_index=0, process_count=1)
+
+
+def read(**kwargs):
+    """Returns ReadOptions of a single host, with the given fields."""
+    return ReadOptions(**HOSTS, **kwargs)
 
 
 def _save(path, array, fmt=None, mode=None):
@@ -68,10 +77,16 @@ def messy_folder(tmp_path_factory):
     return f"folder:{folder}"
 
 
-def pretrain(dataset, **kwargs):
-    args = dict(groups=GROUPS, stride=STRIDE, global_batch_size=BATCH, seed=0, **HOSTS)
+def pretrain(dataset, data_dir=None, num_threads=None, **kwargs):
+    args = dict(groups=GROUPS, stride=STRIDE, global_batch_size=BATCH, seed=0,
+                read=read(data_dir=data_dir, num_threads=num_threads))
     args.update(kwargs)
     return make_pretrain_iterator(dataset, "train", **args)
+
+
+def coloured(batch):
+    """Returns the batch's views of each group after the device colour chain, as numpy."""
+    return tuple(np.asarray(augment_views(v, d)) for v, d in zip(batch["views"], batch["draws"]))
 
 
 def unnormalise(views):
@@ -82,12 +97,15 @@ def unnormalise(views):
 def test_batch_format_on_the_embedded_photos(data_dir):
     it = pretrain("vicregl_photos", data_dir=data_dir, with_val_view=True)
     batch = next(it)
-    assert set(batch) == {"views", "grids", "label", "val_image"}
-    for group, views, grids in zip(GROUPS, batch["views"], batch["grids"]):
+    assert set(batch) == {"views", "draws", "grids", "label", "val_image"}
+    for group, views, draws, grids, normalised in zip(GROUPS, batch["views"], batch["draws"], batch["grids"],
+                                                       coloured(batch)):
         n = group.size // STRIDE
-        assert views.shape == (BATCH, group.count, group.size, group.size, 3) and views.dtype == np.float32
+        assert views.shape == (BATCH, group.count, group.size, group.size, 3) and views.dtype == np.uint8
+        assert draws["order"].shape == (BATCH, group.count, 4) and draws["sigma"].shape == (BATCH, group.count)
         assert grids.shape == (BATCH, group.count, n, n, 2) and grids.dtype == np.float32
-        pixels = unnormalise(views)
+        assert normalised.shape == views.shape and normalised.dtype == np.float32
+        pixels = unnormalise(normalised)
         assert pixels.min() > -0.01 and pixels.max() < 255.01
         assert (grids >= 0).all() and (grids <= 512).all()  # photos are at most 512 px
     assert batch["label"].dtype == np.int32 and (batch["label"] == -1).all()  # unlabelled
@@ -99,7 +117,7 @@ def test_batch_format_on_the_embedded_photos(data_dir):
 def test_each_grid_cell_shows_the_pixels_its_coordinates_name(coordinate_folder, flip_grid):
     """On an image whose pixels hold their own (row, col), the mean content of every cell of
     every view equals the cell's grid coordinates: the local loss gets true correspondences."""
-    batch = next(pretrain(coordinate_folder, augment_colour=False, flip_grid=flip_grid))
+    batch = next(pretrain(coordinate_folder, colour="none", flip_grid=flip_grid))
     flipped_views = 0
     for group, views, grids in zip(GROUPS, batch["views"], batch["grids"]):
         n = group.size // STRIDE
@@ -125,6 +143,9 @@ def test_same_seed_same_batches_for_any_parallelism_and_other_seeds_differ(data_
         x, y = next(a), next(b)
         for u, v in zip(x["views"] + x["grids"], y["views"] + y["grids"]):
             np.testing.assert_array_equal(u, v)
+        for u, v in zip(x["draws"], y["draws"]):
+            for key in u:
+                np.testing.assert_array_equal(u[key], v[key])
     c = next(pretrain("vicregl_photos", data_dir=data_dir, seed=1))
     assert not np.array_equal(c["grids"][0], x["grids"][0])
 
@@ -137,6 +158,9 @@ def test_resuming_at_step_k_gives_the_batches_of_an_uninterrupted_run(data_dir):
         got = next(resumed)
         for u, v in zip(got["views"] + got["grids"], batches[step]["views"] + batches[step]["grids"]):
             np.testing.assert_array_equal(u, v)
+        # End to end with the device colour chain: the same normalised views.
+        for u, v in zip(coloured(got), coloured(batches[step])):
+            np.testing.assert_array_equal(u, v)
     assert resumed.step == 12
 
 
@@ -146,9 +170,10 @@ def labels_of(iterator, steps):
 
 def test_hosts_read_disjoint_parts_that_cover_each_epoch_once(labelled_folder):
     small = dict(groups=(CropGroup(16, 1, (0.5, 1.0)),), stride=16, global_batch_size=12, seed=3)
-    single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, **HOSTS), 6)
+    single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, read=read()), 6)
     hosts = [
-        labels_of(make_pretrain_iterator(labelled_folder, "train", **small, process_index=h, process_count=3), 6)
+        labels_of(make_pretrain_iterator(labelled_folder, "train", **small,
+                                         read=ReadOptions(process_index=h, process_count=3)), 6)
         for h in range(3)
     ]
     assert all(h.shape == (6, 4) for h in hosts)  # 12 // 3 images per host per step
@@ -164,12 +189,18 @@ def test_undecodable_images_are_skipped_counted_and_odd_formats_become_rgb(messy
     it = pretrain(messy_folder, groups=(CropGroup(32, 2, (0.08, 1.0)),))
     batch = next(it)  # one step of 8 = one epoch of the 8 files
     assert batch["views"][0].shape == (BATCH, 2, 32, 32, 3)
-    assert np.isfinite(batch["views"][0]).all()
-    assert it.num_skipped == 2 and it.stats()["num_skipped"] == 2
+    assert np.isfinite(coloured(batch)[0]).all()
+    # Each position of the 2 broken files takes a random other example: 2 failures at least
+    # (more when a substitute is broken too), all undecodable, none unreadable.
+    assert it.num_skipped >= 2 and it.stats()["num_skipped"] == it.num_skipped
+    assert it.num_undecodable == it.num_skipped and it.num_unreadable == 0
+    assert {name.split("/")[-1] for name in it.failed_examples} == {"01_garbage.jpg (undecodable)",
+                                                                    "05_truncated.jpg (undecodable)"}
+    first = it.num_skipped
     next(it)
-    assert it.num_skipped == 4
-    evaluation = make_eval_iterator(messy_folder, "train", global_batch_size=4, image_size=32,
-                                    resize_size=36, **HOSTS)
+    assert it.num_skipped >= first + 2
+    evaluation = make_eval_iterator(messy_folder, "train", global_batch_size=4,
+                                    images=EvalImages(image_size=32, resize_size=36), read=read())
     masks = np.concatenate([b["mask"] for b in evaluation])
     np.testing.assert_array_equal(masks, [1, 0, 1, 1, 1, 0, 1, 1])
     assert evaluation.num_skipped == 2
@@ -191,11 +222,13 @@ def test_a_dataset_of_nothing_but_broken_files_fails_with_a_clear_error(tmp_path
     it = pretrain(f"folder:{tmp_path}", groups=(CropGroup(32, 1, (0.5, 1.0)),))
     with pytest.raises(Exception, match="failed to decode"):
         next(it)
+    with pytest.raises(StopIteration):  # closed: its threads are stopped
+        next(it)
 
 
 def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
-    kwargs = dict(global_batch_size=64, image_size=32, resize_size=32, data_dir=data_dir)
-    single = make_eval_iterator("vicregl_digits", "test", **kwargs, **HOSTS)
+    kwargs = dict(global_batch_size=64, images=EvalImages(image_size=32, resize_size=32))
+    single = make_eval_iterator("vicregl_digits", "test", **kwargs, read=read(data_dir=data_dir))
     assert len(single) == 5  # ceil(299 / 64)
     batches = list(single)
     assert len(batches) == 5
@@ -207,24 +240,25 @@ def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
     assert b["image"].shape == (64, 32, 32, 3) and b["image"].dtype == np.float32
     pixels = b["image"] * np.array(EVAL_STD) + np.array(IMAGENET_MEAN)
     assert pixels.min() > -1e-3 and pixels.max() < 1 + 1e-3
-    hosts = [list(make_eval_iterator("vicregl_digits", "test", **kwargs, process_index=h, process_count=2))
+    hosts = [list(make_eval_iterator("vicregl_digits", "test", **kwargs,
+                                     read=ReadOptions(data_dir=data_dir, process_index=h, process_count=2)))
              for h in range(2)]
     assert len(hosts[0]) == len(hosts[1]) == 5  # every host runs the same number of steps
     joined = np.concatenate([np.concatenate([hosts[0][s]["label"], hosts[1][s]["label"]]) for s in range(5)])
     np.testing.assert_array_equal(joined, labels)
-    tail = make_eval_iterator("vicregl_digits", "test", start_step=3, **kwargs, **HOSTS)
+    tail = make_eval_iterator("vicregl_digits", "test", start_step=3, **kwargs, read=read(data_dir=data_dir))
     assert len(tail) == 2
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in tail]), labels[3 * 64 :])
 
 
-def test_eval_iterator_with_training_augmentation_repeats_and_resumes(data_dir):
-    kwargs = dict(global_batch_size=BATCH * 8, image_size=32, train_augment=True, data_dir=data_dir, **HOSTS)
-    it = make_eval_iterator("vicregl_digits", "test", **kwargs)
+def test_linear_train_iterator_augments_repeats_and_resumes(data_dir):
+    kwargs = dict(global_batch_size=BATCH * 8, seed=0, images=EvalImages(image_size=32), read=read(data_dir=data_dir))
+    it = make_linear_train_iterator("vicregl_digits", "test", **kwargs)
     batches = [next(it) for _ in range(6)]  # 384 > 299 examples: into the second epoch
     assert all(b["mask"].all() for b in batches)
     assert batches[0]["image"].shape == (64, 32, 32, 3)
     assert set(np.concatenate([b["label"] for b in batches])) == set(range(10))
-    resumed = next(make_eval_iterator("vicregl_digits", "test", start_step=5, **kwargs))
+    resumed = next(make_linear_train_iterator("vicregl_digits", "test", start_step=5, **kwargs))
     np.testing.assert_array_equal(resumed["image"], batches[5]["image"])
 
 
@@ -234,6 +268,7 @@ def test_to_global_batch_shards_the_batch_over_the_mesh(labelled_folder):
     arrays = to_global_batch(batch, mesh)
     views = arrays["views"][0]
     assert views.shape == batch["views"][0].shape and len(views.addressable_shards) == 8
+    assert views.dtype == np.uint8 and arrays["draws"][0]["order"].sharding.spec[0] == "data"
     assert views.sharding.spec[0] == "data"
     np.testing.assert_array_equal(np.asarray(views), batch["views"][0])
     np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
@@ -254,9 +289,15 @@ def test_user_errors_name_the_value_and_the_fix(tmp_path, data_dir):
     with pytest.raises(FileNotFoundError, match="manual_dir=.*tfds build imagenet2012"):
         pretrain("imagenet2012", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="no split 'validation'.*'test', 'train'"):
-        make_eval_iterator("vicregl_digits", "validation", global_batch_size=8, data_dir=data_dir, **HOSTS)
+        make_eval_iterator("vicregl_digits", "validation", global_batch_size=8, read=read(data_dir=data_dir))
     with pytest.raises(ValueError, match="global_batch_size=10 is not a positive multiple of process_count=4"):
-        pretrain("vicregl_photos", data_dir=data_dir, global_batch_size=10, process_index=0, process_count=4)
+        pretrain("vicregl_photos", global_batch_size=10, read=ReadOptions(data_dir=data_dir, process_index=0, process_count=4))
+    with pytest.raises(ValueError, match="colour='gpu'"):
+        pretrain("vicregl_photos", data_dir=data_dir, colour="gpu")
+    with pytest.raises(ValueError, match="jpeg_dct_method='FAST'"):
+        ReadOptions(jpeg_dct_method="FAST")
+    with pytest.raises(ValueError, match="resize_size=30 is smaller than image_size=32"):
+        EvalImages(image_size=32, resize_size=30)
     with pytest.raises(ValueError, match="crop size 60 is not divisible by the backbone stride 16"):
         pretrain("vicregl_photos", data_dir=data_dir, groups=(CropGroup(60, 2, (0.08, 1.0)),))
 
@@ -268,12 +309,12 @@ def test_a_tfds_dataset_stored_as_tfrecord_is_read_from_memory_or_says_how_to_co
 
     embedded.register()
     tfds.builder("vicregl_digits", data_dir=str(tmp_path)).download_and_prepare(file_format="tfrecord")
-    kwargs = dict(global_batch_size=64, image_size=32, resize_size=32, data_dir=str(tmp_path), **HOSTS)
-    batches = list(make_eval_iterator("vicregl_digits", "test", **kwargs))
+    kwargs = dict(global_batch_size=64, images=EvalImages(image_size=32, resize_size=32))
+    batches = list(make_eval_iterator("vicregl_digits", "test", **kwargs, read=read(data_dir=str(tmp_path))))
     labels = np.concatenate([b["label"] for b in batches])[:299]
     assert set(labels) == set(range(10))
     with pytest.raises(ValueError, match="stored as TFRecord.*tfds convert_format"):
-        make_eval_iterator("vicregl_digits", "test", max_in_memory_bytes=1000, **kwargs)
+        make_eval_iterator("vicregl_digits", "test", **kwargs, read=read(data_dir=str(tmp_path), max_in_memory_bytes=1000))
 
 
 def test_processes_sharing_a_data_dir_prepare_a_dataset_once(tmp_path):

@@ -41,12 +41,75 @@ def test_knn_weighted_vote_by_hand():
     assert knn.knn_classify(train, labels, test, np.array([1]), k=3, temperature=1.0)["top1"] == 100.0
 
 
+def test_sharded_knn_on_8_devices_equals_one_device():
+    """Training features sharded over 8 devices, each device ranking its own rows and only
+    the k best candidates crossing the mesh, vote as the one-device kNN on the whole set."""
+    from vicregl_jax import sharding
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(6, 32))  # overlapping classes: some votes go wrong
+    y, yt = np.repeat(np.arange(6), 40), np.repeat(np.arange(6), 12)
+    x = (centres[y] + 1.5 * rng.normal(size=(len(y), 32))).astype(np.float32)
+    xt = (centres[yt] + 1.5 * rng.normal(size=(len(yt), 32))).astype(np.float32)
+    want = knn.knn_classify(x, y, xt, yt, k=20, temperature=0.07, num_classes=6)
+    assert 0 < want["top1"] < 100  # neither trivial nor hopeless: a wrong vote would show
+    for devices in (8, 1):
+        mesh = sharding.make_mesh(devices)
+        batch = 48  # 240 training rows: 5 batches, the last padded with label -1
+
+        def iterate(features, labels):
+            for start in range(0, len(labels), batch):
+                f, lab = features[start:start + batch], labels[start:start + batch]
+                pad = batch - len(lab)
+                yield {"image": np.pad(f, ((0, pad), (0, 0))), "label": np.pad(lab, (0, pad), constant_values=-1),
+                       "mask": np.arange(batch) < len(lab)}
+
+        identity = lambda images: (None, images)  # noqa: E731
+        train = knn.sharded_features(identity, iterate(x, y), mesh)
+        test = knn.sharded_features(identity, iterate(xt, yt), mesh)
+        assert train.count == len(y) and len(train.features.sharding.device_set) == devices
+        hits = knn.make_sharded_hits(mesh, k=20, temperature=0.07, num_classes=6)
+        counts = np.sum([np.asarray(hits(train.features, train.labels, test.features[t], test.labels[t]))
+                         for t in range(test.features.shape[0])], axis=0)
+        np.testing.assert_allclose(100.0 * counts / len(yt), [want["top1"], want["top5"]])
+
+
+def test_knn_over_two_processes_keeps_features_off_the_hosts(tmp_path):
+    """2 processes x 4 devices give the hits of 1 process x 8, and no host allocates more than a
+    quarter of the training features (32 MiB here; all-gathering them, as before, cost every
+    host all of them): they stay sharded on the devices."""
+    import subprocess
+    import sys
+
+    from test_train import free_port, worker_env
+
+    worker = os.path.join(os.path.dirname(__file__), "knn_worker.py")
+
+    def run(devices, processes):
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, worker, "--devices", str(devices), "--process_id", str(i),
+                                   "--num_processes", str(processes), "--port", str(port)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
+                 for i in range(processes)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs[0][-2000:]
+        return [json.loads(out.split("RESULT", 1)[1]) for out in outs]
+
+    (one,) = run(8, 1)
+    two = run(4, 2)
+    assert one["count"] == 512 and 0 < one["hits"][0] < 512
+    for result in two:
+        assert result["hits"] == one["hits"]
+        assert result["host_peak_bytes"] < 0.25 * result["train_feature_bytes"], result
+    assert one["host_peak_bytes"] < 0.25 * one["train_feature_bytes"], one
+
+
 def test_linear_head_separable_is_perfect():
     x, y = separable(1)
     xv, yv = separable(1, n_per_class=6)
     batches = lambda epoch: iter([(x, y, np.ones(len(y), bool))])  # noqa: E731
     val = lambda: iter([(xv, yv, np.ones(len(yv), bool))])  # noqa: E731
-    out = linear.train_linear_head(batches, val, dim=16, num_classes=5, epochs=20, lr=0.1)
+    out = linear.train_linear_head(batches, val, dim=16, num_classes=5, steps_per_epoch=1, epochs=20, lr=0.1)
     assert out["top1"] == 100.0 and out["best_top1"] == 100.0
 
 
@@ -55,11 +118,11 @@ def test_linear_head_steps_match_torch_sgd():
     torch = pytest.importorskip("torch")
     x, y = separable(2, n_per_class=4, classes=3, dim=6)
     epochs, lr, wd = 3, 0.3, 1e-2
-    params = linear.init_head(6, 3, seed=0)
+    start = linear.linear_head(6, 3, seed=0)  # train_linear_head starts from the same head
     head = torch.nn.Linear(6, 3).double()
     with torch.no_grad():
-        head.weight.copy_(torch.tensor(np.asarray(params["kernel"]).T))
-        head.bias.copy_(torch.tensor(np.asarray(params["bias"])))
+        head.weight.copy_(torch.tensor(np.asarray(start.kernel[...]).T))
+        head.bias.copy_(torch.tensor(np.asarray(start.bias[...])))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     halves = [slice(0, 6), slice(6, 12)]
@@ -72,10 +135,11 @@ def test_linear_head_steps_match_torch_sgd():
         sched.step()
     out = linear.train_linear_head(
         lambda epoch: iter([(x[s], y[s], np.ones(6, bool)) for s in halves]),
-        lambda: iter([(x, y, np.ones(12, bool))]), dim=6, num_classes=3, epochs=epochs, lr=lr, weight_decay=wd,
+        lambda: iter([(x, y, np.ones(12, bool))]), dim=6, num_classes=3, steps_per_epoch=2, epochs=epochs, lr=lr,
+        weight_decay=wd,
     )
-    np.testing.assert_allclose(np.asarray(out["params"]["kernel"]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(out["params"]["bias"]), head.bias.detach().numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["head"].kernel[...]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["head"].bias[...]), head.bias.detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,23 +190,22 @@ def test_cells_outside_the_other_view_are_not_counted():
 # ------------------------------------------------------------------------------------------
 
 
-def demo_config(data_dir, **overrides):
+def demo_config(data_dir, overrides=None):
     from vicregl_jax.config import config_module
 
     c = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")).get_config()
-    c.data_dir = data_dir
+    c.data.data_dir = data_dir
     # A handful of steps of the smallest graph: this tests the files, not the quality.
     c.total_steps = 3
-    c.crops = ((64, 2, 0.3, 1.0),)
-    c.num_matches = (3, 2)
-    c.mlp, c.maps_mlp = "64-64", "32-32"
-    c.correspond_crop_size = 64
-    c.linear_epochs = 2
-    c.correspond_pairs = 16
-    c.eval_batch_size = 512
-    c.checkpoint_every_steps = 100
-    for key, value in overrides.items():
-        c[key] = value
+    c.data.crops = ((64, 2, 0.3, 1.0),)
+    c.loss.num_matches = (3, 2)
+    c.model.mlp, c.model.maps_mlp = "64-64", "32-32"
+    c.eval.correspond.crop_size = 64
+    c.eval.linear.epochs = 2
+    c.eval.correspond.pairs = 16
+    c.eval.batch_size = 512
+    c.checkpoint.every_steps = 100
+    c.update_from_flattened_dict(dict(overrides or {}))
     return c
 
 

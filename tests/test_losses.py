@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import reference_loss as ref
+from tiny import grouped
 from vicregl_jax import losses
 from vicregl_jax.losses import LossConfig
 
@@ -26,7 +27,8 @@ def crop_grid(rng, n, image=(375.0, 500.0)):
 
 
 def make_inputs(seed, batch=8, grid_sizes=(7, 7), dim=64, local_dim=32, dtype=np.float32):
-    """Random embeddings, local embeddings and crop grids for views of the given grid sizes."""
+    """Random embeddings, local embeddings and crop grids for views of the given grid sizes,
+    one array per view (the reference's layout; `grouped` gives the criterion's)."""
     rng = np.random.default_rng(seed)
     v = len(grid_sizes)
     base = rng.normal(size=(batch, dim))
@@ -39,7 +41,9 @@ def make_inputs(seed, batch=8, grid_sizes=(7, 7), dim=64, local_dim=32, dtype=np
 
 @functools.lru_cache(maxsize=None)
 def jitted(cfg):
-    return jax.jit(lambda e, m, g: losses.vicregl_loss(e, m, g, cfg))
+    """The criterion, jitted, on per-view lists (grouped here)."""
+    loss = jax.jit(lambda e, m, g: losses.vicregl_loss(e, m, g, cfg))
+    return lambda e, m, g: loss(grouped(e), grouped(m), grouped(g))
 
 
 def assert_terms_close(got, want, rtol=RTOL):
@@ -108,6 +112,18 @@ def test_matching_keeps_original_order_and_nearest():
     np.testing.assert_array_equal(kept, [0, 1])
 
 
+def test_same_views_in_other_groupings_give_the_same_terms():
+    """Views 2.. grouped into one (B, 6, ...) array or given as six groups of one: the vmap over a
+    group's view axis computes what separate groups do."""
+    emb, maps, grids = make_inputs(12, grid_sizes=(7, 7) + (3,) * 6)
+    cfg = LossConfig(num_matches=(20, 4), l2_all_matches=False)
+    loss = jax.jit(lambda e, m, g: losses.vicregl_loss(e, m, g, cfg)[1])
+    apart = lambda xs: grouped(xs[:2]) + [x[:, None] for x in xs[2:]]  # noqa: E731
+    together = loss(grouped(emb), grouped(maps), grouped(grids))
+    separate = loss(apart(emb), apart(maps), apart(grids))
+    assert_terms_close(separate, {k: float(v) for k, v in together.items()})
+
+
 def test_identical_views_have_zero_invariance():
     emb, maps, grids = make_inputs(2)
     emb = [emb[0], emb[0]]
@@ -140,7 +156,7 @@ def test_gradient_matches_finite_differences():
         grids = [g.astype(np.float64) for g in grids]
 
         def f(emb, maps):
-            return losses.vicregl_loss(emb, maps, grids, cfg)[0]
+            return losses.vicregl_loss(grouped(emb), grouped(maps), grouped(grids), cfg)[0]
 
         g_emb, g_maps = jax.jit(jax.grad(f, argnums=(0, 1)))(emb, maps)
         rng = np.random.default_rng(0)
@@ -169,7 +185,8 @@ def test_sharded_equals_unsharded(axis_type, local_dim):
     mesh = jax.make_mesh((8,), ("data",), axis_types=axis_types)
     emb, maps, grids = make_inputs(5, batch=16, grid_sizes=(7, 7, 3, 3), local_dim=local_dim)
     cfg = LossConfig(l2_all_matches=False)
-    f = jax.jit(lambda e, m, g: losses.vicregl_loss(e, m, g, cfg), out_shardings=NamedSharding(mesh, P()))
+    f = jax.jit(lambda e, m, g: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), cfg),
+                out_shardings=NamedSharding(mesh, P()))
     total, terms = f(emb, maps, grids)
     shard = lambda xs: [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]  # noqa: E731
     s_emb, s_maps, s_grids = shard(emb), shard(maps), shard(grids)
@@ -192,7 +209,8 @@ def test_classifier_terms_and_unlabelled():
     want = -(log_p[0, 0] + log_p[1, 2] + log_p[2, 5]) / 3
     assert float(out["cls_loss"]) == pytest.approx(float(want), rel=1e-6)
     emb, maps, grids = make_inputs(6, batch=4)
-    f = jax.jit(lambda e, m, g, lo, la: losses.vicregl_loss(e, m, g, LossConfig(), logits=lo, labels=la))
+    f = jax.jit(lambda e, m, g, lo, la: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), LossConfig(),
+                                                            logits=lo, labels=la))
     total, terms = f(emb, maps, grids, logits, labels)
     np.testing.assert_allclose(float(total), float(terms["vicreg"] + terms["cls_loss"]), rtol=1e-6)
 
@@ -219,7 +237,7 @@ def test_collapse_metrics():
 
 
 def test_too_many_matches_is_named():
-    emb, maps, grids = make_inputs(8, grid_sizes=(7, 7, 3))
+    emb, maps, grids = map(grouped, make_inputs(8, grid_sizes=(7, 7, 3)))
     with pytest.raises(ValueError, match=r"num_matches=\(20, 10\).*at most \(49, 9\)"):
         losses.vicregl_loss(emb, maps, grids, LossConfig(num_matches=(20, 10)))
     with pytest.raises(ValueError, match=r"num_matches=\(50, 4\)"):
@@ -227,7 +245,7 @@ def test_too_many_matches_is_named():
 
 
 def test_batch_of_one_is_named():
-    emb, maps, grids = make_inputs(9, batch=1)
+    emb, maps, grids = map(grouped, make_inputs(9, batch=1))
     with pytest.raises(ValueError, match="batch of 1.*at least 2"):
         losses.vicregl_loss(emb, maps, grids, LossConfig())
     with pytest.raises(ValueError, match="batch of 1"):
@@ -235,18 +253,21 @@ def test_batch_of_one_is_named():
 
 
 def test_mismatched_views_are_named():
-    emb, maps, grids = make_inputs(10)
-    with pytest.raises(ValueError, match=r"share batch and channel sizes.*\(8, 64\).*\(4, 64\)"):
-        losses.vicregl_loss([emb[0], emb[1][:4]], maps, grids, LossConfig())
-    with pytest.raises(ValueError, match=r"share batch and channel sizes.*\(8, 49, 32\).*\(8, 49, 16\)"):
-        losses.vicregl_loss(emb, [maps[0], maps[1][..., :16]], grids, LossConfig())
+    emb, maps, grids = make_inputs(10, grid_sizes=(7, 7, 3))
+    with pytest.raises(ValueError, match=r"share batch and channel sizes.*\(8, 2, 64\).*\(4, 1, 64\)"):
+        losses.vicregl_loss(grouped(emb[:2]) + [emb[2][:4, None]], grouped(maps), grouped(grids), LossConfig())
+    with pytest.raises(ValueError, match=r"share batch and channel sizes.*\(8, 2, 49, 32\).*\(8, 1, 9, 16\)"):
+        losses.vicregl_loss(grouped(emb), grouped(maps[:2]) + [maps[2][:, None, :, :16]], grouped(grids), LossConfig())
 
 
 def test_grid_not_matching_map_is_named():
-    emb, maps, grids = make_inputs(11)
-    bad = [grids[0], grids[1][:, :6, :6]]
-    with pytest.raises(ValueError, match=r"View 1: grid of shape \(8, 36, 2\).*\(8, 49, 32\)"):
+    emb, maps, grids = map(grouped, make_inputs(11))
+    bad = [grids[0][:, :, :6, :6]]
+    with pytest.raises(ValueError, match=r"Group 0: grids of shape \(8, 2, 36, 2\).*\(8, 2, 49, 32\)"):
         losses.vicregl_loss(emb, maps, bad, LossConfig())
+    with pytest.raises(ValueError, match=r"two large views in the first group"):
+        losses.vicregl_loss(None, [maps[0][:, :1], maps[0][:, 1:]], [grids[0][:, :1], grids[0][:, 1:]],
+                            LossConfig(alpha=0.0))
 
 
 def test_bad_config_is_named():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from flax import nnx
 
+from tiny import grouped
 from torch_reference import TORCH_BACKBONES, TorchResNet, randomize_torch_
-from vicregl_jax import convert, models
+from vicregl_jax import layout, models
 from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
                                 feature_dim, parameter_count, stage_channels, with_output_stride)
 from vicregl_jax.models.convnext import ConvNeXtBlock, DepthwiseConv
@@ -134,8 +135,8 @@ def test_bfloat16_compute(tiny, arch):
                                                rngs=nnx.Rngs(0)))
     nnx.update(half, nnx.state(model))
     half.eval()
-    out32 = run(model, [x])
-    out16 = run(half, [x])
+    out32 = run(model, [x[:, None]])
+    out16 = run(half, [x[:, None]])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(half, nnx.Param)))
     for key in ("maps", "representations", "embeddings", "local_embeddings"):
         a, b = out16[key][0], out32[key][0]
@@ -209,23 +210,31 @@ def test_vicregl_outputs_and_per_view_statistics(tiny):
     a, b = (jax.random.normal(jax.random.key(i), (4, 64, 64, 3)) for i in range(2))
     small = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
     state = nnx.clone(nnx.state(model))
-    out = run(model, [a, b, small])
-    assert [m.shape for m in out["maps"]] == [(4, 4, 64), (4, 4, 64), (4, 1, 64)]
-    assert [e.shape for e in out["embeddings"]] == [(4, 16)] * 3
-    assert [e.shape for e in out["local_embeddings"]] == [(4, 4, 8), (4, 4, 8), (4, 1, 8)]
+    out = run(model, grouped([a, b, small]))
+    assert [m.shape for m in out["maps"]] == [(4, 2, 4, 64), (4, 1, 1, 64)]
+    assert [r.shape for r in out["representations"]] == [(4, 2, 64), (4, 1, 64)]
+    assert [e.shape for e in out["embeddings"]] == [(4, 2, 16), (4, 1, 16)]
+    assert [e.shape for e in out["local_embeddings"]] == [(4, 2, 4, 8), (4, 1, 1, 8)]
     assert out["logits"].shape == (4, 10)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
     # BatchNorm statistics per view: other data in view 1 leaves view 0's outputs alone.
     nnx.update(model, state)
-    other = run(model, [a, -b, small])
+    other = run(model, grouped([a, -b, small]))
     for key in ("embeddings", "local_embeddings", "maps"):
-        np.testing.assert_allclose(other[key][0], out[key][0], atol=1e-5)
-        assert not np.allclose(other[key][1], out[key][1])
+        np.testing.assert_allclose(other[key][0][:, 0], out[key][0][:, 0], atol=1e-5)
+        assert not np.allclose(other[key][0][:, 1], out[key][0][:, 1])
+    # ... and each view's statistics are its own: view 1 alone gives its outputs in the group.
+    nnx.update(model, state)
+    alone = run(model, [b[:, None]])
+    nnx.update(model, state)
+    np.testing.assert_allclose(alone["maps"][0][:, 0], out["maps"][0][:, 1], atol=1e-5)
 
-    # The classifier sees stop_gradient(representations[0]).
-    grads = nnx.jit(nnx.grad(lambda m: m([a])["logits"].sum()))(model)
+    # The classifier sees stop_gradient(representations of view 0).
+    grads = nnx.jit(nnx.grad(lambda m: m([a[:, None]])["logits"].sum()))(model)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["backbone"]))
     assert float(jnp.abs(grads["classifier"]["kernel"]).max()) > 0
+    with pytest.raises(ValueError, match=r"views\[0\] has shape \(4, 64, 64, 3\).*one \(B, V, H, W, 3\) array"):
+        model([a])
 
 
 def test_layer_norm_models_batch_views_with_the_same_result(tiny):
@@ -233,16 +242,16 @@ def test_layer_norm_models_batch_views_with_the_same_result(tiny):
     model.eval()
     big, big2, small = (jax.random.normal(jax.random.key(i), (2, s, s, 3))
                         for i, s in enumerate((64, 64, 32)))
-    together = run(model, [big, big2, small])  # the two large views run as one batch
-    apart = run(model, [big, small, big2])     # no two consecutive views of one size
-    for i, j in ((0, 0), (1, 2), (2, 1)):
+    together = run(model, grouped([big, big2, small]))  # the two large views run as one batch
+    apart = run(model, [big[:, None], small[:, None], big2[:, None]])  # every view alone
+    for (g, i), (h, j) in (((0, 0), (0, 0)), ((0, 1), (2, 0)), ((1, 0), (1, 0))):
         for key in ("maps", "embeddings", "local_embeddings"):
-            np.testing.assert_allclose(together[key][i], apart[key][j], atol=1e-5)
+            np.testing.assert_allclose(together[key][g][:, i], apart[key][h][:, j], atol=1e-5)
     # The heads, run once on all views, give what they give on each view alone.
-    np.testing.assert_allclose(model.expander(together["representations"][2]),
-                               together["embeddings"][2], atol=1e-5)
-    np.testing.assert_allclose(model.local_projector(together["maps"][2]),
-                               together["local_embeddings"][2], atol=1e-5)
+    np.testing.assert_allclose(model.expander(together["representations"][1][:, 0]),
+                               together["embeddings"][1][:, 0], atol=1e-5)
+    np.testing.assert_allclose(model.local_projector(together["maps"][1][:, 0]),
+                               together["local_embeddings"][1][:, 0], atol=1e-5)
     model.train()
 
 
@@ -252,7 +261,7 @@ def test_alpha_drops_a_branch(alpha):
                                                 rngs=nnx.Rngs(0)))
     assert (model.expander is None) == (alpha == 0.0)
     assert (model.local_projector is None) == (alpha == 1.0)
-    out = nnx.eval_shape(lambda m: m([jnp.zeros((2, 64, 64, 3))]), model)
+    out = nnx.eval_shape(lambda m: m([jnp.zeros((2, 1, 64, 64, 3))]), model)
     assert (out["embeddings"] is None) == (alpha == 0.0)
     assert (out["local_embeddings"] is None) == (alpha == 1.0)
 
@@ -262,7 +271,7 @@ def test_batch_statistics_are_global_under_sharding(tiny):
     model = tiny["resnet_test"]
     model.train()
     graphdef, state = nnx.split(model)
-    x = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+    x = jax.random.normal(jax.random.key(3), (8, 1, 32, 32, 3))
 
     @jax.jit
     def step(state, x):
@@ -319,7 +328,7 @@ def test_dilated_resnet_matches_torch(arch, output_stride):
 
     # Into a plain ResNet, then dilated: the weights are shared, not copied.
     plain = nnx.eval_shape(lambda: create_backbone(arch, rngs=nnx.Rngs(0)))
-    convert.load_torch_state_dict(plain, state_dict)
+    layout.load_torch_state_dict(plain, state_dict)
     plain.eval()
     dilated = with_output_stride(plain, output_stride)
     assert dilated.output_stride == output_stride and dilated.bn1.use_running_average
@@ -331,7 +340,7 @@ def test_dilated_resnet_matches_torch(arch, output_stride):
     # The release's file loads straight into a dilated ResNet too: same names and shapes.
     direct = nnx.eval_shape(lambda: create_backbone(arch, output_stride=output_stride,
                                                     rngs=nnx.Rngs(0)))
-    convert.load_torch_state_dict(direct, state_dict)
+    layout.load_torch_state_dict(direct, state_dict)
     direct.eval()
     assert_close(stages(direct, jnp.asarray(x))[-1], expected[-1])
     assert (jax.tree.structure(nnx.state(direct)) == jax.tree.structure(nnx.state(plain)))
@@ -355,7 +364,7 @@ def test_convnext_stage_maps_match_torch():
     # No drop path: its random stream would stay abstract (eval mode does not use it).
     model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
                                                    rngs=nnx.Rngs(0)))
-    convert.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
     model.eval()
     x = np.random.default_rng(14).standard_normal((2, 64, 96, 3)).astype(np.float32)
     got = stages(model, jnp.asarray(x))

@@ -92,5 +92,5 @@ def test_adamw_matches_torch():
 
 
 def test_unknown_optimizer_is_named():
-    with pytest.raises(ValueError, match=r"config.optimizer='sgdd'.*'adamw', 'lars'"):
+    with pytest.raises(ValueError, match=r"config.optim.name='sgdd'.*'adamw', 'lars'"):
         optim.make_optimizer("sgdd", 0.1)

@@ -13,11 +13,13 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from ml_collections import config_dict
 from PIL import Image
+
 from segmentation_data import save_palette_png, write_voc
 from torch_reference import TORCH_BACKBONES, randomize_torch_
-
-from vicregl_jax import convert, sharding
+from vicregl_jax import layout, sharding
+from vicregl_jax.config import default_config
 from vicregl_jax.data import segmentation as seg_data
 from vicregl_jax.evaluate import segment
 from vicregl_jax.models import create_backbone, stage_channels
@@ -312,7 +314,7 @@ def test_concatenated_stage_features_match_torch():
     randomize_torch_(reference, seed=5)
     model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
                                                    rngs=nnx.Rngs(0)))
-    convert.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
     model.eval()
     x = np.random.default_rng(6).standard_normal((2, 64, 96, 3)).astype(np.float32)
     got = nnx.jit(lambda m, x: segment.dense_features(m, x, "concat"))(model, jnp.asarray(x))
@@ -523,18 +525,33 @@ def test_the_head_learns_and_resumes(voc, tmp_path, arch, overrides):
                                       workdir=workdir, progress=False)
 
 
+def segment_config(**overrides) -> ml_collections.ConfigDict:
+    """The keys of config.eval.segment with their defaults (None: the release's value for the
+    backbone's family and the dataset's layout)."""
+    keys = {"dataset": config_dict.placeholder(str), "protocol": "release",
+            "train_split": config_dict.placeholder(str), "split": config_dict.placeholder(str),
+            "steps": config_dict.placeholder(int), "batch_size": config_dict.placeholder(int),
+            "optimizer": config_dict.placeholder(str), "lr": config_dict.placeholder(float),
+            "weight_decay": config_dict.placeholder(float),
+            "crop_size": config_dict.placeholder(tuple), "scale": config_dict.placeholder(tuple),
+            "inference": config_dict.placeholder(str), "slide_stride": (341, 341),
+            "eval_batch_size": 16, "checkpoint_every": 4000, "fast_image_size": 320}
+    c = ml_collections.ConfigDict(keys)
+    c.update(overrides)
+    return c
+
+
 def test_run_reads_the_config_and_writes_results(voc, tmp_path):
-    config = ml_collections.ConfigDict({
-        "seed": 0, "model": {"arch": "resnet_test"}, "mesh": {"num_devices": None},
-        "eval": {"segment": {"dataset": f"voc:{voc}", "protocol": "fast", "steps": 20,
-                             "batch_size": 16, "eval_batch_size": 16, "fast_image_size": 64,
-                             "lr": 0.05, "checkpoint_every": 1000}},
-        # Read by today's common.load_backbone.
-        "arch": "resnet_test", "compute_dtype": "float32"})
+    config = default_config()
+    config.model.arch = "resnet_test"
+    config.eval.segment = segment_config(
+        dataset=f"voc:{voc}", protocol="fast", steps=20, batch_size=16, eval_batch_size=16,
+        fast_image_size=64, lr=0.05)
     results = segment.run(config, str(tmp_path), random_init=True)
     written = json.loads((tmp_path / "eval_segment.json").read_text())
     assert written["mIoU"] == pytest.approx(results["mIoU"]) and written["protocol"] == "fast"
     assert written["scored_at"] == "64x64" and "random initialisation" in written["weights"]
+    assert written["settings"]["split"] == "val" and written["settings"]["optimizer"] == "sgd"
     assert results["mIoU"] > 0
     config.eval.segment.dataset = None
     with pytest.raises(ValueError, match="set config.eval.segment.dataset"):

@@ -9,26 +9,42 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tiny import tiny_config
-from vicregl_jax import checkpoint as ckpt_lib
+from vicregl_jax import build, sharding, train
 from vicregl_jax import data as data_lib
-from vicregl_jax import sharding, train
-from vicregl_jax.config import validate
+from vicregl_jax.data import global_batch
+from vicregl_jax import state as state_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "train_worker.py")
 # The tiny config uses LARS, as the ResNet recipe: equality tests need it (Adam turns a
 # rounding difference in a near-zero gradient into a full +-lr step, which says nothing about
 # sharding). The learning test uses AdamW, which moves a tiny model faster in a few steps.
-ADAMW = {"optimizer": "adamw", "base_lr": 0.1, "weight_decay": 0.05}
+ADAMW = {"optim.name": "adamw", "optim.base_lr": 0.1, "optim.weight_decay": 0.05}
+
+
+def read_state(workdir, step=None):
+    """Returns (step, state as nested dicts of numpy arrays) of a workdir's checkpoint."""
+    config = state_lib.load_config(workdir)
+    checkpointer = state_lib.Checkpointer(workdir, state_lib.model_meta(config), read_only=True)
+    step = checkpointer.latest_step() if step is None else step
+    # Whatever mesh wrote it: every array onto this process's first device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = checkpointer.manager.item_metadata(step)
+    target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
+              for name in ("model", "train")}
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(tree) for name, tree in target.items()}))
+    checkpointer.close()
+    return step, jax.tree.map(np.asarray, {"model": dict(restored["model"]), "train": dict(restored["train"])})
 
 
 def params_of(workdir, step=None):
-    return ckpt_lib.read_state(workdir, step)[1]["params"]
+    return read_state(workdir, step)[1]["model"]["params"]
 
 
 def max_abs_diff(a, b):
@@ -74,7 +90,7 @@ def run_worker(workdir, data_dir, overrides, *, devices=8, num_processes=1, stop
 
 
 def test_tiny_run_learns_without_collapse(data_dir, tmp_path):
-    config = tiny_config(data_dir, **ADAMW)
+    config = tiny_config(data_dir, ADAMW)
     result = train.train_and_evaluate(config, tmp_path, stop_after_steps=12)
     assert result.step == 12 and result.stopped_early
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -90,8 +106,8 @@ def test_tiny_run_learns_without_collapse(data_dir, tmp_path):
                 "top1", "top5", "stdr", "stde", "corr", "core", "learning_rate", "images_per_s", "step_time_s"):
         assert key in logged[-1], key
     # The config and the checkpoint of the last step sit in the workdir, TensorBoard events beside.
-    assert json.loads((tmp_path / "config.json").read_text())["arch"] == "resnet_test"
-    assert ckpt_lib.read_state(tmp_path)[0] == 12
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["arch"] == "resnet_test"
+    assert read_state(tmp_path)[0] == 12
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
 
 
@@ -100,17 +116,22 @@ def test_tiny_run_learns_without_collapse(data_dir, tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def run_steps(config, num_devices, batches):
-    """Returns the state after one train step per batch on a mesh of num_devices devices."""
-    config = config.copy_and_resolve_references()
-    config.num_devices = num_devices
-    mesh = sharding.make_mesh(num_devices)
-    schedule, tx = train.schedule_and_optimizer(config, steps_per_epoch=10, total_steps=config.total_steps)
-    graphdef, state, shardings = train.init_train_state(config, tx, mesh)
+def jitted_step(config, mesh):
+    """Returns (the jitted train step, the initial state) of config on mesh."""
+    schedule, tx = build.make_optimizer(config, steps_per_epoch=10, total_steps=config.total_steps)
+    graphdef, streams, state, shardings = build.init_train_state(config, tx, mesh)
     step = train.jit_train_step(
-        train.make_train_step(graphdef, tx, schedule, train.loss_config(config), config.grad_accum_steps),
+        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config), seed=config.seed,
+                              grad_accum_steps=config.grad_accum_steps),
         shardings, mesh,
     )
+    return step, state
+
+
+def run_steps(config, num_devices, batches):
+    """Returns the state after one train step per batch on a mesh of num_devices devices."""
+    mesh = sharding.make_mesh(num_devices)
+    step, state = jitted_step(config, mesh)
     for batch in batches:
         state, metrics = step(state, data_lib.to_global_batch(batch, mesh))
     return jax.device_get(state), jax.device_get(metrics)
@@ -118,11 +139,7 @@ def run_steps(config, num_devices, batches):
 
 @pytest.fixture(scope="module")
 def three_batches(data_dir):
-    config = tiny_config(data_dir)
-    it = data_lib.make_pretrain_iterator(
-        config.dataset, "train", groups=train.crop_groups(config), global_batch_size=config.batch_size,
-        seed=0, data_dir=data_dir, process_index=0, process_count=1,
-    )
+    it = build.pretrain_iterator(tiny_config(data_dir), start_step=0)
     return [next(it) for _ in range(3)]
 
 
@@ -132,7 +149,7 @@ def test_sharded_on_8_devices_equals_1_device(data_dir, three_batches):
     state1, metrics1 = run_steps(config, 1, three_batches)
     assert max_abs_diff(state8.params, state1.params) < 1e-5
     # BatchNorm running statistics too: they are over the global batch on 8 devices.
-    assert max_abs_diff(state8.model_state, state1.model_state) < 1e-5
+    assert max_abs_diff(state8.batch_stats, state1.batch_stats) < 1e-5
     np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
     assert int(state8.step) == 3
 
@@ -144,7 +161,7 @@ def test_gradient_accumulation_over_duplicated_halves(data_dir, three_batches):
     half = jax.tree.map(lambda x: x[:8], three_batches[0])
     doubled = jax.tree.map(lambda x: np.repeat(x, 2, axis=0), half)  # micro-batch b % 2 == half
     # The learning rate scales with the batch (base_lr * batch / 256): double it for the half.
-    state_half, m_half = run_steps(tiny_config(data_dir, batch_size=8, base_lr=1.0), 8, [half])
+    state_half, m_half = run_steps(tiny_config(data_dir, {"batch_size": 8, "optim.base_lr": 1.0}), 8, [half])
     config.grad_accum_steps = 2
     state_acc, m_acc = run_steps(config, 8, [doubled])
     assert max_abs_diff(state_half.params, state_acc.params) < 1e-5
@@ -153,13 +170,12 @@ def test_gradient_accumulation_over_duplicated_halves(data_dir, three_batches):
 
 def test_non_finite_loss_keeps_the_state(data_dir, three_batches):
     config = tiny_config(data_dir)
-    bad = jax.tree.map(lambda x: x, three_batches[0])
-    bad["views"] = (np.full_like(bad["views"][0], np.nan),) + tuple(bad["views"][1:])
+    # Float views without draws skip the device colour chain: NaN pixels reach the model.
+    bad = {k: v for k, v in three_batches[0].items() if k != "draws"}
+    bad["views"] = tuple(np.full(v.shape, np.nan, np.float32) for v in bad["views"])
     mesh = sharding.make_mesh(8)
-    schedule, tx = train.schedule_and_optimizer(config, 10, config.total_steps)
-    graphdef, state, shardings = train.init_train_state(config, tx, mesh)
+    step, state = jitted_step(config, mesh)
     before = jax.device_get(state)
-    step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, train.loss_config(config)), shardings, mesh)
     state, metrics = step(state, data_lib.to_global_batch(bad, mesh))
     assert not bool(metrics["finite"])
     after = jax.device_get(state)
@@ -167,20 +183,22 @@ def test_non_finite_loss_keeps_the_state(data_dir, three_batches):
 
 
 def test_nan_in_the_loop_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    config = tiny_config(data_dir, checkpoint_every_steps=2)
-    real = data_lib.to_global_batch
+    config = tiny_config(data_dir, {"checkpoint.every_steps": 2})
+    real = global_batch.to_global_batch
     calls = {"n": 0}
 
-    def poisoned(batch, mesh):
+    def poisoned(batch, mesh, data_axis="data"):
         calls["n"] += 1
-        if calls["n"] == 4:  # the batch of step 4
-            batch = dict(batch, views=(np.full_like(batch["views"][0], np.nan),) + tuple(batch["views"][1:]))
-        return real(batch, mesh)
+        if calls["n"] == 4:  # the batch of step 4: NaN brightness factors make NaN views on the device
+            draws = tuple({**d, "brightness": np.full_like(d["brightness"], np.nan),
+                           "order": np.zeros_like(d["order"])} for d in batch["draws"])
+            batch = dict(batch, draws=draws)
+        return real(batch, mesh, data_axis)
 
-    monkeypatch.setattr(data_lib, "to_global_batch", poisoned)
+    monkeypatch.setattr(global_batch, "to_global_batch", poisoned)
     with pytest.raises(train.NonFiniteLossError, match=r"at step 4: stopping.*last good checkpoint is step 2"):
         train.train_and_evaluate(config, tmp_path)
-    assert ckpt_lib.read_state(tmp_path)[0] == 2
+    assert read_state(tmp_path)[0] == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,23 +213,16 @@ def test_killed_and_resumed_equals_uninterrupted(data_dir, tmp_path):
     assert first.step == 2 and first.stopped_early
     second = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3)
     assert second.step == 5
-    straight, resumed = ckpt_lib.read_state(tmp_path / "straight"), ckpt_lib.read_state(tmp_path / "resumed")
+    straight, resumed = read_state(tmp_path / "straight"), read_state(tmp_path / "resumed")
     assert straight[0] == resumed[0] == 5
     assert max_abs_diff(straight[1], resumed[1]) == 0.0  # params, statistics, optimiser state, step
 
 
 def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir), tmp_path, stop_after_steps=1)
-    other = tiny_config(data_dir, arch="convnext_test")
-    with pytest.raises(ValueError, match=r"another model \(arch: checkpoint 'resnet_test' vs config 'convnext_test'\).*new --workdir"):
+    other = tiny_config(data_dir, {"model.arch": "convnext_test"})
+    with pytest.raises(ValueError, match=r"another model \(model.arch: checkpoint 'resnet_test' vs config 'convnext_test'\).*new --workdir"):
         train.train_and_evaluate(other, tmp_path)
-
-
-def test_two_processes_equal_one_process(data_dir, tmp_path):
-    """2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
-    run_worker(tmp_path / "two", data_dir, {}, devices=4, num_processes=2, stop_after=3)
-    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "one", stop_after_steps=3)
-    assert max_abs_diff(params_of(tmp_path / "two"), params_of(tmp_path / "one")) < 1e-5
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
@@ -226,7 +237,55 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     result = json.loads(out.split("RESULT", 1)[1])
     assert result["stopped_early"] and 2 <= result["step"] < 1000
-    assert ckpt_lib.read_state(tmp_path)[0] == result["step"]
+    assert read_state(tmp_path)[0] == result["step"]
+
+
+def test_two_processes_equal_one_and_stop_together_on_one_sigterm(data_dir, tmp_path):
+    """2 processes x 4 devices (jax.distributed on 127.0.0.1) train as 1 process x 8 devices;
+    a preemption notice to one of them (SIGTERM) stops both at the same step through JAX's
+    preemption sync point, each past the checkpoint of that step."""
+    procs = run_worker(tmp_path / "two", data_dir, {}, devices=4, num_processes=2, wait=False)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[1][-3000:]
+    results = [json.loads(out.split("RESULT", 1)[1]) for out in outs]
+    assert results[0] == results[1] and results[0]["stopped_early"] and 2 <= results[0]["step"] < 1000
+    step = results[0]["step"]
+    assert read_state(tmp_path / "two")[0] == step
+    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "one", stop_after_steps=step)
+    assert max_abs_diff(params_of(tmp_path / "two"), params_of(tmp_path / "one")) < 1e-5
+
+
+def test_a_host_whose_storage_fails_stops_every_host_with_its_error(data_dir, tmp_path):
+    """Every read of process 1 times out (faked at the file-read boundary): it stops with the
+    pipeline's error after its retries, and process 0, whose next collective then fails,
+    stops too and names process 1's error; neither hangs."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    port = free_port()
+    overrides = json.dumps({"data.dataset": f"folder:{photos}"})
+    logs = [open(tmp_path / f"worker{pid}.log", "w") for pid in range(2)]  # files: the retry warnings
+    procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "run"), data_dir, "--devices", "4",  # fill pipes
+                               "--process_id", str(pid), "--num_processes", "2", "--port", str(port),
+                               "--overrides", overrides] + (["--fail_reads"] if pid == 1 else []),
+                              stdout=logs[pid], stderr=subprocess.STDOUT, text=True, env=worker_env())
+             for pid in range(2)]
+    for p in procs:
+        p.wait(timeout=480)  # a hang would end in TimeoutExpired
+    outs = [(tmp_path / f"worker{pid}.log").read_text() for pid in range(2)]
+    assert all(p.returncode != 0 for p in procs), [o[-2000:] for o in outs]
+    assert "PipelineError" in outs[1] and "unreadable" in outs[1]
+    assert "process 1 stopped the run: PipelineError" in outs[0], outs[0][-3000:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,66 +294,93 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,pattern", [
-    (dict(batch_size=12), r"config.batch_size=12: must be divisible by the number of devices \(8\).*multiple of 8"),
-    (dict(crops=((60, 2, 0.3, 1.0),)), r"config.crops=.*crop size 60 does not give a whole grid.*multiple of 32, e.g. 64"),
-    (dict(num_matches=(5, 1)), r"config.num_matches=\(5, 1\).*at most \(4, 4\)"),
-    (dict(alpha=1.5), r"config.alpha=1.5: must lie in \[0, 1\]"),
-    (dict(arch="resnet51"), r"config.arch='resnet51': unknown architecture; use one of resnet18"),
-    (dict(optimizer="sgd"), r"config.optimizer='sgd'"),
-    (dict(crops=((64, 1, 0.3, 1.0),)), r"first group needs at least 2 views"),
-    (dict(mlp="64-x"), r"config.mlp='64-x'"),
-    (dict(grad_accum_steps=4), r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)"),
+    ({"batch_size": 12}, r"config.batch_size=12: must be divisible by the number of devices \(8\).*multiple of 8"),
+    ({"data.crops": ((60, 2, 0.3, 1.0),)}, r"config.data.crops=.*crop size 60 does not give a whole grid.*multiple of 32, e.g. 64"),
+    ({"loss.num_matches": (5, 1)}, r"config.loss.num_matches=\(5, 1\).*at most \(4, 4\)"),
+    ({"loss.alpha": 1.5}, r"alpha=1.5 is outside \[0, 1\]"),
+    ({"model.arch": "resnet51"}, r"config.model.arch='resnet51': unknown architecture; use one of resnet18"),
+    ({"optim.name": "sgd"}, r"config.optim.name='sgd'"),
+    ({"data.crops": ((64, 1, 0.3, 1.0),)}, r"first group needs at least 2 views"),
+    ({"data.crops": ((64, 2, 0.0, 1.0),)}, r"CropGroup scale=\(0.0, 1.0\)"),
+    ({"model.mlp": "64-x"}, r"MLP spec '64-x'"),
+    ({"model.dtype": "float16"}, r"config.model.dtype='float16'"),
+    ({"grad_accum_steps": 4}, r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)"),
 ])
 def test_bad_configs_are_named(data_dir, overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
-        validate(tiny_config(data_dir, **overrides), num_devices=8)
+        build.check_config(tiny_config(data_dir, overrides), num_devices=8)
 
 
 def test_config_files_are_valid():
-    """Every recipe of configs/ loads, with variants, and validates for a matching mesh."""
-    from vicregl_jax.config import config_module
+    """Every recipe of configs/ loads, with its variants, and validates for a matching mesh;
+    old flat keys and misspelt keys on the command line are named with the fix."""
+    from vicregl_jax import config as config_lib
 
     root = os.path.join(HERE, "..", "configs")
-    for name in ("r50", "convnext_s", "convnext_b", "convnext_xl", "demo"):
-        module = config_module(os.path.join(root, f"{name}.py"))
-        config = module.get_config()
-        validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
+    for name, variants in (("r50", ("", "alpha=0.9", "schedule=100ep")), ("convnext", ("size=s", "size=b,alpha=0.9", "size=xl")),
+                           ("demo", ("",))):
+        module = config_lib.config_module(os.path.join(root, f"{name}.py"))
         assert module.__doc__ and "python main.py --config=configs/" in module.__doc__
-    module = config_module(os.path.join(root, "r50.py"))
-    assert module.get_config("alpha=0.9").alpha == 0.9
-    with pytest.raises(ValueError, match="'alhpa' is not a config key"):
+        for variant in variants:
+            config = module.get_config(variant or None)
+            if variant == "size=xl":  # ImageNet-22k is the user's folder: required, named with the fix
+                with pytest.raises(ValueError, match=r"config.data.dataset=None.*folder:gs://BUCKET/imagenet22k"):
+                    config_lib.validate(config, num_devices=8)
+                config.data.dataset = "folder:/data/imagenet22k"
+            config_lib.validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
+    module = config_lib.config_module(os.path.join(root, "r50.py"))
+    assert module.get_config("alpha=0.9").loss.alpha == 0.9
+    assert config_lib.load(os.path.join(root, "convnext.py") + ":size=b").model.arch == "convnext_base"
+    with pytest.raises(ValueError, match="'alhpa=0.9': write key=value with key one of"):
         module.get_config("alhpa=0.9")
+    config = module.get_config()
+    with pytest.raises(ValueError, match=r"config.alpha is now config.loss.alpha: write --config.loss.alpha="):
+        config_lib.check_override_names(["--config.alpha=0.9"], config)
+    with pytest.raises(ValueError, match=r"config.optim.base_rl is not a config key: did you mean config.optim.base_lr"):
+        config_lib.check_override_names(["--config.optim.base_rl=0.1"], config)
+    config_lib.check_override_names(["--config.optim.base_lr=0.1", "--config.batch_size", "512"], config)
+
+
+def test_old_flat_key_on_the_command_line_fails_with_the_new_name(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/demo.py",
+                          f"--workdir={tmp_path}", "--config.base_lr=0.1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env())
+    assert out.returncode != 0
+    assert "config.base_lr is now config.optim.base_lr" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
-    """config.init_weights loads a PyTorch backbone file (heads keep their initialisation) or
-    another workdir's model into the state a run starts from."""
+    """config.model.init_weights loads a PyTorch backbone file (heads keep their initialisation) or
+    another workdir's model into the state a run starts from, placed like the state."""
     from flax import nnx
 
-    from vicregl_jax import convert
+    from vicregl_jax import layout, torch_io
 
     train.train_and_evaluate(tiny_config(data_dir), tmp_path / "source", stop_after_steps=1)
-    source, _, _ = train.load_model(tmp_path / "source")
+    source, _, _ = state_lib.load_workdir_model(tmp_path / "source")
     pth = str(tmp_path / "backbone.pth")
-    convert.write_torch_weights(convert.to_torch_state_dict(source, "resnet_test"), pth)
+    torch_io.write_torch_weights(layout.to_torch_state_dict(source, "resnet_test"), pth)
     mesh = sharding.make_mesh(8)
     for weights in (pth, str(tmp_path / "source")):
-        config = tiny_config(data_dir, init_weights=weights)
-        schedule, tx = train.schedule_and_optimizer(config, 10, config.total_steps)
-        graphdef, state, shardings = train.init_train_state(config, tx, mesh)
-        state = train.apply_init_weights(config, graphdef, state, shardings)
-        loaded = nnx.to_pure_dict(jax.device_get(state.params))
+        config = tiny_config(data_dir, {"model.init_weights": weights})
+        schedule, tx = build.make_optimizer(config, 10, config.total_steps)
+        _, _, state, shardings = build.init_train_state(config, tx, mesh)
+        params, _, _ = state_lib.initial_weights(weights, config, state.params, state.batch_stats)
+        assert jax.tree.map(lambda a: a.sharding, params) == shardings.params
+        loaded = nnx.to_pure_dict(jax.device_get(params))
         want = nnx.to_pure_dict(nnx.state(source, nnx.Param))
         assert max_abs_diff(loaded["backbone"], want["backbone"]) == 0.0
         if weights == pth:  # a backbone file leaves the heads as initialised
             assert max_abs_diff(loaded["expander"], want["expander"]) > 0.0
         else:
             assert max_abs_diff(loaded["expander"], want["expander"]) == 0.0
+    bad = tiny_config(data_dir, {"model.init_weights": pth, "model.arch": "convnext_test"})
+    schedule, tx = build.make_optimizer(bad, 10, bad.total_steps)
+    _, _, state, _ = build.init_train_state(bad, tx, mesh)
     with pytest.raises(ValueError, match="do not match"):
-        bad = tiny_config(data_dir, init_weights=pth, arch="convnext_test")
-        schedule, tx = train.schedule_and_optimizer(bad, 10, bad.total_steps)
-        graphdef, state, shardings = train.init_train_state(bad, tx, mesh)
-        train.apply_init_weights(bad, graphdef, state, shardings)
+        state_lib.initial_weights(pth, bad, state.params, state.batch_stats)
+    with pytest.raises(ValueError, match="holds another model.*model.arch: 'resnet_test' there vs 'convnext_test' here"):
+        state_lib.initial_weights(str(tmp_path / "source"), bad, state.params, state.batch_stats)
 
 
 def test_train_step_imports_without_tensorflow():
@@ -315,10 +401,10 @@ def test_knn_monitor_during_pretraining_matches_the_knn_evaluation(data_dir, tmp
     the checkpoint of the same step. An unlabelled kNN dataset fails before training."""
     from vicregl_jax.evaluate import knn
 
-    knn_keys = dict(eval_dataset="vicregl_digits", eval_split="test", eval_image_size=64, eval_resize_size=64,
-                    eval_batch_size=128)
+    knn_keys = {"eval.dataset": "vicregl_digits", "eval.split": "test", "eval.image_size": 64,
+                "eval.resize_size": 64, "eval.batch_size": 128}
     # 76 photos / batch 16 = 4 steps per epoch: a kNN every 2 steps.
-    config = tiny_config(data_dir, knn_every_epochs=0.5, **knn_keys)
+    config = tiny_config(data_dir, {"knn_every_epochs": 0.5, **knn_keys})
     train.train_and_evaluate(config, tmp_path, stop_after_steps=2)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     monitored = [r for r in records if "knn_top1" in r]
@@ -327,5 +413,6 @@ def test_knn_monitor_during_pretraining_matches_the_knn_evaluation(data_dir, tmp
     standalone = knn.run(config, str(tmp_path))
     assert monitored[0]["knn_top1"] == pytest.approx(standalone["top1"], abs=0.35)  # one image of 299 at most
     assert monitored[0]["knn_top5"] == pytest.approx(standalone["top5"], abs=0.35)
-    with pytest.raises(ValueError, match="kNN needs labels.*'vicregl_photos'.*eval_dataset"):
-        train.train_and_evaluate(tiny_config(data_dir, knn_every_epochs=1.0, eval_split="train"), tmp_path / "unlabelled")
+    with pytest.raises(ValueError, match=r"kNN needs labels.*'vicregl_photos'.*eval\.dataset"):
+        train.train_and_evaluate(tiny_config(data_dir, {"knn_every_epochs": 1.0, "eval.split": "train"}),
+                                 tmp_path / "unlabelled")

@@ -1,169 +1,249 @@
-"""The run configuration: defaults shared by every configs/*.py file, and its validation.
+"""The run configuration: a nested ml_collections config whose subtrees are the arguments of
+the constructors that own them, and the checks that span several parts.
 
-Every key is documented here; configs/ files override what their recipe changes. A config
-is validated before anything starts (`validate`), so a bad value fails in a second with a
-message naming the key and the fix, not an hour into a run.
+    config.data        the input pipeline (dataset, crops, ...)
+    config.model       VICRegLModel (arch, heads, classifier, compute dtype, initial weights)
+    config.loss        losses.LossConfig (alpha, coefficients, matches)
+    config.optim       the optimiser and its learning-rate schedule
+    config.mesh        devices and parameter sharding
+    config.checkpoint  Orbax checkpoints of the training state
+    config.eval        the evaluations: shared settings, then knn / linear / segment / correspond
+
+Every key is documented in `default_config`; configs/*.py files change only what their recipe
+changes. On the command line any key is set with `--config.a.b=value`. Each constructor
+validates the subtree it owns (LossConfig its alpha and matches, the model its architecture
+and heads, the optimiser its name); `validate` checks only the facts that span parts (batch
+vs devices, crop size vs the backbone's stride, matches vs locations), before anything
+starts.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
+import importlib.util
+import os
 import re
 
 import ml_collections
 from ml_collections import config_dict
+
+from vicregl_jax import models
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Returns the defaults (the release's ResNet-50 recipe at batch 2048) for every key."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-
-    # Data (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per group; the
-    # first group holds the two large views every pair is anchored on.
-    c.dataset = "imagenet2012"
-    c.train_split = "train"
-    c.eval_split = "validation"
-    c.data_dir = config_dict.placeholder(str)
-    c.manual_dir = config_dict.placeholder(str)
-    c.crops = ((224, 2, 0.08, 1.0),)
-    c.flip_grid = False  # the release leaves the grid of a flipped view unflipped
-    c.num_classes = 1000  # online classifier outputs (labels of the pre-training data)
-    c.num_train_examples = config_dict.placeholder(int)  # None: read from the dataset
-
-    # Model (SPEC.md section 2).
-    c.arch = "resnet50"
-    c.mlp = "8192-8192-8192"
-    c.maps_mlp = "512-512-512"
-    c.drop_path_rate = config_dict.placeholder(float)  # ConvNeXt only; None: 0.1
-    c.layer_scale_init = config_dict.placeholder(float)  # ConvNeXt only; None: 0 (off)
-    c.compute_dtype = "auto"  # "auto": bfloat16 on GPU / TPU, float32 on CPU
-    c.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
-
-    # Criterion (SPEC.md section 3).
-    c.alpha = 0.75
-    c.inv_coeff = 25.0
-    c.var_coeff = 25.0
-    c.cov_coeff = 1.0
-    c.num_matches = (20, 4)
-    c.l2_all_matches = True
-    c.fast_vc_reg = False
-
-    # Optimisation (SPEC.md section 4). batch_size is the global batch over all hosts.
+    c.mode = "pretrain"  # what main.py runs when --mode is not given
+    # The schedule. batch_size is the global batch over all hosts and devices.
     c.batch_size = 2048
     c.epochs = 300
-    c.warmup_epochs = 10
-    c.optimizer = "lars"
-    c.base_lr = 0.2
-    c.end_lr_ratio = 0.001
-    c.weight_decay = 1e-6
     c.total_steps = config_dict.placeholder(int)  # None: epochs * examples // batch_size
     c.grad_accum_steps = 1  # >1: statistics are per micro-batch (see README)
-
-    # Devices and sharding.
-    c.num_devices = config_dict.placeholder(int)  # None: every device of every host
-    c.param_sharding = "replicated"  # or "fsdp" (large models)
-    c.sharding_rules = ()  # ((regex, "fsdp" | "replicated"), ...) on parameter paths
-
-    # Checkpoints and logs.
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.knn_every_epochs = 0.0  # >0: kNN on eval_dataset every this many epochs and at the end
-    c.mode = "pretrain"  # what main.py runs when --mode is not given
+    c.knn_every_epochs = 0.0  # >0: kNN on config.eval's dataset every this many epochs and at the end
+    # JAX's persistent compilation cache, so that a restart does not compile again. None:
+    # WORKDIR/compilation_cache ($JAX_COMPILATION_CACHE_DIR when set); "off": none; or a path (gs:// too).
+    c.compilation_cache_dir = config_dict.placeholder(str)
+
+    # The input pipeline (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per
+    # group; the first group holds the two large views every pair is anchored on.
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "imagenet2012"  # a TFDS name, an embedded one, or folder:PATH
+    c.data.split = "train"
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (local or gs://)
+    c.data.manual_dir = config_dict.placeholder(str)  # TFDS manual downloads (ImageNet's tars)
+    c.data.crops = ((224, 2, 0.08, 1.0),)
+    c.data.flip_grid = False  # the release leaves the grid of a flipped view unflipped
+    c.data.num_examples = config_dict.placeholder(int)  # None: read from the dataset
+
+    # VICRegLModel (SPEC.md section 2); config.loss.alpha decides which heads exist.
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "resnet50"
+    c.model.mlp = "8192-8192-8192"  # the expander
+    c.model.maps_mlp = "512-512-512"  # the local projector
+    c.model.num_classes = 1000  # online classifier outputs (labels of the pre-training data)
+    c.model.drop_path_rate = config_dict.placeholder(float)  # ConvNeXt only; None: 0.1
+    c.model.layer_scale_init = config_dict.placeholder(float)  # ConvNeXt only; None: 0 (off)
+    c.model.dtype = "auto"  # compute dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
+    c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
+
+    # The criterion (SPEC.md section 3): the fields of losses.LossConfig.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.alpha = 0.75
+    c.loss.inv_coeff = 25.0
+    c.loss.var_coeff = 25.0
+    c.loss.cov_coeff = 1.0
+    c.loss.num_matches = (20, 4)
+    c.loss.l2_all_matches = True
+    c.loss.fast_vc_reg = False
+
+    # Optimisation (SPEC.md section 4): peak lr = base_lr * batch_size / 256.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "lars"  # or "adamw"
+    c.optim.base_lr = 0.2
+    c.optim.end_lr_ratio = 0.001
+    c.optim.weight_decay = 1e-6
+    c.optim.warmup_epochs = 10
+
+    # Devices and parameter sharding.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.num_devices = config_dict.placeholder(int)  # None: every device of every host
+    c.mesh.param_sharding = "replicated"  # or "fsdp" (large models)
+    c.mesh.rules = ()  # ((regex, "fsdp" | "replicated"), ...) on parameter paths
+
+    # Checkpoints of the training state.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
 
     # Evaluation (python main.py --mode=linear | knn | segment | correspond | export).
-    c.eval_dataset = config_dict.placeholder(str)  # None: the pre-training dataset
-    c.eval_train_split = "train"
-    c.eval_batch_size = 256
-    c.eval_image_size = 224
-    c.eval_resize_size = 256
-    c.linear_mode = "protocol"  # or "fast": features of centre crops computed once
-    c.linear_epochs = 100
-    c.linear_lr = config_dict.placeholder(float)  # None: 0.02 for ResNets, 0.3 for ConvNeXts
-    c.linear_weight_decay = 1e-6
-    c.knn_k = 20
-    c.knn_temperature = 0.07
-    c.seg_dataset = "voc/2012"  # TFDS name with segmentation masks, or folder:PATH of images/ + masks/
-    c.seg_train_split = "train"
-    c.seg_eval_split = "validation"
-    c.seg_num_classes = 21
-    c.seg_image_size = 512
-    c.seg_steps = 40000
-    c.seg_batch_size = 16
-    c.correspond_pairs = 256
-    c.correspond_crop_size = 224
-    c.correspond_scale = (0.3, 1.0)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.dataset = config_dict.placeholder(str)  # None: the pre-training dataset
+    c.eval.train_split = "train"
+    c.eval.split = "validation"
+    c.eval.batch_size = 256
+    c.eval.image_size = 224
+    c.eval.resize_size = 256
+    c.eval.knn = ml_collections.ConfigDict({"k": 20, "temperature": 0.07})
+    c.eval.linear = ml_collections.ConfigDict()
+    c.eval.linear.mode = "protocol"  # or "fast": features of centre crops computed once
+    c.eval.linear.epochs = 100
+    c.eval.linear.lr = config_dict.placeholder(float)  # None: 0.02 for ResNets, 0.3 for ConvNeXts
+    c.eval.linear.weight_decay = 1e-6
+    c.eval.segment = ml_collections.ConfigDict()
+    c.eval.segment.dataset = "voc/2012"  # TFDS name with segmentation masks, or folder:PATH of images/ + masks/
+    c.eval.segment.train_split = "train"
+    c.eval.segment.split = "validation"
+    c.eval.segment.num_classes = 21
+    c.eval.segment.image_size = 512
+    c.eval.segment.steps = 40000
+    c.eval.segment.batch_size = 16
+    c.eval.correspond = ml_collections.ConfigDict()
+    c.eval.correspond.pairs = 256
+    c.eval.correspond.crop_size = 224
+    c.eval.correspond.scale = (0.3, 1.0)
     return c
 
 
-def convnext_recipe(arch: str):
-    """Returns the release's ConvNeXt recipe for arch (shared by the ConvNeXt configs)."""
-    c = default_config()
-    c.arch = arch
-    c.dataset = "imagenet2012"
-    c.num_classes = 1000
-    c.crops = ((224, 2, 0.4, 1.0), (96, 6, 0.08, 0.4))
-    c.alpha = 0.75
-    c.mlp = "8192-8192-8192"
-    c.maps_mlp = "512-512-512"
-    c.drop_path_rate = 0.1
-    c.layer_scale_init = 0.0
-    c.optimizer = "adamw"
-    c.batch_size = 576
-    c.base_lr = 0.0005
-    c.weight_decay = 0.05
-    c.epochs = 400
-    c.warmup_epochs = 10
-    return c
+# Keys of the flat config before it was nested: given on the command line they fail with
+# their new name.
+RENAMED = {
+    "dataset": "data.dataset", "train_split": "data.split", "data_dir": "data.data_dir",
+    "manual_dir": "data.manual_dir", "crops": "data.crops", "flip_grid": "data.flip_grid",
+    "num_train_examples": "data.num_examples",
+    "arch": "model.arch", "mlp": "model.mlp", "maps_mlp": "model.maps_mlp",
+    "num_classes": "model.num_classes", "drop_path_rate": "model.drop_path_rate",
+    "layer_scale_init": "model.layer_scale_init", "compute_dtype": "model.dtype",
+    "init_weights": "model.init_weights",
+    "alpha": "loss.alpha", "inv_coeff": "loss.inv_coeff", "var_coeff": "loss.var_coeff",
+    "cov_coeff": "loss.cov_coeff", "num_matches": "loss.num_matches",
+    "l2_all_matches": "loss.l2_all_matches", "fast_vc_reg": "loss.fast_vc_reg",
+    "optimizer": "optim.name", "base_lr": "optim.base_lr", "end_lr_ratio": "optim.end_lr_ratio",
+    "weight_decay": "optim.weight_decay", "warmup_epochs": "optim.warmup_epochs",
+    "num_devices": "mesh.num_devices", "param_sharding": "mesh.param_sharding",
+    "sharding_rules": "mesh.rules",
+    "checkpoint_every_steps": "checkpoint.every_steps", "keep_checkpoints": "checkpoint.keep",
+    "eval_dataset": "eval.dataset", "eval_train_split": "eval.train_split",
+    "eval_split": "eval.split", "eval_batch_size": "eval.batch_size",
+    "eval_image_size": "eval.image_size", "eval_resize_size": "eval.resize_size",
+    "knn_k": "eval.knn.k", "knn_temperature": "eval.knn.temperature",
+    "linear_mode": "eval.linear.mode", "linear_epochs": "eval.linear.epochs",
+    "linear_lr": "eval.linear.lr", "linear_weight_decay": "eval.linear.weight_decay",
+    "seg_dataset": "eval.segment.dataset", "seg_train_split": "eval.segment.train_split",
+    "seg_eval_split": "eval.segment.split", "seg_num_classes": "eval.segment.num_classes",
+    "seg_image_size": "eval.segment.image_size", "seg_steps": "eval.segment.steps",
+    "seg_batch_size": "eval.segment.batch_size", "correspond_pairs": "eval.correspond.pairs",
+    "correspond_crop_size": "eval.correspond.crop_size",
+    "correspond_scale": "eval.correspond.scale",
+}
 
 
-def parse_arg(arg: str | None) -> dict:
-    """Returns the key=value pairs of a config argument string ("alpha=0.9,arch=resnet18")."""
-    out = {}
-    # Split at the commas that start a new key=, so tuple values like (20,4) stay whole.
-    for item in filter(None, re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", arg or "")):
-        if "=" not in item:
-            raise ValueError(f"Config argument {item!r} is not key=value; write e.g. 'alpha=0.9'.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Returns the dotted names of every leaf key of a nested config."""
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += all_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def unknown_key_message(key: str, config: ml_collections.ConfigDict) -> str:
+    """Returns the one-line error for `--config.<key>` that the config does not have: its new
+    name if it is a key of the flat config of earlier versions, else the closest keys."""
+    if key in RENAMED:
+        return f"config.{key} is now config.{RENAMED[key]}: write --config.{RENAMED[key]}=..."
+    keys = all_keys(config)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    close += [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and k not in close]
+    hint = f"did you mean {', '.join('config.' + k for k in close[:3])}?" if close else (
+        f"the sections are {', '.join(sorted(k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)))}")
+    return f"config.{key} is not a config key: {hint}"
+
+
+def check_override_names(argv, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for the first `--config.<key>=...` in argv that config lacks."""
+    for arg in argv:
+        match = re.match(r"--config\.([\w.]+)(=|$)", arg)
+        if match is None:
+            continue
+        node, key = config, match.group(1)
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ValueError(unknown_key_message(key, config))
+            node = node[part]
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------
+
+
+def parse_variant(arg: str | None, **defaults):
+    """Returns a ConfigDict of a config file's variant argument ("size=b,alpha=0.9") over its
+    defaults; values are Python literals or bare strings, of the default's type."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: write key=value with key one of {sorted(defaults)}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config argument {item!r}: {key} takes a {kind.__name__}") from None
     return out
 
 
 def config_module(path: str):
     """Returns the module of a config file (configs/*.py): `config_module(path).get_config(arg)`
     is the config that main.py's `--config=path:arg` gives."""
-    import importlib.util
-    import os
-
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"vicregl_config_{name}", path)
-    if spec is None:
+    if spec is None or not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is not a config file: pass e.g. configs/r50.py.")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies "key=value,..." overrides to config; values are Python literals (strings may be
-    bare), checked against the key's type by ConfigDict."""
-    for key, text in parse_arg(arg).items():
-        if key not in config:
-            raise ValueError(f"Config argument {key!r} is not a config key; known keys: {sorted(config.keys())}.")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if config.get_type(key) is bool and isinstance(value, int):
-            value = bool(value)
-        elif config.get_type(key) is str and not isinstance(value, str):
-            value = text
-        try:
-            config[key] = value
-        except TypeError as e:
-            raise ValueError(f"Config argument {key}={text!r} has the wrong type for that key: {e}") from None
-    return config
+def load(path_and_arg: str) -> ml_collections.ConfigDict:
+    """Returns the config of "configs/x.py[:arg]", as main.py's --config gives it."""
+    path, _, arg = path_and_arg.partition(":")
+    return config_module(path).get_config(arg or None)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that span parts
+# --------------------------------------------------------------------------------------------
 
 
 def _error(key: str, value, fix: str) -> ValueError:
@@ -171,22 +251,17 @@ def _error(key: str, value, fix: str) -> ValueError:
 
 
 def validate(config, *, num_devices: int, process_count: int = 1) -> None:
-    """Raises ValueError naming the key and the fix for any value the run cannot use."""
-    from vicregl_jax import models, optim  # noqa: F401  (registry of architectures)
+    """Raises ValueError naming the key and the fix for a combination the run cannot use.
 
-    if config.arch not in models.ARCHITECTURES:
-        raise _error("arch", config.arch, f"unknown architecture; use one of {', '.join(models.ARCHITECTURES)}.")
-    if not 0.0 <= config.alpha <= 1.0:
-        raise _error("alpha", config.alpha, "must lie in [0, 1] (0.75 or 0.9 in the release).")
-    if config.optimizer not in optim.OPTIMIZERS:
-        raise _error("optimizer", config.optimizer, f"use one of {sorted(optim.OPTIMIZERS)}.")
-    if config.compute_dtype not in ("auto", "float32", "bfloat16"):
-        raise _error("compute_dtype", config.compute_dtype, "use 'auto', 'float32' or 'bfloat16'.")
-    for key in ("mlp", "maps_mlp"):
-        spec = config[key]
-        if not spec or any(not part.isdigit() or int(part) < 1 for part in str(spec).split("-")):
-            raise _error(key, spec, "write the layer widths joined by '-', e.g. '8192-8192-8192'.")
-
+    Only facts that span parts are checked here; each constructor checks its own subtree.
+    """
+    if not config.data.dataset:
+        raise _error("data.dataset", config.data.dataset,
+                     "give the pre-training data: a TFDS name, or a folder as --config.data.dataset=folder:PATH "
+                     "(e.g. folder:gs://BUCKET/imagenet22k).")
+    if config.model.arch not in models.ARCHITECTURES:
+        raise _error("model.arch", config.model.arch,
+                     f"unknown architecture; use one of {', '.join(models.ARCHITECTURES)}.")
     accum = config.grad_accum_steps
     if accum < 1:
         raise _error("grad_accum_steps", accum, "must be 1 or more.")
@@ -199,41 +274,40 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     if config.batch_size % process_count:
         raise _error("batch_size", config.batch_size, f"must be divisible by the number of hosts ({process_count}).")
     if config.batch_size // accum < 2:
-        raise _error("batch_size", config.batch_size, "the variance over a batch of 1 is undefined; use 2 or more per micro-batch.")
+        raise _error("batch_size", config.batch_size,
+                     "the variance over a batch of 1 is undefined; use 2 or more per micro-batch.")
 
-    crops = [tuple(g) for g in config.crops]
+    crops = [tuple(g) for g in config.data.crops]
     if not crops or any(len(g) != 4 for g in crops):
-        raise _error("crops", config.crops, "give (size, count, min_scale, max_scale) per group, e.g. ((224, 2, 0.08, 1.0),).")
+        raise _error("data.crops", config.data.crops,
+                     "give (size, count, min_scale, max_scale) per group, e.g. ((224, 2, 0.08, 1.0),).")
     if crops[0][1] < 2:
-        raise _error("crops", config.crops, "the first group needs at least 2 views (the two large crops).")
-    stride = models.backbone_stride(config.arch)
+        raise _error("data.crops", config.data.crops, "the first group needs at least 2 views (the two large crops).")
+    stride = models.backbone_stride(config.model.arch)
     for size, count, lo, hi in crops:
         if size % stride or size < stride:
             raise _error(
-                "crops", config.crops,
-                f"crop size {size} does not give a whole grid for {config.arch} (stride {stride}); "
+                "data.crops", config.data.crops,
+                f"crop size {size} does not give a whole grid for {config.model.arch} (stride {stride}); "
                 f"use a multiple of {stride}, e.g. {max(stride, round(size / stride) * stride)}.",
             )
-        if count < 1 or not 0.0 < lo <= hi <= 1.0:
-            raise _error("crops", config.crops, f"group ({size}, {count}, {lo}, {hi}) needs count >= 1 and 0 < min_scale <= max_scale <= 1.")
-    if config.alpha < 1.0:
-        large = min((s // stride) ** 2 for s, _, _, _ in crops[:1])
+    if config.loss.alpha < 1.0:
+        large = (crops[0][0] // stride) ** 2
         smallest = min((s // stride) ** 2 for s, _, _, _ in crops)
-        nm = tuple(config.num_matches)
+        nm = tuple(config.loss.num_matches)
         if len(nm) != 2 or min(nm) < 1 or nm[0] > large or nm[1] > smallest:
             raise _error(
-                "num_matches", nm,
+                "loss.num_matches", nm,
                 f"the large views have {large} locations and the smallest {smallest}: use two positive "
                 f"counts of at most ({large}, {smallest}).",
             )
-    if config.num_classes < 1:
-        raise _error("num_classes", config.num_classes, "must be 1 or more.")
-    if config.param_sharding not in ("replicated", "fsdp"):
-        raise _error("param_sharding", config.param_sharding, "use 'replicated' or 'fsdp'.")
-    if config.epochs <= config.warmup_epochs and config.total_steps is None:
-        raise _error("warmup_epochs", config.warmup_epochs, f"must be below epochs ({config.epochs}).")
+    if config.total_steps is None and config.epochs <= config.optim.warmup_epochs:
+        raise _error("optim.warmup_epochs", config.optim.warmup_epochs, f"must be below epochs ({config.epochs}).")
     if config.knn_every_epochs < 0:
         raise _error("knn_every_epochs", config.knn_every_epochs, "use 0 (no kNN monitor) or a positive number of epochs.")
-    for key in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
-        if config[key] < 1:
-            raise _error(key, config[key], "must be 1 or more.")
+    for key in ("log_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value < 1:
+            raise _error(key, value, "must be 1 or more.")

@@ -1,579 +1,59 @@
-"""Weights to and from the layout of the authors' PyTorch release.
+"""Conversion to and from the authors' PyTorch release, on the command line.
 
-Pure functions (no torch):
-  to_torch_state_dict(model_or_state, arch, *, full=False) -> dict[str, np.ndarray]
-  load_torch_state_dict(model, state_dict) -> tuple[str, ...]
-  infer_model_kwargs(state_dict) -> dict
-  model_from_torch_state_dict(state_dict, model_kwargs, *, seed=0) -> (model, parts)
-  save_model_dir(model, directory, model_kwargs) / load_model_dir(directory)
-File functions (import torch lazily, only here):
-  read_torch_weights(path) -> dict[str, np.ndarray]        (.pth or .safetensors)
-  write_torch_weights(state_dict, path, *, epoch=None, safetensors=False) -> list[str]
-CLI:
-  python -m vicregl_jax.convert to-torch SRC_DIR OUT.pth [--full] [--safetensors]
-  python -m vicregl_jax.convert from-torch SRC.pth OUT_DIR --arch NAME [...]
+    python -m vicregl_jax.convert to-torch SRC OUT.pth [--full] [--epoch N] [--safetensors]
+    python -m vicregl_jax.convert from-torch SRC.pth OUT_DIR --arch NAME [--mlp ...]
 
-Layouts (SPEC.md section 6). Backbone files hold a plain state_dict with the torchvision
-ResNet names (without fc) or the release's ConvNeXt names. Full checkpoints hold
-``{"epoch": int, "model": {...}, "optimizer": ...}`` with model keys ``module.backbone.*``,
-``module.projector.{0,1,3,4,6}.*`` (the expander), ``module.maps_projector.*`` (the local
-projector) and ``module.classifier.*``. Flax conv kernels are (kh, kw, in, out) and
-PyTorch's (out, in, kh, kw); Dense kernels (in, out) and Linear weights (out, in).
-BatchNorm's ``num_batches_tracked`` is written as 0 (PyTorch only reads it when
-momentum=None) and ignored, or allowed to be absent, when reading.
+to-torch: SRC is a workdir (pre-training, or written by from-torch), its newest checkpoint;
+OUT.pth the release's backbone state_dict (loads with strict=True into its resnet /
+convnext) or, with --full, its full checkpoint {"epoch", "model": module.*}.
+from-torch: SRC is a backbone file or a full checkpoint (.pth with or without "module.",
+the release's training checkpoints with their optimiser state included, or .safetensors);
+OUT_DIR becomes a workdir holding the weights (config.json and a checkpoint without
+training state), which every evaluation reads (--workdir or --weights) and a run starts
+from with --config.model.init_weights=OUT_DIR.
+
+The layout mapping itself is vicregl_jax.layout (pure), the file reading vicregl_jax.torch_io,
+and the model state vicregl_jax.state.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
-import json
 import os
 import sys
-from typing import Any, Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from vicregl_jax.models import ARCHITECTURES, abstract_backbone, backbone_norm
-from vicregl_jax.models.vicregl import VICRegLModel
-
-# Flax attribute of VICRegLModel -> the release's attribute of its VICRegL module.
-_PARTS = {"backbone": "backbone", "expander": "projector",
-          "local_projector": "maps_projector", "classifier": "classifier"}
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-           "var": "running_var", "gamma": "gamma"}
-DDP_PREFIX = "module."
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")  # files read_torch_weights reads
-_MAX_LISTED = 12
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """One PyTorch tensor: its name, its Flax path (None: num_batches_tracked), kind."""
-    name: str
-    path: tuple | None
-    kind: str  # "conv" | "linear" | "copy" | "counter"
-
-
-# ----------------------------------------------------------------------------- layout
-
-def _flat_weights(model_or_state: Any) -> dict[tuple, Any]:
-    """Returns {path: array} of the parameters and batch statistics (no RNG state)."""
-    if isinstance(model_or_state, nnx.Module):
-        tree = nnx.state(model_or_state, (nnx.Param, nnx.BatchStat)).to_pure_dict()
-    elif isinstance(model_or_state, nnx.State):
-        tree = model_or_state.to_pure_dict()
-    elif isinstance(model_or_state, Mapping):
-        tree = model_or_state
-    else:
-        raise ValueError(f"cannot convert a {type(model_or_state).__name__}: pass an nnx "
-                         "Module, an nnx.State or its pure dict")
-    flat = {}
-
-    def visit(node, path):
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                visit(value, path + (key,))
-        elif "rngs" not in path:  # drop path RNG streams are not weights
-            flat[tuple(int(p) if isinstance(p, str) and p.isdigit() else p
-                       for p in path)] = node
-    visit(tree, ())
-    return flat
-
-
-def _torch_entry(path: tuple, ndim: int, *, full: bool) -> _Entry:
-    """Returns the PyTorch name and conversion kind of the Flax leaf at path."""
-    leaf = path[-1]
-    if leaf not in _LEAVES:
-        raise ValueError(f"unexpected leaf {'.'.join(map(str, path))!r}: not a weight of "
-                         "a vicregl_jax model")
-    parts = list(path[:-1])
-    if full:
-        if parts[0] not in _PARTS:
-            raise ValueError(f"unexpected module {parts[0]!r}: not a part of VICRegLModel")
-        parts[0] = _PARTS[parts[0]]
-    names, i = [], 0
-    while i < len(parts):
-        # MLP: linears[i] / norms[i] are the release's Sequential indices 3i / 3i + 1.
-        if parts[i] in ("linears", "norms") and i + 1 < len(parts):
-            names.append(str(3 * int(parts[i + 1]) + (parts[i] == "norms")))
-            i += 2
-        else:
-            names.append(str(parts[i]))
-            i += 1
-    kind = {4: "conv", 2: "linear"}.get(ndim, "copy") if leaf == "kernel" else "copy"
-    return _Entry(".".join(names + [_LEAVES[leaf]]), path, kind)
-
-
-def _layout(flat: Mapping[tuple, Any], *, full: bool) -> list[_Entry]:
-    """Returns the PyTorch entries of a flat Flax state, in PyTorch's own order."""
-    entries = []
-    for path, value in flat.items():
-        entry = _torch_entry(path, len(np.shape(value)), full=full)
-        entries.append(entry)
-        if path[-1] == "mean":
-            prefix = entry.name.rsplit(".", 1)[0]
-            entries.append(_Entry(prefix + ".num_batches_tracked", None, "counter"))
-    return sorted(entries, key=lambda e: _natural_key(e.name))
-
-
-def _natural_key(name: str):
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
-def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":
-        return np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
-    if kind == "linear":
-        return np.ascontiguousarray(value.T)
-    return np.asarray(value)
-
-
-def _from_torch(value: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":
-        return np.transpose(value, (2, 3, 1, 0))
-    if kind == "linear":
-        return value.T
-    return value
-
-
-def _torch_shape(shape: tuple, kind: str) -> tuple:
-    if kind == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    if kind == "linear":
-        return (shape[1], shape[0])
-    if kind == "counter":
-        return ()
-    return tuple(shape)
-
-
-@functools.lru_cache(maxsize=None)
-def backbone_torch_shapes(arch: str, layer_scale: bool = False) -> dict[str, tuple]:
-    """Returns {name: shape} of arch's backbone state_dict in the release's layout.
-
-    Built abstractly (nnx.eval_shape): nothing is allocated, even for the largest
-    models. layer_scale: ConvNeXt with layer scale (a ``gamma`` per block).
-    """
-    flat = _flat_weights(abstract_backbone(arch, 1e-6 if layer_scale else 0.0))
-    return {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else ()
-            for e in _layout(flat, full=False)}
-
-
-def _signature(shapes: Mapping[str, tuple]) -> dict | None:
-    """Returns the constructor keywords that the names and shapes of a backbone imply."""
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
-    if "conv1.weight" in shapes:
-        return {"block": "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic",
-                "stage_sizes": tuple(count(f"layer{i}.") for i in range(1, 5)),
-                "width": shapes["conv1.weight"][0]}
-    if "downsample_layers.0.0.weight" in shapes:
-        return {"depths": tuple(count(f"stages.{i}.") for i in range(4)),
-                "dims": tuple(shapes.get(f"downsample_layers.{i}.{min(i, 1)}.weight", (0,))[0]
-                              for i in range(4))}
-    return None
-
-
-def guess_architecture(shapes: Mapping[str, tuple]) -> str | None:
-    """Returns the registered backbone whose state_dict has exactly these names and shapes."""
-    shapes = {k: tuple(v) for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
-    signature = _signature(shapes)
-    layer_scale = any(k.endswith(".gamma") for k in shapes)
-    for arch, constructor in ARCHITECTURES.items():
-        if signature is None or any(constructor.keywords.get(k) != v
-                                    for k, v in signature.items()):
-            continue
-        if layer_scale and backbone_norm(arch) != "layer":
-            continue
-        expected = {k: v for k, v in backbone_torch_shapes(arch, layer_scale).items()
-                    if not k.endswith("num_batches_tracked")}
-        if expected == shapes:
-            return arch
-    return None
-
-
-def _listing(names: Iterable[str]) -> str:
-    names = sorted(names, key=_natural_key)
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
-
-
-def _mismatch_error(what: str, missing, unexpected, wrong_shapes, hint: str = "") -> ValueError:
-    lines = [f"{what} do not match" + (f"; {hint}" if hint else "") + ":"]
-    if missing:
-        lines.append(f"  missing: {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected: {_listing(unexpected)}")
-    if wrong_shapes:
-        shown = [f"{n} {a} vs {b}" for n, a, b in sorted(wrong_shapes, key=lambda t: _natural_key(t[0]))]
-        more = f", ... ({len(shown)} in all)" if len(shown) > _MAX_LISTED else ""
-        lines.append("  shapes (given vs expected): " + "; ".join(shown[:_MAX_LISTED]) + more)
-    return ValueError("\n".join(lines))
-
-
-def _compare(given: Mapping[str, tuple], expected: Mapping[str, tuple]):
-    """Returns (missing, unexpected, wrong shapes); num_batches_tracked may be absent."""
-    missing = [k for k in expected if k not in given
-               and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in given if k not in expected]
-    wrong = [(k, tuple(given[k]), tuple(expected[k])) for k in given
-             if k in expected and tuple(given[k]) != tuple(expected[k])]
-    return missing, unexpected, wrong
-
-
-def _architecture_hint(backbone_shapes: Mapping[str, tuple], arch: str | None) -> str:
-    guess = guess_architecture(backbone_shapes)
-    if guess is not None and guess != arch:
-        return f"these are the weights of {guess!r}" + (f", not {arch!r}: use arch={guess!r}"
-                                                         if arch else "")
-    if arch is None or guess == arch:
-        return ""
-    return f"check that the weights are those of {arch!r} (known: {', '.join(ARCHITECTURES)})"
-
-
-def _split_full(flat: Mapping[tuple, Any]) -> tuple[dict, bool]:
-    """Returns (the backbone's flat state, whether flat is a whole VICRegLModel state)."""
-    if any(path[0] == "backbone" for path in flat):
-        return {path[1:]: v for path, v in flat.items() if path[0] == "backbone"}, True
-    return dict(flat), False
-
-
-# ------------------------------------------------------------------------- Flax -> torch
-
-def to_torch_state_dict(model_or_state: Any, arch: str, *, full: bool = False
-                        ) -> dict[str, np.ndarray]:
-    """Returns the release's state_dict (numpy arrays) of a Flax model or its state.
-
-    model_or_state: a VICRegLModel or a backbone, an nnx.State of one, or its pure dict
-    (e.g. restored by Orbax). With full=False, the backbone's state_dict (loadable with
-    strict=True into the release's resnet/convnext); with full=True, the model entry of a
-    release checkpoint: ``module.backbone.*``, ``module.projector.*``,
-    ``module.maps_projector.*``, ``module.classifier.*``.
-    """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
-    model_arch = getattr(model_or_state, "arch", arch)
-    if model_arch != arch:
-        raise ValueError(f"arch={arch!r} but the model is a {model_arch!r}: pass arch={model_arch!r}")
-    flat = {path: np.asarray(jax.device_get(v)) for path, v in _flat_weights(model_or_state).items()}
-    backbone_flat, is_full = _split_full(flat)
-    if full and not is_full:
-        raise ValueError("full=True needs the state of a whole VICRegLModel (backbone and "
-                         "heads); this is a backbone's: use full=False")
-    # Check the backbone against the architecture before writing anything.
-    entries = _layout(backbone_flat, full=False)
-    shapes = {e.name: _torch_shape(backbone_flat[e.path].shape, e.kind) if e.path else ()
-              for e in entries}
-    layer_scale = (backbone_norm(arch) == "layer"
-                   and any(e.name.endswith(".gamma") for e in entries))
-    expected = backbone_torch_shapes(arch, layer_scale)
-    missing, unexpected, wrong = _compare(shapes, expected)
-    if missing or unexpected or wrong:
-        raise _mismatch_error(f"the Flax state and architecture {arch!r}", missing,
-                              unexpected, wrong, _architecture_hint(shapes, arch))
-    if full:
-        entries, source, prefix = _layout(flat, full=True), flat, DDP_PREFIX
-    else:
-        source, prefix = backbone_flat, ""
-    out = {}
-    for e in entries:
-        if e.kind == "counter":
-            out[prefix + e.name] = np.zeros((), np.int64)
-        else:
-            out[prefix + e.name] = _to_torch(source[e.path].astype(np.float32), e.kind)
-    return out
-
-
-# ------------------------------------------------------------------------- torch -> Flax
-
-def _strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    prefixed = [k for k in state_dict if k.startswith(DDP_PREFIX)]
-    if not prefixed:
-        return dict(state_dict)
-    if len(prefixed) != len(state_dict):
-        others = [k for k in state_dict if not k.startswith(DDP_PREFIX)]
-        raise ValueError(f"some keys have the {DDP_PREFIX!r} prefix and some not "
-                         f"({_listing(others)}): pass one model's state_dict")
-    return {k[len(DDP_PREFIX):]: v for k, v in state_dict.items()}
-
-
-def _is_full_layout(state_dict: Mapping[str, Any]) -> bool:
-    return any(k.startswith("backbone.") for k in state_dict)
-
-
-def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> tuple[str, ...]:
-    """Loads the release's weights into model in place; returns the parts loaded.
-
-    model: a VICRegLModel or a backbone. state_dict: numpy (or array-like) values of a
-    backbone file or of a full checkpoint's "model" entry, with or without the
-    ``module.`` prefix. Into a VICRegLModel a full state_dict loads every part (all must
-    match) and a backbone file loads the backbone only (the heads keep their values;
-    the return value says so). Into a backbone, a full state_dict gives its backbone.
-    Any missing or unexpected name or wrong shape raises ValueError listing them;
-    nothing is loaded then.
-    """
-    given = _strip_ddp_prefix(state_dict)
-    flat = _flat_weights(model)
-    target_backbone, target_full = _split_full(flat)
-    given_full = _is_full_layout(given)
-    if target_full and given_full:
-        entries, parts = _layout(flat, full=True), None
-    elif target_full:
-        entries = [dataclasses.replace(e, path=("backbone", *e.path) if e.path else None)
-                   for e in _layout(target_backbone, full=False)]
-        parts = ("backbone",)
-    else:
-        if given_full:
-            given = {k[len("backbone."):]: v for k, v in given.items()
-                     if k.startswith("backbone.")}
-        entries, parts = _layout(flat, full=False), ("backbone",)
-    expected = {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else ()
-                for e in entries}
-    given_shapes = {k: tuple(np.shape(v)) for k, v in given.items()}
-    missing, unexpected, wrong = _compare(given_shapes, expected)
-    if missing or unexpected or wrong:
-        arch = getattr(model, "arch", None)
-        backbone_given = {k[len("backbone."):] if given_full and k.startswith("backbone.") else k: s
-                          for k, s in given_shapes.items()
-                          if not given_full or k.startswith("backbone.")}
-        hint = _architecture_hint(backbone_given, arch)
-        if given_full and target_full:
-            try:
-                inferred = infer_model_kwargs(given)
-                hint += ("; the file's model is " +
-                         ", ".join(f"{k}={v!r}" for k, v in inferred.items()))
-            except ValueError:
-                pass
-        raise _mismatch_error("the PyTorch state_dict and the Flax model", missing,
-                              unexpected, wrong, hint)
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-    tree = state.to_pure_dict()
-    for e in entries:
-        if e.path is None:
-            continue
-        value = _from_torch(np.asarray(given[e.name], dtype=np.float32), e.kind)
-        node = tree
-        for key in e.path[:-1]:
-            node = node[key]
-        node[e.path[-1]] = jnp.asarray(value)
-    state.replace_by_pure_dict(tree)
-    nnx.update(model, state)
-    if parts is None:
-        parts = tuple(p for p in _PARTS if any(path[0] == p for path in flat))
-    return parts
-
-
-def _mlp_spec(state_dict: Mapping[str, Any], prefix: str) -> str | None:
-    """Returns the spec string of the release's MLP under prefix, or None if absent."""
-    widths, i = [], 0
-    while f"{prefix}.{i}.weight" in state_dict:
-        widths.append(str(np.shape(state_dict[f"{prefix}.{i}.weight"])[0]))
-        i += 3
-    return "-".join(widths) if widths else None
-
-
-def infer_model_kwargs(state_dict: Mapping[str, Any]) -> dict:
-    """Returns the VICRegLModel kwargs (arch, mlp, maps_mlp, alpha, num_classes) of a
-    full checkpoint's model state_dict; alpha is only known to be 0, 1 or in between
-    (0.75 is returned for the latter: the release's default)."""
-    sd = _strip_ddp_prefix(state_dict)
-    if not _is_full_layout(sd):
-        raise ValueError("this is a backbone state_dict: its heads cannot be inferred; "
-                         "pass mlp, maps_mlp, alpha and num_classes yourself")
-    backbone = {k[len("backbone."):]: tuple(np.shape(v)) for k, v in sd.items()
-                if k.startswith("backbone.")}
-    mlp, maps_mlp = _mlp_spec(sd, "projector"), _mlp_spec(sd, "maps_projector")
-    if "classifier.weight" not in sd:
-        raise ValueError("no classifier.weight: not a full VICRegL checkpoint")
-    kwargs = {"arch": guess_architecture(backbone),
-              "mlp": mlp or "8192-8192-8192", "maps_mlp": maps_mlp or "512-512-512",
-              "alpha": 0.75 if (mlp and maps_mlp) else (1.0 if mlp else 0.0),
-              "num_classes": int(np.shape(sd["classifier.weight"])[0])}
-    if any(k.endswith(".gamma") for k in backbone):
-        kwargs["layer_scale_init"] = 1e-6  # any value > 0: it is overwritten by the load
-    return kwargs
-
-
-# ------------------------------------------------------------------- Flax model folders
-
-def _json_kwargs(model_kwargs: Mapping[str, Any]) -> dict:
-    out = dict(model_kwargs)
-    if "dtype" in out:
-        out["dtype"] = jnp.dtype(out["dtype"]).name
-    return out
-
-
-def save_model_dir(model: VICRegLModel, directory: str, model_kwargs: Mapping[str, Any]) -> None:
-    """Writes nnx.state(model) with Orbax under directory/model, kwargs in model.json."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    import orbax.checkpoint as ocp
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "model"), nnx.state(model).to_pure_dict(),
-                      force=True)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump(_json_kwargs(model_kwargs), f, indent=2)
-
-
-def load_model_dir(directory: str) -> VICRegLModel:
-    """Returns the VICRegLModel saved by save_model_dir in directory."""
-    directory = os.path.abspath(directory)
-    config = os.path.join(directory, "model.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"{directory}: no model.json; expected a folder written by "
-                         "save_model_dir (or convert.py from-torch)")
-    with open(config) as f:
-        kwargs = json.load(f)
-    import orbax.checkpoint as ocp
-    abstract = nnx.eval_shape(lambda: VICRegLModel(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "model"),
-                                                  state.to_pure_dict())
-    state.replace_by_pure_dict(restored)
-    return nnx.merge(graphdef, state)
-
-
-# ----------------------------------------------------------------- files (torch inside)
-
-def read_torch_weights(path: str) -> dict[str, np.ndarray]:
-    """Returns the state_dict in a .pth (backbone or full checkpoint) or .safetensors file.
-
-    .pth files are read with torch.load(weights_only=True): no arbitrary unpickling.
-    A full checkpoint gives its "model" entry (keys still with ``module.``).
-    """
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return dict(load_file(path))
-    import torch
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state_dict nor a checkpoint with a 'model' "
-                         "state_dict")
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
-
-
-def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: str, *,
-                        epoch: int | None = None, safetensors: bool = False) -> list[str]:
-    """Writes a .pth (a plain state_dict, or {"epoch", "model"} when epoch is given) and,
-    if safetensors, the tensors beside it as .safetensors; returns the paths written."""
-    import torch
-    # np.require keeps 0-d arrays 0-d (num_batches_tracked); np.ascontiguousarray would make them 1-d.
-    tensors = {k: torch.from_numpy(np.require(v, requirements='C')) for k, v in state_dict.items()}
-    obj = tensors if epoch is None else {"epoch": int(epoch), "model": tensors}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path)
-    written = [path]
-    if safetensors:
-        from safetensors.torch import save_file
-        st_path = os.path.splitext(path)[0] + ".safetensors"
-        save_file(tensors, st_path)
-        written.append(st_path)
-    return written
-
-
-# ------------------------------------------------------------------------------- CLI
-
-def load_any_model(src: str) -> VICRegLModel:
-    """Returns the model of a pre-training workdir (its newest checkpoint) or of a folder
-    written by save_model_dir."""
-    if os.path.exists(os.path.join(src, "config.json")) and os.path.isdir(os.path.join(src, "checkpoints")):
-        from vicregl_jax import train
-
-        return train.load_model(src)[0]
-    return load_model_dir(src)
+from vicregl_jax import layout, models
+from vicregl_jax import state as state_lib
+from vicregl_jax import torch_io
 
 
 def export_torch(workdir: str, weights: str | None = None, *, safetensors: bool = False) -> dict:
     """Writes the release's backbone file and full checkpoint of a workdir's model (or of
     weights, another workdir) to workdir/export/; returns their paths."""
-    model = load_any_model(weights or workdir)
-    out = os.path.join(workdir, "export")
-    os.makedirs(out, exist_ok=True)
-    backbone = write_torch_weights(to_torch_state_dict(model, model.arch), os.path.join(out, f"{model.arch}_backbone.pth"),
-                                   safetensors=safetensors)
-    full = write_torch_weights(to_torch_state_dict(model, model.arch, full=True), os.path.join(out, f"{model.arch}_full.pth"),
-                               epoch=0, safetensors=safetensors)
+    model, _, _ = state_lib.load_workdir_model(weights or workdir)
+    out = os.path.join(str(workdir), "export")
+    backbone = state_lib.export_release_files(model, os.path.join(out, f"{model.arch}_backbone.pth"), full=False,
+                                              safetensors=safetensors)
+    full = state_lib.export_release_files(model, os.path.join(out, f"{model.arch}_full.pth"), full=True,
+                                          safetensors=safetensors)
     print(f"exported {model.arch}: {', '.join(backbone + full)}", flush=True)
     return {"backbone": backbone, "full": full}
 
 
 def _to_torch_main(args) -> None:
-    model = load_any_model(args.src)
-    state_dict = to_torch_state_dict(model, model.arch, full=args.full)
-    written = write_torch_weights(state_dict, args.out, epoch=args.epoch if args.full else None,
-                                  safetensors=args.safetensors)
-    print(f"{model.arch}: {len(state_dict)} tensors -> {', '.join(written)}")
-
-
-@functools.partial(nnx.jit, static_argnames="kwargs")
-def _init_model(key: jax.Array, kwargs: tuple) -> VICRegLModel:
-    """Returns a freshly initialised VICRegLModel (one compiled program: fast to build)."""
-    return VICRegLModel(**dict(kwargs), rngs=nnx.Rngs(key))
-
-
-def _seed_rng_state(model: nnx.Module, seed: int) -> None:
-    """Gives an abstractly built model's RNG streams (drop path) keys from seed."""
-    state = nnx.state(model, nnx.RngState)
-    flat = list(_flat_paths(state.to_pure_dict()))
-    base = jax.random.key(seed)
-    tree = state.to_pure_dict()
-    for i, path in enumerate(flat):
-        node = tree
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = (jax.random.fold_in(base, i) if path[-1] == "key"
-                          else jnp.zeros((), jnp.uint32))
-    state.replace_by_pure_dict(tree)
-    nnx.update(model, state)
-
-
-def _flat_paths(tree, path=()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flat_paths(value, path + (key,))
-        else:
-            yield path + (key,)
-
-
-def model_from_torch_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, Any],
-                                *, seed: int = 0) -> tuple[VICRegLModel, tuple[str, ...]]:
-    """Returns (VICRegLModel(**model_kwargs) holding the release's weights, parts loaded).
-
-    From a full checkpoint's state_dict every weight comes from the file and nothing is
-    randomly initialised (the model is built abstractly: fast even for the largest);
-    from a backbone file the heads are initialised from seed.
-    """
-    # Load into an abstract model first: any mismatch raises before a costly init.
-    model = nnx.eval_shape(lambda: VICRegLModel(**model_kwargs, rngs=nnx.Rngs(0)))
-    parts = load_torch_state_dict(model, state_dict)
-    if parts == tuple(p for p in _PARTS if getattr(model, p, None) is not None):
-        _seed_rng_state(model, seed)
-    else:
-        model = _init_model(jax.random.key(seed), tuple(sorted(model_kwargs.items())))
-        load_torch_state_dict(model, state_dict)
-    return model, parts
+    model, _, step = state_lib.load_workdir_model(args.src)
+    written = state_lib.export_release_files(model, args.out, full=args.full, epoch=args.epoch,
+                                             safetensors=args.safetensors)
+    print(f"{model.arch} (step {step}) -> {', '.join(written)}")
 
 
 def _from_torch_main(args) -> None:
-    state_dict = read_torch_weights(args.src)
-    kwargs = {"arch": args.arch, "mlp": "8192-8192-8192", "maps_mlp": "512-512-512",
-              "alpha": 0.75, "num_classes": 1000}
-    if _is_full_layout(_strip_ddp_prefix(state_dict)):
-        inferred = infer_model_kwargs(state_dict)
-        inferred.pop("arch")
-        kwargs.update(inferred)
-    for key in ("mlp", "maps_mlp", "alpha", "num_classes", "dtype"):
-        if getattr(args, key) is not None:
-            kwargs[key] = getattr(args, key)
-    model, parts = model_from_torch_state_dict(state_dict, kwargs, seed=args.seed)
-    save_model_dir(model, args.out_dir, kwargs)
-    fresh = [p for p in _PARTS if getattr(model, p, None) is not None and p not in parts]
+    state_dict = torch_io.read_torch_weights(args.src)
+    overrides = {"model.mlp": args.mlp, "model.maps_mlp": args.maps_mlp, "model.num_classes": args.num_classes,
+                 "loss.alpha": args.alpha, "model.dtype": args.dtype, "seed": args.seed}
+    config = state_lib.converted_config(state_dict, args.arch, **overrides)
+    model, parts = state_lib.model_from_release(state_dict, config)
+    state_lib.write_workdir(model, config, args.out_dir)
+    fresh = [p for p in layout.PARTS if getattr(model, p, None) is not None and p not in parts]
     print(f"{args.arch}: loaded {', '.join(parts)} from {args.src} -> {args.out_dir}"
           + (f" (freshly initialised: {', '.join(fresh)})" if fresh else ""))
 
@@ -583,28 +63,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vicregl_jax.convert",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    to = sub.add_parser("to-torch", help="a Flax model folder -> the release's .pth")
-    to.add_argument("src", help="a pre-training workdir, or a folder written by save_model_dir / from-torch")
+    to = sub.add_parser("to-torch", help="a workdir -> the release's .pth")
+    to.add_argument("src", help="a pre-training workdir, or one written by from-torch")
     to.add_argument("out", help="output .pth")
     to.add_argument("--full", action="store_true",
                     help="a full checkpoint {'epoch', 'model': module.*} instead of the backbone")
     to.add_argument("--epoch", type=int, default=0, help="epoch stored with --full")
     to.add_argument("--safetensors", action="store_true", help="also write .safetensors")
-    frm = sub.add_parser("from-torch", help="the release's .pth / .safetensors -> a Flax folder")
+    frm = sub.add_parser("from-torch", help="the release's .pth / .safetensors -> a workdir")
     frm.add_argument("src", help="backbone .pth, full checkpoint .pth, or .safetensors")
-    frm.add_argument("out_dir", help="output folder (load with load_model_dir)")
-    frm.add_argument("--arch", required=True, choices=list(ARCHITECTURES))
+    frm.add_argument("out_dir", help="output workdir")
+    frm.add_argument("--arch", required=True, choices=list(models.ARCHITECTURES))
     frm.add_argument("--mlp", default=None, help="expander spec (inferred from full checkpoints)")
     frm.add_argument("--maps-mlp", dest="maps_mlp", default=None, help="local projector spec")
     frm.add_argument("--alpha", type=float, default=None,
                      help="global/local weight (default 0.75; only 0/1/between is in the file)")
     frm.add_argument("--num-classes", dest="num_classes", type=int, default=None)
     frm.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
-    frm.add_argument("--seed", type=int, default=0, help="seed of heads not in the file")
+    frm.add_argument("--seed", type=int, default=None, help="seed of heads not in the file")
     args = parser.parse_args(argv)
     try:
         (_to_torch_main if args.command == "to-torch" else _from_torch_main)(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -18,6 +18,8 @@ from PIL import Image
 
 from vicregl_jax import convert, train, viz
 from vicregl_jax import data as data_lib
+from vicregl_jax import state as state_lib
+from vicregl_jax.data.embedded import natural_photos
 from vicregl_jax.evaluate import common, correspond, knn, linear
 
 PICTURE_SIZE = 448  # 14 x 14 locations for a stride-32 backbone
@@ -31,8 +33,6 @@ def _normalise(images: np.ndarray) -> np.ndarray:
 
 def _photo_batch(num: int = 3) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Returns names, uint8 (num, S, S, 3) and normalised float (num, S, S, 3) centre crops of embedded photos."""
-    from vicregl_jax.data.embedded import natural_photos
-
     names, raw = [], []
     for name, image in natural_photos()[:num]:
         image = Image.fromarray(np.asarray(image)).convert("RGB")
@@ -97,7 +97,7 @@ def run_demo(config, workdir: str) -> dict:
         results[label]["correspond_chance"] = results[label]["correspond"]["chance"]
         results[label]["correspond"] = results[label]["correspond"]["accuracy"]
 
-    trained, _, _ = train.load_model(workdir)
+    trained, _, _ = state_lib.load_workdir_model(workdir)
     random_backbone, _ = common.load_backbone(config, workdir, random_init=True)
     pictures = draw_pictures(config, workdir, {"trained": trained.backbone, "random": random_backbone})
     exported = convert.export_torch(workdir)

@@ -1,25 +1,26 @@
 """The VICRegL criterion (SPEC.md section 3) as pure, jittable jnp functions.
 
-Shapes: B images per global batch, V views (the first two are the large ones), N_v locations
-of view v, D embedding channels. Every function works on global `jax.Array`s sharded over the
+Shapes: B images per global batch; views come as one stacked array per crop group, (B, V_g,
+...) for the V_g views of group g (the first group holds the two large views every pair is
+anchored on), as the input pipeline and the model produce them; N_g locations per view of
+group g, D embedding channels. Every function works on global `jax.Array`s sharded over the
 batch axis of a mesh: under SPMD `jax.jit` a mean over the batch axis is already a mean over the
 global batch, so the variance and covariance statistics need no `pmean`.
 
-Matching is per example and `jax.vmap`-ed over the batch; the ordered view pairs that share a
-shape are `jax.vmap`-ed over the pair axis, so there is no Python loop over the batch, over
-locations, or over same-shaped pairs.
+Matching is per example and `jax.vmap`-ed over the batch; the ordered view pairs whose second
+view lies in one group are `jax.vmap`-ed over that group's view axis, so there is no Python
+loop over the batch, over locations, or over the views of a group.
 
 Ties are broken towards the lower index everywhere (the nearest candidate of a location and
 the ranking of the kept locations); the release leaves tie order to `torch.topk` / `torch.sort`.
 
-This module knows nothing of models or data: it takes lists of arrays.
+This module knows nothing of models or data: it takes sequences of arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Sequence
 
 import jax
@@ -136,6 +137,29 @@ def vicreg_terms(
 
 
 # --------------------------------------------------------------------------------------------
+# Views: one stacked array per crop group
+# --------------------------------------------------------------------------------------------
+
+
+def split_views(groups: Sequence[jax.Array]) -> list[jax.Array]:
+    """Returns the views of groups (B, V_g, ...) as a list of (B, ...) arrays, in view order."""
+    return [g[:, v] for g in groups for v in range(g.shape[1])]
+
+
+def num_views(groups: Sequence[jax.Array]) -> int:
+    """Returns the number of views over all groups (B, V_g, ...)."""
+    return sum(g.shape[1] for g in groups)
+
+
+def _without_view(group: jax.Array, i: int) -> jax.Array | None:
+    """Returns group (B, V, ...) without view i (slices, no gather), or None if it was the only one."""
+    pieces = [p for p in (group[:, :i], group[:, i + 1 :]) if p.shape[1]]
+    if not pieces:
+        return None
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
 # Global criterion
 # --------------------------------------------------------------------------------------------
 
@@ -148,8 +172,9 @@ def view_pairs(num_views: int) -> list[tuple[int, int]]:
 def global_loss(
     embeddings: Sequence[jax.Array], cfg: LossConfig = LossConfig()
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns the weighted global (inv, var, cov) over the V expander outputs (B, D)."""
-    z = [_as_f32(e) for e in embeddings]
+    """Returns the weighted global (inv, var, cov) over the expander outputs, one (B, V_g, D)
+    array per crop group."""
+    z = [_as_f32(e) for e in split_views(embeddings)]
     pairs = view_pairs(len(z))
     inv = cfg.inv_coeff * sum(jnp.mean(jnp.square(z[i] - z[j])) for i, j in pairs) / len(pairs)
     var = cfg.var_coeff * sum(variance_term(e) for e in z) / len(z)
@@ -247,62 +272,67 @@ def local_loss(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns the weighted local (inv, var, cov), averaged over the ordered view pairs.
 
-    local_embeddings[v] is (B, N_v, D); grids[v] is (B, n, n, 2) or (B, N_v, 2) in the
-    original image's pixels.
+    One array per crop group: local_embeddings[g] is (B, V_g, N_g, D) and grids[g] is
+    (B, V_g, n, n, 2) or (B, V_g, N_g, 2), in the original image's pixels. The anchors i are
+    the first two views of group 0; the pairs (i, j) with j in one group run as one vmap over
+    that group's view axis.
     """
     maps = [_as_f32(m) for m in local_embeddings]
-    grids = [_as_f32(g).reshape(g.shape[0], -1, g.shape[-1]) for g in grids]
+    grids = [_as_f32(g).reshape(*g.shape[:2], -1, g.shape[-1]) for g in grids]
     check_local_inputs(maps, grids, cfg)
-    pairs = view_pairs(len(maps))
+    num_pairs = len(view_pairs(num_views(maps)))
+    pair_terms = jax.vmap(functools.partial(_pair_terms, cfg=cfg), in_axes=(None, 1, None, 1))
     inv = var = cov = jnp.float32(0.0)
-    # Pairs whose j views share a shape run as one vmap over the stacked j views.
     for i in range(2):
-        js = [j for (ii, j) in pairs if ii == i]
-        by_shape = lambda j: maps[j].shape  # noqa: E731
-        for _, group in itertools.groupby(sorted(js, key=by_shape), key=by_shape):
-            group = list(group)
-            m_j = jnp.stack([maps[j] for j in group])
-            g_j = jnp.stack([grids[j] for j in group])
-            pair_terms = functools.partial(_pair_terms, cfg=cfg)
-            terms = jax.vmap(pair_terms, in_axes=(None, 0, None, 0))(maps[i], m_j, grids[i], g_j)
+        m_i, g_i = maps[0][:, i], grids[0][:, i]
+        for k, (m_j, g_j) in enumerate(zip(maps, grids)):
+            if k == 0:
+                m_j, g_j = _without_view(m_j, i), _without_view(g_j, i)
+                if m_j is None:
+                    continue
+            terms = pair_terms(m_i, m_j, g_i, g_j)
             inv, var, cov = inv + terms[0].sum(), var + terms[1].sum(), cov + terms[2].sum()
-    inv, var, cov = inv / len(pairs), var / len(pairs), cov / len(pairs)
+    inv, var, cov = inv / num_pairs, var / num_pairs, cov / num_pairs
     if cfg.fast_vc_reg:
         # The release's fast branch overwrites its running sum of cov terms at every view (and
         # then adds the per-location vector to its own mean); we implement the evident intent:
         # var and cov of each view's whole local map, averaged over the views.
-        var = cfg.var_coeff * sum(variance_term(m) for m in maps) / len(maps)
-        cov = cfg.cov_coeff * sum(covariance_term(m) for m in maps) / len(maps)
+        per_view = lambda term: sum(jax.vmap(term, in_axes=1)(m).sum() for m in maps)  # noqa: E731
+        var = cfg.var_coeff * per_view(variance_term) / num_views(maps)
+        cov = cfg.cov_coeff * per_view(covariance_term) / num_views(maps)
     return inv, var, cov
 
 
 def check_local_inputs(maps, grids, cfg: LossConfig) -> None:
-    """Raises ValueError when the local inputs cannot give the criterion SPEC.md defines."""
-    if len(maps) < 2:
-        raise ValueError(f"The local criterion needs at least 2 views; got {len(maps)}.")
+    """Raises ValueError when the local inputs (per group: maps (B, V, N, D), grids (B, V, N, 2))
+    cannot give the criterion SPEC.md defines."""
     if len(grids) != len(maps):
         raise ValueError(
-            f"Got {len(maps)} local embedding maps but {len(grids)} location grids; "
-            "pass one grid per view."
+            f"Got {len(maps)} groups of local embeddings but {len(grids)} groups of location grids; "
+            "pass one grid per view, grouped like the views."
         )
-    shapes = [m.shape for m in maps]
-    for v, (m, g) in enumerate(zip(maps, grids)):
-        if m.ndim != 3:
-            raise ValueError(f"Local embeddings of view {v} have shape {m.shape}; expected (B, N, D).")
-        if g.shape[-1] != 2 or g.shape[:2] != m.shape[:2]:
+    for k, (m, g) in enumerate(zip(maps, grids)):
+        if m.ndim != 4:
+            raise ValueError(f"Local embeddings of group {k} have shape {m.shape}; expected (B, V, N, D).")
+        if g.ndim != 4 or g.shape[-1] != 2 or g.shape[:3] != m.shape[:3]:
             raise ValueError(
-                f"View {v}: grid of shape {g.shape} (flattened) does not match its local "
-                f"embeddings {m.shape}: the grid needs (B, N, 2) with N = h * w of the map; "
+                f"Group {k}: grids of shape {g.shape} (flattened) do not match its local "
+                f"embeddings {m.shape}: the grids need (B, V, N, 2) with N = h * w of the map; "
                 "make the crop size equal the backbone stride times the grid size."
             )
-    num_matches_locations = min(m.shape[1] for m in maps[:2])
-    all_locations = min(m.shape[1] for m in maps)
+    if not maps or maps[0].shape[1] < 2:
+        raise ValueError(
+            "The local criterion needs the two large views in the first group; got groups of "
+            f"shapes {[m.shape for m in maps]}."
+        )
+    num_matches_locations = maps[0].shape[2]
+    all_locations = min(m.shape[2] for m in maps)
     if cfg.num_matches[0] > num_matches_locations or cfg.num_matches[1] > all_locations:
         raise ValueError(
             f"num_matches={cfg.num_matches} asks for more matches than there are locations: "
             f"the direction i -> j keeps num_matches[0] of the {num_matches_locations} locations "
             f"of a large view and j -> i keeps num_matches[1] of the {all_locations} of the "
-            f"smallest view (view shapes {shapes}); lower num_matches to at most "
+            f"smallest view (group shapes {[m.shape for m in maps]}); lower num_matches to at most "
             f"({num_matches_locations}, {all_locations})."
         )
 
@@ -310,14 +340,14 @@ def check_local_inputs(maps, grids, cfg: LossConfig) -> None:
 def check_criterion_inputs(embeddings, local_embeddings, grids, cfg: LossConfig) -> None:
     """Raises ValueError, before any computation, for inputs the criterion cannot take."""
     if cfg.alpha > 0.0:
-        if embeddings is None or len(embeddings) < 2:
+        if embeddings is None or num_views(embeddings) < 2:
             raise ValueError("alpha > 0 needs the expander outputs of at least 2 views.")
         check_batch(embeddings, "embeddings")
     if cfg.alpha < 1.0:
         if local_embeddings is None or grids is None:
             raise ValueError("alpha < 1 needs the local embeddings and the location grids of every view.")
         check_batch(local_embeddings, "local embeddings")
-        flat = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in grids]
+        flat = [g.reshape(*g.shape[:2], -1, g.shape[-1]) for g in grids]
         check_local_inputs(local_embeddings, flat, cfg)
         if cfg.alpha > 0.0 and local_embeddings[0].shape[0] != embeddings[0].shape[0]:
             raise ValueError(
@@ -326,14 +356,14 @@ def check_criterion_inputs(embeddings, local_embeddings, grids, cfg: LossConfig)
             )
 
 
-def check_batch(arrays: Sequence[jax.Array], what: str) -> None:
-    """Raises ValueError unless every view has the same batch (> 1) and channel sizes."""
-    batches = {a.shape[0] for a in arrays}
-    channels = {a.shape[-1] for a in arrays}
-    shapes = [tuple(a.shape) for a in arrays]
+def check_batch(groups: Sequence[jax.Array], what: str) -> None:
+    """Raises ValueError unless every group has the same batch (> 1) and channel sizes."""
+    batches = {a.shape[0] for a in groups}
+    channels = {a.shape[-1] for a in groups}
+    shapes = [tuple(a.shape) for a in groups]
     if len(batches) != 1 or len(channels) != 1:
         raise ValueError(
-            f"The {what} of all views must share batch and channel sizes; got shapes {shapes}. "
+            f"The {what} of all views must share batch and channel sizes; got group shapes {shapes}. "
             "Pass views of the same images through the same projector."
         )
     (b,) = batches
@@ -359,12 +389,16 @@ def classifier_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arra
     count = jnp.maximum(jnp.sum(valid), 1)
     safe = jnp.where(valid, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-    k = min(5, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    hit = top == safe[:, None]
-    top1 = jnp.sum(hit[:, 0] & valid) / count * 100.0
-    top5 = jnp.sum(jnp.any(hit, axis=1) & valid) / count * 100.0
+    top1 = jnp.sum(topk_hits(logits, safe, 1) & valid) / count * 100.0
+    top5 = jnp.sum(topk_hits(logits, safe, 5) & valid) / count * 100.0
     return {"cls_loss": jnp.sum(jnp.where(valid, ce, 0.0)) / count, "top1": top1, "top5": top5}
+
+
+def topk_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Returns, per row of scores (B, C), whether its label is among its k highest scores
+    (k at most C; of equal scores the lower class index ranks first)."""
+    _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+    return jnp.any(top == labels[:, None], axis=-1)
 
 
 def _std_metric(x: jax.Array) -> jax.Array:
@@ -407,7 +441,8 @@ def vicregl_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (total, terms): alpha * global + (1 - alpha) * local + classifier cross-entropy.
 
-    terms holds global_{inv,var,cov}, local_{inv,var,cov}, vicreg (the total without the
+    Per crop group: embeddings (B, V_g, D), local_embeddings (B, V_g, N_g, D') and grids
+    (B, V_g, n, n, 2); logits (B, K) and labels (B,) of the online classifier. terms holds global_{inv,var,cov}, local_{inv,var,cov}, vicreg (the total without the
     classifier) and, when logits and labels are given, cls_loss, top1, top5. Terms of a branch
     that alpha turns off are 0 and its inputs may be None.
     """

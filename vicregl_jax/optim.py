@@ -15,7 +15,7 @@ def learning_rate_schedule(
     if total_steps <= warmup_steps:
         raise ValueError(
             f"total_steps={total_steps} must exceed warmup_steps={warmup_steps}: train for more "
-            "epochs or lower config.warmup_epochs."
+            "epochs or lower config.optim.warmup_epochs."
         )
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -66,5 +66,5 @@ OPTIMIZERS = {"lars": lars, "adamw": adamw}
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
     """Returns the optimiser called name ("lars" or "adamw") with the given settings."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer={name!r} is unknown; use one of {sorted(OPTIMIZERS)}.")
+        raise ValueError(f"config.optim.name={name!r} is unknown; use one of {sorted(OPTIMIZERS)}.")
     return OPTIMIZERS[name](learning_rate, **kwargs)

@@ -1,4 +1,4 @@
-"""Mesh, batch and parameter shardings, and the multi-host set-up.
+"""Mesh, batch and parameter shardings (the multi-host start is vicregl_jax.distributed).
 
 One mesh axis, "data", spans every device of every host. The batch is sharded over it; the
 parameters and optimiser state are replicated, or sharded over the same axis FSDP-style
@@ -9,8 +9,6 @@ places the collectives, so BatchNorm and the VICReg statistics are global with n
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 from collections.abc import Sequence
 
@@ -21,38 +19,11 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Starts jax.distributed when this run spans several hosts; a no-op on one host.
-
-    Cloud TPU pods and SLURM are detected by JAX itself (no arguments needed); GPU clusters
-    without SLURM pass the coordinator address, process count and id (flags or the environment
-    variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
-    """
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and "JAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    multi_host_env = (
-        coordinator_address is not None
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-    )
-    if not multi_host_env:
-        return
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """Returns a 1-D ("data",) mesh over the first num_devices devices (all by default)."""
     n = num_devices or jax.device_count()
     if n > jax.device_count():
-        raise ValueError(f"config.num_devices={n} but only {jax.device_count()} devices are visible.")
+        raise ValueError(f"config.mesh.num_devices={n} but only {jax.device_count()} devices are visible.")
     devices = jax.devices()[:n]
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
@@ -102,7 +73,7 @@ def param_shardings(tree, mesh, mode: str = "replicated", rules: Sequence[tuple[
     applied before the mode's default.
     """
     if mode not in ("replicated", "fsdp"):
-        raise ValueError(f"config.param_sharding={mode!r}; use 'replicated' or 'fsdp'.")
+        raise ValueError(f"config.mesh.param_sharding={mode!r}; use 'replicated' or 'fsdp'.")
     compiled = [(re.compile(pattern), what) for pattern, what in rules]
     axis_size = mesh.shape[DATA_AXIS]
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vicregl_jax.evaluate.correspond import nearest_cell_matches
+
 
 def pca_rgb(maps: np.ndarray) -> np.ndarray:
     """Returns the first three principal components of a map (h, w, C) as colours (h, w, 3) in [0, 1]."""
@@ -40,15 +42,9 @@ def save_correspondence_picture(path: str, view_a: np.ndarray, view_b: np.ndarra
     """Saves two crops side by side with a line from every cell of A to its nearest neighbour
     (by feature distance) in B: green when within one cell of the truth, red otherwise.
     Returns the fraction of correct lines among cells of A that B shows."""
-    import jax.numpy as jnp
-
-    from vicregl_jax.evaluate.correspond import true_cells
-
     size = view_a.shape[0]
     na, nb = grid_a.shape[0], grid_b.shape[0]
-    d = ((feat_a[:, None, :] - feat_b[None, :, :]) ** 2).sum(-1)
-    nearest = d.argmin(axis=1)
-    cells, inside = (np.asarray(v) for v in true_cells(jnp.asarray(grid_a.reshape(-1, 2)), jnp.asarray(grid_b)))
+    nearest, correct_cells, inside, _ = (np.asarray(v) for v in nearest_cell_matches(feat_a, feat_b, grid_a, grid_b))
     label_height = 16 if title else 0
     canvas = Image.new("RGB", (2 * size + 8, size + label_height), "white")
     canvas.paste(Image.fromarray(view_a), (0, label_height))
@@ -63,7 +59,7 @@ def save_correspondence_picture(path: str, view_a: np.ndarray, view_b: np.ndarra
             continue
         shown += 1
         b = nearest[a]
-        ok = max(abs(b // nb - cells[a, 0]), abs(b % nb - cells[a, 1])) <= 1
+        ok = bool(correct_cells[a])
         correct += ok
         start = ((a % na + 0.5) * step_a, label_height + (a // na + 0.5) * step_a)
         end = (size + 8 + (b % nb + 0.5) * step_b, label_height + (b // nb + 0.5) * step_b)

@@ -3,7 +3,8 @@
     from vicregl_jax.data import CropGroup, make_pretrain_iterator
     batches = make_pretrain_iterator("vicregl_photos", "train", seed=0, global_batch_size=32,
                                      groups=[CropGroup(224, 2, (0.08, 1.0))])
-    batch = next(batches)  # {"views": (...,), "grids": (...,), "label": ...}
+    batch = next(batches)  # {"views": uint8 (...,), "draws": (...,), "grids": (...,), "label": ...}
+    views = augment_views(batch["views"][0], batch["draws"][0])  # colour + normalise (JAX)
 """
 import os
 
@@ -15,15 +16,25 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import importlib
 
-from vicregl_jax.data.global_batch import to_global_batch  # noqa: E402
+from vicregl_jax.data.colour import IMAGENET_MEAN, IMAGENET_STD, augment_views  # noqa: E402
+from vicregl_jax.data.grids import location_grid  # noqa: E402
+
+from vicregl_jax.data.global_batch import (  # noqa: E402
+    MeshPrefetch,
+    prefetch_to_mesh,
+    sum_over_hosts,
+    to_global_batch,
+)
 
 # TensorFlow is imported with the first name below that is used, not with the package: the
 # train step, the benchmarks and the evaluations of cached features run without it (the
 # CUDA images of GPU clusters often have no TensorFlow).
 _LAZY = {
-    "IMAGENET_MEAN": "augment", "IMAGENET_STD": "augment",
-    "CONVNEXT_GROUPS": "crops", "RESNET_GROUPS": "crops", "CropGroup": "crops", "location_grid": "crops",
-    "BatchIterator": "pipeline", "make_eval_iterator": "pipeline", "make_pretrain_iterator": "pipeline",
+    "CONVNEXT_GROUPS": "crops", "RESNET_GROUPS": "crops", "CropGroup": "crops",
+    "BatchIterator": "pipeline", "EvalImages": "pipeline", "PipelineError": "pipeline",
+    "ReadOptions": "pipeline", "make_eval_iterator": "pipeline",
+    "make_linear_train_iterator": "pipeline", "make_pretrain_iterator": "pipeline",
+    "open_source": "sources",
 }
 
 
@@ -45,12 +56,21 @@ __all__ = [
     "BatchIterator",
     "CONVNEXT_GROUPS",
     "CropGroup",
+    "EvalImages",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MeshPrefetch",
+    "PipelineError",
     "RESNET_GROUPS",
+    "ReadOptions",
+    "augment_views",
     "location_grid",
     "make_eval_iterator",
+    "make_linear_train_iterator",
     "make_pretrain_iterator",
+    "open_source",
+    "prefetch_to_mesh",
+    "sum_over_hosts",
     "to_global_batch",
 ]
 

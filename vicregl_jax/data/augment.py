@@ -1,5 +1,10 @@
 """Colour augmentations of SPEC.md section 1 (step 3) and the normalisation, in TensorFlow.
 
+The pipeline draws each view's colour decisions here (`sample_colour_params`). By default it
+sends them with uint8 views to the accelerator, where `colour.py` (JAX) applies them; with
+`colour="host"` it applies them on the host with `colour_augment` below. Both chains run the
+same ops in float32 and agree to float rounding (tests/test_data_colour.py).
+
 Images are float32 in [0, 1], shape (S, S, 3) or (V, S, S, 3); per-view parameters have
 shape () or (V,). The ops follow torchvision on PIL images (what the release runs):
 
@@ -26,26 +31,27 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-# The release normalises red with std 0.228, not the usual ImageNet 0.229 (its
-# transforms.py); the pre-trained weights expect it, so we keep it (SPEC.md section 1).
-IMAGENET_STD = (0.228, 0.224, 0.225)
-
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-
-# Colour jitter of the release: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1.
-JITTER_PROBABILITY = 0.8
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
-GRAYSCALE_PROBABILITY = 0.2
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_RADIUS = 6  # taps on each side: 3 sigma at the largest sigma
-# (even-indexed view, odd-indexed view) probabilities; the index counts within a crop group.
-BLUR_PROBABILITY = (1.0, 0.1)
-SOLARIZE_PROBABILITY = (0.0, 0.2)
-SOLARIZE_THRESHOLD = 128.0 / 255.0
-
-# Indices of the jitter ops in `order`; NO_OP marks views without jitter.
-BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP, NO_OP = range(5)
+from vicregl_jax.data.colour import (  # noqa: F401  (the recipe's constants, shared)
+    BLUR_PROBABILITY,
+    BLUR_RADIUS,
+    BLUR_SIGMA,
+    BRIGHTNESS,
+    BRIGHTNESS_OP,
+    CONTRAST,
+    CONTRAST_OP,
+    GRAYSCALE_PROBABILITY,
+    HUE,
+    HUE_OP,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JITTER_PROBABILITY,
+    LUMA_WEIGHTS,
+    NO_OP,
+    SATURATION,
+    SATURATION_OP,
+    SOLARIZE_PROBABILITY,
+    SOLARIZE_THRESHOLD,
+)
 
 
 def _per_view(param: tf.Tensor, x: tf.Tensor) -> tf.Tensor:

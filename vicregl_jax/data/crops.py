@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import tensorflow as tf
+
+from vicregl_jax.data.grids import location_grid  # noqa: F401  (re-exported)
 
 # Aspect-ratio range of the random resized crop (width / height).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -118,39 +119,6 @@ def sample_crop_boxes(
 def sample_flips(seed: tf.Tensor, count: int, probability: float = 0.5) -> tf.Tensor:
     """Returns `count` booleans: whether each view is flipped horizontally (p = 0.5)."""
     return tf.random.stateless_uniform([count], seed) < probability
-
-
-def location_grid(top, left, height, width, grid_size: int, flip: bool | np.ndarray = False):
-    """Returns the (row, col) centres of the n x n cells of a crop, float32 (..., n, n, 2).
-
-    row[k] = top + (k + 0.5) * height / n and col[l] = left + (l + 0.5) * width / n, in the
-    original image's pixels (continuous coordinates: pixel r covers [r, r + 1)). With `flip`,
-    the columns are reversed, so that each cell of a flipped view keeps pointing at the pixels
-    it shows. Arguments broadcast: pass arrays of shape (...) for many crops at once.
-    """
-    top, left, height, width, flip = (
-        np.asarray(a, np.float64)[..., None] for a in (top, left, height, width, flip)
-    )
-    steps = (np.arange(grid_size) + 0.5) / grid_size
-    rows = top + steps * height
-    cols = left + steps * width
-    cols = np.where(flip > 0, cols[..., ::-1], cols)
-    rows, cols = np.broadcast_arrays(rows[..., :, None], cols[..., None, :])
-    return np.stack([rows, cols], axis=-1).astype(np.float32)
-
-
-def location_grid_tf(boxes: tf.Tensor, flips: tf.Tensor, grid_size: int) -> tf.Tensor:
-    """Returns `location_grid` in TF of int (V, 4) boxes and (V,) bool flips: (V, n, n, 2)."""
-    boxes = tf.cast(boxes, tf.float64)
-    top, left, height, width = (boxes[:, k : k + 1] for k in range(4))
-    steps = (tf.range(grid_size, dtype=tf.float64) + 0.5) / grid_size
-    rows = top + steps * height
-    cols = left + steps * width
-    cols = tf.where(flips[:, None], tf.reverse(cols, axis=[1]), cols)
-    n = grid_size
-    rows = tf.broadcast_to(rows[:, :, None], [tf.shape(boxes)[0], n, n])
-    cols = tf.broadcast_to(cols[:, None, :], [tf.shape(boxes)[0], n, n])
-    return tf.cast(tf.stack([rows, cols], axis=-1), tf.float32)
 
 
 def resized_shape(image_height, image_width, resize_size: int) -> tf.Tensor:

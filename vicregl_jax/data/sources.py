@@ -7,66 +7,143 @@ so every source here reads by index:
   converted with `tfds convert_format`): TFDS's random-access data source;
 - a TFDS dataset stored as TFRecord (sequential files) small enough for memory: its encoded
   images are read once into host memory (`max_in_memory_bytes`);
-- `folder:/path`: image files, read by path;
+- `folder:/path`: image files, read by path (a batch of files at once, by a pool of threads);
 - the embedded datasets (`vicregl_photos`, `vicregl_digits`): built on first use.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
 import os
-from typing import Callable
+import time
+from typing import Any, Callable, Sequence
+
+from absl import logging
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vicregl_jax import distributed
 from vicregl_jax.data import embedded, folder
 
 FOLDER_PREFIX = "folder:"
 DEFAULT_MAX_IN_MEMORY_BYTES = 2 << 30
 
 
+# Read errors worth retrying (throttling, timeouts, a flaky network file system); a missing
+# or forbidden file is not retried, nor any other error (a reader that fails for another
+# reason, e.g. at interpreter shutdown, would fail again).
+_PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError,
+                     tf.errors.NotFoundError, tf.errors.PermissionDeniedError)
+_TRANSIENT_ERRORS = (OSError, tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                     tf.errors.ResourceExhaustedError, tf.errors.AbortedError,
+                     tf.errors.InternalError, tf.errors.UnknownError)
+READ_TRIES = 5
+READ_BACKOFF_S = 0.2  # doubled after each failed try: 0.2 + 0.4 + 0.8 + 1.6 s of waiting in all
+
+
+def read_with_retries(read: Callable[[], Any], what: str, tries: int | None = None,
+                      backoff_s: float | None = None) -> tuple[Any, str | None]:
+    """Returns (read(), None), or (None, the error) once `tries` tries failed or the error is
+    permanent (missing file). Transient errors are retried with exponential backoff."""
+    tries = READ_TRIES if tries is None else tries
+    backoff_s = READ_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(tries):
+        try:
+            return read(), None
+        except _PERMANENT_ERRORS as error:
+            return None, f"{what}: {type(error).__name__}: {error}"
+        except _TRANSIENT_ERRORS as error:
+            if attempt == tries - 1:
+                return None, f"{what}: {type(error).__name__} after {tries} tries: {error}"
+            logging.warning("Reading %s failed (%s); retrying in %.1f s.", what, error,
+                            backoff_s * 2**attempt)
+            time.sleep(backoff_s * 2**attempt)
+        except Exception as error:  # noqa: BLE001 - reported with the example, not lost
+            return None, f"{what}: {type(error).__name__}: {error}"
+    raise AssertionError("unreachable")
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageSource:
-    """A dataset read by index: `lookup` (Python) then `parse` (TF graph) give (bytes, label)."""
+    """A dataset read by index, a batch of indices at a time.
+
+    `read_records(indices)` (Python, one call per batch) returns the raw records, their labels
+    and the read errors (None where the read worked; failed reads were retried); `parse` (TF
+    graph) turns a record and its label into (encoded image bytes, int32 label). `tf_read`,
+    where the source has one, reads one record with TensorFlow ops only (no Python: what a
+    tf.data service worker can run). `describe(index)` names an example in messages.
+    """
 
     name: str
     num_examples: int
     num_classes: int  # 0 when the dataset has no labels
-    lookup: Callable[[int], tuple[bytes, int]]  # index -> (record, label)
-    parse: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]  # -> (image bytes, label)
+    read_records: Callable[[Sequence[int]], tuple[list[bytes], list[int], list[str | None]]]
+    parse: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+    describe: Callable[[int], str]
+    tf_read: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
 
-    def fetch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Returns example `index` as (encoded image: tf.string scalar, label: int32 scalar)."""
+    def read_tf(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Returns (records: string (n,), labels: int64 (n,), read_ok: bool (n,)) of int64
+        `indices` (n,), read in one Python call."""
 
-        def lookup(i):
-            record, label = self.lookup(int(i))
-            return np.asarray(record, dtype=object), np.int64(label)
+        def read(batch):
+            records, labels, errors = self.read_records([int(i) for i in batch])
+            for error in errors:
+                if error is not None:
+                    logging.warning("Could not read %s", error)
+            return (np.asarray([r if r is not None else b"" for r in records], dtype=object),
+                    np.asarray(labels, np.int64), np.asarray([e is None for e in errors]))
 
-        record, label = tf.numpy_function(lookup, [index], [tf.string, tf.int64], stateful=False)
-        record.set_shape([])
-        label.set_shape([])
-        image, label = self.parse(record, label)
-        return image, tf.cast(label, tf.int32)
+        records, labels, ok = tf.numpy_function(
+            read, [indices], [tf.string, tf.int64, tf.bool], stateful=False
+        )
+        for t in (records, labels, ok):
+            t.set_shape(indices.shape)
+        return records, labels, ok
 
 
 def _identity(record, label):
     return record, label
 
 
+# Threads that read the files of one batch at once: reads wait on storage, not the CPU.
+_READERS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="vicregl_read")
+
+
+def _read_file(path: str) -> bytes:
+    if "://" in path:  # gs://, s3://, ...: TensorFlow's file systems
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def folder_source(path: str, split: str) -> ImageSource:
     """Returns the source of a folder of images (class sub-folders give labels)."""
     directory = folder.resolve_split_dir(path, split)
     paths, labels, class_names = folder.list_image_folder(directory)
-    encoded = [p.encode() for p in paths]
+
+    def read_records(indices):
+        results = list(_READERS.map(lambda i: read_with_retries(lambda: _read_file(paths[i]), paths[i]), indices))
+        return [r for r, _ in results], [labels[i] for i in indices], [e for _, e in results]
+
+    def tf_read(index):
+        # The graph holds the paths: no Python involved (what a tf.data service worker runs).
+        table, label_table = tf.constant(paths), tf.constant(labels, tf.int64)
+        return tf.io.read_file(tf.gather(table, index)), tf.gather(label_table, index)
+
     return ImageSource(
         name=f"{FOLDER_PREFIX}{directory}",
         num_examples=len(paths),
         num_classes=len(class_names),
-        lookup=lambda i: (encoded[i], labels[i]),
-        parse=lambda record, label: (tf.io.read_file(record), label),
+        read_records=read_records,
+        parse=_identity,
+        describe=lambda i: paths[i],
+        tf_read=tf_read,
     )
 
 
@@ -91,10 +168,11 @@ def _image_and_label_keys(builder) -> tuple[str, str | None, int]:
 
 @contextlib.contextmanager
 def preparation_lock(builder):
-    """Holds an exclusive lock while one process prepares a dataset, so that the processes
-    of a multi-process run that share a local data_dir do not prepare it into each other
-    (TFDS renames its incomplete folder at the end: the second rename fails). No lock on
-    remote file systems (gs://): there the loser of the race finds the dataset prepared."""
+    """Holds an exclusive lock while one process prepares a dataset, so that independent
+    processes sharing a local data_dir (two runs, test workers) do not prepare it into each
+    other (TFDS renames its incomplete folder at the end: the second rename fails). No lock on
+    remote file systems (gs://): the processes of one run take turns through the coordination
+    service instead (_prepare)."""
     root = str(builder.data_dir_root)
     if "://" in root:
         yield
@@ -110,7 +188,7 @@ def preparation_lock(builder):
 
 def _prepare(builder, manual_dir: str | None):
     """Prepares a TFDS dataset in ArrayRecord format and returns its builder, or says how to
-    get it."""
+    get it. The processes of one run prepare it once: process 0 does, the others wait."""
     name = builder.name
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual = manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
@@ -124,17 +202,25 @@ def _prepare(builder, manual_dir: str | None):
                 f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}"
             )
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    try:
+    root = str(builder.data_dir_root)
+
+    def prepare_unless_prepared():
         with preparation_lock(builder):
-            # Another process (a second host, a test worker) may have prepared it meanwhile.
-            fresh = tfds.builder(name, data_dir=builder.data_dir_root)
+            # Another process (process 0 of this run, a test worker) may have prepared it.
+            fresh = tfds.builder(name, data_dir=root)
             if fresh.is_prepared():
                 return fresh
             builder.download_and_prepare(download_config=config, file_format="array_record")
             return builder
+
+    try:
+        # In a run of several processes, process 0 prepares and the others wait for it (then
+        # find it prepared): hosts sharing a gs:// data_dir, where no lock exists, would each
+        # build it for hours and race on the final rename.
+        return distributed.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
-        fresh = tfds.builder(name, data_dir=builder.data_dir_root)
-        if fresh.is_prepared():  # a process on another host won the race (no shared lock)
+        fresh = tfds.builder(name, data_dir=root)
+        if fresh.is_prepared():  # prepared meanwhile by a process that does not share this run
             return fresh
         raise FileNotFoundError(
             f"could not prepare TFDS dataset {name!r} in {builder.data_dir_root} ({error}). "
@@ -166,8 +252,10 @@ def _in_memory_source(builder, split, image_key, label_key, num_classes, max_byt
         name=f"{builder.name}:{split}",
         num_examples=len(images),
         num_classes=num_classes,
-        lookup=lambda i: (images[i], labels[i]),
+        read_records=lambda indices: ([images[i] for i in indices], [labels[i] for i in indices],
+                                      [None] * len(indices)),
         parse=_identity,
+        describe=lambda i: f"example {i} of {builder.name}:{split}",
     )
 
 
@@ -213,12 +301,23 @@ def tfds_source(
         label = example[label_key] if label_key else tf.constant(-1, tf.int64)
         return example[image_key], label
 
+    def read_records(indices):
+        # One call for the batch: ArrayRecord reads the records in parallel (what matters on
+        # remote storage). A failed batch is read again one record at a time, to find the culprits.
+        batch, error = read_with_retries(lambda: records.__getitems__(list(indices)), f"{name}:{split}")
+        if error is None:
+            return list(batch), [-1] * len(indices), [None] * len(indices)
+        results = [read_with_retries(lambda i=i: records[i], f"example {i} of {name}:{split}")
+                   for i in indices]
+        return [r for r, _ in results], [-1] * len(indices), [e for _, e in results]
+
     return ImageSource(
         name=f"{name}:{split}",
         num_examples=len(records),
         num_classes=num_classes,
-        lookup=lambda i: (records[i], -1),
+        read_records=read_records,
         parse=parse,
+        describe=lambda i: f"example {i} of {name}:{split}",
     )
 
 

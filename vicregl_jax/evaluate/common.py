@@ -1,16 +1,15 @@
 """What every evaluation shares: the frozen backbone to evaluate, sharded feature extraction,
 and writing results.
 
-Weights come from a pre-training workdir (this project's checkpoints), from a PyTorch file of
-the release (backbone or full checkpoint, through vicregl_jax.convert), or from a fresh random
-initialisation (the baseline the demo compares against).
+Weights come from a pre-training workdir (this project's checkpoints, or weights converted by
+`convert from-torch`), from a PyTorch file of the release (backbone or full checkpoint), or
+from a fresh random initialisation (the baseline the demo compares against).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -18,39 +17,36 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from vicregl_jax import convert, sharding
+from vicregl_jax import sharding
+from vicregl_jax import state as state_lib
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.models import create_backbone
+
 
 def load_backbone(config, workdir: str | None, weights: str | None = None, *, random_init: bool = False):
     """Returns (backbone in eval mode, description) of the weights to evaluate.
 
-    weights: None (the newest checkpoint of workdir), another pre-training workdir, or a
-    PyTorch file of the release (.pth / .safetensors, backbone or full checkpoint).
+    weights: None (the newest checkpoint of workdir), another workdir, or a PyTorch file of
+    the release (.pth / .safetensors, backbone or full checkpoint, of config.model.arch).
     random_init: the architecture of config at random initialisation instead.
     """
-    from vicregl_jax import train
-
+    arch = config.model.arch
     if random_init:
-        backbone = create_backbone(config.arch, rngs=nnx.Rngs(config.seed), dtype=train.compute_dtype(config))
+        backbone = create_backbone(arch, rngs=nnx.Rngs(config.seed), dtype=state_lib.compute_dtype(config.model.dtype))
         backbone.eval()
-        return backbone, f"{config.arch} at random initialisation (seed {config.seed})"
+        return backbone, f"{arch} at random initialisation (seed {config.seed})"
     source = weights or workdir
     if source is None:
         raise ValueError("Nothing to evaluate: pass --workdir of a pre-training run or --weights.")
-    if str(source).endswith(convert.TORCH_SUFFIXES):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"--weights={source} does not exist.")
-        backbone = create_backbone(config.arch, rngs=nnx.Rngs(0), dtype=train.compute_dtype(config))
-        convert.load_torch_state_dict(backbone, convert.read_torch_weights(source))
-        backbone.eval()
-        return backbone, f"{config.arch} from the PyTorch file {source}"
-    model, saved_config, step = train.load_model(source)
-    if saved_config.arch != config.arch:
-        logging.warning("Evaluating %s (arch %s from its config.json), not config.arch=%s.",
-                        source, saved_config.arch, config.arch)
-    return model.backbone, f"{saved_config.arch} pre-trained in {source} (step {step})"
+    if state_lib.is_release_file(source):
+        return state_lib.load_release_backbone(source, config), f"{arch} from the PyTorch file {source}"
+    model, saved_config, step = state_lib.load_workdir_model(source)
+    if saved_config.model.arch != arch:
+        logging.warning("Evaluating %s (arch %s from its config.json), not config.model.arch=%s.",
+                        source, saved_config.model.arch, arch)
+    return model.backbone, f"{saved_config.model.arch} pre-trained in {source} (step {step})"
 
 
 def make_feature_fn(backbone, mesh):
@@ -91,14 +87,17 @@ def fetch(x: jax.Array) -> np.ndarray:
     """Returns a global array whole on this host (gathered across hosts when there are several)."""
     if jax.process_count() == 1:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def eval_batch_size(config, mesh) -> int:
-    """Returns config.eval_batch_size rounded down to a multiple of the mesh size (at least one row per device)."""
-    return max(mesh.size, config.eval_batch_size // mesh.size * mesh.size)
+    """Returns config.eval.batch_size rounded down to a multiple of the mesh size (at least one row per device)."""
+    return max(mesh.size, config.eval.batch_size // mesh.size * mesh.size)
+
+
+def eval_dataset(config) -> str:
+    """Returns the dataset of the image-level evaluations: config.eval.dataset, else the pre-training one."""
+    return config.eval.dataset or config.data.dataset
 
 
 def write_results(workdir, name: str, results: dict[str, Any]) -> None:

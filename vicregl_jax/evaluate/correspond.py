@@ -12,6 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vicregl_jax import data as data_lib
+from vicregl_jax import models, sharding
+from vicregl_jax.evaluate import common
+from vicregl_jax.losses import squared_distances
+
 
 def true_cells(points: jax.Array, grid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns (cell index (P, 2) in grid (n, n, 2), inside mask (P,)) for points (P, 2) in pixels.
@@ -28,6 +33,22 @@ def true_cells(points: jax.Array, grid: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.clip(index, 0, n - 1), inside
 
 
+def nearest_cell_matches(feat_a, feat_b, grid_a, grid_b):
+    """Returns, for one pair of views, (nearest (N_a,): index of the nearest location of B by
+    feature distance, correct (N_a,): within one cell of the true cell, inside (N_a,): A's
+    centre lies in B, near (N_a,): how many of B's cells count as correct, over N_b).
+
+    feat (N, C), grid (n, n, 2); the one-cell test is the Chebyshev distance <= 1 in B's grid.
+    """
+    nb = grid_b.shape[0]
+    cells, inside = true_cells(grid_a.reshape(-1, 2), grid_b)
+    nearest = jnp.argmin(squared_distances(feat_a.astype(jnp.float32), feat_b.astype(jnp.float32)), axis=1)
+    predicted = jnp.stack([nearest // nb, nearest % nb], axis=-1)
+    correct = jnp.max(jnp.abs(predicted - cells), axis=-1) <= 1
+    near = (jnp.minimum(cells + 1, nb - 1) - jnp.maximum(cells - 1, 0) + 1).prod(axis=-1) / nb**2
+    return nearest, correct, inside, near
+
+
 def correspondence_counts(feat_a, feat_b, grid_a, grid_b) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (correct, valid, chance) over a batch: feat (B, N, C), grid (B, n, n, 2).
 
@@ -36,46 +57,28 @@ def correspondence_counts(feat_a, feat_b, grid_a, grid_b) -> tuple[jax.Array, ja
     """
     if grid_a.shape[1] < 2 or grid_b.shape[1] < 2:
         raise ValueError(f"Correspondence needs grids of at least 2 x 2 cells; got {grid_a.shape} and {grid_b.shape}.")
-
-    def one(fa, fb, ga, gb):
-        nb = gb.shape[0]
-        points = ga.reshape(-1, 2)
-        cells, inside = true_cells(points, gb)
-        fa, fb = fa.astype(jnp.float32), fb.astype(jnp.float32)
-        d = jnp.sum(fa**2, -1)[:, None] + jnp.sum(fb**2, -1)[None, :] - 2 * fa @ fb.T
-        nearest = jnp.argmin(d, axis=1)
-        predicted = jnp.stack([nearest // nb, nearest % nb], axis=-1)
-        ok = jnp.max(jnp.abs(predicted - cells), axis=-1) <= 1
-        near = (jnp.minimum(cells + 1, nb - 1) - jnp.maximum(cells - 1, 0) + 1).prod(axis=-1) / nb**2
-        return jnp.sum(ok & inside), jnp.sum(inside), jnp.sum(jnp.where(inside, near, 0.0))
-
-    correct, valid, chance = jax.vmap(one)(feat_a, feat_b, grid_a, grid_b)
-    return jnp.sum(correct), jnp.sum(valid), jnp.sum(chance)
+    _, correct, inside, near = jax.vmap(nearest_cell_matches)(feat_a, feat_b, grid_a, grid_b)
+    return jnp.sum(correct & inside), jnp.sum(inside), jnp.sum(jnp.where(inside, near, 0.0))
 
 
-def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "correspond",
-        features: str = "backbone") -> dict:
+def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "correspond") -> dict:
     """Measures correspondence accuracy of the frozen backbone's maps on pairs of random crops
-    of config.dataset (no colour augmentation, flips with corrected grids)."""
-    from vicregl_jax import data as data_lib
-    from vicregl_jax import sharding
-    from vicregl_jax.evaluate import common
-    from vicregl_jax.models import backbone_stride
-
-    mesh = sharding.make_mesh(config.num_devices)
+    of config.data.dataset (no colour augmentation, flips with corrected grids)."""
+    settings = config.eval.correspond
+    mesh = sharding.make_mesh(config.mesh.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     feature_fn = common.make_feature_fn(backbone, mesh)
     batch_size = common.eval_batch_size(config, mesh)
-    group = data_lib.CropGroup(config.correspond_crop_size, 2, tuple(config.correspond_scale))
+    group = data_lib.CropGroup(settings.crop_size, 2, tuple(settings.scale))
     iterator = data_lib.make_pretrain_iterator(
-        config.dataset, config.train_split, groups=[group], global_batch_size=batch_size, seed=config.seed + 1,
-        stride=backbone_stride(config.arch), flip_grid=True, with_labels=False, augment_colour=False,
-        data_dir=config.data_dir, manual_dir=config.manual_dir,
+        config.data.dataset, config.data.split, groups=[group], global_batch_size=batch_size, seed=config.seed + 1,
+        stride=models.backbone_stride(config.model.arch), flip_grid=True, with_labels=False, colour="none",
+        read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
     )
     counts = jax.jit(correspondence_counts)
     correct = valid = chance = 0.0
     pairs = 0
-    while pairs < config.correspond_pairs:
+    while pairs < settings.pairs:
         local = next(iterator)
         g = data_lib.to_global_batch({"views": local["views"][0], "grids": local["grids"][0]}, mesh)
         maps_a, _ = feature_fn(g["views"][:, 0])
@@ -86,8 +89,8 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     results = {
         "accuracy": 100.0 * correct / max(valid, 1.0),
         "chance": 100.0 * chance / max(valid, 1.0),
-        "pairs": pairs, "matched_locations": int(valid), "crop_size": config.correspond_crop_size,
-        "weights": description, "dataset": f"{config.dataset} ({config.train_split})",
+        "pairs": pairs, "matched_locations": int(valid), "crop_size": settings.crop_size,
+        "weights": description, "dataset": f"{config.data.dataset} ({config.data.split})",
     }
     common.write_results(workdir, name, results)
     return results

@@ -7,11 +7,19 @@ exp(similarity / temperature), the class with the largest vote wins. k = 20, T =
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from vicregl_jax import data as data_lib
+from vicregl_jax import sharding
+from vicregl_jax.data import to_global_batch
+from vicregl_jax.evaluate import common
+from vicregl_jax.losses import topk_hits
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -20,19 +28,32 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def nearest_candidates(train_features, train_labels, queries, k: int):
+    """Returns (similarities, labels), each (B_q, k'), of the k' = min(k, N) training rows most
+    cosine-similar to each query; rows with a negative label (padding) never count."""
+    sims = l2_normalize(queries) @ l2_normalize(train_features).T  # (B_q, N)
+    sims = jnp.where(train_labels[None, :] >= 0, sims, -jnp.inf)
+    top_sims, top_idx = jax.lax.top_k(sims, min(k, train_features.shape[0]))
+    return top_sims, train_labels[top_idx]
+
+
+def weighted_votes(top_sims, top_labels, *, temperature: float, num_classes: int):
+    """Returns (B_q, num_classes) votes: each neighbour adds exp(similarity / T) to its class."""
+    weights = jnp.where(jnp.isfinite(top_sims), jnp.exp(top_sims / temperature), 0.0)
+    return jnp.einsum("bk,bkc->bc", weights, jax.nn.one_hot(top_labels, num_classes))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
 def knn_scores(train_features, train_labels, test_features, *, k: int, temperature: float, num_classes: int):
     """Returns (B_test, num_classes) class votes of the k nearest training features of each test row."""
-    sims = l2_normalize(test_features) @ l2_normalize(train_features).T  # (B_test, N_train)
-    top_sims, top_idx = jax.lax.top_k(sims, k)
-    weights = jnp.exp(top_sims / temperature)
-    onehot = jax.nn.one_hot(train_labels[top_idx], num_classes)  # (B_test, k, C)
-    return jnp.einsum("bk,bkc->bc", weights, onehot)
+    top_sims, top_labels = nearest_candidates(train_features, train_labels, test_features, k)
+    return weighted_votes(top_sims, top_labels, temperature=temperature, num_classes=num_classes)
 
 
 def knn_classify(train_features, train_labels, test_features, test_labels, *, k: int = 20,
                  temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> dict:
-    """Returns {"top1", "top5"} in percent of weighted kNN over test_features, in test chunks."""
+    """Returns {"top1", "top5"} in percent of weighted kNN over test_features, in test chunks
+    (arrays on one device; evaluate_backbone keeps them sharded over a mesh instead)."""
     train_features = np.asarray(train_features)
     train_labels = np.asarray(train_labels)
     test_labels = np.asarray(test_labels)
@@ -44,61 +65,120 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, k:
     for start in range(0, len(test_labels), chunk):
         scores = knn_scores(train_features, train_labels, np.asarray(test_features[start:start + chunk]),
                             k=k, temperature=temperature, num_classes=num_classes)
-        top = np.argsort(-np.asarray(scores), axis=1, kind="stable")[:, :5]
-        labels = test_labels[start:start + chunk]
-        hits1 += int(np.sum(top[:, 0] == labels))
-        hits5 += int(np.sum(np.any(top == labels[:, None], axis=1)))
+        labels = jnp.asarray(test_labels[start:start + chunk])
+        hits1 += int(jnp.sum(topk_hits(scores, labels, 1)))
+        hits5 += int(jnp.sum(topk_hits(scores, labels, 5)))
     n = len(test_labels)
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature}
 
 
-def check_labelled(config) -> None:
-    """Raises ValueError, before any work, if kNN's dataset (config.eval_dataset) has no labels."""
-    from vicregl_jax.data import sources
+@dataclasses.dataclass
+class ShardedFeatures:
+    """Pooled features and labels of one split, left where the feature extractor put them:
+    (T, B, C) and (T, B) global arrays, the batch axis sharded over the mesh's data axis (a
+    device holds its rows of every batch). Padding and undecodable examples have label -1."""
 
-    dataset = config.eval_dataset or config.dataset
-    source = sources.open_source(dataset, config.eval_split, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    features: jax.Array
+    labels: jax.Array
+
+    @property
+    def count(self) -> int:
+        """Returns the number of real examples."""
+        return int(jnp.sum(self.labels >= 0))
+
+
+def sharded_features(feature_fn, iterator, mesh) -> ShardedFeatures:
+    """Returns the pooled features of every batch of an eval iterator, kept sharded over the
+    mesh (never gathered onto a host)."""
+    features, labels = [], []
+    for batch in iterator:
+        g = to_global_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
+        features.append(feature_fn(g["image"])[1])
+        labels.append(jnp.where(g["mask"], g["label"], -1))
+    if not features:
+        raise ValueError("The evaluation split is empty: check the dataset and split names.")
+    # Stacking along a new leading axis keeps every device's rows on that device.
+    return ShardedFeatures(jnp.stack(features), jnp.stack(labels))
+
+
+def make_sharded_hits(mesh, *, k: int, temperature: float, num_classes: int):
+    """Returns hits(train: ShardedFeatures arrays, queries (B, C), labels (B,)) -> (top-1 hits,
+    top-5 hits), jitted: each device ranks its own training rows, only the k best candidates
+    per device and query cross the mesh (an all-gather of (D, B, k)), then the global top k vote."""
+    axis = sharding.DATA_AXIS
+
+    def local(features, labels, queries):
+        t, b, c = features.shape
+        top_sims, top_labels = nearest_candidates(features.reshape(t * b, c), labels.reshape(t * b), queries, k)
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+        return gather(top_sims), gather(top_labels)
+
+    candidates = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()), out_specs=P(),
+                               check_vma=False)
+
+    @jax.jit
+    def hits(features, labels, queries, query_labels):
+        top_sims, top_labels = candidates(features, labels, queries)  # (B, D * k'), replicated
+        best, order = jax.lax.top_k(top_sims, min(k, top_sims.shape[1]))
+        votes = weighted_votes(best, jnp.take_along_axis(top_labels, order, axis=1),
+                               temperature=temperature, num_classes=num_classes)
+        valid = query_labels >= 0
+        return (jnp.sum(topk_hits(votes, query_labels, 1) & valid), jnp.sum(topk_hits(votes, query_labels, 5) & valid))
+
+    return hits
+
+
+def check_labelled(config) -> None:
+    """Raises ValueError, before any work, if kNN's dataset (config.eval.dataset) has no labels."""
+    dataset = common.eval_dataset(config)
+    source = data_lib.open_source(dataset, config.eval.split, data_dir=config.data.data_dir,
+                                  manual_dir=config.data.manual_dir)
     _require_labels(dataset, source.num_classes)
 
 
 def _require_labels(dataset: str, num_classes: int) -> None:
     if num_classes == 0:
         raise ValueError(
-            f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval_dataset to a "
+            f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval.dataset to a "
             "labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
 
 
 def evaluate_backbone(backbone, config, mesh) -> dict:
-    """Returns kNN results of a backbone (in eval mode) on config.eval_dataset: features of
-    config.eval_train_split are the neighbours, config.eval_split is scored."""
-    from vicregl_jax import data as data_lib
-    from vicregl_jax.evaluate import common
+    """Returns kNN results of a backbone (in eval mode) on config.eval's dataset: features of
+    config.eval.train_split are the neighbours, config.eval.split is scored.
 
-    features = common.make_feature_fn(backbone, mesh)
-    dataset = config.eval_dataset or config.dataset
-    splits = {}
-    for split in (config.eval_train_split, config.eval_split):
+    The training features stay sharded over the mesh (on N devices each holds 1/N of them);
+    each test batch is scored against them where they are, so no host ever holds them all.
+    """
+    feature_fn = common.make_feature_fn(backbone, mesh)
+    dataset = common.eval_dataset(config)
+    splits, num_classes = {}, 0
+    for split in (config.eval.train_split, config.eval.split):
         iterator = data_lib.make_eval_iterator(
             dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
-            image_size=config.eval_image_size, resize_size=config.eval_resize_size,
-            data_dir=config.data_dir, manual_dir=config.manual_dir,
+            images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
+            read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
         )
         _require_labels(dataset, iterator.num_classes)
-        splits[split] = common.extract_features(features, iterator, mesh)
-    train, test = splits[config.eval_train_split], splits[config.eval_split]
-    results = knn_classify(train["features"], train["labels"], test["features"], test["labels"],
-                           k=config.knn_k, temperature=config.knn_temperature)
-    results.update(dataset=f"{dataset} ({config.eval_train_split} -> {config.eval_split})",
-                   train_examples=len(train["labels"]), test_examples=len(test["labels"]))
-    return results
+        num_classes = max(num_classes, iterator.num_classes)
+        splits[split] = sharded_features(feature_fn, iterator, mesh)
+    train, test = splits[config.eval.train_split], splits[config.eval.split]
+    k = min(config.eval.knn.k, train.count)
+    hits = make_sharded_hits(mesh, k=k, temperature=config.eval.knn.temperature, num_classes=num_classes)
+    hits1 = hits5 = 0
+    for t in range(test.features.shape[0]):
+        h1, h5 = hits(train.features, train.labels, test.features[t], test.labels[t])
+        hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
+    n = test.count
+    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k,
+            "temperature": config.eval.knn.temperature,
+            "dataset": f"{dataset} ({config.eval.train_split} -> {config.eval.split})",
+            "train_examples": train.count, "test_examples": n}
 
 
 def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
-    """Runs weighted kNN on frozen pooled features of config.eval_dataset; returns and writes results."""
-    from vicregl_jax import sharding
-    from vicregl_jax.evaluate import common
-
-    mesh = sharding.make_mesh(config.num_devices)
+    """Runs weighted kNN on frozen pooled features of config.eval's dataset; returns and writes results."""
+    mesh = sharding.make_mesh(config.mesh.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     results = {**evaluate_backbone(backbone, config, mesh), "weights": description}
     common.write_results(workdir, name, results)

@@ -94,7 +94,7 @@ class SegmentSettings:
     checkpoint_every: int
     fast_image_size: int
     train_split: str
-    eval_split: str
+    split: str
 
 
 def backbone_family(backbone: nnx.Module) -> str:
@@ -129,7 +129,7 @@ def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides
                   batch_size=layout.batch_size, crop_size=layout.crop_size, scale=layout.scale,
                   ratio_range=(0.5, 2.0), cat_max_ratio=0.75, slide_stride=(341, 341),
                   eval_batch_size=16, checkpoint_every=4000, fast_image_size=320,
-                  train_split=layout.train_split, eval_split=layout.eval_split, **base)
+                  train_split=layout.train_split, split=layout.eval_split, **base)
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise ValueError(f"unknown segmentation settings {unknown}: use some of {sorted(values)}")
@@ -154,7 +154,7 @@ def _check(s: SegmentSettings, layout) -> None:
     for key in ("crop_size", "scale", "slide_stride"):
         if len(getattr(s, key)) != 2 or min(getattr(s, key)) < 1:
             raise ValueError(f"segment {key}={getattr(s, key)}: give two positive sizes")
-    for key in ("train_split", "eval_split"):
+    for key in ("train_split", "split"):
         if getattr(s, key) not in layout.splits:
             raise ValueError(f"segment {key}={getattr(s, key)!r}: {layout.name} has splits "
                              f"{layout.splits}")
@@ -508,7 +508,7 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
     family = backbone_family(backbone)
     settings = settings or segment_settings(family, dataset, arch=arch)
     train_split = data_lib.segmentation.open_split(dataset, settings.train_split)
-    eval_split = data_lib.segmentation.open_split(dataset, settings.eval_split)
+    val_split = data_lib.segmentation.open_split(dataset, settings.split)
     layout = train_split.layout
     backbone.eval()
     kind = settings.features if settings.protocol == "release" else "map"
@@ -530,7 +530,7 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
     else:
         cached = {}
         feature_fn = _jitted_features(backbone, kind, mesh)
-        for split_name, split in (("train", train_split), ("eval", eval_split)):
+        for split_name, split in (("train", train_split), ("eval", val_split)):
             cached[split_name] = _cache_features(feature_fn, split, settings, mesh, process)
         channels = cached["train"]["features"].shape[-1]
 
@@ -549,14 +549,16 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
                 return dense_features(nnx.merge(graph, state, copy=True), images, kind)
 
             start = (checkpoints.latest_step() or 0) if checkpoints else 0
-            batches = data_lib.segmentation.make_train_iterator(
+            # Host-to-device copies of the next batches overlap the step (a thread).
+            batches = data_lib.prefetch_to_mesh(data_lib.segmentation.make_train_iterator(
                 train_split, global_batch_size=settings.batch_size, seed=seed,
                 start_step=start, scale=settings.scale, crop_size=settings.crop_size,
-                ratio_range=settings.ratio_range, cat_max_ratio=settings.cat_max_ratio, **process)
+                ratio_range=settings.ratio_range, cat_max_ratio=settings.cat_max_ratio,
+                **process), mesh)
 
             def next_batch(step):
                 batch = next(batches)
-                return to_global_batch({"input": batch["image"], "mask": batch["mask"]}, mesh)
+                return {"input": batch["image"], "mask": batch["mask"]}
         else:
             def featurize(features):
                 return features.astype(jnp.float32)
@@ -577,10 +579,10 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
         return {"stopped_at_step": reached}
 
     if settings.protocol == "release":
-        sizes = data_lib.segmentation.image_sizes(eval_split.masks)
+        sizes = data_lib.segmentation.image_sizes(val_split.masks)
         chunks = data_lib.segmentation.eval_chunks(sizes, scale=settings.scale,
                                       images_per_chunk=settings.eval_batch_size, row_multiple=rows)
-        batches = data_lib.segmentation.make_eval_iterator(eval_split, chunks, **process)
+        batches = data_lib.segmentation.make_eval_iterator(val_split, chunks, **process)
         confusion = evaluate_chunks(make_logits_fn(backbone, head, kind, mesh), batches, chunks,
                                     settings, layout.num_classes, mesh, progress)
         resolution = "original"
@@ -590,7 +592,7 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
     metrics = segmentation_metrics(confusion, layout.class_names)
     return {**metrics, "protocol": settings.protocol, "dataset": dataset,
             "train_split": f"{settings.train_split} ({len(train_split)} images)",
-            "eval_split": f"{settings.eval_split} ({len(eval_split)} images)",
+            "split": f"{settings.split} ({len(val_split)} images)",
             "scored_at": resolution, "steps": settings.steps,
             "settings": dataclasses.asdict(settings)}
 

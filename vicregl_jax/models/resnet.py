@@ -2,7 +2,7 @@
 
 Attribute names mirror torchvision's state_dict names (``conv1``, ``bn1``,
 ``layer{1..4}.{b}.{conv1,bn1,...}``, ``downsample.{0,1}``), so that conversion to and
-from the release (vicregl_jax/convert.py) is a renaming of leaves plus transposes.
+from the release (vicregl_jax/layout.py) is a renaming of leaves plus transposes.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def _split(x: jax.Array, sizes: Sequence[int], axis: int) -> list[jax.Array]:
 
 
 class VICRegLModel(nnx.Module):
-    """Maps a list of views to representations, embeddings, local embeddings and logits.
+    """Maps crop groups of views to representations, embeddings, local embeddings and logits.
 
     Args:
       arch: a name of vicregl_jax.models.ARCHITECTURES.
@@ -32,9 +32,11 @@ class VICRegLModel(nnx.Module):
       drop_path_rate, layer_scale_init: ConvNeXt only; None means the release's default
         (0.1 and 0, i.e. no layer scale).
 
-    With BatchNorm (ResNets) every view is its own forward pass, with its own batch
-    statistics as in the release; LayerNorm models run same-size views as one batch (the
-    result is the same). Mode: ``model.train()`` / ``model.eval()``, or ``nnx.view``.
+    Views come as one stacked array per crop group (B, V, S, S, 3), as the input pipeline
+    gives them, and every output keeps that layout. With BatchNorm (ResNets) every view is
+    its own forward pass, with its own batch statistics as in the release; LayerNorm models
+    run a group as one batch (the result is the same). Mode: ``model.train()`` /
+    ``model.eval()``, or ``nnx.view``.
     """
 
     def __init__(self, *, arch: str, mlp: str = "8192-8192-8192",
@@ -68,62 +70,59 @@ class VICRegLModel(nnx.Module):
                                 if alpha < 1.0 else None)
         self.classifier = linear_classifier(dim, num_classes, dtype=dtype, rngs=rngs)
 
-    def _backbone(self, views: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
-        """Returns (maps, pooled) per view; LayerNorm models batch runs of same-size views."""
+    def _backbone(self, group: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns (maps (B, V, N, C), pooled (B, V, C)) of one crop group (B, V, S, S, 3).
+
+        BatchNorm models run each view as its own forward pass (its own batch statistics, as
+        the release); LayerNorm models run the group as one batch: (B, V) merged into B * V
+        sample-major, which a batch sharded over devices keeps local.
+        """
+        b, v = group.shape[:2]
         if self.norm == "batch":
-            return [self.backbone(v) for v in views]
-        outputs = []
-        for _, group in itertools.groupby(views, key=lambda v: v.shape):
-            group = list(group)
-            if len(group) == 1:
-                outputs.append(self.backbone(group[0]))
-                continue
-            # One batch ordered (sample, view): the sample axis stays major, so a batch
-            # sharded over devices needs no communication to be merged or split again.
-            b, v = group[0].shape[0], len(group)
-            maps, pooled = self.backbone(
-                jnp.stack(group, axis=1).reshape(b * v, *group[0].shape[1:]))
-            maps = maps.reshape(b, v, *maps.shape[1:])
-            pooled = pooled.reshape(b, v, pooled.shape[-1])
-            outputs += [(maps[:, i], pooled[:, i]) for i in range(v)]
-        return outputs
+            outputs = [self.backbone(group[:, i]) for i in range(v)]
+            return jnp.stack([m for m, _ in outputs], axis=1), jnp.stack([p for _, p in outputs], axis=1)
+        maps, pooled = self.backbone(group.reshape(b * v, *group.shape[2:]))
+        return maps.reshape(b, v, *maps.shape[1:]), pooled.reshape(b, v, pooled.shape[-1])
+
+    def _head(self, head: MLP, groups: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        """Returns head applied to every vector of groups (B, V_g, ..., C), float32.
+
+        BatchNorm heads run per view (per-view statistics; the local projector's over all B*N
+        locations of the view). LayerNorm heads treat every vector alike, so they run once on
+        all groups joined along a non-batch axis.
+        """
+        if self.norm == "batch":
+            return tuple(jnp.stack([head(g[:, i]) for i in range(g.shape[1])], axis=1).astype(jnp.float32)
+                         for g in groups)
+        flat = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in groups]
+        out = head(jnp.concatenate(flat, axis=1)).astype(jnp.float32)
+        pieces = _split(out, [f.shape[1] for f in flat], axis=1)
+        return tuple(p.reshape(*g.shape[:-1], p.shape[-1]) for p, g in zip(pieces, groups))
 
     def __call__(self, views: Sequence[jax.Array]) -> dict:
         """Returns representations, embeddings, local_embeddings, maps and logits (float32).
 
-        ``embeddings`` is None when alpha == 0 and ``local_embeddings`` None when
-        alpha == 1; ``logits`` are of the classifier on stop_gradient(representations[0]).
+        views: one stacked array (B, V_g, S_g, S_g, 3) per crop group, the two large views
+        first. Every output but the logits is a tuple with one array per group:
+        representations (B, V_g, C), embeddings (B, V_g, D), local_embeddings
+        (B, V_g, N_g, D'), maps (B, V_g, N_g, C). ``embeddings`` is None when alpha == 0 and
+        ``local_embeddings`` None when alpha == 1; ``logits`` (B, num_classes) are of the
+        classifier on stop_gradient of the first view's representation.
         """
         if not views:
-            raise ValueError("views is empty: pass a list of (B, H, W, 3) image batches")
-        features = self._backbone(views)
-        maps = [m for m, _ in features]
-        representations = [p for _, p in features]
-        # BatchNorm heads run per view (per-view statistics; the local projector's over all
-        # B*N locations of the view). LayerNorm heads treat every vector alike, so they
-        # run once on all views, joined along a non-batch axis.
-        together = self.norm == "layer"
-        same_batch = len({r.shape[0] for r in representations}) == 1
-
-        embeddings = None
-        if self.expander is not None:
-            if together and same_batch:
-                z = self.expander(jnp.stack(representations, axis=1))
-                embeddings = [z[:, i] for i in range(len(views))]
-            else:
-                embeddings = [self.expander(r) for r in representations]
-            embeddings = [e.astype(jnp.float32) for e in embeddings]
-
-        local_embeddings = None
-        if self.local_projector is not None:
-            if together and same_batch:
-                z = self.local_projector(jnp.concatenate(maps, axis=1))
-                local_embeddings = _split(z, [m.shape[1] for m in maps], axis=1)
-            else:
-                local_embeddings = [self.local_projector(m) for m in maps]
-            local_embeddings = [e.astype(jnp.float32) for e in local_embeddings]
-
-        logits = self.classifier(jax.lax.stop_gradient(representations[0]))
+            raise ValueError("views is empty: pass one (B, V, H, W, 3) array per crop group")
+        for k, group in enumerate(views):
+            if group.ndim != 5 or group.shape[-1] != 3:
+                raise ValueError(f"views[{k}] has shape {group.shape}: pass one (B, V, H, W, 3) array "
+                                 "per crop group (add a view axis with x[:, None] for a single view)")
+        features = [self._backbone(group) for group in views]
+        maps = tuple(m for m, _ in features)
+        representations = tuple(p for _, p in features)
+        embeddings = (self._head(self.expander, representations)
+                      if self.expander is not None else None)
+        local_embeddings = (self._head(self.local_projector, maps)
+                            if self.local_projector is not None else None)
+        logits = self.classifier(jax.lax.stop_gradient(representations[0][:, 0]))
         return {
             "representations": representations,
             "embeddings": embeddings,

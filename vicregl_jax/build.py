@@ -1,0 +1,139 @@
+"""Turns a config into the parts of a pre-training run: mesh, input iterator, criterion
+settings, optimiser and schedule, the sharded train state (fresh, from initial weights, or
+restored) and its checkpointer.
+
+Every constructor validates the subtree of the config it owns (`config.loss` in LossConfig,
+`config.model` in VICRegLModel, `config.optim.name` in the optimiser registry, the crops in
+CropGroup); `check_config` runs them all, cheaply, with the cross-part checks of
+`config.validate`, so a bad value fails in seconds, before any data or weights are touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from vicregl_jax import config as config_lib
+from vicregl_jax import data as data_lib
+from vicregl_jax import losses, models, optim, sharding, state as state_lib
+from vicregl_jax.state import TrainState
+
+
+def loss_config(config) -> losses.LossConfig:
+    """Returns the criterion's settings: config.loss as a LossConfig (which validates them)."""
+    return losses.LossConfig(**{**config.loss.to_dict(), "num_matches": tuple(config.loss.num_matches)})
+
+
+def crop_groups(config) -> list:
+    """Returns the pipeline's crop groups (data.CropGroup validates each) from config.data.crops."""
+    return [data_lib.CropGroup(size=int(s), count=int(n), scale=(float(lo), float(hi)))
+            for s, n, lo, hi in config.data.crops]
+
+
+def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """Returns (learning-rate schedule, optax optimiser) of SPEC.md section 4."""
+    warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+    schedule = optim.learning_rate_schedule(
+        base_lr=config.optim.base_lr, batch_size=config.batch_size, total_steps=total_steps,
+        warmup_steps=warmup, end_lr_ratio=config.optim.end_lr_ratio,
+    )
+    return schedule, optim.make_optimizer(config.optim.name, schedule, weight_decay=config.optim.weight_decay)
+
+
+def check_config(config, *, num_devices: int, process_count: int = 1) -> None:
+    """Raises ValueError, naming the key and the fix, for any value the run cannot use."""
+    config_lib.validate(config, num_devices=num_devices, process_count=process_count)
+    loss_config(config)
+    crop_groups(config)
+    optim.make_optimizer(config.optim.name, 0.0, weight_decay=config.optim.weight_decay)
+    state_lib.abstract_model(config)  # the model's own checks: heads, classifier, dtype, ConvNeXt options
+
+
+def schedule_length(config, num_examples: int) -> tuple[int, int]:
+    """Returns (steps per epoch, total steps) for a dataset of num_examples."""
+    steps_per_epoch = max(1, num_examples // config.batch_size)
+    total = config.total_steps if config.total_steps is not None else int(config.epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def pretrain_iterator(config, start_step: int):
+    """Returns this host's pre-training batches from start_step on (a seek, not a replay)."""
+    return data_lib.make_pretrain_iterator(
+        config.data.dataset, config.data.split, groups=crop_groups(config), global_batch_size=config.batch_size,
+        seed=config.seed, stride=models.backbone_stride(config.model.arch), flip_grid=config.data.flip_grid,
+        with_labels=True, start_step=start_step,
+        read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
+    )
+
+
+def init_train_state(config, tx, mesh):
+    """Returns (graphdef, random streams, state, state shardings), the state created sharded.
+
+    The random streams (drop path) are not part of the state: the step reseeds them from
+    (seed, step); they are returned so that the step can merge a whole model.
+    """
+
+    def init():
+        model = state_lib.create_model(config, rngs=nnx.Rngs(config.seed))
+        _, params, batch_stats, rest = state_lib.split_model(model)
+        return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params)), rest
+
+    graphdef = state_lib.split_model(state_lib.abstract_model(config))[0]
+    abstract_state, abstract_rest = jax.eval_shape(init)
+    shardings = sharding.param_shardings(abstract_state, mesh, config.mesh.param_sharding, config.mesh.rules)
+    rest_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest)
+    state, rest = jax.jit(init, out_shardings=(shardings, rest_shardings))()
+    return graphdef, rest, state, shardings
+
+
+@dataclasses.dataclass
+class Run:
+    """The parts of a pre-training run, ready for the loop."""
+
+    mesh: Any
+    iterator: Any
+    loss: losses.LossConfig
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    graphdef: Any
+    random_streams: Any
+    state: TrainState
+    shardings: Any
+    checkpointer: state_lib.Checkpointer
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    resumed: bool
+
+
+def build_run(config, workdir) -> Run:
+    """Returns the run config describes in workdir: resumed from its newest checkpoint when
+    there is one, else fresh (from config.model.init_weights when set) with config.json written."""
+    mesh = sharding.make_mesh(config.mesh.num_devices)
+    check_config(config, num_devices=mesh.size, process_count=jax.process_count())
+    checkpointer = state_lib.Checkpointer(workdir, state_lib.model_meta(config), keep=config.checkpoint.keep)
+    latest = checkpointer.latest_step()
+    start = 0 if latest is None else latest
+    iterator = pretrain_iterator(config, start)
+    steps_per_epoch, total = schedule_length(config, config.data.num_examples or iterator.num_examples)
+    schedule, tx = make_optimizer(config, steps_per_epoch, total)
+    graphdef, rest, state, shardings = init_train_state(config, tx, mesh)
+    if latest is not None:
+        state = checkpointer.restore(start, state)
+    else:
+        if config.model.init_weights:
+            params, batch_stats, description = state_lib.initial_weights(
+                config.model.init_weights, config, state.params, state.batch_stats)
+            state = TrainState(state.step, params, batch_stats, state.opt_state)
+            logging.info("Initial weights from %s", description)
+        state_lib.save_config(workdir, config)
+    return Run(mesh=mesh, iterator=iterator, loss=loss_config(config), schedule=schedule, tx=tx,
+               graphdef=graphdef, random_streams=rest, state=state, shardings=shardings,
+               checkpointer=checkpointer, start_step=start, total_steps=total,
+               steps_per_epoch=steps_per_epoch, resumed=latest is not None)
