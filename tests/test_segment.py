@@ -556,7 +556,11 @@ def test_run_reads_the_config_and_writes_results(voc, tmp_path):
     config.eval.segment.dataset = None
     with pytest.raises(ValueError, match="set config.eval.segment.dataset"):
         segment.run(config, str(tmp_path), random_init=True)
-    config.eval.segment.dataset = f"voc:{voc}"
+    config.eval.segment = segment_config(dataset=f"voc:{voc}", num_classes=21)
+    with pytest.raises(ValueError, match="eval.segment.num_classes is not a segmentation "
+                       "setting \\(the class count comes from the dataset's layout\\)"):
+        segment.run(config, str(tmp_path), random_init=True)
+    config.eval.segment = segment_config(dataset=f"voc:{voc}")
     config.eval.segment.inference = "sliding"
     with pytest.raises(ValueError, match="segment inference='sliding': use one of"):
         segment.run(config, str(tmp_path), random_init=True)

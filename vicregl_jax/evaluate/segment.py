@@ -674,6 +674,11 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     mesh = sharding.make_mesh(config.mesh.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     fields = {f.name for f in dataclasses.fields(SegmentSettings)}
+    unknown = sorted(set(cfg.keys()) - fields - {"dataset"})
+    if unknown:
+        raise ValueError(f"config.eval.segment.{unknown[0]} is not a segmentation setting (the "
+                         "class count comes from the dataset's layout); use "
+                         f"{', '.join(sorted(fields | {'dataset'}))}")
     overrides = {k: v for k, v in cfg.items() if k in fields}
     settings = segment_settings(backbone_family(backbone), cfg.dataset, arch=config.model.arch,
                                 **overrides)
