@@ -13,7 +13,6 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from ml_collections import config_dict
 from PIL import Image
 
 from segmentation_data import save_palette_png, write_voc
@@ -526,17 +525,8 @@ def test_the_head_learns_and_resumes(voc, tmp_path, arch, overrides):
 
 
 def segment_config(**overrides) -> ml_collections.ConfigDict:
-    """The keys of config.eval.segment with their defaults (None: the release's value for the
-    backbone's family and the dataset's layout)."""
-    keys = {"dataset": config_dict.placeholder(str), "protocol": "release",
-            "train_split": config_dict.placeholder(str), "split": config_dict.placeholder(str),
-            "steps": config_dict.placeholder(int), "batch_size": config_dict.placeholder(int),
-            "optimizer": config_dict.placeholder(str), "lr": config_dict.placeholder(float),
-            "weight_decay": config_dict.placeholder(float),
-            "crop_size": config_dict.placeholder(tuple), "scale": config_dict.placeholder(tuple),
-            "inference": config_dict.placeholder(str), "slide_stride": (341, 341),
-            "eval_batch_size": 16, "checkpoint_every": 4000, "fast_image_size": 320}
-    c = ml_collections.ConfigDict(keys)
+    """config.eval.segment of the default config with overrides."""
+    c = default_config().eval.segment
     c.update(overrides)
     return c
 
