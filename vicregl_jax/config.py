@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     # WORKDIR/compilation_cache ($JAX_COMPILATION_CACHE_DIR when set); "off": none; or a path (gs:// too).
     c.compilation_cache_dir = config_dict.placeholder(str)
 
-    # The input pipeline (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per
+    # The input pipeline (the release's multi-crop views). crops: (size, count, min_scale, max_scale) per
     # group; the first group holds the two large views every pair is anchored on.
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "imagenet2012"  # a TFDS name, an embedded one, or folder:PATH
@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.flip_grid = False  # the release leaves the grid of a flipped view unflipped
     c.data.num_examples = config_dict.placeholder(int)  # None: read from the dataset
 
-    # VICRegLModel (SPEC.md section 2); config.loss.alpha decides which heads exist.
+    # VICRegLModel (backbone, expander, local projector, classifier); config.loss.alpha decides which heads exist.
     c.model = ml_collections.ConfigDict()
     c.model.arch = "resnet50"
     c.model.mlp = "8192-8192-8192"  # the expander
@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"  # compute dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
     c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
 
-    # The criterion (SPEC.md section 3): the fields of losses.LossConfig.
+    # The criterion: the fields of losses.LossConfig.
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.75
     c.loss.inv_coeff = 25.0
@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.l2_all_matches = True
     c.loss.fast_vc_reg = False
 
-    # Optimisation (SPEC.md section 4): peak lr = base_lr * batch_size / 256.
+    # Optimisation, as the release: peak lr = base_lr * batch_size / 256.
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "lars"  # or "adamw"
     c.optim.base_lr = 0.2

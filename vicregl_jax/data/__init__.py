@@ -1,4 +1,4 @@
-"""Input pipeline: multi-crop views with their location grids (SPEC.md section 1).
+"""Input pipeline: multi-crop views with their location grids.
 
     from vicregl_jax.data import CropGroup, make_pretrain_iterator
     batches = make_pretrain_iterator("vicregl_photos", "train", seed=0, global_batch_size=32,
