@@ -1,7 +1,7 @@
 """PyTorch reference networks with the release's parameter names, for parity tests.
 
 Written for these tests from the architecture descriptions (torchvision-style ResNet v1.5
-names, the release's ConvNeXt names of SPEC.md section 6 and its MLP heads); they are
+names, the release's ConvNeXt names and its MLP heads); they are
 the yardstick the Flax models and the weight conversion are checked against.
 Each backbone's forward returns (maps (B, h*w, C), pooled (B, C)) from NCHW images.
 """

@@ -37,7 +37,7 @@ def crop_groups(config) -> list:
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """Returns (learning-rate schedule, optax optimiser) of SPEC.md section 4."""
+    """Returns (learning-rate schedule, optax optimiser) of the release's recipe."""
     warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
     schedule = optim.learning_rate_schedule(
         base_lr=config.optim.base_lr, batch_size=config.batch_size, total_steps=total_steps,

@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     # beside the old one as config.<step>.json.
     c.allow_config_change = False
 
-    # The input pipeline (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per
+    # The input pipeline (the release's multi-crop views). crops: (size, count, min_scale, max_scale) per
     # group; the first group holds the two large views every pair is anchored on.
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "imagenet2012"  # a TFDS name, an embedded one, or folder:PATH
@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.flip_grid = False  # the release leaves the grid of a flipped view unflipped
     c.data.num_examples = config_dict.placeholder(int)  # None: read from the dataset
 
-    # VICRegLModel (SPEC.md section 2); config.loss.alpha decides which heads exist.
+    # VICRegLModel (backbone, expander, local projector, classifier); config.loss.alpha decides which heads exist.
     c.model = ml_collections.ConfigDict()
     c.model.arch = "resnet50"
     c.model.mlp = "8192-8192-8192"  # the expander
@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"  # compute dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
     c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
 
-    # The criterion (SPEC.md section 3): the fields of losses.LossConfig.
+    # The criterion: the fields of losses.LossConfig.
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.75
     c.loss.inv_coeff = 25.0
@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.l2_all_matches = True
     c.loss.fast_vc_reg = False
 
-    # Optimisation (SPEC.md section 4): peak lr = base_lr * batch_size / 256.
+    # Optimisation, as the release: peak lr = base_lr * batch_size / 256.
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "lars"  # or "adamw"
     c.optim.base_lr = 0.2
@@ -116,14 +116,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.linear.epochs = 100
     c.eval.linear.lr = config_dict.placeholder(float)  # None: 0.02 for ResNets, 0.3 for ConvNeXts
     c.eval.linear.weight_decay = 1e-6
+    # Linear segmentation as the release's mmsegmentation configs (README: Linear segmentation);
+    # None: the release's value for the backbone's family and the dataset's layout.
     c.eval.segment = ml_collections.ConfigDict()
-    c.eval.segment.dataset = "voc/2012"  # TFDS name with segmentation masks, or folder:PATH of images/ + masks/
-    c.eval.segment.train_split = "train"
-    c.eval.segment.split = "validation"
-    c.eval.segment.num_classes = 21
-    c.eval.segment.image_size = 512
-    c.eval.segment.steps = 40000
-    c.eval.segment.batch_size = 16
+    c.eval.segment.dataset = config_dict.placeholder(str)  # "voc:PATH" | "ade20k:PATH" | "cityscapes:PATH" (required)
+    c.eval.segment.protocol = "release"  # or "fast" (cached stride-32 features; not comparable)
+    c.eval.segment.train_split = config_dict.placeholder(str)  # None: trainaug / training / train
+    c.eval.segment.split = config_dict.placeholder(str)  # None: val / validation / val
+    c.eval.segment.steps = config_dict.placeholder(int)  # None: 40k (VOC, Cityscapes), 160k (ADE20k)
+    c.eval.segment.batch_size = config_dict.placeholder(int)  # None: 16 (VOC, ADE20k), 8 (Cityscapes)
+    c.eval.segment.optimizer = config_dict.placeholder(str)  # None: sgd (ResNets), adamw (ConvNeXts)
+    c.eval.segment.lr = config_dict.placeholder(float)  # None: 0.01 / 1e-4 (8e-5 convnext_xlarge)
+    c.eval.segment.weight_decay = config_dict.placeholder(float)  # None: 5e-4 / 0.05
+    c.eval.segment.crop_size = config_dict.placeholder(tuple)  # None: (512, 512); Cityscapes (512, 1024)
+    c.eval.segment.scale = config_dict.placeholder(tuple)  # None: (2048, 512); Cityscapes (2048, 1024)
+    c.eval.segment.inference = config_dict.placeholder(str)  # None: whole (ResNets), slide (ConvNeXts)
+    c.eval.segment.slide_stride = (341, 341)
+    c.eval.segment.eval_batch_size = 16  # images per evaluation step (a multiple of the devices)
+    c.eval.segment.checkpoint_every = 4000  # head checkpoints under WORKDIR/segment_head
+    c.eval.segment.fast_image_size = 320
     c.eval.correspond = ml_collections.ConfigDict()
     c.eval.correspond.pairs = 256
     c.eval.correspond.crop_size = 224
@@ -156,8 +167,7 @@ RENAMED = {
     "linear_mode": "eval.linear.mode", "linear_epochs": "eval.linear.epochs",
     "linear_lr": "eval.linear.lr", "linear_weight_decay": "eval.linear.weight_decay",
     "seg_dataset": "eval.segment.dataset", "seg_train_split": "eval.segment.train_split",
-    "seg_eval_split": "eval.segment.split", "seg_num_classes": "eval.segment.num_classes",
-    "seg_image_size": "eval.segment.image_size", "seg_steps": "eval.segment.steps",
+    "seg_eval_split": "eval.segment.split", "seg_steps": "eval.segment.steps",
     "seg_batch_size": "eval.segment.batch_size", "correspond_pairs": "eval.correspond.pairs",
     "correspond_crop_size": "eval.correspond.crop_size",
     "correspond_scale": "eval.correspond.scale",

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedule of SPEC.md section 4, built from optax parts."""
+"""Optimisers and learning-rate schedule of the release (LARS for ResNets, AdamW for ConvNeXts), built from optax parts."""
 
 from __future__ import annotations
 
