@@ -55,7 +55,7 @@ def check_overrides(argv) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Returns the exception types that are a user's to fix: printed as one line, no traceback."""
     errors = [ValueError, FileNotFoundError, train.NonFiniteLossError, distributed.LaunchError,
-              state.CheckpointError, workdir_lib.WorkdirLockedError]
+              distributed.PeerFailureError, state.CheckpointError, workdir_lib.WorkdirLockedError]
     # The input pipeline's errors; its module imports TensorFlow, so it is looked up only if
     # this run imported it (it raised nothing otherwise).
     pipeline = sys.modules.get("vicregl_jax.data.pipeline")

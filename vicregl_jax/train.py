@@ -258,16 +258,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
 
 
 def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
+    if config.knn_every_epochs:
+        knn.check_labelled(config)  # fail now, not after the first N epochs
     run = build.build_run(config, workdir)
     if run.resumed and jax.process_index() == 0:
         skipped = f" ({state_lib.describe_skipped(run.skipped)}; moved to {workdir / state_lib.DAMAGED_DIR})" \
             if run.skipped else ""
         print(f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}{skipped}.",
               flush=True)
-    knn_every = 0
-    if config.knn_every_epochs:
-        knn.check_labelled(config)  # fail now, not after the first N epochs
-        knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch))
+    knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
     step_fn = jit_train_step(
         make_train_step(run.graphdef, run.random_streams, run.tx, run.schedule, run.loss, seed=config.seed,
                         grad_accum_steps=config.grad_accum_steps),
