@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from test_train import read_state, worker_env
 from tiny import tiny_config
+
 from vicregl_jax import build, sharding, train
 from vicregl_jax import config as config_lib
 from vicregl_jax import state as state_lib
@@ -89,7 +89,8 @@ def flip_silently(workdir, step):
     restores it (without error, into other values); returns the file."""
     folder = workdir / "checkpoints" / str(step)
     path = max(glob.glob(str(folder / "train" / "ocdbt.process_0" / "d" / "*")), key=os.path.getsize)
-    original = open(path, "rb").read()
+    with open(path, "rb") as f:
+        original = f.read()
     config = state_lib.load_config(workdir)
     manager = state_lib.Checkpointer(workdir, state_lib.model_meta(config), read_only=True).manager
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -103,10 +104,11 @@ def flip_silently(workdir, step):
     for fraction in (0.5, 0.6, 0.7, 0.8, 0.4, 0.3):
         data = bytearray(original)
         data[int(len(data) * fraction)] ^= 0x5A
-        open(path, "wb").write(bytes(data))
+        with open(path, "wb") as f:
+            f.write(bytes(data))
         try:
             after = restored()
-        except Exception:  # a flip the decoder notices: not the silent kind
+        except Exception:  # noqa: BLE001, S112 (a flip the decoder notices: not the silent kind)
             continue
         if any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after)):
             manager.close()
@@ -140,8 +142,10 @@ def damage(workdir, form):
     step3 = workdir / "checkpoints" / "3"
     if form == "truncated data file":
         path = max(glob.glob(str(step3 / "model" / "ocdbt.process_0" / "d" / "*")), key=os.path.getsize)
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[: len(data) // 2])
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
         return 3, "its 'model' item does not read"
     if form == "deleted _METADATA":
         os.remove(step3 / "model" / "_METADATA")
@@ -387,8 +391,8 @@ def test_release_training_checkpoint_as_initial_weights(data_dir, trained, tmp_p
     """A checkpoint of the release's training script (its LARS state pickles a function
     reference) is read as init_weights and as --weights; a __reduce__ payload runs nothing."""
     import torch
-
     from test_convert import RunsShell, exclude_bias_and_norm
+
     from vicregl_jax import layout
 
     model, _, _ = state_lib.load_workdir_model(trained)

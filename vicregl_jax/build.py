@@ -21,7 +21,8 @@ from flax import nnx
 
 from vicregl_jax import config as config_lib
 from vicregl_jax import data as data_lib
-from vicregl_jax import losses, models, optim, sharding, state as state_lib, torch_io
+from vicregl_jax import losses, models, optim, sharding, torch_io
+from vicregl_jax import state as state_lib
 from vicregl_jax.state import TrainState
 
 
@@ -138,7 +139,8 @@ def check_resume(config, workdir, step: int) -> None:
                          f"is at ({step}): give a total of {step} or more, or use another --workdir.")
     if not state_lib.is_workdir(workdir):
         return  # checkpoints without config.json: nothing to compare with
-    changes = config_lib.resume_changes(state_lib.load_config(workdir, step), config)
+    # The keys that define the state's shapes are the checkpoint's to refuse, with its own message.
+    changes = config_lib.resume_changes(state_lib.load_config(workdir, step), config, ignore=state_lib.MODEL_KEYS)
     if not changes:
         return
     listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)

@@ -379,11 +379,13 @@ def _normalised(value):
     return value
 
 
-def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
-    """Returns (key, saved value, new value) for every key of RESUME_KEYS that differs."""
+def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                   ignore: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+    """Returns (key, saved value, new value) for every key of RESUME_KEYS (but not of ignore)
+    that differs."""
     changes = []
     for key in all_keys(config):
-        if key in RESUME_FREE_KEYS or not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS):
+        if key in RESUME_FREE_KEYS or key in ignore or not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS):
             continue
         try:
             old = _get(saved, key)

@@ -40,7 +40,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-
 from jax.experimental import multihost_utils
 
 from vicregl_jax import config as config_lib
@@ -432,7 +431,7 @@ class Checkpointer:
                 meta, restored = self._restore_items(candidate, targets)
             except IncompatibleCheckpointError:
                 raise
-            except Exception as error:  # any failure to read makes the checkpoint unusable, not the run
+            except Exception as error:  # noqa: BLE001 (any failure to read makes the checkpoint unusable, not the run)
                 reason = _first_line(error)
             # Every process reads its own shards: all agree before the (collective) verification.
             if _any_process(reason is not None) and reason is None:
