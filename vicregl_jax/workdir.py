@@ -89,6 +89,8 @@ def _process_start(pid: int) -> str:
 
 def _pid_alive(pid: int, start: str = "") -> bool:
     """Returns whether the process pid (started at `start`, when known) runs on this machine."""
+    if pid <= 0:  # os.kill would address a process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -239,7 +241,6 @@ class WorkdirLock:
                 return (f"{self.workdir} is in use by another run ({describe_holder(info)}): wait for it to "
                         f"finish or stop it, or use another --workdir. If no run is using it, delete {self.path}.")
             logging.warning("Taking over the lock of %s from %s: %s.", self.workdir, describe_holder(info), reason)
-            print(f"Taking over the stale lock of {self.workdir} ({describe_holder(info)}: {reason}).", flush=True)
             self._remove_stale(info)
         return f"{self.workdir}: could not take the lock {self.path} (other runs keep taking it); try again."
 
