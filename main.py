@@ -5,6 +5,10 @@
     python main.py --config=configs/r50.py --workdir=DIR --config.batch_size=1024 --config.optim.base_lr=0.3
     python main.py --config=configs/demo.py --workdir=runs/demo          # laptop demo, offline
     python main.py --config=configs/r50.py --workdir=DIR --mode=knn      # evaluate DIR's model
+
+An error of ours (a bad value, a missing or damaged file, a diverged run, a locked workdir)
+prints one line and exits with status 1; --verbosity=1 shows its traceback. A run stopped by
+a preemption notice exits with status 75 after saving, so that the launchers restart it.
 """
 
 import sys
@@ -14,7 +18,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vicregl_jax import config as config_lib
-from vicregl_jax import convert, demo, distributed, train
+from vicregl_jax import convert, demo, distributed, state, train
+from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
 MODES = {
@@ -47,14 +52,44 @@ def check_overrides(argv) -> None:
         sys.exit(f"error: {error}")
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Returns the exception types that are a user's to fix: printed as one line, no traceback."""
+    errors = [ValueError, FileNotFoundError, train.NonFiniteLossError, distributed.LaunchError,
+              distributed.PeerFailureError, state.CheckpointError, workdir_lib.WorkdirLockedError]
+    # The input pipeline's errors; its module imports TensorFlow, so it is looked up only if
+    # this run imported it (it raised nothing otherwise).
+    pipeline = sys.modules.get("vicregl_jax.data.pipeline")
+    if pipeline is not None:
+        errors.append(pipeline.PipelineError)
+    return tuple(errors)
+
+
+def one_line(error: BaseException) -> str:
+    """Returns an error's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO, over the progress bar; --verbosity=0 brings it back.
         logging.set_verbosity(logging.WARNING)
-    distributed.start(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        run_mode()
+    except Exception as error:
+        if verbose or not isinstance(error, user_errors()):
+            raise
+        sys.exit(f"error: {one_line(error)}")
+
+
+def run_mode():
+    """Runs what --mode asks for (exits with REQUEUE_EXIT_CODE after a preemption save)."""
     config = _CONFIG.value
+    config_lib.check_values(config)
+    workdir_lib.check_workdir(_WORKDIR.value)  # before anything is written there
+    distributed.start(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value
     distributed.enable_compilation_cache(config.compilation_cache_dir, workdir)
     mode = _MODE.value or config.get("mode", "pretrain")

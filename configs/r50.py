@@ -1,4 +1,4 @@
-"""VICRegL with a ResNet-50 on ImageNet-1k: the release's 300-epoch recipe (SPEC.md 4-5).
+"""VICRegL with a ResNet-50 on ImageNet-1k: the release's 300-epoch recipe.
 
     python main.py --config=configs/r50.py --workdir=gs://BUCKET/vicregl_r50 \
         --config.data.manual_dir=gs://BUCKET/imagenet_manual --config.data.data_dir=gs://BUCKET/tfds

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy reference of the VICRegL criterion, written from SPEC.md section 3
+"""An independent float64 NumPy reference of the VICRegL criterion, written from the method's definition
 with explicit loops (over pairs, directions, examples, locations and kept indices).
 
 It shares no code with vicregl_jax.losses. Ties: the nearest candidate is the first minimum and

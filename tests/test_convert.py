@@ -430,10 +430,11 @@ def test_damaged_weight_files_fail_with_one_line(tmp_path):
 
 
 def test_torch_is_imported_only_by_file_functions():
-    """torch is imported inside the file functions of torch_io.py, nowhere else."""
+    """torch is imported inside the file functions of torch_io.py, nowhere else (but in the
+    release's transform chain that the pipeline benchmark and tests measure against)."""
     package = os.path.join(os.path.dirname(os.path.dirname(__file__)), "vicregl_jax")
     allowed = {("torch_io.py", "_load_pth"), ("torch_io.py", "read_torch_weights"),
-               ("torch_io.py", "write_torch_weights")}
+               ("torch_io.py", "write_torch_weights"), ("reference_pil.py", "__init__")}
     found = set()
     for root, _, files in os.walk(package):
         for name in files:

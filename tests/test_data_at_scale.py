@@ -62,7 +62,10 @@ def test_a_manifest_lists_ten_thousand_files_with_one_read_and_the_examples_of_t
     assert calls == {"GFile": 1, "isdir": 2}
     assert folder.list_image_folder(big_folder) == walked
     assert (source.num_examples, source.num_classes) == (walked_source.num_examples, walked_source.num_classes) == (10_000, 11)
-    assert [source.lookup(i) for i in range(10_000)] == [walked_source.lookup(i) for i in range(10_000)]
+    # The same examples: the same file and label at every index.
+    assert [source.describe(i) for i in range(10_000)] == [walked_source.describe(i) for i in range(10_000)]
+    everything = list(range(10_000))
+    assert source.read_records(everything)[1] == walked_source.read_records(everything)[1]
 
 
 def test_a_bucket_listing_gives_the_manifest_of_the_walk(tmp_path, capsys):

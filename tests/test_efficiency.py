@@ -347,7 +347,7 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(l2_all_matches=False, alpha=0.9)])
 def test_torch_criterion_of_the_reference_step_equals_the_reference(kwargs):
-    """The PyTorch criterion benchmarks/torch_step_bench.py times computes SPEC.md's criterion."""
+    """The PyTorch criterion benchmarks/torch_step_bench.py times equals the numpy reference criterion."""
     from torch_reference import torch_vicregl_loss
 
     emb, maps, grids = make_inputs(7, grid_sizes=(7, 7, 3, 3))

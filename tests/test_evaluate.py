@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vicregl_jax.evaluate import common, correspond, knn, linear, segment
+from vicregl_jax.evaluate import common, correspond, knn, linear
 
 # ------------------------------------------------------------------------------------------
 # kNN and linear classification
@@ -143,40 +143,6 @@ def test_linear_head_steps_match_torch_sgd():
 
 
 # ------------------------------------------------------------------------------------------
-# Segmentation
-# ------------------------------------------------------------------------------------------
-
-
-def test_mean_iou_by_hand_and_ignore_label():
-    labels = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
-    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 2]])
-    confusion = segment.confusion_matrix(pred, labels, 3)
-    # class 0: tp 1, fp 1 (from class 2), fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 1, fn 1 -> 1/2
-    out = segment.mean_iou(confusion)
-    np.testing.assert_allclose(out["per_class_iou"], [100 / 3, 200 / 3, 50.0])
-    assert out["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
-
-
-def test_linear_segmentation_of_a_linear_function_of_the_features_is_perfect():
-    """Masks that are a linear function of the features (the argmax of their first K channels,
-    upsampled by 2): the head learns them exactly, mIoU 100."""
-    rng = np.random.default_rng(3)
-    k, n, h = 4, 24, 4
-    classes = rng.integers(0, k, size=(n, h, h))
-    maps = 0.3 * rng.normal(size=(n, h, h, 8)).astype(np.float32)
-    maps[..., :k] += 3.0 * np.eye(k, dtype=np.float32)[classes]
-    masks = np.repeat(np.repeat(classes, 2, axis=1), 2, axis=2).astype(np.uint8)
-    masks[:, 0, 0] = segment.IGNORE_LABEL  # ignored pixels do not count
-    params, stats = segment.train_segmentation_head(maps[:16], masks[:16], num_classes=k, steps=150, batch_size=8, lr=0.1)
-    out = segment.evaluate_segmentation_head(params, stats, [(maps[16:], masks[16:])], k)
-    # Bilinear upsampling blends neighbouring cells at the boundaries: only nearly-perfect there.
-    # Evaluate at the map's own resolution for the exact statement.
-    exact = segment.evaluate_segmentation_head(params, stats, [(maps[16:], classes[16:].astype(np.uint8))], k)
-    assert exact["miou"] == 100.0
-    assert out["miou"] > 90.0
-
-
-# ------------------------------------------------------------------------------------------
 # Correspondence
 # ------------------------------------------------------------------------------------------
 
@@ -277,28 +243,3 @@ def test_exported_pytorch_weights_evaluate_like_the_workdir(demo_run, data_dir):
     assert "PyTorch file" in description
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
     np.testing.assert_allclose(np.asarray(from_pth(images)[1]), np.asarray(from_ckpt(images)[1]), rtol=1e-5, atol=1e-5)
-
-
-def test_segment_runner_on_a_folder(demo_run, data_dir, tmp_path):
-    """Linear segmentation end to end on a folder of image / mask pairs (left half class 1)."""
-    workdir, _ = demo_run
-    rng = np.random.default_rng(6)
-    for split, count in (("train", 6), ("val", 3)):
-        (tmp_path / split / "images").mkdir(parents=True)
-        (tmp_path / split / "masks").mkdir(parents=True)
-        for i in range(count):
-            image = rng.integers(0, 255, size=(48, 40, 3), dtype=np.uint8)
-            mask = np.zeros((48, 40), np.uint8)
-            mask[:, :20] = 1
-            mask[0, :] = 255
-            Image.fromarray(image).save(tmp_path / split / "images" / f"{i}.jpg")
-            Image.fromarray(mask).save(tmp_path / split / "masks" / f"{i}.png")
-    config = demo_config(data_dir, {"eval.segment.dataset": f"folder:{tmp_path}", "eval.segment.split": "val",
-                                    "eval.segment.num_classes": 2, "eval.segment.image_size": 64,
-                                    "eval.segment.steps": 5, "eval.segment.batch_size": 4})
-    results = segment.run(config, str(workdir))
-    assert 0.0 <= results["miou"] <= 100.0 and len(results["per_class_iou"]) == 2
-    assert json.loads((workdir / "eval_segment.json").read_text())["steps"] == 5
-    with pytest.raises(FileNotFoundError, match="no nope/images and nope/masks"):
-        segment.run(demo_config(data_dir, {"eval.segment.dataset": f"folder:{tmp_path}",
-                                           "eval.segment.train_split": "nope"}), str(workdir))

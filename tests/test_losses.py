@@ -17,7 +17,7 @@ RTOL = 1e-5
 
 
 def crop_grid(rng, n, image=(375.0, 500.0)):
-    """A location grid (n, n, 2) of a random crop, by the formula of SPEC.md section 1."""
+    """A location grid (n, n, 2) of a random crop, by the release's formula (cell centres in image pixels)."""
     H, W = image
     h, w = rng.uniform(0.2, 1.0) * H, rng.uniform(0.2, 1.0) * W
     i, j = rng.uniform(0, H - h), rng.uniform(0, W - w)

@@ -349,11 +349,11 @@ def test_dilated_resnet_matches_torch(arch, output_stride):
 def test_output_stride_map_sizes():
     image = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
     for output_stride, last in ((8, 64), (16, 32), (32, 16)):
-        model = nnx.eval_shape(lambda: create_backbone("resnet50", output_stride=output_stride,
-                                                       rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda stride=output_stride: create_backbone(
+            "resnet50", output_stride=stride, rngs=nnx.Rngs(0)))
         shapes = [m.shape for m in nnx.eval_shape(lambda m, x: m.stage_maps(x), model, image)]
         assert shapes[0] == (1, 128, 128, 256) and shapes[-1] == (1, last, last, 2048)
-    with pytest.raises(ValueError, match="needs a ResNet, got ConvNeXt"):
+    with pytest.raises(TypeError, match="needs a ResNet, got ConvNeXt"):
         with_output_stride(models.abstract_backbone("convnext_test"), 8)
 
 

@@ -12,7 +12,7 @@ from vicregl_jax import optim
 
 
 def release_schedule(step, batch, base_lr, end_ratio, total, warmup):
-    """SPEC.md section 4, written out: warm-up from 0, then cosine to end_ratio of the peak."""
+    """The release's schedule, written out: warm-up from 0, then cosine to end_ratio of the peak."""
     peak = base_lr * batch / 256
     if step < warmup:
         return step / warmup * peak

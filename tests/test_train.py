@@ -261,6 +261,33 @@ def test_two_processes_equal_one_and_stop_together_on_one_sigterm(data_dir, tmp_
     assert max_abs_diff(params_of(tmp_path / "two"), params_of(tmp_path / "one")) < 1e-5
 
 
+def test_a_host_whose_storage_fails_stops_every_host_with_its_error(data_dir, tmp_path):
+    """Every read of process 1 times out (faked at the file-read boundary): it stops with the
+    pipeline's error after its retries, and process 0, whose next collective then fails,
+    stops too and names process 1's error; neither hangs."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    port = free_port()
+    overrides = json.dumps({"data.dataset": f"folder:{photos}"})
+    logs = [open(tmp_path / f"worker{pid}.log", "w") for pid in range(2)]  # files: the retry warnings
+    procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "run"), data_dir, "--devices", "4",  # fill pipes
+                               "--process_id", str(pid), "--num_processes", "2", "--port", str(port),
+                               "--overrides", overrides] + (["--fail_reads"] if pid == 1 else []),
+                              stdout=logs[pid], stderr=subprocess.STDOUT, text=True, env=worker_env())
+             for pid in range(2)]
+    for p in procs:
+        p.wait(timeout=480)  # a hang would end in TimeoutExpired
+    outs = [(tmp_path / f"worker{pid}.log").read_text() for pid in range(2)]
+    assert all(p.returncode != 0 for p in procs), [o[-2000:] for o in outs]
+    assert "PipelineError" in outs[1] and "unreadable" in outs[1]
+    assert "process 1 stopped the run: PipelineError" in outs[0], outs[0][-3000:]
+
+
 # ------------------------------------------------------------------------------------------
 # Config validation
 # ------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """PyTorch reference networks with the release's parameter names, for parity tests.
 
 Written for these tests from the architecture descriptions (torchvision-style ResNet v1.5
-names, the release's ConvNeXt names of SPEC.md section 6 and its MLP heads); they are
+names, the release's ConvNeXt names and its MLP heads); they are
 the yardstick the Flax models and the weight conversion are checked against.
 Each backbone's forward returns (maps (B, h*w, C), pooled (B, C)) from NCHW images.
 
-`torch_vicregl_loss` is the criterion in PyTorch (written from SPEC.md section 3 and
+`torch_vicregl_loss` is the criterion in PyTorch (written from the paper's definition and
 checked against tests/reference_loss.py) and `TorchLARS` the release's LARS: with them,
 benchmarks/torch_step_bench.py times the release's whole training step.
 """

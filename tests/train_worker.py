@@ -16,6 +16,7 @@ parser.add_argument("--num_processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--overrides", default="{}")
 parser.add_argument("--stop_after", type=int, default=None)
+parser.add_argument("--fail_reads", action="store_true", help="every file read of this process times out")
 args = parser.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -30,6 +31,15 @@ if args.num_processes > 1:
 
 from tiny import tiny_config  # noqa: E402
 from vicregl_jax import train  # noqa: E402
+
+if args.fail_reads:  # faked at the boundary: the storage under this host times out on every read
+    from vicregl_jax.data import sources
+
+    def timing_out(path):
+        raise TimeoutError(f"injected: reading {path} timed out")
+
+    sources._read_file = timing_out
+    sources.READ_BACKOFF_S = 0.01  # the retries themselves are tested elsewhere: give up quickly
 
 result = train.train_and_evaluate(
     tiny_config(args.data_dir, json.loads(args.overrides)), args.workdir, stop_after_steps=args.stop_after

@@ -21,7 +21,8 @@ from flax import nnx
 
 from vicregl_jax import config as config_lib
 from vicregl_jax import data as data_lib
-from vicregl_jax import losses, models, optim, sharding, state as state_lib
+from vicregl_jax import losses, models, optim, sharding, torch_io
+from vicregl_jax import state as state_lib
 from vicregl_jax.state import TrainState
 
 
@@ -37,7 +38,7 @@ def crop_groups(config) -> list:
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """Returns (learning-rate schedule, optax optimiser) of SPEC.md section 4."""
+    """Returns (learning-rate schedule, optax optimiser) of the release's recipe."""
     warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
     schedule = optim.learning_rate_schedule(
         base_lr=config.optim.base_lr, batch_size=config.batch_size, total_steps=total_steps,
@@ -110,30 +111,107 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     resumed: bool
+    skipped: list = dataclasses.field(default_factory=list)  # (step, why) of damaged checkpoints passed over
+
+
+def check_init_weights(config) -> None:
+    """Raises FileNotFoundError when config.model.init_weights names nothing (checked before
+    any data is touched)."""
+    path = config.model.init_weights
+    if not path:
+        return
+    if state_lib.is_release_file(path):
+        if not state_lib.absolute(path).exists():
+            raise FileNotFoundError(f"config.model.init_weights={path!r} does not exist: give an existing "
+                                    f"{' / '.join(torch_io.TORCH_SUFFIXES)} file or a workdir.")
+    elif not state_lib.is_workdir(path):
+        raise FileNotFoundError(
+            f"config.model.init_weights={path!r} is neither a weights file ({', '.join(torch_io.TORCH_SUFFIXES)}) "
+            "nor a workdir with a config.json: check the path.")
+
+
+def check_resume(config, workdir, step: int) -> None:
+    """Raises ValueError when resuming workdir at step under config would change what the run
+    computes (config.RESUME_KEYS) and config.allow_config_change is off; with it on, logs the
+    changes and writes config as config.<step>.json beside the earlier ones."""
+    if config.total_steps is not None and config.total_steps < step:
+        raise ValueError(f"config.total_steps={config.total_steps} is below the step {state_lib.absolute(workdir)} "
+                         f"is at ({step}): give a total of {step} or more, or use another --workdir.")
+    if not state_lib.is_workdir(workdir):
+        return  # checkpoints without config.json: nothing to compare with
+    # The keys that define the state's shapes are the checkpoint's to refuse, with its own message.
+    changes = config_lib.resume_changes(state_lib.load_config(workdir, step), config, ignore=state_lib.MODEL_KEYS)
+    if not changes:
+        return
+    listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+    if not config.allow_config_change:
+        raise ValueError(
+            f"Resuming {state_lib.absolute(workdir)} at step {step} with another config ({listed}) would change "
+            "what the run computes: run with the config it was started with (config.json), use another "
+            "--workdir, or pass --config.allow_config_change=True to go on with the new one.")
+    path = state_lib.save_resume_config(workdir, config, step)
+    logging.warning("Resuming at step %d with config changes (%s); the new config is %s.", step, listed, path)
+    print(f"Config changed on resume at step {step}: {listed} (written to {path}).", flush=True)
+
+
+def check_classes(config, iterator) -> None:
+    """Raises ValueError when the pre-training data has more classes than the online
+    classifier has outputs (labels >= config.model.num_classes)."""
+    if iterator.num_classes > config.model.num_classes:
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes} but the dataset {config.data.dataset!r} has "
+            f"{iterator.num_classes} classes (labels 0..{iterator.num_classes - 1}): set "
+            f"--config.model.num_classes={iterator.num_classes}.")
 
 
 def build_run(config, workdir) -> Run:
-    """Returns the run config describes in workdir: resumed from its newest checkpoint when
-    there is one, else fresh (from config.model.init_weights when set) with config.json written."""
+    """Returns the run config describes in workdir: resumed from its newest checkpoint that
+    restores and verifies when there is one, else fresh (from config.model.init_weights when
+    set) with config.json written."""
+    config_lib.check_values(config)
     mesh = sharding.make_mesh(config.mesh.num_devices)
     check_config(config, num_devices=mesh.size, process_count=jax.process_count())
     checkpointer = state_lib.Checkpointer(workdir, state_lib.model_meta(config), keep=config.checkpoint.keep)
-    latest = checkpointer.latest_step()
+    try:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            check_init_weights(config)
+        else:
+            check_resume(config, workdir, latest)
+        return _build(config, workdir, mesh, checkpointer, latest)
+    except BaseException:
+        checkpointer.close()
+        raise
+
+
+def _build(config, workdir, mesh, checkpointer, latest) -> Run:
     start = 0 if latest is None else latest
     iterator = pretrain_iterator(config, start)
-    steps_per_epoch, total = schedule_length(config, config.data.num_examples or iterator.num_examples)
-    schedule, tx = make_optimizer(config, steps_per_epoch, total)
-    graphdef, rest, state, shardings = init_train_state(config, tx, mesh)
-    if latest is not None:
-        state = checkpointer.restore(start, state)
-    else:
-        if config.model.init_weights:
-            params, batch_stats, description = state_lib.initial_weights(
-                config.model.init_weights, config, state.params, state.batch_stats)
-            state = TrainState(state.step, params, batch_stats, state.opt_state)
-            logging.info("Initial weights from %s", description)
-        state_lib.save_config(workdir, config)
+    try:
+        check_classes(config, iterator)
+        steps_per_epoch, total = schedule_length(config, config.data.num_examples or iterator.num_examples)
+        if total < start:
+            raise ValueError(f"config.epochs={config.epochs} gives {total} steps, below the step "
+                             f"{state_lib.absolute(workdir)} is at ({start}): give more epochs or another --workdir.")
+        schedule, tx = make_optimizer(config, steps_per_epoch, total)
+        graphdef, rest, state, shardings = init_train_state(config, tx, mesh)
+        skipped = []
+        if latest is not None:
+            start, state, skipped = checkpointer.restore(state)
+            if start != latest:  # fell back past damaged checkpoints: the data resumes there too
+                iterator.close()
+                iterator = pretrain_iterator(config, start)
+        else:
+            if config.model.init_weights:
+                params, batch_stats, description = state_lib.initial_weights(
+                    config.model.init_weights, config, state.params, state.batch_stats)
+                state = TrainState(state.step, params, batch_stats, state.opt_state)
+                logging.info("Initial weights from %s", description)
+            state_lib.save_config(workdir, config)
+    except BaseException:
+        iterator.close()
+        raise
     return Run(mesh=mesh, iterator=iterator, loss=loss_config(config), schedule=schedule, tx=tx,
                graphdef=graphdef, random_streams=rest, state=state, shardings=shardings,
                checkpointer=checkpointer, start_step=start, total_steps=total,
-               steps_per_epoch=steps_per_epoch, resumed=latest is not None)
+               steps_per_epoch=steps_per_epoch, resumed=latest is not None, skipped=skipped)

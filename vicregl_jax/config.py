@@ -46,8 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache, so that a restart does not compile again. None:
     # WORKDIR/compilation_cache ($JAX_COMPILATION_CACHE_DIR when set); "off": none; or a path (gs:// too).
     c.compilation_cache_dir = config_dict.placeholder(str)
+    # Resuming a workdir under a config that changes what the run computes (RESUME_KEYS) is
+    # refused unless this is True; the changes are then logged and the new config is written
+    # beside the old one as config.<step>.json.
+    c.allow_config_change = False
 
-    # The input pipeline (SPEC.md section 1). crops: (size, count, min_scale, max_scale) per
+    # The input pipeline (the release's multi-crop views). crops: (size, count, min_scale, max_scale) per
     # group; the first group holds the two large views every pair is anchored on.
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "imagenet2012"  # a TFDS name, an embedded one, or folder:PATH
@@ -58,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.flip_grid = False  # the release leaves the grid of a flipped view unflipped
     c.data.num_examples = config_dict.placeholder(int)  # None: read from the dataset
 
-    # VICRegLModel (SPEC.md section 2); config.loss.alpha decides which heads exist.
+    # VICRegLModel (backbone, expander, local projector, classifier); config.loss.alpha decides which heads exist.
     c.model = ml_collections.ConfigDict()
     c.model.arch = "resnet50"
     c.model.mlp = "8192-8192-8192"  # the expander
@@ -74,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.unroll_blocks = config_dict.placeholder(bool)
     c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
 
-    # The criterion (SPEC.md section 3): the fields of losses.LossConfig.
+    # The criterion: the fields of losses.LossConfig.
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.75
     c.loss.inv_coeff = 25.0
@@ -84,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.l2_all_matches = True
     c.loss.fast_vc_reg = False
 
-    # Optimisation (SPEC.md section 4): peak lr = base_lr * batch_size / 256.
+    # Optimisation, as the release: peak lr = base_lr * batch_size / 256.
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "lars"  # or "adamw"
     c.optim.base_lr = 0.2
@@ -117,14 +121,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.linear.epochs = 100
     c.eval.linear.lr = config_dict.placeholder(float)  # None: 0.02 for ResNets, 0.3 for ConvNeXts
     c.eval.linear.weight_decay = 1e-6
+    # Linear segmentation as the release's mmsegmentation configs (README: Linear segmentation);
+    # None: the release's value for the backbone's family and the dataset's layout.
     c.eval.segment = ml_collections.ConfigDict()
-    c.eval.segment.dataset = "voc/2012"  # TFDS name with segmentation masks, or folder:PATH of images/ + masks/
-    c.eval.segment.train_split = "train"
-    c.eval.segment.split = "validation"
-    c.eval.segment.num_classes = 21
-    c.eval.segment.image_size = 512
-    c.eval.segment.steps = 40000
-    c.eval.segment.batch_size = 16
+    c.eval.segment.dataset = config_dict.placeholder(str)  # "voc:PATH" | "ade20k:PATH" | "cityscapes:PATH" (required)
+    c.eval.segment.protocol = "release"  # or "fast" (cached stride-32 features; not comparable)
+    c.eval.segment.train_split = config_dict.placeholder(str)  # None: trainaug / training / train
+    c.eval.segment.split = config_dict.placeholder(str)  # None: val / validation / val
+    c.eval.segment.steps = config_dict.placeholder(int)  # None: 40k (VOC, Cityscapes), 160k (ADE20k)
+    c.eval.segment.batch_size = config_dict.placeholder(int)  # None: 16 (VOC, ADE20k), 8 (Cityscapes)
+    c.eval.segment.optimizer = config_dict.placeholder(str)  # None: sgd (ResNets), adamw (ConvNeXts)
+    c.eval.segment.lr = config_dict.placeholder(float)  # None: 0.01 / 1e-4 (8e-5 convnext_xlarge)
+    c.eval.segment.weight_decay = config_dict.placeholder(float)  # None: 5e-4 / 0.05
+    c.eval.segment.crop_size = config_dict.placeholder(tuple)  # None: (512, 512); Cityscapes (512, 1024)
+    c.eval.segment.scale = config_dict.placeholder(tuple)  # None: (2048, 512); Cityscapes (2048, 1024)
+    c.eval.segment.inference = config_dict.placeholder(str)  # None: whole (ResNets), slide (ConvNeXts)
+    c.eval.segment.slide_stride = (341, 341)
+    c.eval.segment.eval_batch_size = 16  # images per evaluation step (a multiple of the devices)
+    c.eval.segment.checkpoint_every = 4000  # head checkpoints under WORKDIR/segment_head
+    c.eval.segment.fast_image_size = 320
     c.eval.correspond = ml_collections.ConfigDict()
     c.eval.correspond.pairs = 256
     c.eval.correspond.crop_size = 224
@@ -157,8 +172,7 @@ RENAMED = {
     "linear_mode": "eval.linear.mode", "linear_epochs": "eval.linear.epochs",
     "linear_lr": "eval.linear.lr", "linear_weight_decay": "eval.linear.weight_decay",
     "seg_dataset": "eval.segment.dataset", "seg_train_split": "eval.segment.train_split",
-    "seg_eval_split": "eval.segment.split", "seg_num_classes": "eval.segment.num_classes",
-    "seg_image_size": "eval.segment.image_size", "seg_steps": "eval.segment.steps",
+    "seg_eval_split": "eval.segment.split", "seg_steps": "eval.segment.steps",
     "seg_batch_size": "eval.segment.batch_size", "correspond_pairs": "eval.correspond.pairs",
     "correspond_crop_size": "eval.correspond.crop_size",
     "correspond_scale": "eval.correspond.scale",
@@ -255,11 +269,45 @@ def _error(key: str, value, fix: str) -> ValueError:
     return ValueError(f"config.{key}={value!r}: {fix}")
 
 
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_values(config) -> None:
+    """Raises ValueError naming the key for a value that no run can use (a count below 1, a
+    negative rate, decay or coefficient); checks nothing that depends on the machine."""
+    if config.total_steps is not None and config.total_steps < 1:
+        raise _error("total_steps", config.total_steps,
+                     "must be 1 or more; leave it unset (None) to train for config.epochs.")
+    if config.total_steps is None and not config.epochs > 0:
+        raise _error("epochs", config.epochs, "must be above 0 (or set config.total_steps).")
+    if config.batch_size < 1:
+        raise _error("batch_size", config.batch_size, "must be 1 or more (the global batch over all devices).")
+    if config.data.num_examples is not None and config.data.num_examples < 1:
+        raise _error("data.num_examples", config.data.num_examples, "must be 1 or more; leave it unset to read it "
+                     "from the dataset.")
+    if config.mesh.num_devices is not None and config.mesh.num_devices < 1:
+        raise _error("mesh.num_devices", config.mesh.num_devices, "must be 1 or more; leave it unset for every device.")
+    for key in ("optim.base_lr", "optim.weight_decay", "optim.end_lr_ratio", "optim.warmup_epochs",
+                "loss.inv_coeff", "loss.var_coeff", "loss.cov_coeff"):
+        value = _get(config, key)
+        if value is None or not value >= 0:  # also NaN
+            raise _error(key, value, "must be 0 or more.")
+    for key in ("eval.batch_size", "eval.image_size", "eval.linear.epochs"):
+        if _get(config, key) < 1:
+            raise _error(key, _get(config, key), "must be 1 or more.")
+
+
 def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     """Raises ValueError naming the key and the fix for a combination the run cannot use.
 
-    Only facts that span parts are checked here; each constructor checks its own subtree.
+    Only facts that span parts are checked here (and single values no run can use, see
+    check_values); each constructor checks its own subtree.
     """
+    check_values(config)
     if not config.data.dataset:
         raise _error("data.dataset", config.data.dataset,
                      "give the pre-training data: a TFDS name, or a folder as --config.data.dataset=folder:PATH "
@@ -311,8 +359,44 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     if config.knn_every_epochs < 0:
         raise _error("knn_every_epochs", config.knn_every_epochs, "use 0 (no kNN monitor) or a positive number of epochs.")
     for key in ("log_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = _get(config, key)
         if value < 1:
             raise _error(key, value, "must be 1 or more.")
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming under another config
+# --------------------------------------------------------------------------------------------
+
+# What a run computes: a resumed run whose config differs in one of these (or in a key under
+# one of these sections) is refused unless config.allow_config_change. The keys that define
+# the state's shapes are refused by the checkpoint itself, whatever this flag says.
+# Everything else (logging, checkpoint cadence, devices and sharding, data locations, the
+# evaluations) may change between a run and its resumption.
+RESUME_KEYS = ("seed", "batch_size", "epochs", "total_steps", "grad_accum_steps", "data.dataset", "data.split",
+               "data.crops", "data.flip_grid", "data.num_examples", "model", "loss", "optim")
+RESUME_FREE_KEYS = ("model.init_weights",)  # read only when a run starts
+
+
+def _normalised(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    return value
+
+
+def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                   ignore: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+    """Returns (key, saved value, new value) for every key of RESUME_KEYS (but not of ignore)
+    that differs."""
+    changes = []
+    for key in all_keys(config):
+        if key in RESUME_FREE_KEYS or key in ignore or not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS):
+            continue
+        try:
+            old = _get(saved, key)
+        except (KeyError, AttributeError):
+            continue  # a key the saved config predates
+        new = _get(config, key)
+        if _normalised(old) != _normalised(new):
+            changes.append((key, old, new))
+    return changes

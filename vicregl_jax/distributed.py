@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Callable, TypeVar
 
@@ -381,6 +382,46 @@ def wait_for(key: str, timeout_s: float) -> str:
         if "DEADLINE_EXCEEDED" in str(error) or "timed out" in str(error).lower():
             raise TimeoutError(f"no process published {key!r} within {timeout_s:.0f} s") from error
         raise
+
+
+# A process that stops on an error says why, so that the others, whose next collective then
+# fails with a bare timeout, can name the real cause.
+FAILURE_PREFIX = "vicregl_jax/failed/"
+PEER_FAILURE_WAIT_S = 120.0
+
+
+def report_failure(error: BaseException) -> None:
+    """Publishes this process's fatal error for the other processes (no-op on one process)."""
+    client = coordination_client()
+    if client is None:
+        return
+    try:
+        client.key_value_set(f"{FAILURE_PREFIX}{jax.process_index()}", f"{type(error).__name__}: {error}")
+    except Exception:  # noqa: BLE001 - the service may be gone already; the error is raised anyway
+        pass
+
+
+def peer_failures(wait_s: float = 0.0) -> dict[int, str]:
+    """Returns {process index: error} of the other processes that reported a failure, waiting
+    up to wait_s for a first report (a peer may still be on its way down)."""
+    client = coordination_client()
+    if client is None:
+        return {}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            entries = client.key_value_dir_get(FAILURE_PREFIX)
+        except Exception:  # noqa: BLE001 - the service itself is unreachable
+            return {}
+        found = {int(key.rsplit("/", 1)[-1]): value for key, value in entries
+                 if key.rsplit("/", 1)[-1].isdigit() and int(key.rsplit("/", 1)[-1]) != jax.process_index()}
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(1.0)
+
+
+class PeerFailureError(RuntimeError):
+    """Another process of the run stopped on an error; this one cannot go on without it."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ functions of arrays (no file I/O, no torch).
   infer_model_kwargs(state_dict) -> dict                         (of a full checkpoint)
   guess_architecture(shapes) -> str | None
 
-Layouts (SPEC.md section 6). Backbone files hold a plain state_dict with the torchvision
+Layouts. Backbone files hold a plain state_dict with the torchvision
 ResNet names (without fc) or the release's ConvNeXt names. Full checkpoints hold
 ``{"epoch": int, "model": {...}, "optimizer": ...}`` with model keys ``module.backbone.*``,
 ``module.projector.{0,1,3,4,6}.*`` (the expander), ``module.maps_projector.*`` (the local

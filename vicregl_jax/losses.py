@@ -1,4 +1,4 @@
-"""The VICRegL criterion (SPEC.md section 3) as pure, jittable jnp functions.
+"""The VICRegL criterion (Bardes, Ponce, LeCun 2022; the authors' release) as pure, jittable jnp functions.
 
 Shapes: B images per global batch; views come as one stacked array per crop group, (B, V_g,
 ...) for the V_g views of group g (the first group holds the two large views every pair is
@@ -37,7 +37,7 @@ from vicregl_jax import sharding
 # Statistics are float32 and their matmuls run at full float32 precision: on TPU the default
 # precision would take bfloat16 passes and the covariance sums would lose their digits.
 _HIGHEST = jax.lax.Precision.HIGHEST
-_STD_EPS = 1e-4  # added to the variance before the square root (SPEC.md section 3)
+_STD_EPS = 1e-4  # added to the variance before the square root, as the release
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +411,7 @@ def local_loss(
 
 def check_local_inputs(maps, grids, cfg: LossConfig) -> None:
     """Raises ValueError when the local inputs (per group: maps (B, V, N, D), grids (B, V, N, 2))
-    cannot give the criterion SPEC.md defines."""
+    cannot give the criterion."""
     if len(grids) != len(maps):
         raise ValueError(
             f"Got {len(maps)} groups of local embeddings but {len(grids)} groups of location grids; "

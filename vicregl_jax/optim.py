@@ -1,4 +1,5 @@
-"""Optimisers and learning-rate schedule of SPEC.md section 4, built from optax parts.
+"""Optimisers and learning-rate schedule of the release (LARS for ResNets, AdamW for ConvNeXts),
+built from optax parts.
 
 Parameters of blocks run by a scan are stacked (axis 0 counts the blocks, see
 sharding.STACKED): every block's slice is treated as its own parameter, so weight decay

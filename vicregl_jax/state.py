@@ -7,10 +7,19 @@ torch_io.py), and the export to them.
 A workdir holds `config.json` (the run's nested config) and `checkpoints/<step>/` with the
 items `model` (parameters and BatchNorm statistics), `train` (step and optimiser state) and
 `meta` (JSON: the config keys that define the shapes, so that a checkpoint of another model
-is refused with a clear message before Orbax sees a mismatched tree). The data position and
+is refused with a clear message before Orbax sees a mismatched tree, and a checksum of every
+saved array). The data position and
 the drop-path randomness are functions of (seed, step), so the step is all that resuming
 them needs; no random stream is stored. A workdir written by `convert from-torch` holds the
 `model` and `meta` items only.
+
+Every restore verifies: the arrays read must match the checksums written with them (a
+position-weighted sum of their bits, computed on the devices at save time) and be finite. A
+checkpoint that fails to restore or verify (a truncated or missing file, flipped bytes, a
+missing item, an empty step folder) is skipped, with a warning naming it and why, and the
+newest one before it is used; when resuming, the skipped ones are moved to
+`damaged_checkpoints/` in the workdir so that they neither block later saves nor count
+towards `checkpoint.keep`, and rotation never deletes the checkpoint the run last verified.
 
 Checkpoints written before the config was nested (a `state` item of plain dicts) do not load:
 convert such a run's weights with an older release of this package, or retrain.
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -30,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vicregl_jax import config as config_lib
 from vicregl_jax import layout, torch_io
@@ -134,9 +145,27 @@ def save_config(workdir, config) -> None:
     (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def load_config(workdir) -> ml_collections.ConfigDict:
-    """Returns the config a run saved in its workdir."""
-    path = absolute(workdir) / "config.json"
+def config_history(workdir) -> list[tuple[int, epath.Path]]:
+    """Returns (step, path) of the configs a workdir's run was resumed under (config.<step>.json),
+    oldest first; config.json, the config it started with, is step 0."""
+    root = absolute(workdir)
+    found = [(0, root / "config.json")]
+    if root.exists():
+        for path in root.glob("config.*.json"):
+            middle = path.name[len("config."):-len(".json")]
+            if middle.isdigit():
+                found.append((int(middle), path))
+    return sorted(found, key=lambda item: item[0])
+
+
+def load_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
+    """Returns the config a run saved in its workdir: the one it was last resumed under (at or
+    before step, when given), else the one it started with (config.json)."""
+    history = config_history(workdir)
+    path = history[0][1]
+    for at, candidate in history[1:]:
+        if step is None or at <= step:
+            path = candidate
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a vicregl_jax workdir "
                                 "(pre-train there first, or convert release weights with `convert from-torch`).")
@@ -148,6 +177,15 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     config = config_lib.default_config()
     config.update_from_flattened_dict(_flatten(saved))
     return config
+
+
+def save_resume_config(workdir, config, step: int) -> epath.Path:
+    """Writes the config a run is resumed under at step as config.<step>.json (host 0);
+    returns its path."""
+    path = absolute(workdir) / f"config.{step}.json"
+    if jax.process_index() == 0:
+        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    return path
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -164,75 +202,302 @@ def _tuples(value):
     return tuple(map(_tuples, value)) if isinstance(value, list) else value
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir restores and verifies, or a state cannot be saved."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint was written for another model (the shape-defining keys differ)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """One checkpoint does not restore, or does not match its checksums."""
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums of saved arrays
+# --------------------------------------------------------------------------------------------
+
+CHECKSUMS = "checksums"  # the key of the meta item that holds them
+DAMAGED_DIR = "damaged_checkpoints"  # where a resumed run moves the checkpoints it skipped
+
+
+def _leaf_name(path) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":  # nnx.Variable's payload
+                parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """Returns the bits of x as uint32 words: one per element of a 1-, 2- or 4-byte type."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+def _flat_index(shape) -> jax.Array:
+    """Returns the row-major position of every element of an array of shape, modulo 2**32."""
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return index
+
+
+@jax.jit
+def _digest_leaves(leaves):
+    # Per leaf: the sum of its 32-bit words and their sum weighted by 2 * position + 1 (odd,
+    # so invertible modulo 2**32: any change of one word changes both), in wrapping uint32
+    # arithmetic: exact, so equal on any mesh and sharding; and whether it is finite.
+    sums, finite = [], []
+    for x in leaves:
+        words = _words(x)
+        weights = _flat_index(words.shape) * jnp.uint32(2) + jnp.uint32(1)
+        sums.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]))
+        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True))
+    return jnp.stack(sums), jnp.stack(finite)
+
+
+def checksums(tree) -> tuple[dict[str, str], list[str]]:
+    """Returns ({leaf name: checksum as hex}, [names of the leaves holding NaN or Inf]) of a
+    pytree of (possibly sharded) arrays: one jitted pass over them on their devices."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return {}, []
+    names = [_leaf_name(path) for path, _ in flat]
+    sums, finite = jax.device_get(_digest_leaves([leaf for _, leaf in flat]))
+    return ({name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(names, sums)},
+            [name for name, ok in zip(names, finite) if not ok])
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()
+    text = text[0] if text else ""
+    if isinstance(error, DamagedCheckpointError):
+        return text
+    text = text.split(" See full TensorStore details")[0]  # a repr of a bound method follows
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _any_process(failed: bool) -> bool:
+    """Returns whether `failed` holds on any process (every process must call it)."""
+    if jax.process_count() == 1:
+        return failed
+    return bool(np.any(multihost_utils.process_allgather(np.int32(failed))))
+
+
+@dataclasses.dataclass
+class _KeepVerified:
+    """Orbax preservation policy: preserves the checkpoint this run last verified by restoring it."""
+
+    step: int | None = None
+
+    def should_preserve(self, checkpoints, *, context):
+        return [info.step == self.step for info in checkpoints]
+
+
 class Checkpointer:
-    """Saves and restores the training state under workdir/checkpoints with Orbax."""
+    """Saves and restores the training state under workdir/checkpoints with Orbax.
+
+    Saves write a checksum of every array in the meta item; restores verify them and fall
+    back to an earlier checkpoint past a damaged one. Rotation keeps the newest `keep`
+    checkpoints and, besides, the one this run verified last (the one it resumed from).
+    """
 
     def __init__(self, workdir, meta: dict, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = absolute(workdir) / "checkpoints"
+        self.workdir = absolute(workdir)
+        self.directory = self.workdir / "checkpoints"
         self.meta = meta
+        self.read_only = read_only
+        self.verified = _KeepVerified()
+        policy = None if read_only else ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(n=keep), self.verified])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save, read_only=read_only,
+            create=not read_only, enable_async_checkpointing=async_save, read_only=read_only,
+            preservation_policy=policy,
         )
         handlers = {"model": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
-        """Returns the step of the newest complete checkpoint, or None."""
+        """Returns the step of the newest checkpoint on disk (not yet verified), or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        """Returns the steps of the complete checkpoints, oldest first."""
+        """Returns the steps of the checkpoints on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState) -> None:
-        """Starts an asynchronous save of state at step (returns before the write ends)."""
+    # ------------------------------------------------------------------------ saving
+
+    def _save(self, step: int, items: dict) -> None:
+        meta, digests = dict(self.meta), {}
+        for name, tree in items.items():
+            digests[name], bad = checksums(tree)
+            if bad:
+                raise CheckpointError(f"Not saving step {step} to {self.directory}: {', '.join(bad[:3])} hold NaN "
+                                      "or Inf; the earlier checkpoints are kept.")
+        meta[CHECKSUMS] = digests
         self.manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-            meta=ocp.args.JsonSave(self.meta),
+            **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}, meta=ocp.args.JsonSave(meta),
         ), force=True)
+
+    def save(self, step: int, state: TrainState) -> None:
+        """Starts an asynchronous save of state at step (returns before the write ends), its
+        checksums computed first on the devices (one pass over the state)."""
+        self._save(step, {"model": {"params": state.params, "batch_stats": state.batch_stats},
+                          "train": {"step": state.step, "opt_state": state.opt_state}})
 
     def save_model(self, step: int, params, batch_stats) -> None:
         """Saves the model item alone (weights without a training state) at step."""
-        self.manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": params, "batch_stats": batch_stats}),
-            meta=ocp.args.JsonSave(self.meta),
-        ), force=True)
+        self._save(step, {"model": {"params": params, "batch_stats": batch_stats}})
 
-    def check_compatible(self, step: int) -> None:
-        """Raises ValueError when the checkpoint at step was written for another model."""
-        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    # ------------------------------------------------------------------------ restoring
+
+    def read_meta(self, step: int) -> dict:
+        """Returns the meta item of the checkpoint at step."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def check_compatible(self, step: int, saved: dict | None = None) -> None:
+        """Raises IncompatibleCheckpointError when the checkpoint at step was written for another model."""
+        saved = self.read_meta(step) if saved is None else saved
         diff = {k: (saved.get(k), v) for k, v in self.meta.items() if saved.get(k) != v}
         if diff:
             listed = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
+            raise IncompatibleCheckpointError(
                 f"The checkpoint at {self.directory / str(step)} was written for another model ({listed}). "
                 "Use a new --workdir for this config, or run with the config that wrote it."
             )
 
-    def restore(self, step: int, like: TrainState) -> TrainState:
-        """Returns the state at step, laid out (shapes, dtypes, shardings) like `like`."""
-        self.check_compatible(step)
-        if not (self.directory / str(step) / "train").exists():
-            raise ValueError(
-                f"{self.directory / str(step)} holds weights without a training state (converted or "
-                "exported weights): start a new run from them with --config.model.init_weights="
-                f"{self.directory.parent} and another --workdir.")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract_like({"params": like.params, "batch_stats": like.batch_stats})),
-            train=ocp.args.StandardRestore(abstract_like({"step": like.step, "opt_state": like.opt_state})),
-        ))
-        model, train = restored["model"], restored["train"]
-        return TrainState(train["step"], model["params"], model["batch_stats"], train["opt_state"])
+    def _restore_items(self, step: int, targets: dict) -> tuple[dict, dict]:
+        """Returns (meta, {item: tree}) read at step, unverified; raises on any failure."""
+        folder = self.directory / str(step)
+        if not folder.exists() or not any(folder.iterdir()):
+            raise DamagedCheckpointError("the step folder is empty")
+        missing = [name for name in ("meta", *targets) if not (folder / name).exists()]
+        if missing:
+            raise DamagedCheckpointError(f"its {missing[0]!r} item is missing")
+        try:
+            meta = self.read_meta(step)
+        except Exception as error:
+            raise DamagedCheckpointError(f"its 'meta' item does not read ({_first_line(error, 120)})") from error
+        self.check_compatible(step, meta)
+        restored = {}
+        for name, tree in targets.items():  # one at a time, to name the one that fails
+            try:
+                restored[name] = self.manager.restore(
+                    step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)}))[name]
+            except Exception as error:
+                raise DamagedCheckpointError(f"its {name!r} item does not read ({_first_line(error, 120)})") from error
+        return meta, restored
 
-    def restore_model(self, step: int, params_like, batch_stats_like):
-        """Returns (params, batch_stats) at step, laid out like the given (abstract) states."""
-        self.check_compatible(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore({"params": params_like, "batch_stats": batch_stats_like}),
-        ))["model"]
-        return restored["params"], restored["batch_stats"]
+    def _verify(self, meta: dict, restored: dict) -> str | None:
+        """Returns why restored arrays do not match the checksums saved with them, or None."""
+        saved = meta.get(CHECKSUMS) or {}
+        for name, tree in restored.items():
+            digest, bad = checksums(tree)
+            expected = saved.get(name)
+            if expected is None:  # written before checksums existed: only finiteness is checked
+                logging.info("The %s item has no checksums: restored unverified.", name)
+                expected = {}
+            differ = [k for k, v in digest.items() if k in expected and expected[k] != v]
+            if differ:
+                more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
+                return f"the data of {name}/{differ[0]} does not match its checksum{more}"
+            if bad:
+                return f"{name}/{bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else "")
+        return None
+
+    def _newest_verified(self, targets, step: int | None = None) -> tuple[int, dict, list[tuple[int, str]]]:
+        """Returns (step, {item: tree}, [(skipped step, why)]) of the newest checkpoint (or of
+        `step`) that restores and verifies; raises CheckpointError when none does."""
+        candidates = sorted(self.all_steps(), reverse=True) if step is None else [step]
+        skipped = []
+        for candidate in candidates:
+            meta, restored, reason = None, None, None
+            try:
+                meta, restored = self._restore_items(candidate, targets)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as error:  # noqa: BLE001 (any failure to read makes the checkpoint unusable, not the run)
+                reason = _first_line(error)
+            # Every process reads its own shards: all agree before the (collective) verification.
+            if _any_process(reason is not None) and reason is None:
+                reason = "it failed to restore on another process"
+            if reason is None:
+                reason = self._verify(meta, restored)
+            if reason is None:
+                if skipped:
+                    logging.warning("Restored %s after skipping %s.", self.directory / str(candidate),
+                                    "; ".join(f"step {s} ({why})" for s, why in skipped))
+                return candidate, restored, skipped
+            logging.warning("Skipping the checkpoint %s: %s.", self.directory / str(candidate), reason)
+            skipped.append((candidate, reason))
+        if not skipped:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}: pre-train there first, or pass --weights.")
+        listed = "; ".join(f"step {s}: {why}" for s, why in skipped)
+        raise CheckpointError(
+            f"No checkpoint in {self.directory} restores and verifies ({listed}). Nothing was changed: start "
+            f"a new run with another --workdir, or move {self.directory} aside to start this one again.")
+
+    def _move_aside(self, steps) -> None:
+        """Moves skipped (damaged) step folders to workdir/damaged_checkpoints (process 0), so
+        that a later save of the same step and the rotation do not meet them."""
+        if not steps or self.read_only:
+            return
+        if jax.process_index() == 0:
+            root = self.workdir / DAMAGED_DIR
+            root.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                source = self.directory / str(step)
+                if not source.exists():
+                    continue
+                target, n = root / str(step), 1
+                while target.exists():
+                    target, n = root / f"{step}.{n}", n + 1
+                source.rename(target)
+                logging.warning("Moved the damaged checkpoint %s to %s.", source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vicregl_jax.state.move_damaged_checkpoints")
+        self.manager.reload()
+
+    def restore(self, like: TrainState, step: int | None = None) -> tuple[int, TrainState, list[tuple[int, str]]]:
+        """Returns (step, state, skipped) of the newest checkpoint (or of `step`) that restores
+        and verifies, laid out (shapes, dtypes, shardings) like `like`; skipped lists the
+        newer checkpoints passed over, with why, which are moved to workdir/damaged_checkpoints
+        (unless read-only)."""
+        steps = self.all_steps()
+        if steps and not any((self.directory / str(s) / "train").exists() for s in steps):
+            raise ValueError(
+                f"{self.directory} holds weights without a training state (converted or exported weights): "
+                f"start a new run from them with --config.model.init_weights={self.workdir} and another --workdir.")
+        targets = {"model": abstract_like({"params": like.params, "batch_stats": like.batch_stats}),
+                   "train": abstract_like({"step": like.step, "opt_state": like.opt_state})}
+        found, restored, skipped = self._newest_verified(targets, step)
+        self.verified.step = found
+        self._move_aside([s for s, _ in skipped])
+        model, train = restored["model"], restored["train"]
+        return found, TrainState(train["step"], model["params"], model["batch_stats"], train["opt_state"]), skipped
+
+    def restore_model(self, params_like, batch_stats_like, step: int | None = None):
+        """Returns (step, params, batch_stats, skipped) of the newest checkpoint (or of `step`)
+        whose model item restores and verifies, laid out like the given (abstract) states."""
+        targets = {"model": {"params": params_like, "batch_stats": batch_stats_like}}
+        found, restored, skipped = self._newest_verified(targets, step)
+        return found, restored["model"]["params"], restored["model"]["batch_stats"], skipped
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -247,23 +512,32 @@ def _on(sharding):
     return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
+def describe_skipped(skipped) -> str:
+    """Returns "skipped step 5 (why); ..." for the checkpoints a restore passed over, or ""."""
+    return "; ".join(f"skipped step {s} ({why})" for s, why in skipped)
+
+
 def load_workdir_model(workdir, step: int | None = None, *, sharding=None) -> tuple[VICRegLModel, Any, int]:
-    """Returns (model in eval mode, config, step) of a workdir's checkpoint (the newest by
-    default), its arrays on `sharding` (this process's first device by default)."""
-    config = load_config(workdir)
+    """Returns (model in eval mode, config, step) of a workdir's checkpoint: the newest that
+    restores and verifies by default (damaged newer ones are skipped with a warning), its
+    arrays on `sharding` (this process's first device by default)."""
+    config = load_config(workdir, step)
     checkpointer = Checkpointer(workdir, model_meta(config), read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: pre-train there first, or pass --weights.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpointer.directory}; it holds steps {steps}.")
     model = abstract_model(config)
     graphdef, params, batch_stats, rest = split_model(model)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params, batch_stats = checkpointer.restore_model(
-        step, jax.tree.map(_on(sharding), params), jax.tree.map(_on(sharding), batch_stats))
-    checkpointer.close()
+    try:
+        step, params, batch_stats, skipped = checkpointer.restore_model(
+            jax.tree.map(_on(sharding), params), jax.tree.map(_on(sharding), batch_stats), step)
+    finally:
+        checkpointer.close()
+    if skipped:
+        print(f"{workdir}: using the checkpoint of step {step}; {describe_skipped(skipped)}.", flush=True)
     model = nnx.merge(graphdef, params, batch_stats, rest)
     seed_random_streams(model, jax.random.key(config.seed))
     model.eval()
@@ -385,10 +659,13 @@ def initial_weights(path, config, params, batch_stats) -> tuple[Any, Any, str]:
         raise ValueError(f"config.model.init_weights={path!r} holds another model ({listed}); "
                          "use a workdir of the same arch and heads.")
     checkpointer = Checkpointer(path, model_meta(source), read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
+    if not checkpointer.all_steps():
+        checkpointer.close()
         raise FileNotFoundError(f"config.model.init_weights={path!r} holds no checkpoint.")
-    params, batch_stats = checkpointer.restore_model(step, abstract_like(params), abstract_like(batch_stats))
-    checkpointer.close()
-    return params, batch_stats, f"{path} (step {step})"
+    try:
+        step, params, batch_stats, skipped = checkpointer.restore_model(abstract_like(params), abstract_like(batch_stats))
+    finally:
+        checkpointer.close()
+    skipped_text = f"; {describe_skipped(skipped)}" if skipped else ""
+    return params, batch_stats, f"{path} (step {step}{skipped_text})"
 

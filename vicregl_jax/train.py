@@ -18,20 +18,22 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, losses, sharding
+from vicregl_jax import build, distributed, losses, sharding
 from vicregl_jax import data as data_lib
 from vicregl_jax import state as state_lib
+from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import knn
 from vicregl_jax.state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss, or the state after an update, became NaN or Inf; the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,8 +57,9 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
     randomness is a function of the step, like the data. With grad_accum_steps k > 1 the
     batch is cut into k micro-batches (example b goes to micro-batch b % k, which keeps each
     device's examples on the device), gradients are averaged, and BatchNorm and VICReg
-    statistics are over each micro-batch. A step whose loss is not finite leaves the state
-    unchanged; metrics["finite"] tells the host.
+    statistics are over each micro-batch. A step whose loss or new state (parameters,
+    BatchNorm statistics, optimiser state) is not finite leaves the state unchanged;
+    metrics["finite"] tells the host.
     """
     base_key = jax.random.key(seed)
 
@@ -100,7 +103,8 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
         with jax.named_scope("optimiser"):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(metrics["loss"])
+        # A finite loss can still give a NaN / Inf update (a huge learning rate): check what is kept.
+        finite = jnp.isfinite(metrics["loss"]) & all_finite((params, batch_stats, opt_state))
         new = TrainState(state.step + 1, params, batch_stats, opt_state)
         # A non-finite step keeps the old state, so the last good state is what gets saved.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
@@ -108,6 +112,13 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
         return new, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """Returns whether every floating-point element of tree is finite, as one boolean (XLA
+    fuses each leaf's test into the fusion that computes the leaf: no extra pass over memory)."""
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def jit_train_step(train_step, state_shardings, mesh):
@@ -209,13 +220,18 @@ def every(n: int, step: int, last: int) -> bool:
 
 
 def check_finite(step: int, metrics, checkpointer) -> None:
-    """Raises NonFiniteLossError when the step's loss was not finite."""
+    """Raises NonFiniteLossError when the step's loss or its updated state was not finite."""
     if not bool(metrics["finite"]):
+        loss = float(metrics["loss"])
+        what = (f"The loss is {loss} at step {step}" if not np.isfinite(loss) else
+                f"The update gave NaN or Inf parameters or optimiser state (loss {loss:.4g}) at step {step}")
         kept = checkpointer.latest_step()
+        kept = (f"the last good checkpoint is step {kept} in {checkpointer.directory}" if kept is not None
+                else "no checkpoint was saved before it")
         raise NonFiniteLossError(
-            f"The loss is {float(metrics['loss'])} at step {step}: stopping. The state of that step was "
-            f"not applied and not saved; the last good checkpoint is step {kept} in {checkpointer.directory}. "
-            "Lower config.optim.base_lr, use config.model.dtype='float32', or check the data."
+            f"{what}: stopping. The state of that step was not applied and not saved; {kept}. "
+            f"Lower config.optim.base_lr (now {float(metrics['learning_rate']):.3g} at that step), use "
+            "config.model.dtype='float32', or check the data."
         )
 
 
@@ -244,13 +260,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
     preemption would; the schedule still runs to the config's total.
     """
     workdir = state_lib.absolute(workdir)
-    run = build.build_run(config, workdir)
-    if run.resumed and jax.process_index() == 0:
-        print(f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}.", flush=True)
-    knn_every = 0
+    workdir_lib.check_workdir(workdir)
+    with workdir_lib.WorkdirLock(workdir):  # one run at a time (process 0 holds it)
+        return _train(config, workdir, stop_after_steps)
+
+
+def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
     if config.knn_every_epochs:
         knn.check_labelled(config)  # fail now, not after the first N epochs
-        knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch))
+    run = build.build_run(config, workdir)
+    if run.resumed and jax.process_index() == 0:
+        skipped = f" ({state_lib.describe_skipped(run.skipped)}; moved to {workdir / state_lib.DAMAGED_DIR})" \
+            if run.skipped else ""
+        print(f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}{skipped}.",
+              flush=True)
+    knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
     step_fn = jit_train_step(
         make_train_step(run.graphdef, run.random_streams, run.tx, run.schedule, run.loss, seed=config.seed,
                         grad_accum_steps=config.grad_accum_steps),
@@ -308,6 +332,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
             check_finite(*pending, run.checkpointer)
         if last_saved != step:
             run.checkpointer.save(step, state)
+    except Exception as error:
+        # On several hosts: say why this one stops, and when a collective fails here because
+        # another host stopped first, name that host's error rather than the bare timeout.
+        distributed.report_failure(error)
+        if isinstance(error, jax.errors.JaxRuntimeError):
+            peers = distributed.peer_failures(wait_s=distributed.PEER_FAILURE_WAIT_S)
+            if peers:
+                raise distributed.PeerFailureError("; ".join(
+                    f"process {i} stopped the run: {message}" for i, message in sorted(peers.items()))) from error
+        raise
     finally:
         batches.close()
         bar.close()

@@ -1,4 +1,4 @@
-"""Input pipeline: multi-crop views with their location grids (SPEC.md section 1).
+"""Input pipeline: multi-crop views with their location grids.
 
     from vicregl_jax.data import CropGroup, make_pretrain_iterator
     batches = make_pretrain_iterator("vicregl_photos", "train", seed=0, global_batch_size=32,
@@ -38,7 +38,13 @@ _LAZY = {
 }
 
 
+# Modules imported on first use the same way (they import TensorFlow).
+_LAZY_MODULES = ("segmentation",)
+
+
 def __getattr__(name):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"vicregl_jax.data.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(f"vicregl_jax.data.{_LAZY[name]}"), name)
         globals()[name] = value

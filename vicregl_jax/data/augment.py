@@ -1,4 +1,4 @@
-"""Colour augmentations of SPEC.md section 1 (step 3) and the normalisation, in TensorFlow.
+"""Colour augmentations of the release's views and the normalisation, in TensorFlow.
 
 The pipeline draws each view's colour decisions here (`sample_colour_params`). By default it
 sends them with uint8 views to the accelerator, where `colour.py` (JAX) applies them; with

@@ -1,4 +1,4 @@
-"""The colour augmentations of SPEC.md section 1 (step 3) and the normalisation, in JAX.
+"""The colour augmentations of the release's views and the normalisation, in JAX.
 
 The hosts send uint8 views and, per view, the random draws of the colour chain (see
 `vicregl_jax.data.augment.sample_colour_params`); `augment_views` applies them inside the
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 # The release normalises red with std 0.228, not the usual ImageNet 0.229 (its
-# transforms.py); the pre-trained weights expect it, so we keep it (SPEC.md section 1).
+# transforms.py); the pre-trained weights expect it, so we keep it.
 IMAGENET_STD = (0.228, 0.224, 0.225)
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)

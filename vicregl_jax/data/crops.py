@@ -2,7 +2,7 @@
 
 A view is described by its crop box (top, left, height, width) in the pixels of the
 decoded original image. The local loss matches views by the centres of the n x n cells
-of each crop (SPEC.md section 1, step 5), so everything here stays in those coordinates.
+of each crop, so everything here stays in those coordinates.
 
 Randomness is stateless (`tf.random.stateless_*`): a crop is a pure function of its seed.
 """
@@ -43,7 +43,7 @@ class CropGroup:
         object.__setattr__(self, "scale", (lo, hi))
 
 
-# The release's recipes (SPEC.md section 1).
+# The release's recipes.
 RESNET_GROUPS = (CropGroup(224, 2, (0.08, 1.0)),)
 CONVNEXT_GROUPS = (CropGroup(224, 2, (0.4, 1.0)), CropGroup(96, 6, (0.08, 0.4)))
 

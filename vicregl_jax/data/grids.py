@@ -1,4 +1,4 @@
-"""Location grids of crops (SPEC.md section 1, step 5): one formula for numpy, TF and JAX.
+"""Location grids of crops: one formula for numpy, TF and JAX.
 
 Imports neither TensorFlow nor JAX: pass the array namespace of your arrays as `xp`
 (`numpy`, `jax.numpy`, or `tensorflow.experimental.numpy` inside tf.data).

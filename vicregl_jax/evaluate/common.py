@@ -19,6 +19,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vicregl_jax import data as data_lib
 from vicregl_jax import sharding
 from vicregl_jax import state as state_lib
 from vicregl_jax.data import to_global_batch
@@ -93,6 +94,17 @@ def fetch(x: jax.Array) -> np.ndarray:
 def eval_batch_size(config, mesh) -> int:
     """Returns config.eval.batch_size rounded down to a multiple of the mesh size (at least one row per device)."""
     return max(mesh.size, config.eval.batch_size // mesh.size * mesh.size)
+
+
+def check_labelled(config, task: str, splits) -> None:
+    """Raises ValueError, before any work, when config.eval's dataset has no labels in one of splits."""
+    dataset = eval_dataset(config)
+    for split in splits:
+        source = data_lib.open_source(dataset, split, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
+        if source.num_classes == 0:
+            raise ValueError(
+                f"{task} needs labels, and the dataset {dataset!r} ({split}) has none: set --config.eval.dataset "
+                "to a labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
 
 
 def eval_dataset(config) -> str:

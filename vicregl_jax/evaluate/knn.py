@@ -130,17 +130,7 @@ def make_sharded_hits(mesh, *, k: int, temperature: float, num_classes: int):
 
 def check_labelled(config) -> None:
     """Raises ValueError, before any work, if kNN's dataset (config.eval.dataset) has no labels."""
-    dataset = common.eval_dataset(config)
-    source = data_lib.open_source(dataset, config.eval.split, data_dir=config.data.data_dir,
-                                  manual_dir=config.data.manual_dir)
-    _require_labels(dataset, source.num_classes)
-
-
-def _require_labels(dataset: str, num_classes: int) -> None:
-    if num_classes == 0:
-        raise ValueError(
-            f"kNN needs labels, and the dataset {dataset!r} has none: set --config.eval.dataset to a "
-            "labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
+    common.check_labelled(config, "kNN", (config.eval.train_split, config.eval.split))
 
 
 def evaluate_backbone(backbone, config, mesh) -> dict:
@@ -150,6 +140,7 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
     The training features stay sharded over the mesh (on N devices each holds 1/N of them);
     each test batch is scored against them where they are, so no host ever holds them all.
     """
+    check_labelled(config)
     feature_fn = common.make_feature_fn(backbone, mesh)
     dataset = common.eval_dataset(config)
     splits, num_classes = {}, 0
@@ -159,7 +150,6 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
             images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
             read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
         )
-        _require_labels(dataset, iterator.num_classes)
         num_classes = max(num_classes, iterator.num_classes)
         splits[split] = sharded_features(feature_fn, iterator, mesh)
     train, test = splits[config.eval.train_split], splits[config.eval.split]

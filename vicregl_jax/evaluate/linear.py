@@ -131,6 +131,7 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     settings = config.eval.linear
     if settings.mode not in ("protocol", "fast"):
         raise ValueError(f"config.eval.linear.mode={settings.mode!r}; use 'protocol' or 'fast'.")
+    common.check_labelled(config, "Linear evaluation", (config.eval.train_split, config.eval.split))
     mesh = sharding.make_mesh(config.mesh.num_devices)
     backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
     features = common.make_feature_fn(backbone, mesh)

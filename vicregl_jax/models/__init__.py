@@ -4,7 +4,8 @@ Every backbone maps NHWC float32 images (B, H, W, 3) to ``(maps, pooled)``: maps
 (B, h*w, C) flattened row-major and pooled (B, C), both float32 whatever the compute
 dtype; ``backbone.stage_maps(images)`` gives the 4 stages' NHWC outputs (dense
 prediction). ResNets also come dilated to output stride 16 or 8 (``output_stride=``, same
-parameters; ``with_output_stride`` makes one from a loaded ResNet). Train / eval: ``model.train()`` / ``model.eval()`` (in place) or
+parameters; ``with_output_stride`` makes one from a loaded ResNet). Train / eval:
+``model.train()`` / ``model.eval()`` (in place) or
 ``nnx.view(model, use_running_average=..., deterministic=...)``.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ def with_output_stride(backbone: ResNet, output_stride: int) -> ResNet:
     same parameter tree), so weights loaded or trained at one output stride serve at another.
     """
     if not isinstance(backbone, ResNet):
-        raise ValueError(f"with_output_stride needs a ResNet, got {type(backbone).__name__}: "
+        raise TypeError(f"with_output_stride needs a ResNet, got {type(backbone).__name__}: "
                          "only ResNets have dilated variants")
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride={output_stride}: use one of {OUTPUT_STRIDES}")
