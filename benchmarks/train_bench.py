@@ -12,6 +12,12 @@ of the compiled step, common.compiled_peak_bytes) and the model FLOP utilisation
 of the lowered step / step time / peak FLOP/s of all devices, when the peak is known or
 given with --peak-tflops).
 
+Batches are what the input pipeline sends (--views uint8): uint8 views with each view's colour
+draws, the colour chain (jitter, grayscale, blur, solarize, normalisation) running inside the
+step; "colour chain" times that chain alone, jitted over the same sharded batch, and
+"colour / step" is its share of the step. --views float sends views already coloured and
+normalised on the host (the pipeline before colour moved to the device), for comparison.
+
 The backbone share (--backbone-share, on by default): the backbone alone (forward + backward in
 train mode, same dtype and remat policy) over the same images, one compiled program per crop
 size, timed in the same process; "step / share" is that time over the step's (1.0 would be a
@@ -39,22 +45,55 @@ from flax import nnx
 from vicregl_jax import build, sharding, train
 from vicregl_jax import state as state_lib
 from vicregl_jax import config as config_lib
-from vicregl_jax.data import location_grid  # TF-free: the train step runs without TensorFlow
+from vicregl_jax.data import colour, location_grid  # TF-free: the train step runs without TensorFlow
 
-CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s"}
+CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s", "demo": "configs/demo.py"}
 
 
-def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
-    """Returns a batch of the pipeline's format: normalised views, true crop grids, labels."""
+def synthetic_draws(rng, shape) -> dict:
+    """Returns colour draws of the pipeline's format for views of leading shape `shape`, with
+    every op's probability as the release draws it (jitter 0.8, grayscale 0.2, blur, solarize)."""
+    odd = np.arange(shape[-1]) % 2 == 1
+    order = np.argsort(rng.uniform(size=(*shape, 4)), axis=-1).astype(np.int32)
+    jitter = rng.uniform(size=shape) < colour.JITTER_PROBABILITY
+    return {
+        "order": np.where(jitter[..., None], order, colour.NO_OP).astype(np.int32),
+        "brightness": rng.uniform(1 - colour.BRIGHTNESS, 1 + colour.BRIGHTNESS, shape).astype(np.float32),
+        "contrast": rng.uniform(1 - colour.CONTRAST, 1 + colour.CONTRAST, shape).astype(np.float32),
+        "saturation": rng.uniform(1 - colour.SATURATION, 1 + colour.SATURATION, shape).astype(np.float32),
+        "hue": rng.uniform(-colour.HUE, colour.HUE, shape).astype(np.float32),
+        "grayscale": rng.uniform(size=shape) < colour.GRAYSCALE_PROBABILITY,
+        "blur": rng.uniform(size=shape) < np.where(odd, *colour.BLUR_PROBABILITY[::-1]),
+        "sigma": rng.uniform(*colour.BLUR_SIGMA, shape).astype(np.float32),
+        "solarize": rng.uniform(size=shape) < np.where(odd, *colour.SOLARIZE_PROBABILITY[::-1]),
+    }
+
+
+def synthetic_batch(config, batch: int, seed: int = 0, views: str = "uint8") -> dict:
+    """Returns a batch of the pipeline's format, true crop grids and labels: uint8 views with
+    their colour draws (the colour chain runs in the step), or "float" views already coloured
+    and normalised on the host."""
     rng = np.random.default_rng(seed)
-    views, grids = [], []
+    out, grids, draws = [], [], []
     for size, count, lo, hi in config.data.crops:
-        views.append(rng.normal(size=(batch, count, size, size, 3)).astype(np.float32))
+        if views == "uint8":
+            out.append(rng.integers(0, 256, size=(batch, count, size, size, 3), dtype=np.uint8))
+            draws.append(synthetic_draws(rng, (batch, count)))
+        else:
+            out.append(rng.normal(size=(batch, count, size, size, 3)).astype(np.float32))
         side = np.sqrt(rng.uniform(lo, hi, size=(batch, count))) * 400
         top, left = rng.uniform(0, 100, size=(2, batch, count))
         grids.append(location_grid(top, left, side, side, size // 32))
     labels = rng.integers(0, config.model.num_classes, size=batch).astype(np.int32)
-    return {"views": tuple(views), "grids": tuple(grids), "label": labels}
+    return {"views": tuple(out), "grids": tuple(grids), "label": labels, **({"draws": tuple(draws)} if draws else {})}
+
+
+def colour_seconds(batch, dtype: str, repeats: int) -> float:
+    """Returns the seconds of the colour chain alone (train.coloured_views: colour ops from the
+    draws and normalisation, in the compute dtype) over the step's sharded uint8 batch."""
+    chain = jax.jit(lambda b: tuple(v.astype(dtype) for v in train.coloured_views(b)))
+    compiled = compile_jitted(chain, batch)
+    return median_seconds(lambda: jax.block_until_ready(compiled.fn(batch)), repeats)
 
 
 def backbone_seconds(config, batch: int, repeats: int) -> tuple[float, float]:
@@ -84,7 +123,7 @@ def backbone_seconds(config, batch: int, repeats: int) -> tuple[float, float]:
 
 def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_override: float | None,
           remat: str | None = None, profile: str | None = None, profile_steps: int = 3,
-          backbone_share: bool = True):
+          backbone_share: bool = True, views: str = "uint8"):
     config = config_lib.load(os.path.join(ROOT, CONFIGS[name]))
     mesh = sharding.make_mesh()
     config.batch_size = batch_per_device * mesh.size
@@ -97,7 +136,7 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_overr
     step = train.jit_train_step(
         train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)), shardings, mesh)
     batch = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh)),
-                         synthetic_batch(config, config.batch_size))
+                         synthetic_batch(config, config.batch_size, views=views))
     compiled = compile_jitted(step, state, batch)
     holder = {"state": state}
 
@@ -111,12 +150,15 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_overr
     mfu = None if not peak or not np.isfinite(compiled.flops) else compiled.flops / step_s / (peak * 1e12 * mesh.size)
     row = {
         "config": name, "device": f"{jax.devices()[0].device_kind} x {mesh.size}", "dtype": dtype,
-        "remat": config.model.get("remat", "-"), "batch": config.batch_size,
+        "remat": config.model.get("remat", "-"), "views": views, "batch": config.batch_size,
         "compile": f"{compiled.compile_s:.1f} s", "step": f"{step_s * 1e3:.0f} ms",
         "images/s": f"{config.batch_size / step_s:.1f}",
         "peak mem/device": "n/a" if peak_bytes is None else f"{peak_bytes / 2**30:.2f} GiB",
         "GFLOP/step": f"{compiled.flops / 1e9:.0f}", "MFU": "n/a" if mfu is None else f"{100 * mfu:.1f}%",
     }
+    if views == "uint8":
+        colour_s = colour_seconds(batch, dtype, repeats)
+        row.update({"colour chain": f"{colour_s * 1e3:.1f} ms", "colour / step": f"{100 * colour_s / step_s:.1f}%"})
     if profile:
         with jax.profiler.trace(profile, create_perfetto_trace=True):
             for _ in range(profile_steps):
@@ -144,13 +186,16 @@ def main():
                         help="config.model.remat (default: the config's)")
     parser.add_argument("--profile", default=None, metavar="DIR", help="write a trace here and print its time split")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--views", default="uint8", choices=("uint8", "float"),
+                        help="uint8 views + colour draws (the pipeline's default; colour in the step) or "
+                             "float views coloured on the host")
     parser.add_argument("--no-backbone-share", dest="backbone_share", action="store_false")
     args = parser.parse_args()
     rows = []
     for name in args.configs.split(","):
         rows.append(bench(name, args.batch_per_device, args.dtype, args.repeats, args.peak_tflops, args.remat,
                           args.profile and os.path.join(args.profile, name), args.profile_steps,
-                          args.backbone_share))
+                          args.backbone_share, args.views))
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)  # in case a later one fails
     print_table(rows)
 
