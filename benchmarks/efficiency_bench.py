@@ -231,7 +231,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--configs", default="convnext_s,r50")
-    parser.add_argument("--baseline", default="189940b", help="git revision measured as 'before'")
+    parser.add_argument("--baseline", default="18949c5", help="git revision measured as 'before' (the last one before scan, remat and the explicit collectives)")
     parser.add_argument("--memory-batch", type=int, default=32)
     parser.add_argument("--collectives-batch", type=int, default=512)
     parser.add_argument("--step-collectives-batch", type=int, default=64)

@@ -193,10 +193,12 @@ def test_drop_path_rates_of_a_stack_are_per_block():
 @pytest.mark.parametrize("name", ["lars", "adamw"])
 def test_optimisers_treat_each_block_of_a_stack_as_its_own_parameter(name):
     rng = np.random.default_rng(2)
-    blocks = [{"kernel": rng.normal(size=(4, 5)) * (b + 1), "bias": rng.normal(size=5)} for b in range(3)]
+    blocks = [{"kernel": (rng.normal(size=(4, 5)) * (b + 1)).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)}
+              for b in range(3)]
     unrolled = {str(b): blocks[b] for b in range(3)}
     stacked = {sharding.STACKED: jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
-    grads = [{"kernel": rng.normal(size=(4, 5)), "bias": rng.normal(size=5)} for _ in range(3)]
+    grads = [{"kernel": rng.normal(size=(4, 5)).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)}
+             for _ in range(3)]
     tx = optim.make_optimizer(name, 0.1, weight_decay=0.01)
 
     def two_steps(params, grads):

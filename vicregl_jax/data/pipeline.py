@@ -576,6 +576,25 @@ def _host_colour_chain():
         views, tf.zeros(tf.shape(views)[:2], tf.bool), draws), jit_compile=True)
 
 
+def _shuffled_batches(source, start_step: int, seed: int, process: Callable, finish_batch: Callable, *,
+                      local_batch: int, global_batch: int, process_index: int, read: ReadOptions,
+                      python_reads: bool) -> tf.data.Dataset:
+    """Returns this process's batches of steps start_step, start_step + 1, ...: the examples of
+    each step drawn from a shuffled epoch order of (seed, step), processed, batched and finished
+    (finish_batch on the whole batch), without the final prefetch."""
+    parallel = read.threads()
+    ds = _examples(
+        source, tf.data.Dataset.counter(start_step), seed=seed,
+        index_of=functools.partial(example_index, num_examples=source.num_examples, seed=seed, shuffle=True),
+        attempts_of=_max_attempts, process=process, local_batch=local_batch,
+        global_batch=global_batch, process_index=process_index, parallel=parallel,
+        python_reads=python_reads,
+    )
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(finish_batch, num_parallel_calls=2, deterministic=True)
+    return ds.with_options(_options(parallel))
+
+
 def make_pretrain_iterator(
     dataset: str,
     split: str,
@@ -655,17 +674,9 @@ def make_pretrain_iterator(
             batch["val_image"] = augment.normalise(tf.cast(batch["val_image"], tf.float32) / 255.0)
         return batch
 
-    parallel = read.threads()
-    ds = _examples(
-        source, tf.data.Dataset.counter(start_step), seed=seed,
-        index_of=functools.partial(example_index, num_examples=source.num_examples, seed=seed, shuffle=True),
-        attempts_of=_max_attempts, process=process, local_batch=local_batch,
-        global_batch=global_batch_size, process_index=process_index, parallel=parallel,
-        python_reads=not service,
-    )
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(finish_batch, num_parallel_calls=2, deterministic=True)
-    ds = ds.with_options(_options(parallel))
+    ds = _shuffled_batches(source, start_step, seed, process, finish_batch, local_batch=local_batch,
+                           global_batch=global_batch_size, process_index=process_index, read=read,
+                           python_reads=not service)
     if service:
         ds = ds.apply(tf.data.experimental.service.distribute(
             processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=service))
@@ -771,16 +782,8 @@ def make_linear_train_iterator(
         batch["image"] = augment.normalise(tf.cast(batch["image"], tf.float32) / 255.0, images.mean, images.std)
         return batch
 
-    parallel = read.threads()
-    ds = _examples(
-        source, tf.data.Dataset.counter(start_step), seed=seed,
-        index_of=functools.partial(example_index, num_examples=source.num_examples, seed=seed, shuffle=True),
-        attempts_of=_max_attempts, process=process, local_batch=local_batch,
-        global_batch=global_batch_size, process_index=process_index, parallel=parallel,
-        python_reads=True,
-    )
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(finish_batch, num_parallel_calls=2, deterministic=True)
-    ds = ds.with_options(_options(parallel)).prefetch(read.prefetch)
+    ds = _shuffled_batches(source, start_step, seed, process, finish_batch, local_batch=local_batch,
+                           global_batch=global_batch_size, process_index=process_index, read=read,
+                           python_reads=True).prefetch(read.prefetch)
     return BatchIterator(ds, start_step, source, read=read, process_index=process_index,
                          global_batch=global_batch_size)

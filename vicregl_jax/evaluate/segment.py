@@ -541,36 +541,19 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
     checkpoints = (HeadCheckpoints(epath.Path(workdir) / f"{name}_head", meta)
                    if workdir is not None else None)
     try:
+        start = (checkpoints.latest_step() or 0) if checkpoints else 0
         if settings.protocol == "release":
-            graph, state = nnx.split(backbone)
-            state = jax.device_put(state, sharding.replicated(mesh))
-
-            def featurize(images):
-                return dense_features(nnx.merge(graph, state, copy=True), images, kind)
-
-            start = (checkpoints.latest_step() or 0) if checkpoints else 0
-            # Host-to-device copies of the next batches overlap the step (a thread).
-            batches = data_lib.prefetch_to_mesh(data_lib.segmentation.make_train_iterator(
-                train_split, global_batch_size=settings.batch_size, seed=seed,
-                start_step=start, scale=settings.scale, crop_size=settings.crop_size,
-                ratio_range=settings.ratio_range, cat_max_ratio=settings.cat_max_ratio,
-                **process), mesh)
-
-            def next_batch(step):
-                batch = next(batches)
-                return {"input": batch["image"], "mask": batch["mask"]}
+            featurize, next_batch, batches = _release_training_inputs(
+                backbone, kind, train_split, settings, mesh, process, seed=seed, start=start)
         else:
-            def featurize(features):
-                return features.astype(jnp.float32)
-
+            featurize, batches = (lambda features: features.astype(jnp.float32)), None
             next_batch = _cached_batches(cached["train"], settings, seed, mesh, process)
-
         try:
             reached = train_head(head, featurize, next_batch, settings, mesh, seed=seed,
                                  checkpoints=checkpoints, stop_after_steps=stop_after_steps,
                                  progress=progress)
         finally:
-            if settings.protocol == "release":
+            if batches is not None:
                 batches.close()
     finally:
         if checkpoints is not None:
@@ -579,12 +562,7 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
         return {"stopped_at_step": reached}
 
     if settings.protocol == "release":
-        sizes = data_lib.segmentation.image_sizes(val_split.masks)
-        chunks = data_lib.segmentation.eval_chunks(sizes, scale=settings.scale,
-                                      images_per_chunk=settings.eval_batch_size, row_multiple=rows)
-        batches = data_lib.segmentation.make_eval_iterator(val_split, chunks, **process)
-        confusion = evaluate_chunks(make_logits_fn(backbone, head, kind, mesh), batches, chunks,
-                                    settings, layout.num_classes, mesh, progress)
+        confusion = _release_confusion(backbone, head, kind, val_split, settings, mesh, process, progress)
         resolution = "original"
     else:
         confusion = _evaluate_cached(head, cached["eval"], settings, layout.num_classes, mesh)
@@ -595,6 +573,41 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
             "split": f"{settings.split} ({len(val_split)} images)",
             "scored_at": resolution, "steps": settings.steps,
             "settings": dataclasses.asdict(settings)}
+
+
+def _release_training_inputs(backbone, kind, train_split, settings, mesh, process, *, seed, start):
+    """Returns (featurize, next_batch, batches) of the release protocol's head training: the
+    frozen backbone's features of a batch of images, the augmented batches from step `start`
+    (put on the mesh by a thread ahead of the step), and that iterator (to close)."""
+    graph, state = nnx.split(backbone)
+    state = jax.device_put(state, sharding.replicated(mesh))
+
+    def featurize(images):
+        return dense_features(nnx.merge(graph, state, copy=True), images, kind)
+
+    batches = data_lib.prefetch_to_mesh(data_lib.segmentation.make_train_iterator(
+        train_split, global_batch_size=settings.batch_size, seed=seed,
+        start_step=start, scale=settings.scale, crop_size=settings.crop_size,
+        ratio_range=settings.ratio_range, cat_max_ratio=settings.cat_max_ratio,
+        **process), mesh)
+
+    def next_batch(step):
+        batch = next(batches)
+        return {"input": batch["image"], "mask": batch["mask"]}
+
+    return featurize, next_batch, batches
+
+
+def _release_confusion(backbone, head, kind, val_split, settings, mesh, process, progress):
+    """Returns the confusion matrix of the release protocol's scoring: every validation image
+    at the test scale, whole or sliding-window inference, at the original label resolution."""
+    sizes = data_lib.segmentation.image_sizes(val_split.masks)
+    chunks = data_lib.segmentation.eval_chunks(sizes, scale=settings.scale,
+                                               images_per_chunk=settings.eval_batch_size,
+                                               row_multiple=mesh.size)
+    batches = data_lib.segmentation.make_eval_iterator(val_split, chunks, **process)
+    return evaluate_chunks(make_logits_fn(backbone, head, kind, mesh), batches, chunks,
+                           settings, val_split.layout.num_classes, mesh, progress)
 
 
 def _jitted_features(backbone, kind, mesh):
