@@ -231,7 +231,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--configs", default="convnext_s,r50")
-    parser.add_argument("--baseline", default="18949c5", help="git revision measured as 'before' (the last one before scan, remat and the explicit collectives)")
+    parser.add_argument("--baseline", default="18949c5",
+                        help="git revision measured as 'before' (the last before scan, remat and the explicit collectives)")
     parser.add_argument("--memory-batch", type=int, default=32)
     parser.add_argument("--collectives-batch", type=int, default=512)
     parser.add_argument("--step-collectives-batch", type=int, default=64)
@@ -308,6 +309,17 @@ def main():
             print_table(rows)
 
 
+def _sent_ratio(before, after) -> str:
+    """Returns before / after, or what happened when either side moves less than 1 MiB."""
+    if before is None or after is None:
+        return "-"
+    if after < 2**20:
+        return "none left" if before >= 2**20 else "-"
+    if before < 2**20:
+        return "new"
+    return f"{before / after:.2f}x"
+
+
 def _collective_rows(what: str, batch: int, got: dict) -> list[dict]:
     rows = []
     kinds = sorted({k for r in got.values() if r for k in r["totals"]})
@@ -324,7 +336,7 @@ def _collective_rows(what: str, batch: int, got: dict) -> list[dict]:
         rows.append({"program": f"{what}, batch {batch}", "collective": kind,
                      "operand MiB before -> after": f"{mib(cells['before'][0])} -> {mib(cells['after'][0])}",
                      "sent MiB before -> after": f"{mib(cells['before'][1])} -> {mib(cells['after'][1])}",
-                     "sent: before / after": ratio(cells["before"][1], cells["after"][1])})
+                     "sent: before / after": _sent_ratio(cells["before"][1], cells["after"][1])})
     return rows
 
 

@@ -67,7 +67,7 @@ run() {  # run NAME SECONDS COMMAND...: a part with its own time limit (cut to w
 
 # 1. JAX alone on the GPU: the train step gets 90% of the memory.
 XLA_PYTHON_CLIENT_MEM_FRACTION=${STEP_MEM_FRACTION:-0.9} run train_bench "${TRAIN_LIMIT:-240}" \
-  $PY benchmarks/train_bench.py --dtype "$DTYPE" --batch-per-device "${TRAIN_BATCH:-128}" --repeats "$REPEATS" \
+  $PY benchmarks/train_bench.py --configs convnext_s,r50 --dtype "$DTYPE" --batch-per-device "${TRAIN_BATCH:-128}" --repeats "$REPEATS" \
   --profile "$OUT_DIR/trace" --profile-steps 3
 # 2. PyTorch alone: its whole step, as the release trains.
 run torch_step_bench "${TORCH_LIMIT:-110}" \

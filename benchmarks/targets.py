@@ -17,20 +17,27 @@ from common import print_table
 
 
 def tables(path: str) -> list[dict]:
-    """Returns the rows of every markdown table in a file (none if the file is missing)."""
+    """Returns the rows of every markdown table in a file (none if the file is missing); a
+    table starts at a line followed by a separator line, so a table cut short by a time limit
+    and followed by another still parses."""
     if not os.path.exists(path):
         return []
+    lines = [line.strip() for line in open(path, errors="replace")]
+
+    def cells(line):
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    def separator(line):
+        return line.startswith("|") and all(set(c) <= set("-: ") for c in cells(line))
+
     rows, header = [], None
-    for line in open(path, errors="replace"):
-        line = line.strip()
+    for i, line in enumerate(lines):
         if not line.startswith("|"):
             header = None
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if header is None:
-            header = cells
-        elif not all(set(c) <= set("-: ") for c in cells):
-            rows.append(dict(zip(header, cells)))
+        elif i + 1 < len(lines) and separator(lines[i + 1]):
+            header = cells(line)
+        elif header is not None and not separator(line):
+            rows.append(dict(zip(header, cells(line))))
     return rows
 
 

@@ -196,8 +196,8 @@ def main():
         rows.append(bench(name, args.batch_per_device, args.dtype, args.repeats, args.peak_tflops, args.remat,
                           args.profile and os.path.join(args.profile, name), args.profile_steps,
                           args.backbone_share, args.views))
-        print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)  # in case a later one fails
-    print_table(rows)
+        print_table(rows)  # after each config: a later one cut by a time limit leaves these rows
+        print(flush=True)
 
 
 if __name__ == "__main__":
