@@ -327,11 +327,18 @@ class Checkpointer:
             [ocp.checkpoint_managers.LatestN(n=keep), self.verified])
         options = ocp.CheckpointManagerOptions(
             create=not read_only, enable_async_checkpointing=async_save, read_only=read_only,
-            preservation_policy=policy,
+            preservation_policy=policy, **({"save_interval_steps": 0} if read_only else {}),
         )
         handlers = {"model": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        # Orbax warns that a read-only directory is read only, on every evaluation: asked for, not news.
+        orbax_log = logging.getLogger("absl")
+        level = orbax_log.level
+        orbax_log.setLevel(max(level, logging.ERROR))
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        finally:
+            orbax_log.setLevel(level)
 
     def latest_step(self) -> int | None:
         """Returns the step of the newest checkpoint on disk (not yet verified), or None."""
