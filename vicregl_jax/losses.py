@@ -551,9 +551,10 @@ def vicregl_loss(
     """Returns (total, terms): alpha * global + (1 - alpha) * local + classifier cross-entropy.
 
     Per crop group: embeddings (B, V_g, D), local_embeddings (B, V_g, N_g, D') and grids
-    (B, V_g, n, n, 2); logits (B, K) and labels (B,) of the online classifier. terms holds global_{inv,var,cov}, local_{inv,var,cov}, vicreg (the total without the
-    classifier) and, when logits and labels are given, cls_loss, top1, top5. Terms of a branch
-    that alpha turns off are 0 and its inputs may be None.
+    (B, V_g, n, n, 2); logits (B, K) and labels (B,) of the online classifier. terms holds
+    global_{inv,var,cov}, local_{inv,var,cov}, vicreg (the total without the classifier) and,
+    when logits and labels are given, cls_loss, top1, top5. Terms of a branch that alpha turns
+    off are 0 and its inputs may be None.
     """
     check_criterion_inputs(embeddings, local_embeddings, grids, cfg)
     with jax.named_scope("criterion"):  # what profiles and HLO metadata show

@@ -11,8 +11,9 @@ daemon thread). A lock is stale, and is taken over with a warning, when its hold
 machine (same host name and boot id) and its process is gone; when the holder was on another
 host, when its heartbeat is older than STALE_AFTER_S by this host's clock, or when its counter
 does not move for STALE_AFTER_S seconds of watching (which avoids trusting another host's
-clock: a live holder is recognised within one heartbeat, a killed one after STALE_AFTER_S). On a local path the lock is created with O_EXCL, so two runs starting at once
-cannot both take it. On gs:// and other URLs there is no exclusive create in the file API:
+clock: a live holder is recognised within one heartbeat, a killed one after STALE_AFTER_S).
+On a local path the lock is created with O_EXCL, so two runs starting at once cannot both
+take it. On gs:// and other URLs there is no exclusive create in the file API:
 the lock is written, read back after a pause, and held only if it still carries this run's
 token, which refuses every second run except one started within that pause of the first.
 Only process 0 of a multi-process run takes the lock; it tells the others the outcome.
