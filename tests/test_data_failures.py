@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiny import tiny_config
+
+from vicregl_jax import build
 from vicregl_jax.data import (
     CropGroup,
     EvalImages,
@@ -176,16 +179,19 @@ def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(ba
     procs += [subprocess.Popen(command + ["worker", f"--dispatcher=localhost:{port}",
                                           "--worker_address=localhost:%port%"], env=env) for _ in range(2)]
     try:
-        kwargs = dict(global_batch_size=8, read=ReadOptions(**HOSTS), **SMALL)
-        local = make_pretrain_iterator(f"folder:{tmp_path}", "train", **kwargs)
-        served = make_pretrain_iterator(f"folder:{tmp_path}", "train", service=f"grpc://localhost:{port}", **kwargs)
+        # The run's own path: config.data.service reaches the iterator build.pretrain_iterator opens.
+        settings = {"data.dataset": f"folder:{tmp_path}", "batch_size": 8, "data.num_threads": 2}
+        config = tiny_config(None, settings)
+        served_config = tiny_config(None, {**settings, "data.service": f"grpc://localhost:{port}"})
+        local = build.pretrain_iterator(config, 0)
+        served = build.pretrain_iterator(served_config, 0)
         want = [next(local) for _ in range(6)]
         for step in range(4):
             got = next(served)
             for u, v in zip(got["views"] + got["grids"], want[step]["views"] + want[step]["grids"]):
                 np.testing.assert_array_equal(u, v)
-        resumed = make_pretrain_iterator(f"folder:{tmp_path}", "train", service=f"grpc://localhost:{port}",
-                                         start_step=4, **kwargs)
+        resumed = build.pretrain_iterator(served_config, 4)
+        kwargs = dict(global_batch_size=8, read=ReadOptions(**HOSTS), **SMALL)
         for step in (4, 5):
             got = next(resumed)
             np.testing.assert_array_equal(got["views"][0], want[step]["views"][0])

@@ -304,6 +304,8 @@ def test_a_host_whose_storage_fails_stops_every_host_with_its_error(data_dir, tm
     ({"data.crops": ((64, 2, 0.0, 1.0),)}, r"CropGroup scale=\(0.0, 1.0\)"),
     ({"model.mlp": "64-x"}, r"MLP spec '64-x'"),
     ({"model.dtype": "float16"}, r"config.model.dtype='float16'"),
+    ({"data.jpeg_dct_method": "FAST"}, r"config.data.jpeg_dct_method='FAST': use one of"),
+    ({"data.max_failure_share": 5.0}, r"config.data.max_failure_share=5.0: give a fraction"),
     ({"grad_accum_steps": 4}, r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)"),
 ])
 def test_bad_configs_are_named(data_dir, overrides, pattern):

@@ -54,6 +54,10 @@ def check_config(config, *, num_devices: int, process_count: int = 1) -> None:
     crop_groups(config)
     optim.make_optimizer(config.optim.name, 0.0, weight_decay=config.optim.weight_decay)
     state_lib.abstract_model(config)  # the model's own checks: heads, classifier, dtype, ConvNeXt options
+    try:
+        data_lib.ReadOptions.from_config(config.data)
+    except ValueError as e:
+        raise ValueError(f"config.data.{e}") from None
 
 
 def schedule_length(config, num_examples: int) -> tuple[int, int]:
@@ -64,12 +68,13 @@ def schedule_length(config, num_examples: int) -> tuple[int, int]:
 
 
 def pretrain_iterator(config, start_step: int):
-    """Returns this host's pre-training batches from start_step on (a seek, not a replay)."""
+    """Returns this host's pre-training batches from start_step on (a seek, not a replay),
+    made by the tf.data service at config.data.service when one is given."""
     return data_lib.make_pretrain_iterator(
         config.data.dataset, config.data.split, groups=crop_groups(config), global_batch_size=config.batch_size,
         seed=config.seed, stride=models.backbone_stride(config.model.arch), flip_grid=config.data.flip_grid,
-        with_labels=True, start_step=start_step,
-        read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
+        with_labels=True, start_step=start_step, read=data_lib.ReadOptions.from_config(config.data),
+        service=config.data.service,
     )
 
 

@@ -61,6 +61,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.crops = ((224, 2, 0.08, 1.0),)
     c.data.flip_grid = False  # the release leaves the grid of a flipped view unflipped
     c.data.num_examples = config_dict.placeholder(int)  # None: read from the dataset
+    # How each host reads (data.ReadOptions): "INTEGER_FAST" decodes JPEGs a little faster with
+    # pixels that differ from PIL's; num_threads None = the CPUs this process may use; training
+    # stops when more than max_failure_share of the last failure_window images fail to read.
+    c.data.jpeg_dct_method = "INTEGER_ACCURATE"
+    c.data.num_threads = config_dict.placeholder(int)
+    c.data.max_failure_share = 0.01
+    c.data.failure_window = 10_000
+    # A tf.data service dispatcher ("grpc://HOST:PORT", started with `python -m
+    # vicregl_jax.data.service dispatcher`) whose workers make the pre-training batches; None: this host.
+    c.data.service = config_dict.placeholder(str)
 
     # VICRegLModel (backbone, expander, local projector, classifier); config.loss.alpha decides which heads exist.
     c.model = ml_collections.ConfigDict()

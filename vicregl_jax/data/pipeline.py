@@ -102,6 +102,13 @@ class ReadOptions:
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads={self.num_threads!r}: give a positive count or None (all usable CPUs).")
 
+    @classmethod
+    def from_config(cls, data_config) -> ReadOptions:
+        """Returns the options of a run's config.data section (data_dir, manual_dir, num_threads,
+        jpeg_dct_method, max_failure_share, failure_window; absent keys keep their defaults)."""
+        fields = ("data_dir", "manual_dir", "num_threads", "jpeg_dct_method", "max_failure_share", "failure_window")
+        return cls(**{f: data_config[f] for f in fields if f in data_config})
+
     def threads(self) -> int:
         """Returns the number of parallel calls: num_threads, else the CPUs usable by this process."""
         return self.num_threads or len(os.sched_getaffinity(0)) or 1

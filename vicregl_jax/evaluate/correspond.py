@@ -73,7 +73,7 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     iterator = data_lib.make_pretrain_iterator(
         config.data.dataset, config.data.split, groups=[group], global_batch_size=batch_size, seed=config.seed + 1,
         stride=models.backbone_stride(config.model.arch), flip_grid=True, with_labels=False, colour="none",
-        read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
+        read=data_lib.ReadOptions.from_config(config.data),
     )
     counts = jax.jit(correspondence_counts)
     correct = valid = chance = 0.0

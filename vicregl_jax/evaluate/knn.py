@@ -148,7 +148,7 @@ def evaluate_backbone(backbone, config, mesh) -> dict:
         iterator = data_lib.make_eval_iterator(
             dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
             images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
-            read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir),
+            read=data_lib.ReadOptions.from_config(config.data),
         )
         num_classes = max(num_classes, iterator.num_classes)
         splits[split] = sharded_features(feature_fn, iterator, mesh)

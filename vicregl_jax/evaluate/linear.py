@@ -138,7 +138,7 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     dataset = common.eval_dataset(config)
     batch_size = common.eval_batch_size(config, mesh)
     size = dict(images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
-                read=data_lib.ReadOptions(data_dir=config.data.data_dir, manual_dir=config.data.manual_dir))
+                read=data_lib.ReadOptions.from_config(config.data))
 
     def centre_features(split):
         iterator = data_lib.make_eval_iterator(dataset, split, global_batch_size=batch_size, **size)
