@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
-from torch_reference import (TORCH_BACKBONES, DataParallelLike, TorchVICRegL,
+from torch_reference import (TORCH_BACKBONES, DataParallelLike, TorchVICRegL, nchw, numpy_state,
                                    randomize_torch_)
 from tiny import grouped
 from vicregl_jax import config as config_lib
@@ -95,10 +95,6 @@ def to_torch_tensors(state_dict):
     return {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
 
 
-def torch_numpy_state(module):
-    return {k: v.numpy() for k, v in module.state_dict().items()}
-
-
 def assert_close(actual, expected, rtol=1e-4):
     """max |actual - expected| below rtol times the scale of expected."""
     actual, expected = np.asarray(actual), np.asarray(expected)
@@ -106,10 +102,6 @@ def assert_close(actual, expected, rtol=1e-4):
     scale = np.max(np.abs(expected))
     err = np.max(np.abs(actual - expected))
     assert err <= rtol * scale, f"max abs error {err:.3g} vs output scale {scale:.3g}"
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
 @nnx.jit
@@ -144,7 +136,7 @@ def test_backbone_parity_both_ways(arch):
     # PyTorch -> Flax, into a model holding other weights; then the way back is exact.
     randomize_torch_(reference, seed=2)
     ref_maps, ref_pooled = reference(nchw(x))
-    torch_state = torch_numpy_state(reference)
+    torch_state = numpy_state(reference)
     assert layout.load_torch_state_dict(model, torch_state) == ("backbone",)
     maps, pooled = flax_forward(model, jnp.asarray(x))
     assert_close(maps, ref_maps)
@@ -233,7 +225,7 @@ def test_full_model_parity(arch):
     model.eval()
     ref = reference.module([nchw(v) for v in views])
     for prefixed in (True, False):
-        torch_state = torch_numpy_state(reference if prefixed else reference.module)
+        torch_state = numpy_state(reference if prefixed else reference.module)
         parts = layout.load_torch_state_dict(model, torch_state)
         assert parts == ("backbone", "expander", "local_projector", "classifier")
         compare_outputs(flax_views_forward(model, grouped(views)), ref)

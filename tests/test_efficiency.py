@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import reference_loss as ref
 from test_losses import make_inputs
 from tiny import grouped, tiny_config
-from torch_reference import TorchConvNeXt, TorchResNet, randomize_torch_
+from torch_reference import TorchConvNeXt, TorchResNet, numpy_state, randomize_torch_
 from vicregl_jax import build, layout, losses, optim, sharding, train
 from vicregl_jax import state as state_lib
 from vicregl_jax.models.convnext import ConvNeXt
@@ -48,7 +48,7 @@ def tiny_backbone(kind, *, scan=True, remat="none", seed=0):
         make = lambda: ResNet(**RESNET, scan=scan, remat=remat, unroll=False, rngs=nnx.Rngs(0))  # noqa: E731
     randomize_torch_(reference, seed=seed)
     model = nnx.eval_shape(make)
-    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    layout.load_torch_state_dict(model, numpy_state(reference))
     return model, reference
 
 

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from tiny import grouped
-from torch_reference import TORCH_BACKBONES, TorchResNet, randomize_torch_
+from torch_reference import TORCH_BACKBONES, TorchResNet, nchw, numpy_state, randomize_torch_
 from vicregl_jax import layout, models
 from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
                                 feature_dim, parameter_count, stage_channels, with_output_stride)
@@ -292,10 +292,6 @@ def test_batch_statistics_are_global_under_sharding(tiny):
 
 # ------------------------------------------------------------- dense prediction maps
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
 def assert_close(actual, expected, rtol=1e-4):
     """max |actual - expected| below rtol times the scale of expected."""
     actual, expected = np.asarray(actual), np.asarray(expected)
@@ -321,7 +317,7 @@ def test_dilated_resnet_matches_torch(arch, output_stride):
     strides, dilations = DILATED[output_stride]
     reference = TorchResNet(block, sizes, width, strides=strides, dilations=dilations).eval()
     randomize_torch_(reference, seed=11)
-    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    state_dict = numpy_state(reference)
     # Non-square input, so a swapped H/W shows.
     x = np.random.default_rng(12).standard_normal((2, 64, 96, 3)).astype(np.float32)
     expected = [t.numpy().transpose(0, 2, 3, 1) for t in reference.forward_stages(nchw(x))]
@@ -364,7 +360,7 @@ def test_convnext_stage_maps_match_torch():
     # No drop path: its random stream would stay abstract (eval mode does not use it).
     model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
                                                    rngs=nnx.Rngs(0)))
-    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    layout.load_torch_state_dict(model, numpy_state(reference))
     model.eval()
     x = np.random.default_rng(14).standard_normal((2, 64, 96, 3)).astype(np.float32)
     got = stages(model, jnp.asarray(x))

@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from segmentation_data import save_palette_png, write_voc
-from torch_reference import TORCH_BACKBONES, randomize_torch_
+from torch_reference import TORCH_BACKBONES, nchw, numpy_state, randomize_torch_
 from vicregl_jax import layout, sharding
 from vicregl_jax.config import default_config
 from vicregl_jax.data import segmentation as seg_data
@@ -304,16 +304,12 @@ def test_eval_chunks_group_sizes_and_split_over_hosts(voc):
 
 # ------------------------------------------------------------------ features and optimiser
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
 def test_concatenated_stage_features_match_torch():
     reference = TORCH_BACKBONES["convnext_test"]().eval()
     randomize_torch_(reference, seed=5)
     model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
                                                    rngs=nnx.Rngs(0)))
-    layout.load_torch_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    layout.load_torch_state_dict(model, numpy_state(reference))
     model.eval()
     x = np.random.default_rng(6).standard_normal((2, 64, 96, 3)).astype(np.float32)
     got = nnx.jit(lambda m, x: segment.dense_features(m, x, "concat"))(model, jnp.asarray(x))

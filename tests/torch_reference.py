@@ -11,6 +11,7 @@ benchmarks/torch_step_bench.py times the release's whole training step.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -237,6 +238,16 @@ TORCH_BACKBONES = {
 
 
 # ------------------------------------------------------------------- random weights
+
+def nchw(x) -> torch.Tensor:
+    """Returns a NHWC numpy batch as the NCHW torch tensor the reference modules take."""
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def numpy_state(module: nn.Module) -> dict:
+    """Returns the module's state_dict as numpy arrays (what layout.load_torch_state_dict reads)."""
+    return {k: v.numpy() for k, v in module.state_dict().items()}
+
 
 def randomize_torch_(model: nn.Module, seed: int, *, small_layernorm_inputs: bool = True) -> None:
     """Fills model's parameters and buffers with random values, in place.
