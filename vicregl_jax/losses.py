@@ -197,37 +197,10 @@ def covariance_term(x: jax.Array) -> jax.Array:
     return jnp.mean(offdiag_cov_sq_sum(x)) / x.shape[-1]
 
 
-def _var_cov_terms(pieces: Sequence[jax.Array], var_coeff: float, cov_coeff: float):
-    """Returns the weighted (var, cov) terms of each of pieces (B, K_i, D), from one
-    batch_statistics of them joined along K (one collective for all)."""
-    sizes = [p.shape[1] for p in pieces]
-    var_sum, offdiag = batch_statistics(jnp.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0])
-    d = pieces[0].shape[-1]
-    out = []
-    for v, c in zip(_split(var_sum, sizes, 0), _split(offdiag, sizes, 0)):
-        out.append((var_coeff * jnp.mean(v) / d, cov_coeff * jnp.mean(c) / d))
-    return out
-
-
 def _split(x: jax.Array, sizes: Sequence[int], axis: int) -> list[jax.Array]:
     """Returns the consecutive pieces of x along axis with the given sizes."""
     ends = list(itertools.accumulate(sizes))
     return jnp.split(x, ends[:-1], axis=axis)
-
-
-def vicreg_terms(
-    x: jax.Array, y: jax.Array, *, inv_coeff=25.0, var_coeff=25.0, cov_coeff=1.0
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns the weighted (inv, var, cov) of two batches x, y of shape (B, K, D) or (B, D).
-
-    inv is the mse over all elements; var and cov are the means of the terms of x and of y.
-    """
-    x, y = _as_f32(x), _as_f32(y)
-    inv = inv_coeff * jnp.mean(jnp.square(x - y))
-    if x.ndim == 2:
-        x, y = x[:, None, :], y[:, None, :]
-    (var_x, cov_x), (var_y, cov_y) = _var_cov_terms([x, y], var_coeff, cov_coeff)
-    return inv, (var_x + var_y) / 2, (cov_x + cov_y) / 2
 
 
 # --------------------------------------------------------------------------------------------
