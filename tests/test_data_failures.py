@@ -180,7 +180,8 @@ def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(ba
                                           "--worker_address=localhost:%port%"], env=env) for _ in range(2)]
     try:
         # The run's own path: config.data.service reaches the iterator build.pretrain_iterator opens.
-        settings = {"data.dataset": f"folder:{tmp_path}", "batch_size": 8, "data.num_threads": 2}
+        settings = {"data.dataset": f"folder:{tmp_path}", "batch_size": 8, "data.num_threads": 2,
+                    "data.resize": "tensorflow"}
         config = tiny_config(None, settings)
         served_config = tiny_config(None, {**settings, "data.service": f"grpc://localhost:{port}"})
         local = build.pretrain_iterator(config, 0)
@@ -199,6 +200,9 @@ def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(ba
             it.close()
         with pytest.raises(ValueError, match="folder dataset"):
             make_pretrain_iterator("vicregl_photos", "train", service=f"grpc://localhost:{port}", **kwargs)
+        with pytest.raises(ValueError, match="resize='pillow'.*resize='tensorflow'"):
+            make_pretrain_iterator(f"folder:{tmp_path}", "train", service=f"grpc://localhost:{port}",
+                                   **{**kwargs, "read": ReadOptions(**HOSTS, resize="pillow")})
     finally:
         for p in procs:
             p.terminate()

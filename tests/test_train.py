@@ -306,6 +306,8 @@ def test_a_host_whose_storage_fails_stops_every_host_with_its_error(data_dir, tm
     ({"model.dtype": "float16"}, r"config.model.dtype='float16'"),
     ({"data.jpeg_dct_method": "FAST"}, r"config.data.jpeg_dct_method='FAST': use one of"),
     ({"data.max_failure_share": 5.0}, r"config.data.max_failure_share=5.0: give a fraction"),
+    ({"data.resize": "bilinear"}, r"config.data.resize='bilinear': use one of \('pillow', 'tensorflow'\)"),
+    ({"data.service": "grpc://h:5050"}, r"config.data.resize='pillow' with config.data.service=.*--config.data.resize=tensorflow"),
     ({"grad_accum_steps": 4}, r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)"),
 ])
 def test_bad_configs_are_named(data_dir, overrides, pattern):

@@ -55,9 +55,13 @@ def check_config(config, *, num_devices: int, process_count: int = 1) -> None:
     optim.make_optimizer(config.optim.name, 0.0, weight_decay=config.optim.weight_decay)
     state_lib.abstract_model(config)  # the model's own checks: heads, classifier, dtype, ConvNeXt options
     try:
-        data_lib.ReadOptions.from_config(config.data)
+        read = data_lib.ReadOptions.from_config(config.data)
     except ValueError as e:
         raise ValueError(f"config.data.{e}") from None
+    if config.data.service and read.resize != "tensorflow":
+        raise ValueError(
+            f"config.data.resize={read.resize!r} with config.data.service={config.data.service!r}: the tf.data "
+            "service's workers run TensorFlow ops only; set --config.data.resize=tensorflow with the service.")
 
 
 def schedule_length(config, num_examples: int) -> tuple[int, int]:

@@ -11,8 +11,9 @@ seek (the iterator starts from position k G), not a replay.
 
 Host work is geometry only. Per image: the crop boxes of all views are drawn from the image
 size (read from the JPEG header without decoding), only the rectangle that holds them is
-decoded (`decode_and_crop_jpeg`, the same pixels as decoding all and cropping), each view is
-cropped, resized (bicubic, antialiased), rounded to uint8 and flipped. The colour chain's
+decoded (`decode_and_crop_jpeg`, the same pixels as decoding all and cropping), and each
+view is cropped, resized and flipped by one compiled call per crop group (`resample.py`: the
+bytes of Pillow's bicubic resize, as the release makes them). The colour chain's
 random draws go with the uint8 views; `colour.augment_views` applies them on the
 accelerator (`colour="device"`, the default), or `augment.colour_augment` on the host
 (`colour="host"`, float32 normalised views, as evaluation tools and CPU users may want).
@@ -41,7 +42,7 @@ import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
 from absl import logging
 
-from vicregl_jax.data import augment, crops, sources
+from vicregl_jax.data import augment, crops, resample, sources
 from vicregl_jax.data.crops import CropGroup
 from vicregl_jax.data.grids import location_grid
 
@@ -53,6 +54,10 @@ EVAL_STD = (0.229, 0.224, 0.225)
 EVAL_INTERPOLATION = "bilinear"
 # INTEGER_ACCURATE is libjpeg's default, hence PIL's: the same pixels as the release decodes.
 JPEG_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST")
+# "pillow": Pillow's resize, byte for byte, compiled (resample.py; runs in Python, so not on tf.data
+# service workers); "tensorflow": tf.image.resize (float, antialiased: within a level of
+# Pillow almost everywhere), TensorFlow ops only.
+RESIZE_METHODS = ("pillow", "tensorflow")
 COLOUR_MODES = ("device", "host", "none")
 _JPEG_BLOCK = 16
 
@@ -79,6 +84,8 @@ class ReadOptions:
     run on (its affinity mask, as SLURM and containers set it). max_failure_share of the last
     failure_window images may fail (unreadable or undecodable) before training stops.
     jpeg_dct_method "INTEGER_FAST" decodes a little faster, with pixels that differ from PIL's.
+    resize "pillow" (default) resizes as Pillow does, byte for byte, compiled; "tensorflow" with
+    TensorFlow's resize (what a tf.data service worker can run; about 6x slower).
     """
 
     data_dir: str | None = None
@@ -91,8 +98,11 @@ class ReadOptions:
     jpeg_dct_method: str = "INTEGER_ACCURATE"
     max_failure_share: float = 0.01
     failure_window: int = 10_000
+    resize: str = "pillow"
 
     def __post_init__(self):
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"resize={self.resize!r}: use one of {RESIZE_METHODS}.")
         if self.jpeg_dct_method not in JPEG_DCT_METHODS:
             raise ValueError(f"jpeg_dct_method={self.jpeg_dct_method!r}: use one of {JPEG_DCT_METHODS}.")
         if not 0.0 <= self.max_failure_share <= 1.0:
@@ -105,8 +115,9 @@ class ReadOptions:
     @classmethod
     def from_config(cls, data_config) -> ReadOptions:
         """Returns the options of a run's config.data section (data_dir, manual_dir, num_threads,
-        jpeg_dct_method, max_failure_share, failure_window; absent keys keep their defaults)."""
-        fields = ("data_dir", "manual_dir", "num_threads", "jpeg_dct_method", "max_failure_share", "failure_window")
+        jpeg_dct_method, max_failure_share, failure_window, resize; absent keys keep their defaults)."""
+        fields = ("data_dir", "manual_dir", "num_threads", "jpeg_dct_method", "max_failure_share", "failure_window",
+                  "resize")
         return cls(**{f: data_config[f] for f in fields if f in data_config})
 
     def threads(self) -> int:
@@ -195,10 +206,11 @@ def decode_covering(encoded: tf.Tensor, draw_boxes: Callable, dct_method: str, w
 
 
 def resize(image: tf.Tensor, size, method: str = "bicubic") -> tf.Tensor:
-    """Returns the image resized to `size` (h, w) with antialiasing, as PIL does, float32.
+    """Returns the image resized to `size` (h, w) by TensorFlow with antialiasing, float32.
 
     Values are not rounded: bicubic overshoots [0, 255] near edges; PIL rounds and clips to
-    uint8, which `to_uint8` does.
+    uint8, which `to_uint8` does. Pillow also rounds between its two passes: `resize_views`
+    and `centre_view` give Pillow's bytes with resize="pillow".
     """
     return tf.image.resize(image, size, method=method, antialias=True)
 
@@ -232,7 +244,30 @@ def _fold(seed, salt):
     return tf.random.experimental.stateless_fold_in(seed, salt)
 
 
-def make_views(encoded, seed, groups, grid_sizes, flip_grid, dct_method, method="bicubic", whole=False):
+def resize_views(region, boxes, flips, size: int, method: str = "bicubic", impl: str = "pillow") -> tf.Tensor:
+    """Returns the uint8 (V, size, size, 3) views region[top:top + h, left:left + w] (boxes (V, 4)
+    int32 in region pixels) resized to size x size with `method` and mirrored where flips (V,).
+
+    impl "pillow": one compiled call (`resample.crop_resize`, Pillow's bytes); "tensorflow":
+    TensorFlow ops per view.
+    """
+    count = boxes.shape[0]
+    if impl == "pillow":
+        kind = resample.FILTERS[method]
+        views = tf.numpy_function(lambda r, b, f: resample.crop_resize(r, b, f, size, kind),
+                                  [region, boxes, flips], tf.uint8, stateful=False)
+        return tf.ensure_shape(views, [count, size, size, 3])
+    views = []
+    for v in range(count):
+        top, left, height, width = tf.unstack(boxes[v])
+        view = to_uint8(resize(region[top : top + height, left : left + width], [size, size], method))
+        # A cond, not tf.where: where would compute the reversed copy of every view.
+        views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]), lambda view=view: view))
+    return tf.stack(views)
+
+
+def make_views(encoded, seed, groups, grid_sizes, flip_grid, dct_method, method="bicubic", whole=False,
+               impl="pillow"):
     """Returns the views of one image for each crop group: uint8 (count, S, S, 3) flipped
     where drawn, grids (count, n, n, 2), colour draws, and the decoded region and offset.
 
@@ -253,27 +288,28 @@ def make_views(encoded, seed, groups, grid_sizes, flip_grid, dct_method, method=
         group_boxes = boxes[first : first + group.count]
         first += group.count
         flips = crops.sample_flips(_fold(group_seed, _FLIP), group.count)
-        views = []
-        for v in range(group.count):
-            top, left, height, width = tf.unstack(group_boxes[v])
-            crop = region[top - region_top : top - region_top + height,
-                          left - region_left : left - region_left + width]
-            view = to_uint8(resize(crop, [group.size, group.size], method))
-            # A cond, not tf.where: where would compute the reversed copy of every view.
-            views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]), lambda view=view: view))
+        in_region = group_boxes - tf.stack([region_top, region_left, 0, 0])
+        views = resize_views(region, in_region, flips, group.size, method, impl)
         grids = location_grid(*tf.unstack(tf.cast(group_boxes, tf.float64), axis=1), n,
                               flip=flips & flip_grid, xp=tnp)
         draws = augment.sample_colour_params(_fold(group_seed, _COLOUR), group.count)
-        out.append((tf.stack(views), grids, draws))
+        out.append((views, grids, draws))
     return out, region, region_top, region_left
 
 
-def centre_view(image: tf.Tensor, size: int, resize_size: int, method: str = "bicubic"):
+def centre_view(image: tf.Tensor, size: int, resize_size: int, method: str = "bicubic", impl: str = "pillow"):
     """Returns the uint8 (size, size, 3) centre crop of the image resized to short side
-    resize_size."""
+    resize_size (with impl "pillow", only the crop's pixels are computed, as Pillow's)."""
     shape = crops.resized_shape(tf.shape(image)[0], tf.shape(image)[1], resize_size)
+    offsets = crops.centre_crop_offsets(shape, size)
+    if impl == "pillow":
+        def window(image, shape, offsets):
+            return resample.resize(image, shape[0], shape[1], method, window=(*offsets, size, size))
+
+        view = tf.numpy_function(window, [image, shape, offsets], tf.uint8, stateful=False)
+        return tf.ensure_shape(view, [size, size, 3])
     resized = to_uint8(resize(image, shape, method))
-    top, left = tf.unstack(crops.centre_crop_offsets(shape, size))
+    top, left = tf.unstack(offsets)
     return resized[top : top + size, left : left + size]
 
 
@@ -653,11 +689,16 @@ def make_pretrain_iterator(
         raise ValueError(
             f"service={service!r}: the tf.data service reads with TensorFlow ops only, and "
             f"{source.name} is read in Python; use a folder dataset ('folder:/path') with the service.")
+    if service and read.resize != "tensorflow":
+        raise ValueError(
+            f"service={service!r} with resize={read.resize!r}: the tf.data service's workers run TensorFlow "
+            "ops only, and the Pillow resize is compiled Python; set resize='tensorflow' "
+            "(--config.data.resize=tensorflow) with the service.")
 
     def process(encoded, label, position):
         per_group, region, top, left = make_views(
             encoded, position_seed(position, seed), groups, grid_sizes, flip_grid,
-            read.jpeg_dct_method, whole=with_val_view)
+            read.jpeg_dct_method, whole=with_val_view, impl=read.resize)
         out = {
             "position": position,
             "views": tuple(g[0] for g in per_group),
@@ -666,7 +707,7 @@ def make_pretrain_iterator(
             "label": tf.cast(label, tf.int32) if with_labels else tf.constant(-1, tf.int32),
         }
         if with_val_view:
-            out["val_image"] = centre_view(region, VAL_SIZE, VAL_RESIZE)
+            out["val_image"] = centre_view(region, VAL_SIZE, VAL_RESIZE, impl=read.resize)
         return out
 
     def finish_batch(batch):
@@ -721,7 +762,7 @@ def make_eval_iterator(
 
     def process(encoded, label, position):
         view = centre_view(decode_rgb(encoded, read.jpeg_dct_method), images.image_size,
-                           images.resize_size, images.interpolation)
+                           images.resize_size, images.interpolation, read.resize)
         return {"image": view, "label": tf.cast(label, tf.int32), "position": position}
 
     def finish_batch(batch):
@@ -781,7 +822,7 @@ def make_linear_train_iterator(
 
     def process(encoded, label, position):
         per_group, *_ = make_views(encoded, position_seed(position, seed), (group,), (1,), False,
-                                   read.jpeg_dct_method, images.interpolation)
+                                   read.jpeg_dct_method, images.interpolation, impl=read.resize)
         return {"image": per_group[0][0][0], "label": tf.cast(label, tf.int32),
                 "mask": tf.constant(True), "position": position}
 
