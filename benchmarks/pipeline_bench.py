@@ -12,7 +12,11 @@ process pinned to the same single core:
 - release: `reference_pil.ReleaseMultiCrop`, the release's transform chain one image at a time
   in one thread (its DataLoader workers run one per core), not collated into batches;
 - colour: `colour.augment_views` jitted on XLA:CPU, one batch of 32 of the recipe's views (the
-  work the accelerator now does), in ms per batch.
+  work the accelerator now does), in ms per batch;
+- resize: ms per view of the recipe's crops (drawn as the pipeline draws them from the 64
+  JPEGs) resized by Pillow (crop + resize, as the release), by `tf.image.resize` (antialiased,
+  64 views per graph call) and by the compiled kernel of `data/resample.py` (one call per view);
+  the kernel's bytes are checked equal to Pillow's on the way.
 Rates are images per CPU-second of the process (user + system of all its threads: robust to
 other load on the machine), best of the rounds; cores per 1,000 images/s = 1000 / rate.
 Bytes per sample are what a host sends to the devices per image (views, grids, draws, label).
@@ -142,7 +146,57 @@ def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> di
         for _ in range(repeats):
             jax.block_until_ready(chain(args))
         return {"ms_per_batch": (cpu_seconds() - cpu) / repeats * 1e3}
+    if kind == "resize":
+        return _resize_worker(groups, folder)
     raise ValueError(kind)
+
+
+def _resize_worker(groups, folder: str) -> dict:
+    """Returns {size: {"pillow", "tensorflow", "compiled": ms per view}} for the recipe's crops."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from vicregl_jax.data import crops, resample
+
+    images = [np.asarray(Image.open(os.path.join(folder, name)).convert("RGB")) for name in sorted(os.listdir(folder))]
+    out = {}
+    for k, group in enumerate(groups):
+        views = []  # (image, box) pairs
+        for i, image in enumerate(images):
+            boxes = crops.sample_crop_boxes(tf.constant([i, k], tf.int64), image.shape[0], image.shape[1],
+                                            group.count, group.scale).numpy()
+            views += [(image, box) for box in boxes]
+        no_flip = np.zeros(1, bool)
+
+        def pillow():
+            return [np.asarray(Image.fromarray(im).crop((l, t, l + w, t + h)).resize((group.size, group.size), Image.BICUBIC))
+                    for im, (t, l, h, w) in views]
+
+        def compiled():
+            return [resample.crop_resize(im, box[None], no_flip, group.size, 0)[0] for im, box in views]
+
+        cropped = [tf.constant(im[t : t + h, l : l + w]) for im, (t, l, h, w) in views]
+        chunks = [cropped[j : j + 64] for j in range(0, len(cropped), 64)]
+        tf_resize = tf.function(lambda xs: [tf.image.resize(x, [group.size, group.size], "bicubic", antialias=True)
+                                            for x in xs])
+
+        def tensorflow():
+            return [tf_resize(chunk) for chunk in chunks]
+
+        for want, got in zip(pillow(), compiled()):
+            np.testing.assert_array_equal(got, want)
+        figures = {}
+        for name, fn in (("pillow", pillow), ("tensorflow", tensorflow), ("compiled", compiled)):
+            fn()
+            best = float("inf")
+            for _ in range(3):
+                cpu = cpu_seconds()
+                fn()
+                best = min(best, cpu_seconds() - cpu)
+            figures[name] = best / len(views) * 1e3
+        out[group.size] = figures
+    return out
 
 
 def _run(kind, recipe, folder, core, args, pythonpath) -> dict:
@@ -182,10 +236,10 @@ def main() -> None:
         os.makedirs(baseline)
         archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline, "vicregl_jax"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", baseline], input=archive.stdout, check=True)
-        paths = {"host": ROOT, "before": baseline, "release": ROOT, "colour": ROOT}
+        paths = {"host": ROOT, "before": baseline, "release": ROOT, "colour": ROOT, "resize": ROOT}
         for r in range(args.rounds):
             for recipe in RECIPES:
-                for kind in ("host", "before", "release") + (("colour",) if r == 0 else ()):
+                for kind in ("host", "before", "release") + (("colour", "resize") if r == 0 else ()):
                     figures = _run(kind, recipe, folder, core, args, paths[kind])
                     results.setdefault((recipe, kind), []).append(figures)
                     print(f"round {r} {recipe} {kind}: {figures}", flush=True)
@@ -209,6 +263,14 @@ def main() -> None:
               f"{before / release:.2f}x | {1000 / before:.1f} -> {1000 / host:.1f} | "
               f"{bytes_before / 1e6:.2f} MB -> {bytes_now / 1e6:.2f} MB ({bytes_before / bytes_now:.1f}x fewer) | "
               f"{colour_ms:.0f} ms |")
+    print("\nresize, ms per view on the same core (Pillow: crop + resize as the release; tf.image.resize "
+          "antialiased; compiled: data/resample.py, Pillow's bytes)\n")
+    print("| recipe | view | Pillow | tf.image.resize | compiled | compiled vs Pillow | compiled vs TF |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for recipe in RECIPES:
+        for size, f in results[(recipe, "resize")][0].items():
+            print(f"| {recipe} | {size} | {f['pillow']:.3f} | {f['tensorflow']:.3f} | {f['compiled']:.3f} | "
+                  f"{f['pillow'] / f['compiled']:.1f}x | {f['tensorflow'] / f['compiled']:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,10 @@ def test_user_errors_name_the_value_and_the_fix(tmp_path, data_dir):
         ReadOptions(jpeg_dct_method="FAST")
     with pytest.raises(ValueError, match="resize_size=30 is smaller than image_size=32"):
         EvalImages(image_size=32, resize_size=30)
+    with pytest.raises(ValueError, match=r"interpolation='nearest': use one of \('bicubic', 'bilinear'\)"):
+        EvalImages(interpolation="nearest")
+    with pytest.raises(ValueError, match=r"resize='cv2': use one of \('pillow', 'tensorflow'\)"):
+        ReadOptions(resize="cv2")
     with pytest.raises(ValueError, match="crop size 60 is not divisible by the backbone stride 16"):
         pretrain("vicregl_photos", data_dir=data_dir, groups=(CropGroup(60, 2, (0.08, 1.0)),))
 

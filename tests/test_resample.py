@@ -98,3 +98,23 @@ def test_coefficients_sum_to_one_and_stay_inside_the_image():
 def test_bad_arguments_are_named(args, pattern):
     with pytest.raises(ValueError, match=pattern):
         resample.resize(*args)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+def test_evaluation_view_is_torchvisions_resize_and_centre_crop_in_pillow(method):
+    """centre_view (evaluation): short side to 256 (long side int(256 * long / short)) and the
+    centre 224, as torchvision's Resize + CenterCrop on a PIL image, byte for byte."""
+    import tensorflow as tf
+
+    from vicregl_jax.data.pipeline import centre_view
+
+    for image in (skimage.data.astronaut()[:301, :433], skimage.data.coffee()[:, :250], skimage.data.chelsea()):
+        h, w = image.shape[:2]
+        short, long = min(h, w), max(h, w)
+        size = (256, int(256 * long / short)) if h <= w else (int(256 * long / short), 256)
+        resized = _pillow(image, *size, method)
+        top, left = round((size[0] - 224) / 2), round((size[1] - 224) / 2)
+        got = centre_view(tf.constant(image), 224, 256, method).numpy()
+        np.testing.assert_array_equal(got, resized[top : top + 224, left : left + 224])
+        approx = centre_view(tf.constant(image), 224, 256, method, impl="tensorflow").numpy()
+        assert np.abs(approx.astype(int) - got).mean() < 0.5

@@ -139,6 +139,9 @@ class EvalImages:
 
     def __post_init__(self):
         CropGroup(self.image_size, 1, (1.0, 1.0))  # validates image_size
+        if self.interpolation not in resample.FILTERS:
+            raise ValueError(f"interpolation={self.interpolation!r}: use one of {tuple(resample.FILTERS)} "
+                             "(the release's filters).")
         if self.resize_size < self.image_size:
             raise ValueError(
                 f"resize_size={self.resize_size} is smaller than image_size={self.image_size}: the "
