@@ -46,8 +46,10 @@ def test_random_sizes_equal_pillow_byte_for_byte():
 
 
 @pytest.mark.parametrize("shape,size", [((100, 90), (96, 96)), ((392, 282), (120, 160)), ((304, 385), (45, 222)),
-                                        ((375, 500), (224, 224)), ((60, 40), (224, 224)), ((2, 3), (1, 1))])
+                                        ((200, 150), (100, 100)), ((375, 500), (224, 224)), ((60, 40), (224, 224)),
+                                        ((2, 3), (1, 1))])
 def test_known_shapes_including_both_pass_orders_equal_pillow(shape, size):
+    """(100, 90) -> (96, 96): vertical first; (200, 150) -> (100, 100): the tie, horizontal first."""
     image = skimage.data.coffee()[: shape[0], : shape[1]]
     for method in resample.FILTERS:
         np.testing.assert_array_equal(resample.resize(image, *size, method), _pillow(image, *size, method))

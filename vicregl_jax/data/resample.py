@@ -2,9 +2,10 @@
 
 The release makes its views with Pillow (`Image.resize(size, BICUBIC)` after a crop; its linear
 evaluation with BILINEAR). This module computes exactly Pillow's result (tests/test_resample.py
-compares the bytes over random sizes, up- and downscaling) about 4x faster than Pillow and 6x
-faster than `tf.image.resize(antialias=True)` on one core (`benchmarks/pipeline_bench.py
---parts resize`), which is what lets the input pipeline keep up with a pod.
+compares the bytes over random sizes, up- and downscaling) about 4.5x faster than Pillow and
+4-6x faster than `tf.image.resize(antialias=True)` on one core (`python
+benchmarks/pipeline_bench.py` prints the resize per view), which is what lets the input
+pipeline keep up with a pod.
 
 Pillow's algorithm, as its C code runs it on 8-bit images:
 - per output axis, a filter of support 2 (bicubic, a = -0.5) or 1 (bilinear) stretched by the
