@@ -10,9 +10,18 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image
 
-from vicregl_jax.data import CropGroup, ReadOptions, augment_views, colour, make_pretrain_iterator
+from vicregl_jax.data import CropGroup, ReadOptions, augment_views, colour, crops, make_pretrain_iterator, sources
 from vicregl_jax.data import augment as A
-from vicregl_jax.data.pipeline import decode_rgb, position_seed, resize, to_uint8
+from vicregl_jax.data.pipeline import (
+    _COLOUR,
+    _CROP,
+    _FLIP,
+    _fold,
+    decode_covering,
+    decode_rgb,
+    example_index,
+    position_seed,
+)
 
 GROUPS = (CropGroup(48, 2, (0.08, 1.0)), CropGroup(32, 3, (0.05, 0.4)))
 HOSTS = ReadOptions(process_index=0, process_count=1)
@@ -121,9 +130,6 @@ def test_host_colour_path_equals_device_colour_path_end_to_end(photo_folder):
 def _reference_views(encoded, position, seed, groups):
     """The views as the release makes them, from the same draws: PIL decodes the whole image,
     crops, resizes (bicubic) and mirrors."""
-    from vicregl_jax.data import crops
-    from vicregl_jax.data.pipeline import _CROP, _FLIP, _fold
-
     image = Image.open(io.BytesIO(encoded)).convert("RGB")
     seed_p = position_seed(tf.constant(position, tf.int64), seed)
     out = []
@@ -149,8 +155,6 @@ def test_views_are_pillows_from_the_whole_decoded_image(photo_folder, resize):
                                 global_batch_size=8, seed=9, read=dataclasses.replace(HOSTS, resize=resize))
     batch = next(it)
     it.close()
-    from vicregl_jax.data import sources
-    from vicregl_jax.data.pipeline import example_index
 
     source = sources.open_source(f"folder:{photo_folder}", "train")
     for slot in range(8):
@@ -167,8 +171,6 @@ def test_views_are_pillows_from_the_whole_decoded_image(photo_folder, resize):
 def test_decode_and_crop_is_bit_identical_to_decode_then_crop(photo_folder):
     """As the pipeline decodes a JPEG's region (with a block of margin, then cut): the same
     pixels as decoding the whole image; without the margin they differ (chroma upsampling)."""
-    from vicregl_jax.data.pipeline import decode_covering
-
     rng = np.random.default_rng(3)
     differs = 0
     for path in sorted(photo_folder.glob("*.jpg")):
@@ -202,7 +204,6 @@ def test_draw_statistics_per_view_index_within_each_group():
     """Over many images: blur p = 1 / 0.1 and solarize p = 0 / 0.2 by the parity of the view's
     index within its group; jitter p = 0.8 and grayscale p = 0.2 for every view."""
     groups = (CropGroup(8, 2, (0.5, 1.0)), CropGroup(8, 3, (0.5, 1.0)))
-    from vicregl_jax.data.pipeline import _COLOUR, _fold
 
     n = 4000
     for k, group in enumerate(groups):

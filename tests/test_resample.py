@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 import skimage.data
+import tensorflow as tf
 from PIL import Image
 
 from vicregl_jax.data import resample
+from vicregl_jax.data.pipeline import centre_view
 
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -106,10 +108,6 @@ def test_bad_arguments_are_named(args, pattern):
 def test_evaluation_view_is_torchvisions_resize_and_centre_crop_in_pillow(method):
     """centre_view (evaluation): short side to 256 (long side int(256 * long / short)) and the
     centre 224, as torchvision's Resize + CenterCrop on a PIL image, byte for byte."""
-    import tensorflow as tf
-
-    from vicregl_jax.data.pipeline import centre_view
-
     for image in (skimage.data.astronaut()[:301, :433], skimage.data.coffee()[:, :250], skimage.data.chelsea()):
         h, w = image.shape[:2]
         short, long = min(h, w), max(h, w)
