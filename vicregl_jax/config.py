@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_failure_share = 0.01
     c.data.failure_window = 10_000
     # "pillow": views resized as Pillow resizes them, byte for byte, by a compiled kernel;
-    # "tensorflow": tf.image.resize, about 6x slower on the host, what tf.data service workers run.
+    # "tensorflow": tf.image.resize, 4-6x slower on the host, what tf.data service workers run.
     c.data.resize = "pillow"
     # A tf.data service dispatcher ("grpc://HOST:PORT", started with `python -m
     # vicregl_jax.data.service dispatcher`) whose workers make the pre-training batches; None: this host.

@@ -85,7 +85,7 @@ class ReadOptions:
     failure_window images may fail (unreadable or undecodable) before training stops.
     jpeg_dct_method "INTEGER_FAST" decodes a little faster, with pixels that differ from PIL's.
     resize "pillow" (default) resizes as Pillow does, byte for byte, compiled; "tensorflow" with
-    TensorFlow's resize (what a tf.data service worker can run; about 6x slower).
+    TensorFlow's resize (what a tf.data service worker can run; 4-6x slower).
     """
 
     data_dir: str | None = None
@@ -672,7 +672,7 @@ def make_pretrain_iterator(
     no "draws"); colour="none" only normalises. The batches from step k on are the same
     whether the iterator started at 0 or at start_step=k. `service`: the address of a
     tf.data service dispatcher (`python -m vicregl_jax.data.service`) that makes the batches
-    on its workers; folder datasets only.
+    on its workers; folder datasets only, with read.resize="tensorflow".
     """
     groups = tuple(groups)
     if not groups:
