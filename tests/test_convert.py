@@ -421,6 +421,19 @@ def test_damaged_weight_files_fail_with_one_line(tmp_path):
         torch_io.read_torch_weights(str(tmp_path / "nan.pth"))
 
 
+def test_legacy_pickle_format_reads_and_refuses_code(tmp_path):
+    """A state_dict saved in torch's older non-zip format loads as torch.load(weights_only=True)
+    loads it; one whose pickle would run code stays refused, in one line."""
+    state_dict = {"conv1.weight": torch.randn(4, 3, 3, 3), "bn1.num_batches_tracked": torch.tensor(7)}
+    torch.save(state_dict, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    read = torch_io.read_torch_weights(str(tmp_path / "legacy.pth"))
+    np.testing.assert_array_equal(read["conv1.weight"], state_dict["conv1.weight"].numpy())
+    assert int(read["bn1.num_batches_tracked"]) == 7
+    torch.save({"model": RunsShell("true")}, tmp_path / "evil.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"evil.pth: (refused|not a readable)") as error:
+        torch_io.read_torch_weights(str(tmp_path / "evil.pth"))
+    assert "\n" not in str(error.value)
+
 def test_torch_is_imported_only_by_file_functions():
     """torch is imported inside the file functions of torch_io.py, nowhere else (but in the
     release's transform chain that the pipeline benchmark and tests measure against)."""

@@ -36,7 +36,9 @@ def _load_pth(path: str):
     import torch
 
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        # The globals can be listed only in torch's zip format; a file of the older format
+        # (torch.save(..., _use_new_zipfile_serialization=False)) loads with weights_only as it is.
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
         with torch.serialization.safe_globals([(_inert, name) for name in unsafe]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
