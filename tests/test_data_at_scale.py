@@ -52,7 +52,7 @@ def test_a_manifest_lists_ten_thousand_files_with_one_read_and_the_examples_of_t
     assert len(walked[0]) == 10_000 and walked[2][:2] == ["class_0", "class_00_empty"]
     calls = counting_gfile(monkeypatch)
     walked_source = sources.folder_source(big_folder, "train")
-    assert calls["walk"] > 10 and calls["isdir"] > 10  # the walk: requests per folder and entry
+    assert calls["listdir"] == 1 and calls["isdir"] > 10  # the walk: a request per entry (then os.walk locally)
 
     assert manifest.main([big_folder]) == 0
     assert os.path.exists(os.path.join(big_folder, folder.MANIFEST_NAME))
@@ -148,3 +148,31 @@ def test_two_processes_of_a_run_prepare_a_shared_tfds_dataset_once_without_a_loc
     assert os.path.isdir(tmp_path / "host0" / "tfds_local" / "vicregl_digits")
     assert os.path.isdir(tmp_path / "host1" / "tfds_local" / "vicregl_digits")
     assert not [n for n in os.listdir(tmp_path / "shared") if n.startswith(".vicregl_jax_first")]  # markers gone
+
+
+def test_a_folder_walk_skips_fifos_and_follows_each_linked_folder_once(tmp_path, caplog):
+    """A FIFO named like an image is not listed (reading it would block forever), a link back
+    up the tree is not followed round (each folder is walked once, by real path), a link to a
+    folder outside the tree is followed, and the skips are counted in one warning."""
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.jpg").write_bytes(b"x")
+    os.mkfifo(root / "a" / "pipe.jpg")
+    (root / "a" / "loop").symlink_to("..")
+    (root / "b" / "again").symlink_to(root / "a")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "far.jpg").write_bytes(b"x")
+    (root / "b" / "far").symlink_to(outside)
+    with caplog.at_level("WARNING"):
+        paths, labels, classes = folder.walk_image_folder(str(root))
+    assert classes == ["a", "b"]
+    assert [os.path.relpath(p, root) for p in paths] == [
+        "a/0.jpg", "a/1.jpg", "a/2.jpg", "b/0.jpg", "b/1.jpg", "b/2.jpg", "b/far/far.jpg"]
+    assert labels == [0, 0, 0, 1, 1, 1, 1]
+    assert "skipped 2 folder links already walked" in caplog.text and "1 entries that are not regular" in caplog.text
+    # A FIFO that reaches the reader anyway (listed by a manifest) fails at once, not forever.
+    record, error = sources.read_with_retries(lambda: sources._read_file(str(root / "a" / "pipe.jpg")), "pipe.jpg")
+    assert record is None and "not a regular file" in error

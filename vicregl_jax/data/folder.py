@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 
 import tensorflow as tf
 
@@ -69,21 +70,71 @@ def list_image_folder(directory: str) -> tuple[list[str], list[int], list[str]]:
     return listed
 
 
+class _LocalWalk:
+    """Walks local folders following each symlinked folder once, by real path, and keeps only
+    regular files: a link back up the tree (a loop) or a second link to a folder already
+    walked is skipped, and so are FIFOs, sockets and devices named like images (reading a FIFO
+    would block forever). Counts what it skipped."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.skipped_links = 0
+        self.skipped_files = 0
+
+    def images(self, directory: str) -> list[str]:
+        """Returns the regular image files below `directory` (any depth), sorted."""
+        found = []
+        for folder, subfolders, files in os.walk(directory, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in self.seen:
+                self.skipped_links += 1
+                subfolders[:] = []
+                continue
+            self.seen.add(real)
+            found.extend(p for p in (os.path.join(folder, f) for f in files if _is_image(f)) if self.regular(p))
+        return sorted(found)
+
+    def regular(self, path: str) -> bool:
+        """Returns whether path (links followed) is a regular file; counts it when not."""
+        try:
+            ok = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:  # a dangling link: reading it fails the same way later; keep it out
+            ok = False
+        self.skipped_files += not ok
+        return ok
+
+    def warn(self, directory: str) -> None:
+        if self.skipped_links or self.skipped_files:
+            logging.warning(
+                "Listing %s: skipped %d folder links already walked (links back up the tree or second links to a "
+                "folder) and %d entries that are not regular files (FIFOs, sockets, devices, dangling links).",
+                directory, self.skipped_links, self.skipped_files)
+
+
 def walk_image_folder(directory: str) -> tuple[list[str], list[int], list[str]]:
     """Returns (paths, labels, class_names) as list_image_folder does, by walking the folder."""
     entries = sorted(tf.io.gfile.listdir(directory))
     class_names = [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(directory, e))]
     paths, labels = [], []
+    remote = "://" in directory
+    walk = _LocalWalk()
+    if not remote:
+        walk.seen.add(os.path.realpath(directory))
     if class_names:
         for label, name in enumerate(class_names):
-            found = []
-            for folder, _, files in tf.io.gfile.walk(os.path.join(directory, name)):
-                found.extend(os.path.join(folder, f) for f in files if _is_image(f))
-            paths.extend(sorted(found))
+            if remote:  # object stores have neither links nor special files
+                found = sorted(os.path.join(folder, f) for folder, _, files
+                               in tf.io.gfile.walk(os.path.join(directory, name)) for f in files if _is_image(f))
+            else:
+                found = walk.images(os.path.join(directory, name))
+            paths.extend(found)
             labels.extend([label] * len(found))
     else:
         paths = [os.path.join(directory, e) for e in entries if _is_image(e)]
+        if not remote:
+            paths = [p for p in paths if walk.regular(p)]
         labels = [-1] * len(paths)
+    walk.warn(directory)
     return paths, labels, class_names
 
 

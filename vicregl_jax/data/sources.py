@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import stat
 import time
 from typing import Any, Callable, Sequence
 
@@ -33,10 +34,14 @@ FOLDER_PREFIX = "folder:"
 DEFAULT_MAX_IN_MEMORY_BYTES = 2 << 30
 
 
+class NotARegularFileError(OSError):
+    """A listed path that is a FIFO, socket or device: opening it could block forever."""
+
+
 # Read errors worth retrying (throttling, timeouts, a flaky network file system); a missing
 # or forbidden file is not retried, nor any other error (a reader that fails for another
 # reason, e.g. at interpreter shutdown, would fail again).
-_PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError,
+_PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, NotARegularFileError,
                      tf.errors.NotFoundError, tf.errors.PermissionDeniedError)
 _TRANSIENT_ERRORS = (OSError, tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                      tf.errors.ResourceExhaustedError, tf.errors.AbortedError,
@@ -118,6 +123,8 @@ def _read_file(path: str) -> bytes:
     if "://" in path:  # gs://, s3://, ...: TensorFlow's file systems
         with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotARegularFileError(f"{path} is not a regular file (a FIFO, socket or device); it is not read")
     with open(path, "rb") as f:
         return f.read()
 
