@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vicregl_jax import distributed
+from vicregl_jax import coordination
 from vicregl_jax.data import embedded, folder
 
 FOLDER_PREFIX = "folder:"
@@ -217,7 +217,7 @@ def _prepare(builder, manual_dir: str | None):
         # In a run of several processes, process 0 prepares and the others wait for it (then
         # find it prepared): hosts sharing a gs:// data_dir, where no lock exists, would each
         # build it for hours and race on the final rename.
-        return distributed.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
+        return coordination.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
         fresh = tfds.builder(name, data_dir=root)
         if fresh.is_prepared():  # prepared meanwhile by a process that does not share this run
