@@ -58,7 +58,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
               coordination.PeerFailureError, state.CheckpointError, workdir_lib.WorkdirLockedError]
     # The input pipeline's errors; its module imports TensorFlow, so it is looked up only if
     # this run imported it (it raised nothing otherwise).
-    pipeline = sys.modules.get("vicregl_jax.data.pipeline")
+    pipeline = sys.modules.get("vicregl_jax.data.iterator")
     if pipeline is not None:
         errors.append(pipeline.PipelineError)
     return tuple(errors)
