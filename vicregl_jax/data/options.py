@@ -78,6 +78,7 @@ class Hosts:
 
     @property
     def local_batch(self) -> int:
+        """Returns the rows of a global batch this host holds."""
         return self.global_batch // self.count
 
 

@@ -170,6 +170,8 @@ def tf_options(num_threads: int) -> tf.data.Options:
 
 
 def batched(ds: tf.data.Dataset, local_batch: int, finish_batch: Callable, parallel: int) -> tf.data.Dataset:
+    """Returns the examples in batches of local_batch, each finished by finish_batch, on
+    `parallel` deterministic threads."""
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.map(finish_batch, num_parallel_calls=2, deterministic=True)
     return ds.with_options(tf_options(parallel))

@@ -175,6 +175,7 @@ class EvalChunk:
 
     @property
     def valid(self) -> np.ndarray:
+        """Returns whether each row is scored (bool, one per index)."""
         return np.arange(len(self.indices)) < self.count
 
 
