@@ -61,7 +61,7 @@ def _draws(seed, shape):
 
 
 def _host_chain(views, draws):
-    """The TF reference chain, XLA-compiled."""
+    """The TF host chain (what colour="host" runs), XLA-compiled as in the pipeline."""
     flips = np.zeros(views.shape[:2], bool)
     return tf.function(lambda v, f, d: A.colour_augment(v, f, d), jit_compile=True)(views, flips, draws).numpy()
 
