@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vicregl_jax import config as config_lib
-from vicregl_jax import convert, demo, distributed, state, train
+from vicregl_jax import convert, coordination, demo, distributed, state, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
@@ -55,10 +55,10 @@ def check_overrides(argv) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Returns the exception types that are a user's to fix: printed as one line, no traceback."""
     errors = [ValueError, FileNotFoundError, train.NonFiniteLossError, distributed.LaunchError,
-              distributed.PeerFailureError, state.CheckpointError, workdir_lib.WorkdirLockedError]
+              coordination.PeerFailureError, state.CheckpointError, workdir_lib.WorkdirLockedError]
     # The input pipeline's errors; its module imports TensorFlow, so it is looked up only if
     # this run imported it (it raised nothing otherwise).
-    pipeline = sys.modules.get("vicregl_jax.data.pipeline")
+    pipeline = sys.modules.get("vicregl_jax.data.iterator")
     if pipeline is not None:
         errors.append(pipeline.PipelineError)
     return tuple(errors)

@@ -5,9 +5,10 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image
 
+import tf_colour_chain as A
 from vicregl_jax.data import IMAGENET_MEAN, IMAGENET_STD
-from vicregl_jax.data import augment as A
 from vicregl_jax.data import reference_pil as R
+from vicregl_jax.data.images import resize, to_uint8
 
 DRAWS = 20000  # views per parity below: 10000; 5 standard errors of a rate p are < 0.02
 
@@ -149,8 +150,6 @@ def test_full_colour_chain_stays_in_range_and_applies_the_drawn_ops():
 def test_crop_resize_matches_pil_bicubic_but_at_the_sharpest_edges(box, size):
     # PIL rounds and clips to uint8 between its horizontal and vertical passes, TF does not:
     # equal within a level almost everywhere, a few levels apart where overshoots were clipped.
-    from vicregl_jax.data.pipeline import resize, to_uint8
-
     image = skimage.data.astronaut()
     top, left, h, w = box
     crop = image[top : top + h, left : left + w]

@@ -74,7 +74,7 @@ def test_read_errors_are_retried_then_counted_apart_and_named(tmp_path, monkeypa
     for k in range(8):
         _image(tmp_path / f"{k}.png", k)
     calls = {}
-    real = sources._read_file
+    real = sources.read_file
 
     def flaky(path):  # every file times out once; 3.png has vanished since the listing
         calls[path] = calls.get(path, 0) + 1
@@ -84,7 +84,7 @@ def test_read_errors_are_retried_then_counted_apart_and_named(tmp_path, monkeypa
             raise TimeoutError("storage throttled")
         return real(path)
 
-    monkeypatch.setattr(sources, "_read_file", flaky)
+    monkeypatch.setattr(sources, "read_file", flaky)
     monkeypatch.setattr(sources, "READ_BACKOFF_S", 0.001)
     it = make_pretrain_iterator(f"folder:{tmp_path}", "train", global_batch_size=8, read=ReadOptions(**HOSTS),
                                 **SMALL)

@@ -227,11 +227,11 @@ def test_transforms_match_opencv_when_installed():
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # FMA rounding in OpenCV's build
     mask = rng.integers(0, 21, size=(120, 256), dtype=np.uint8)
     for h, w in ((187, 341), (60, 128), (240, 512)):
-        resized = seg_data._resize_image(tf.constant(image), h, w).numpy()
+        resized = seg_data.resize_image(tf.constant(image), h, w).numpy()
         assert np.abs(resized - cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
                       ).max() <= 1
         np.testing.assert_array_equal(
-            seg_data._resize_mask(tf.constant(mask), h, w).numpy(),
+            seg_data.resize_mask(tf.constant(mask), h, w).numpy(),
             cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST))
 
 

@@ -38,7 +38,7 @@ if args.fail_reads:  # faked at the boundary: the storage under this host times 
     def timing_out(path):
         raise TimeoutError(f"injected: reading {path} timed out")
 
-    sources._read_file = timing_out
+    sources.read_file = timing_out
     sources.READ_BACKOFF_S = 0.01  # the retries themselves are tested elsewhere: give up quickly
 
 result = train.train_and_evaluate(

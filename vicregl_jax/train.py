@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, distributed, losses, sharding
+from vicregl_jax import build, coordination, losses, sharding
 from vicregl_jax import data as data_lib
 from vicregl_jax import state as state_lib
 from vicregl_jax import workdir as workdir_lib
@@ -335,11 +335,11 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
     except Exception as error:
         # On several hosts: say why this one stops, and when a collective fails here because
         # another host stopped first, name that host's error rather than the bare timeout.
-        distributed.report_failure(error)
+        coordination.report_failure(error)
         if isinstance(error, jax.errors.JaxRuntimeError):
-            peers = distributed.peer_failures(wait_s=distributed.PEER_FAILURE_WAIT_S)
+            peers = coordination.peer_failures(wait_s=coordination.PEER_FAILURE_WAIT_S)
             if peers:
-                raise distributed.PeerFailureError("; ".join(
+                raise coordination.PeerFailureError("; ".join(
                     f"process {i} stopped the run: {message}" for i, message in sorted(peers.items()))) from error
         raise
     finally:

@@ -31,8 +31,8 @@ from vicregl_jax.data.global_batch import (  # noqa: E402
 # CUDA images of GPU clusters often have no TensorFlow).
 _LAZY = {
     "CONVNEXT_GROUPS": "crops", "RESNET_GROUPS": "crops", "CropGroup": "crops",
-    "BatchIterator": "pipeline", "EvalImages": "pipeline", "PipelineError": "pipeline",
-    "ReadOptions": "pipeline", "make_eval_iterator": "pipeline",
+    "BatchIterator": "iterator", "EvalImages": "pipeline", "PipelineError": "iterator",
+    "ReadOptions": "options", "make_eval_iterator": "pipeline",
     "make_linear_train_iterator": "pipeline", "make_pretrain_iterator": "pipeline",
     "open_source": "sources",
 }

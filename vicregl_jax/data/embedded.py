@@ -76,6 +76,12 @@ def photo_variants(image: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [("whole", image)] + crops
 
 
+def _dataset_info(builder, features: dict, supervised_keys: tuple[str, str] | None = None):
+    """Returns the DatasetInfo of an embedded builder: this module's description and the features."""
+    return builder.dataset_info_from_configs(description=__doc__, features=tfds.features.FeaturesDict(features),
+                                             supervised_keys=supervised_keys)
+
+
 class VicreglPhotos(tfds.core.GeneratorBasedBuilder):
     """Unlabelled natural photos shipped with scikit-image and scikit-learn (no download)."""
 
@@ -83,16 +89,8 @@ class VicreglPhotos(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "19 photos, each whole and in three fixed crops."}
 
     def _info(self):
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "name": tfds.features.Text(),
-                }
-            ),
-            supervised_keys=None,
-        )
+        return _dataset_info(self, {"image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                                    "name": tfds.features.Text()})
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything ships with the installed packages
@@ -127,18 +125,9 @@ class VicreglDigits(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "load_digits at 32 x 32, train 1498 / test 299."}
 
     def _info(self):
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(
-                        shape=(DIGIT_SIZE, DIGIT_SIZE, 3), encoding_format="png"
-                    ),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
+        image = tfds.features.Image(shape=(DIGIT_SIZE, DIGIT_SIZE, 3), encoding_format="png")
+        return _dataset_info(self, {"image": image, "label": tfds.features.ClassLabel(num_classes=10)},
+                             ("image", "label"))
 
     def _split_generators(self, dl_manager):
         del dl_manager

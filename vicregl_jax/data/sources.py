@@ -27,11 +27,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vicregl_jax import distributed
+from vicregl_jax import coordination
 from vicregl_jax.data import embedded, folder
 
 FOLDER_PREFIX = "folder:"
 DEFAULT_MAX_IN_MEMORY_BYTES = 2 << 30
+# A 1 x 1 black PNG: what a position whose tries all failed is made of (the iterator raises).
+PLACEHOLDER_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de000000"
+    "0c49444154789c63606060000000040001f61738550000000049454e44ae426082"
+)
 
 
 class NotARegularFileError(OSError):
@@ -81,6 +86,8 @@ class ImageSource:
     graph) turns a record and its label into (encoded image bytes, int32 label). `tf_read`,
     where the source has one, reads one record with TensorFlow ops only (no Python: what a
     tf.data service worker can run). `describe(index)` names an example in messages.
+    `placeholder` is what `parse` would give for a position whose tries all failed (a black
+    pixel, label -1): processed like any example, so that the batch keeps its shape.
     """
 
     name: str
@@ -90,6 +97,7 @@ class ImageSource:
     parse: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
     describe: Callable[[int], str]
     tf_read: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
+    placeholder: tuple = (PLACEHOLDER_PNG, np.int64(-1))
 
     def read_tf(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Returns (records: string (n,), labels: int64 (n,), read_ok: bool (n,)) of int64
@@ -119,8 +127,9 @@ def _identity(record, label):
 _READERS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="vicregl_read")
 
 
-def _read_file(path: str) -> bytes:
-    if "://" in path:  # gs://, s3://, ...: TensorFlow's file systems
+def read_file(path: str) -> bytes:
+    """Returns the bytes of a local or remote (gs://, s3://: TensorFlow's file systems) file."""
+    if "://" in path:
         with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
     if not stat.S_ISREG(os.stat(path).st_mode):
@@ -129,14 +138,21 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
+def read_files(paths: Sequence[str]) -> tuple[list[bytes | None], list[str | None]]:
+    """Returns the bytes of the files (None where a read failed) and the read errors (None
+    where it worked), read at once by a pool of threads, transient errors retried."""
+    results = list(_READERS.map(lambda path: read_with_retries(lambda: read_file(path), path), paths))
+    return [r for r, _ in results], [e for _, e in results]
+
+
 def folder_source(path: str, split: str) -> ImageSource:
     """Returns the source of a folder of images (class sub-folders give labels)."""
     directory = folder.resolve_split_dir(path, split)
     paths, labels, class_names = folder.list_image_folder(directory)
 
     def read_records(indices):
-        results = list(_READERS.map(lambda i: read_with_retries(lambda: _read_file(paths[i]), paths[i]), indices))
-        return [r for r, _ in results], [labels[i] for i in indices], [e for _, e in results]
+        records, errors = read_files([paths[i] for i in indices])
+        return records, [labels[i] for i in indices], errors
 
     def tf_read(index):
         # The graph holds the paths: no Python involved (what a tf.data service worker runs).
@@ -224,7 +240,7 @@ def _prepare(builder, manual_dir: str | None):
         # In a run of several processes, process 0 prepares and the others wait for it (then
         # find it prepared): hosts sharing a gs:// data_dir, where no lock exists, would each
         # build it for hours and race on the final rename.
-        return distributed.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
+        return coordination.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
         fresh = tfds.builder(name, data_dir=root)
         if fresh.is_prepared():  # prepared meanwhile by a process that does not share this run
@@ -328,21 +344,9 @@ def tfds_source(
     )
 
 
-def open_source(
-    dataset: str,
-    split: str,
-    *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES,
-) -> ImageSource:
-    """Returns the random-access source of `dataset` ('folder:/path' or a TFDS name) and split."""
+def open_source(dataset: str, split: str, **tfds_options) -> ImageSource:
+    """Returns the random-access source of `dataset` ('folder:/path' or a TFDS name) and split;
+    tfds_options (data_dir, manual_dir, max_in_memory_bytes) go to tfds_source."""
     if dataset.startswith(FOLDER_PREFIX):
         return folder_source(dataset[len(FOLDER_PREFIX) :], split)
-    return tfds_source(
-        dataset,
-        split,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        max_in_memory_bytes=max_in_memory_bytes,
-    )
+    return tfds_source(dataset, split, **tfds_options)
