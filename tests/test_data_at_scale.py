@@ -174,5 +174,5 @@ def test_a_folder_walk_skips_fifos_and_follows_each_linked_folder_once(tmp_path,
     assert labels == [0, 0, 0, 1, 1, 1, 1]
     assert "skipped 2 folder links already walked" in caplog.text and "1 entries that are not regular" in caplog.text
     # A FIFO that reaches the reader anyway (listed by a manifest) fails at once, not forever.
-    record, error = sources.read_with_retries(lambda: sources._read_file(str(root / "a" / "pipe.jpg")), "pipe.jpg")
+    record, error = sources.read_with_retries(lambda: sources.read_file(str(root / "a" / "pipe.jpg")), "pipe.jpg")
     assert record is None and "not a regular file" in error
