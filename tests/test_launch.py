@@ -30,7 +30,9 @@ def bash_words(line: str) -> list[str]:
 
 def launch_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "TPU_"))}
-    env.update({"REPO_URL": "https://example.org/vicregl-jax.git", **{k: str(v) for k, v in extra.items()}})
+    # ALLOW_DIRTY: install ships this checkout's working tree, committed or not (a test run
+    # during development); the refusal of a dirty tree is tested on a checkout of its own.
+    env.update({"ZONE": "us-central2-b", "ALLOW_DIRTY": "1", **{k: str(v) for k, v in extra.items()}})
     return env
 
 
@@ -96,51 +98,115 @@ def test_spot_slices_are_queued_resources_and_unknown_generations_are_refused():
     assert "--version=v2-alpha-x" in custom
 
 
-def test_install_pins_jax_tpu_to_requirements_in_a_python_3_11_venv_without_torch():
-    out = run_script(TPU_POD, "install", env=launch_env(DRY_RUN=1)).stdout
-    words = bash_words(out.strip())
-    script = next(w for w in words if w.startswith("--command=")).split("=", 1)[1]
+def test_install_ships_this_commit_and_pins_jax_tpu_in_a_python_3_11_venv_without_torch():
+    lines = run_script(TPU_POD, "install", env=launch_env(DRY_RUN=1)).stdout.strip().splitlines()
+    scp, ssh = bash_words(lines[0]), bash_words(lines[1])
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5].endswith("/vicregl-jax-src.tar.gz")
+    assert scp[6:] == ["vicregl:vicregl-jax-src.tar.gz", "--zone=us-central2-b", "--worker=all"]
+    script = next(w for w in ssh if w.startswith("--command=")).split("=", 1)[1]
+    assert "mkdir vicregl-jax && tar -xzf vicregl-jax-src.tar.gz -C vicregl-jax" in script
+    assert "git clone" not in script
     jax_pin = next(line for line in open(os.path.join(ROOT, "requirements.txt")) if line.startswith("jax=="))
     assert f"'jax[tpu]=={jax_pin.strip().split('==')[1]}'" in script
     assert "uv venv --quiet --python 3.11 vicregl-venv" in script
     requirements = [line.split("==")[0] for line in open(os.path.join(ROOT, "requirements.txt"))
                     if line.strip() and not line.startswith(("#", "-"))]
     assert "-r requirements.txt " in script and "jax" in requirements and "torch" not in requirements
-    assert "git clone --quiet https://example.org/vicregl-jax.git vicregl-jax" in script
 
 
-@pytest.fixture
-def fake_slice(tmp_path):
-    """A two-worker TPU slice on this machine behind a fake gcloud; its python records its
-    arguments in WORKDIR/attempts-K.jsonl and follows FAKE_PLAN, one word per attempt:
-    'wait' (run until SIGTERM, then exit 75 as a run that saved a checkpoint) or 'exit0'."""
+def test_install_refuses_a_dirty_checkout_unless_asked(tmp_path):
+    """A checkout of its own (the launch scripts and requirements.txt, one commit): clean, it
+    ships HEAD; with a changed tracked file it is refused, and ALLOW_DIRTY=1 ships the change."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    shutil.copy(os.path.join(ROOT, "requirements.txt"), repo / "requirements.txt")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    pod = str(repo / "launch" / "tpu_pod.sh")
+    env = launch_env(DRY_RUN=1)
+    del env["ALLOW_DIRTY"]
+    clean = run_script(pod, "install", env=env)
+    assert f"installing commit {head} on every worker" in clean.stderr
+    (repo / "requirements.txt").write_text(open(os.path.join(ROOT, "requirements.txt")).read() + "# edited\n")
+    dirty = run_script(pod, "install", env=env, check=False)
+    assert dirty.returncode == 1 and dirty.stdout == ""
+    assert dirty.stderr.strip() == ("tpu_pod.sh: the checkout has uncommitted changes in requirements.txt: "
+                                    "commit them, or ALLOW_DIRTY=1 to ship them")
+    shipped = run_script(pod, "install", env={**env, "ALLOW_DIRTY": "1"}).stderr
+    commit = shipped.split("installing commit ")[1].split()[0]
+    assert commit != head and "# edited" in subprocess.run(
+        [*git, "show", f"{commit}:requirements.txt"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("accelerator, zones", [
+    ("v4-64", "us-central2-b"), ("v5p-128", "us-central1-a us-east5-a"), ("v6e-64", "us-central1-b us-east1-d")])
+def test_a_missing_zone_is_refused_with_the_zones_of_the_generation(accelerator, zones):
+    env = launch_env(DRY_RUN=1, ACCELERATOR=accelerator)
+    del env["ZONE"]
+    run = run_script(TPU_POD, "create", env=env, check=False)
+    assert run.returncode == 1 and run.stdout == "" and len(run.stderr.strip().splitlines()) == 1
+    assert f"tpu_pod.sh: ZONE is not set: ACCELERATOR={accelerator} is offered in {zones}" in run.stderr
+
+
+def make_fake_slice(tmp_path, python):
+    """Returns (env, gcloud state folder) of a two-worker TPU slice on this machine behind
+    tests/fake_gcloud.py, whose workers' venv python is `python`."""
     state = tmp_path / "gcloud"
     state.mkdir()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_executable(bin_dir / "gcloud", f'#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fake_gcloud.py "$@"\n')
+    env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_DIR=state, FAKE_WORKERS=2,
+                     FAKE_PYTHON=python, POLL_SECONDS=0.2, LOG_SYNC_SECONDS=1, STOP_GRACE_SECONDS=5)
+    return env, state
+
+
+def kill_worker_runs(state):
+    """SIGKILL to whatever a test left running on the fake workers (their process groups)."""
+    for pid_file in state.glob("worker-*/vicregl-run/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@pytest.fixture
+def fake_slice(tmp_path):
+    """A fake slice whose python records its arguments in WORKDIR/attempts-K.jsonl and follows
+    FAKE_PLAN, one word per attempt: 'wait' (run until SIGTERM, then exit 75 as a run that
+    saved a checkpoint), 'exit0', or 'crash0' (worker 0 exits 1, the others wait)."""
     python = write_executable(tmp_path / "fake_python", f"""#!{sys.executable}
 import json, os, signal, sys, time
+if sys.argv[1:2] == ["-c"]:  # install's check of the venv
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
 os.makedirs(workdir, exist_ok=True)
-record = os.path.join(workdir, "attempts-" + os.environ["TPU_WORKER_ID"] + ".jsonl")
+worker = os.environ["TPU_WORKER_ID"]
+record = os.path.join(workdir, "attempts-" + worker + ".jsonl")
 with open(record, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
 attempt = len(open(record).read().splitlines())
-if os.environ["FAKE_PLAN"].split(",")[attempt - 1] == "exit0":
+plan = os.environ["FAKE_PLAN"].split(",")[attempt - 1]
+print(f"attempt {{attempt}} on worker {{worker}}: {{plan}}", flush=True)
+if plan == "exit0":
     sys.exit(0)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit({distributed.REQUEUE_EXIT_CODE}))
+if plan == "crash0" and worker == "0":
+    time.sleep(0.5)
+    sys.exit("Traceback: worker 0 crashed")
+def on_term(*_):
+    print("SIGTERM: saving", flush=True)
+    time.sleep(0.3)
+    sys.exit({distributed.REQUEUE_EXIT_CODE})
+signal.signal(signal.SIGTERM, on_term)
 while True:
     time.sleep(0.05)
 """)
-    env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_DIR=state, FAKE_WORKERS=2,
-                     FAKE_PYTHON=python, POLL_SECONDS=0.2, LOG_SYNC_SECONDS=1)
+    env, state = make_fake_slice(tmp_path, python)
     yield env, state, tmp_path / "run dir"
-    for pid_file in state.glob("worker-*/vicregl-run/*pid"):  # whatever a failed test left running
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
+    kill_worker_runs(state)
 
 
 def attempts(workdir, worker):
@@ -201,7 +267,7 @@ def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice
     finally:
         supervisor.kill()
     assert supervisor.returncode == 0, output
-    assert "the run finished on all 2 workers (the slice was lost 1 times)" in output
+    assert "the run finished on all 2 workers (the slice was lost 1 times, the run crashed 0 times)" in output
     for worker in (0, 1):
         runs = attempts(workdir, worker)
         assert len(runs) == 3 and all(run == ["main.py", "--config=configs/r50.py", f"--workdir={workdir}", TRICKY]
@@ -265,7 +331,7 @@ def test_slurm_runs_one_task_per_node_with_every_cpu_and_the_arguments_intact(fa
     run_script(SBATCH, "configs/r50.py", str(workdir), TRICKY, env=env)
     (srun,) = calls()
     assert srun["SRUN_CPUS_PER_TASK"] == "96"  # the exclusive node's CPUs, all for its one task
-    assert srun["argv"] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "--open-mode=append",
+    assert srun["argv"] == ["srun", "--wait=300", "--ntasks-per-node=1", "--open-mode=append",
                             f"--output={workdir}/logs/%x-%j-r0-task%t.log", "python", "main.py",
                             "--config=configs/r50.py", f"--workdir={workdir}", TRICKY]
     assert (workdir / "logs").is_dir()
