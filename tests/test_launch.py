@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_POD = os.path.join(ROOT, "launch", "tpu_pod.sh")
 TPU_WORKER = os.path.join(ROOT, "launch", "tpu_worker.sh")
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
-SCRIPTS = (TPU_POD, TPU_WORKER, SBATCH)
+GPU_VENV = os.path.join(ROOT, "launch", "gpu_venv.sh")
+SCRIPTS = (TPU_POD, TPU_WORKER, SBATCH, GPU_VENV)
 TRICKY = "--config.note=two words, a $HOME and a 'quote'"
 
 
@@ -65,7 +66,7 @@ def test_scripts_parse_and_are_shellcheck_clean(script):
 
 
 def test_the_scripts_restart_on_the_status_the_run_exits_with():
-    for script in SCRIPTS:
+    for script in (TPU_POD, TPU_WORKER, SBATCH):
         assert f"REQUEUE_EXIT_CODE={distributed.REQUEUE_EXIT_CODE}\n" in open(script).read(), script
 
 
@@ -366,3 +367,36 @@ def test_slurm_dry_run_prints_the_commands(fake_slurm):
     assert bash_words(lines[0]) == ["mkdir", "-p", "logs"]
     assert bash_words(lines[1])[-4:] == ["main.py", "--config=configs/r50.py", "--workdir=gs://bucket/run", TRICKY]
     assert calls() == []
+
+
+# ------------------------------------------------------------------------------------------
+# GPU nodes: the JAX CUDA wheel of the driver
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver, cuda, reason", [
+    ("580.65.06", 13, "NVIDIA driver 580.65.06 >= 580: jax[cuda13]"),
+    ("570.124.06", 12, "NVIDIA driver 570.124.06 < 580 (CUDA 13 needs 580+): jax[cuda12], which needs 525+"),
+    ("470.82.01", None, "gpu_venv.sh: NVIDIA driver 470.82.01 is older than 525, the oldest JAX's CUDA 12 wheels run on"),
+])
+def test_the_cuda_wheel_follows_the_driver_with_the_reason_printed(tmp_path, driver, cuda, reason):
+    smi = write_executable(tmp_path / "nvidia-smi", f"#!/bin/sh\necho {driver}\necho {driver}\n")
+    run = run_script(GPU_VENV, str(tmp_path / "venv"), env=launch_env(DRY_RUN=1, NVIDIA_SMI=smi, PYTHON="python3.11"),
+                     check=False)
+    assert reason in run.stderr
+    if cuda is None:
+        assert run.returncode == 1 and run.stdout == ""
+        return
+    assert run.returncode == 0, run.stderr
+    jax_pin = next(line for line in open(os.path.join(ROOT, "requirements.txt")) if line.startswith("jax=="))
+    venv, install = [bash_words(line) for line in run.stdout.strip().splitlines()]
+    assert venv == ["python3.11", "-m", "venv", str(tmp_path / "venv")]
+    assert install[-1] == f"jax[cuda{cuda}]=={jax_pin.strip().split('==')[1]}"
+
+
+def test_a_node_without_nvidia_smi_is_refused_unless_cuda_is_given(tmp_path):
+    env = launch_env(DRY_RUN=1, NVIDIA_SMI=str(tmp_path / "absent"))
+    run = run_script(GPU_VENV, str(tmp_path / "venv"), env=env, check=False)
+    assert run.returncode == 1 and "nvidia-smi failed: run this on a GPU node (or set CUDA=12 or 13)" in run.stderr
+    run = run_script(GPU_VENV, str(tmp_path / "venv"), env={**env, "CUDA": "12"})
+    assert bash_words(run.stdout.strip().splitlines()[1])[-1].startswith("jax[cuda12]==") and "CUDA=12 given" in run.stderr
