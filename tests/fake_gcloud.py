@@ -20,6 +20,8 @@ scenario.json keys (all optional):
     unreachable: K           ssh to worker K fails until the slice is deleted
     preempt_during: PHASE    the first "create", "install" or "start" is hit by a preemption
     preempt_state: STATE     the state a preemption leaves (PREEMPTED; SUSPENDED for queued resources)
+
+`gcloud compute tpus tpu-vm fake-preempt` preempts the slice now (the tests' hook).
 """
 import json
 import os
@@ -164,6 +166,8 @@ elif verb == "create":
     state("ACTIVE")
     if preempt_now("create"):
         sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.create) the TPU was preempted while it was being created")
+elif verb == "fake-preempt":  # the tests' hook: what Google does to a spot slice
+    preempt()
 elif verb == "delete":
     groups = worker_groups()
     signal_groups(groups, signal.SIGKILL)

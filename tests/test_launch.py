@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from launch_helpers import wait_until
+from pod_box import attempts, fake_slice, launch_env, run_script, write_executable  # noqa: F401 - a fixture
 from vicregl_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,27 +29,6 @@ def bash_words(line: str) -> list[str]:
     """Returns the words bash makes of one printed command line (what DRY_RUN=1 prints)."""
     out = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True, text=True, check=True)
     return out.stdout.split("\0")[:-1]
-
-
-def launch_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "TPU_"))}
-    # ALLOW_DIRTY: install ships this checkout's working tree, committed or not (a test run
-    # during development); the refusal of a dirty tree is tested on a checkout of its own.
-    env.update({"ZONE": "us-central2-b", "ALLOW_DIRTY": "1", **{k: str(v) for k, v in extra.items()}})
-    return env
-
-
-def run_script(*args, env, check=True):
-    run = subprocess.run(["bash", *args], env=env, capture_output=True, text=True, timeout=120)
-    if check:
-        assert run.returncode == 0, run.stdout + run.stderr
-    return run
-
-
-def write_executable(path, text):
-    path.write_text(text)
-    path.chmod(0o755)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,76 +133,6 @@ def test_a_missing_zone_is_refused_with_the_zones_of_the_generation(accelerator,
     assert f"tpu_pod.sh: ZONE is not set: ACCELERATOR={accelerator} is offered in {zones}" in run.stderr
 
 
-def make_fake_slice(tmp_path, python):
-    """Returns (env, gcloud state folder) of a two-worker TPU slice on this machine behind
-    tests/fake_gcloud.py, whose workers' venv python is `python`."""
-    state = tmp_path / "gcloud"
-    state.mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    write_executable(bin_dir / "gcloud", f'#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fake_gcloud.py "$@"\n')
-    env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_DIR=state, FAKE_WORKERS=2,
-                     FAKE_PYTHON=python, POLL_SECONDS=0.2, LOG_SYNC_SECONDS=1, STOP_GRACE_SECONDS=5)
-    return env, state
-
-
-def kill_worker_runs(state):
-    """SIGKILL to whatever a test left running on the fake workers (their process groups)."""
-    for pid_file in state.glob("worker-*/vicregl-run/pid"):
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-
-
-@pytest.fixture
-def fake_slice(tmp_path):
-    """A fake slice whose python records its arguments in WORKDIR/attempts-K.jsonl and follows
-    FAKE_PLAN, one word per attempt: 'wait' (run until SIGTERM, then exit 75 as a run that
-    saved a checkpoint), 'exit0', or 'crash0' (worker 0 exits 1, the others wait)."""
-    python = write_executable(tmp_path / "fake_python", f"""#!{sys.executable}
-import json, os, signal, sys, time
-if sys.argv[1:2] == ["-c"]:  # install's check of the venv
-    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
-os.makedirs(workdir, exist_ok=True)
-worker = os.environ["TPU_WORKER_ID"]
-record = os.path.join(workdir, "attempts-" + worker + ".jsonl")
-with open(record, "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-attempt = len(open(record).read().splitlines())
-plan = os.environ["FAKE_PLAN"].split(",")[attempt - 1]
-print(f"attempt {{attempt}} on worker {{worker}}: {{plan}}", flush=True)
-if plan == "exit0":
-    sys.exit(0)
-if plan == "crash0" and worker == "0":
-    time.sleep(0.5)
-    sys.exit("Traceback: worker 0 crashed")
-def on_term(*_):
-    print("SIGTERM: saving", flush=True)
-    time.sleep(0.3)
-    sys.exit({distributed.REQUEUE_EXIT_CODE})
-signal.signal(signal.SIGTERM, on_term)
-while True:
-    time.sleep(0.05)
-""")
-    env, state = make_fake_slice(tmp_path, python)
-    yield env, state, tmp_path / "run dir"
-    kill_worker_runs(state)
-
-
-def attempts(workdir, worker):
-    path = workdir / f"attempts-{worker}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_until(condition, what, timeout=60):
-    end = time.time() + timeout
-    while not condition():
-        assert time.time() < end, f"timed out waiting until {what}"
-        time.sleep(0.1)
-
-
 def test_arguments_reach_main_py_intact_and_a_busy_slice_refuses_a_second_run(fake_slice):
     env, state, workdir = fake_slice
     env["FAKE_PLAN"] = "wait"
@@ -304,8 +215,9 @@ def test_stop_saves_and_ends_supervise_instead_of_restarting(fake_slice):
 
 @pytest.fixture
 def fake_slurm(tmp_path):
-    """srun and scontrol stand-ins: srun records its arguments and SRUN_CPUS_PER_TASK, then
-    exits with FAKE_SRUN_STATUS; scontrol records its arguments."""
+    """srun, scancel and scontrol stand-ins that record their arguments (and SRUN_CPUS_PER_TASK):
+    srun exits with FAKE_SRUN_STATUS, or with FAKE_SRUN_AFTER_TERM once scancel --signal=TERM
+    was called (the tasks saved after SIGTERM) when that is set."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -314,10 +226,17 @@ import json, os, sys
 with open({str(calls)!r}, "a") as f:
     f.write(json.dumps({{"argv": [os.path.basename(sys.argv[0])] + sys.argv[1:],
                         "SRUN_CPUS_PER_TASK": os.environ.get("SRUN_CPUS_PER_TASK")}}) + "\\n")
-sys.exit(int(os.environ.get("FAKE_SRUN_STATUS", "0")) if sys.argv[0].endswith("srun") else 0)
+if not sys.argv[0].endswith("srun"):
+    sys.exit(0)
+if "FAKE_SRUN_AFTER_TERM" in os.environ:
+    import time
+    while "--signal=TERM" not in open({str(calls)!r}).read():
+        time.sleep(0.05)
+    sys.exit(int(os.environ["FAKE_SRUN_AFTER_TERM"]))
+sys.exit(int(os.environ.get("FAKE_SRUN_STATUS", "0")))
 """
-    write_executable(bin_dir / "srun", recorder)
-    write_executable(bin_dir / "scontrol", recorder)
+    for name in ("srun", "scancel", "scontrol"):
+        write_executable(bin_dir / name, recorder)
     env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4242, SLURM_CPUS_ON_NODE=96,
                      SLURM_SUBMIT_DIR=ROOT)
 
@@ -342,13 +261,35 @@ def test_slurm_runs_one_task_per_node_with_every_cpu_and_the_arguments_intact(fa
 
 
 @pytest.mark.parametrize("srun_status, requeued, script_status", [
-    (distributed.REQUEUE_EXIT_CODE, True, 0), (0, False, 0), (1, False, 1)])
+    (distributed.REQUEUE_EXIT_CODE, True, 0), (0, False, 0), (1, False, 1), (137, False, 137)])
 def test_slurm_requeues_the_job_when_the_run_saved_and_asks_to_restart(fake_slurm, srun_status, requeued, script_status):
     env, workdir, calls = fake_slurm
     env["FAKE_SRUN_STATUS"] = str(srun_status)
     run = run_script(SBATCH, "configs/r50.py", str(workdir), env=env, check=False)
     assert run.returncode == script_status, run.stderr
     assert [c["argv"] for c in calls()[1:]] == ([["scontrol", "requeue", "4242"]] if requeued else [])
+
+
+@pytest.mark.parametrize("after_term", [distributed.REQUEUE_EXIT_CODE, 137])
+def test_slurm_sigterm_to_the_script_reaches_the_tasks_and_the_job_is_requeued(fake_slurm, after_term):
+    """SIGTERM to the batch script (time limit, preemption): it survives, signals the tasks with
+    scancel --signal=TERM, waits for srun, and requeues on 75, and on a signal's status after
+    SIGTERM (a task killed while it stopped) too."""
+    env, workdir, calls = fake_slurm
+    env["FAKE_SRUN_AFTER_TERM"] = str(after_term)
+    script = subprocess.Popen(["bash", SBATCH, "configs/r50.py", str(workdir)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: calls(), "srun starts")
+        script.send_signal(signal.SIGTERM)
+        err = script.communicate(timeout=60)[1]
+    finally:
+        script.kill()
+    assert script.returncode == 0, err
+    assert [c["argv"] for c in calls()[1:]] == [["scancel", "--signal=TERM", "4242"], ["scontrol", "requeue", "4242"]]
+    assert "vicregl: job 4242 got SIGTERM: asking every task to save a checkpoint and exit." in err
+    if after_term == 137:
+        assert "srun ended with status 137 (signal 9) after SIGTERM: a task was killed while it stopped" in err
 
 
 def test_slurm_stops_requeueing_after_max_requeues(fake_slurm):
