@@ -237,7 +237,8 @@ worker_status() {
     ssh_workers all "bash $WORKER_SCRIPT status"
     return
   fi
-  out="$(ssh_workers all "bash $WORKER_SCRIPT status" 2>/dev/null)" || return 1
+  out="$(ssh_workers all "if [ -f $WORKER_SCRIPT ]; then bash $WORKER_SCRIPT status; else echo 'worker ?: not installed'; fi" \
+    2>/dev/null)" || return 1
   grep -E '^worker ' <<<"$out"
 }
 
@@ -342,6 +343,12 @@ supervise() {
     fi
     unreachable_since=0
     echo "$status"
+    if grep -q ': not installed' <<<"$status"; then
+      say "a worker of $TPU_NAME has no installation (a slice made by hand, or a replaced VM): installing"
+      stop_all
+      phase=install
+      continue
+    fi
     workers="$(count '^worker ' "$status")"
     running="$(count ': running' "$status")"
     finished="$(count ': exited 0:' "$status")"

@@ -77,6 +77,17 @@ def test_api_errors_are_retried_and_not_taken_for_a_missing_slice(fake_slice):
                                  f"lost access (slice kept: `{TPU_POD} delete` removes it)")
 
 
+def test_a_slice_made_by_hand_without_install_is_installed_first(fake_slice):
+    env, state, workdir = fake_slice
+    env["FAKE_PLAN"] = "exit0"
+    run_script(TPU_POD, "create", env=env)
+    status, output = supervise(env, workdir)
+    assert status == 0, output
+    assert "worker ?: not installed" in output and "a worker of vicregl has no installation" in output
+    assert "the run finished on all 2 workers (the slice was lost 0 times, the run crashed 0 times)" in output
+    assert verbs(state).count("create") == 1 and verbs(state).count("scp") == 1
+
+
 @pytest.mark.parametrize("phase", ["create", "install", "start"])
 def test_a_preemption_while_creating_installing_or_starting_recreates_the_slice(fake_slice, phase):
     env, state, workdir = fake_slice
