@@ -16,6 +16,8 @@ TPU_POD = os.path.join(ROOT, "launch", "tpu_pod.sh")
 
 
 def launch_env(**extra) -> dict:
+    """Returns the environment for the launch scripts: no launcher variables of this shell, a
+    zone, extra on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "TPU_"))}
     # ALLOW_DIRTY: install ships this checkout's working tree, committed or not (a test run
     # during development); the refusal of a dirty tree is tested on a checkout of its own.
@@ -24,6 +26,7 @@ def launch_env(**extra) -> dict:
 
 
 def run_script(*args, env, check=True):
+    """Returns the CompletedProcess of `bash *args` (asserting status 0 when check)."""
     run = subprocess.run(["bash", *args], env=env, capture_output=True, text=True, timeout=120)
     if check:
         assert run.returncode == 0, run.stdout + run.stderr
@@ -31,6 +34,7 @@ def run_script(*args, env, check=True):
 
 
 def write_executable(path, text):
+    """Writes an executable file and returns its path as a string."""
     path.write_text(text)
     path.chmod(0o755)
     return str(path)
@@ -95,6 +99,7 @@ while True:
 
 
 def attempts(workdir, worker):
+    """Returns the argument lists the fake python of worker got, one per attempt."""
     path = workdir / f"attempts-{worker}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 

@@ -1,6 +1,8 @@
 """The launch scripts: syntax and shellcheck, the TPU runtime per generation, arguments that
-reach main.py intact, a busy slice, the spot / preemption restart loop (gcloud faked by
-tests/fake_gcloud.py), and SLURM's requeue on the run's restart status (srun / scontrol faked)."""
+reach main.py intact, a busy slice, install shipping this commit, the zone, the spot /
+preemption restart loop (gcloud faked by tests/fake_gcloud.py), the CUDA wheel of the driver,
+and SLURM's SIGTERM trap and requeue (srun / scancel / scontrol faked; tests/test_slurm.py runs
+the real one). The slice's bad days are tests/test_pod.py."""
 
 import json
 import os
@@ -8,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -149,6 +149,8 @@ def test_a_run_that_keeps_crashing_is_restarted_up_to_max_restarts_then_stopped(
         assert last_line(output) == ("tpu_pod.sh: the run crashed 2 times (MAX_RESTARTS=1), last on: worker 0: "
                                      "exited 1: Traceback: worker 0 crashed (slice deleted)")
         assert (state / "state").read_text() == "MISSING" and len(attempts(workdir, 0)) == 2
+        shown = run_script(TPU_POD, "logs", "0", str(workdir), env=env).stdout  # every attempt, the slice gone
+        assert "attempt 1 on worker 0: crash0" in shown and "attempt 2 on worker 0: crash0" in shown
     else:
         assert status == 0, output
         assert "the run finished on all 2 workers (the slice was lost 0 times, the run crashed 2 times)" in output
