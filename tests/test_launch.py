@@ -1,6 +1,8 @@
 """The launch scripts: syntax and shellcheck, the TPU runtime per generation, arguments that
-reach main.py intact, a busy slice, the spot / preemption restart loop (gcloud faked by
-tests/fake_gcloud.py), and SLURM's requeue on the run's restart status (srun / scontrol faked)."""
+reach main.py intact, a busy slice, install shipping this commit, the zone, the spot /
+preemption restart loop (gcloud faked by tests/fake_gcloud.py), the CUDA wheel of the driver,
+and SLURM's SIGTERM trap and requeue (srun / scancel / scontrol faked; tests/test_slurm.py runs
+the real one). The slice's bad days are tests/test_pod.py."""
 
 import json
 import os
@@ -8,17 +10,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from launch_helpers import wait_until
+from pod_box import attempts, fake_slice, launch_env, run_script, write_executable  # noqa: F401 - a fixture
 from vicregl_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_POD = os.path.join(ROOT, "launch", "tpu_pod.sh")
 TPU_WORKER = os.path.join(ROOT, "launch", "tpu_worker.sh")
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
-SCRIPTS = (TPU_POD, TPU_WORKER, SBATCH)
+GPU_VENV = os.path.join(ROOT, "launch", "gpu_venv.sh")
+SCRIPTS = (TPU_POD, TPU_WORKER, SBATCH, GPU_VENV)
 TRICKY = "--config.note=two words, a $HOME and a 'quote'"
 
 
@@ -26,25 +30,6 @@ def bash_words(line: str) -> list[str]:
     """Returns the words bash makes of one printed command line (what DRY_RUN=1 prints)."""
     out = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True, text=True, check=True)
     return out.stdout.split("\0")[:-1]
-
-
-def launch_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "TPU_"))}
-    env.update({"REPO_URL": "https://example.org/vicregl-jax.git", **{k: str(v) for k, v in extra.items()}})
-    return env
-
-
-def run_script(*args, env, check=True):
-    run = subprocess.run(["bash", *args], env=env, capture_output=True, text=True, timeout=120)
-    if check:
-        assert run.returncode == 0, run.stdout + run.stderr
-    return run
-
-
-def write_executable(path, text):
-    path.write_text(text)
-    path.chmod(0o755)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -63,7 +48,7 @@ def test_scripts_parse_and_are_shellcheck_clean(script):
 
 
 def test_the_scripts_restart_on_the_status_the_run_exits_with():
-    for script in SCRIPTS:
+    for script in (TPU_POD, TPU_WORKER, SBATCH):
         assert f"REQUEUE_EXIT_CODE={distributed.REQUEUE_EXIT_CODE}\n" in open(script).read(), script
 
 
@@ -96,63 +81,57 @@ def test_spot_slices_are_queued_resources_and_unknown_generations_are_refused():
     assert "--version=v2-alpha-x" in custom
 
 
-def test_install_pins_jax_tpu_to_requirements_in_a_python_3_11_venv_without_torch():
-    out = run_script(TPU_POD, "install", env=launch_env(DRY_RUN=1)).stdout
-    words = bash_words(out.strip())
-    script = next(w for w in words if w.startswith("--command=")).split("=", 1)[1]
+def test_install_ships_this_commit_and_pins_jax_tpu_in_a_python_3_11_venv_without_torch():
+    lines = run_script(TPU_POD, "install", env=launch_env(DRY_RUN=1)).stdout.strip().splitlines()
+    scp, ssh = bash_words(lines[0]), bash_words(lines[1])
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5].endswith("/vicregl-jax-src.tar.gz")
+    assert scp[6:] == ["vicregl:vicregl-jax-src.tar.gz", "--zone=us-central2-b", "--worker=all"]
+    script = next(w for w in ssh if w.startswith("--command=")).split("=", 1)[1]
+    assert "mkdir vicregl-jax && tar -xzf vicregl-jax-src.tar.gz -C vicregl-jax" in script
+    assert "git clone" not in script
     jax_pin = next(line for line in open(os.path.join(ROOT, "requirements.txt")) if line.startswith("jax=="))
     assert f"'jax[tpu]=={jax_pin.strip().split('==')[1]}'" in script
     assert "uv venv --quiet --python 3.11 vicregl-venv" in script
     requirements = [line.split("==")[0] for line in open(os.path.join(ROOT, "requirements.txt"))
                     if line.strip() and not line.startswith(("#", "-"))]
     assert "-r requirements.txt " in script and "jax" in requirements and "torch" not in requirements
-    assert "git clone --quiet https://example.org/vicregl-jax.git vicregl-jax" in script
 
 
-@pytest.fixture
-def fake_slice(tmp_path):
-    """A two-worker TPU slice on this machine behind a fake gcloud; its python records its
-    arguments in WORKDIR/attempts-K.jsonl and follows FAKE_PLAN, one word per attempt:
-    'wait' (run until SIGTERM, then exit 75 as a run that saved a checkpoint) or 'exit0'."""
-    state = tmp_path / "gcloud"
-    state.mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    write_executable(bin_dir / "gcloud", f'#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fake_gcloud.py "$@"\n')
-    python = write_executable(tmp_path / "fake_python", f"""#!{sys.executable}
-import json, os, signal, sys, time
-workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
-os.makedirs(workdir, exist_ok=True)
-record = os.path.join(workdir, "attempts-" + os.environ["TPU_WORKER_ID"] + ".jsonl")
-with open(record, "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-attempt = len(open(record).read().splitlines())
-if os.environ["FAKE_PLAN"].split(",")[attempt - 1] == "exit0":
-    sys.exit(0)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit({distributed.REQUEUE_EXIT_CODE}))
-while True:
-    time.sleep(0.05)
-""")
-    env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_DIR=state, FAKE_WORKERS=2,
-                     FAKE_PYTHON=python, POLL_SECONDS=0.2, LOG_SYNC_SECONDS=1)
-    yield env, state, tmp_path / "run dir"
-    for pid_file in state.glob("worker-*/vicregl-run/*pid"):  # whatever a failed test left running
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
+def test_install_refuses_a_dirty_checkout_unless_asked(tmp_path):
+    """A checkout of its own (the launch scripts and requirements.txt, one commit): clean, it
+    ships HEAD; with a changed tracked file it is refused, and ALLOW_DIRTY=1 ships the change."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    shutil.copy(os.path.join(ROOT, "requirements.txt"), repo / "requirements.txt")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    pod = str(repo / "launch" / "tpu_pod.sh")
+    env = launch_env(DRY_RUN=1)
+    del env["ALLOW_DIRTY"]
+    clean = run_script(pod, "install", env=env)
+    assert f"installing commit {head} on every worker" in clean.stderr
+    (repo / "requirements.txt").write_text(open(os.path.join(ROOT, "requirements.txt")).read() + "# edited\n")
+    dirty = run_script(pod, "install", env=env, check=False)
+    assert dirty.returncode == 1 and dirty.stdout == ""
+    assert dirty.stderr.strip() == ("tpu_pod.sh: the checkout has uncommitted changes in requirements.txt: "
+                                    "commit them, or ALLOW_DIRTY=1 to ship them")
+    shipped = run_script(pod, "install", env={**env, "ALLOW_DIRTY": "1"}).stderr
+    commit = shipped.split("installing commit ")[1].split()[0]
+    assert commit != head and "# edited" in subprocess.run(
+        [*git, "show", f"{commit}:requirements.txt"], capture_output=True, text=True, check=True).stdout
 
 
-def attempts(workdir, worker):
-    path = workdir / f"attempts-{worker}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_until(condition, what, timeout=60):
-    end = time.time() + timeout
-    while not condition():
-        assert time.time() < end, f"timed out waiting until {what}"
-        time.sleep(0.1)
+@pytest.mark.parametrize("accelerator, zones", [
+    ("v4-64", "us-central2-b"), ("v5p-128", "us-central1-a us-east5-a"), ("v6e-64", "us-central1-b us-east1-d")])
+def test_a_missing_zone_is_refused_with_the_zones_of_the_generation(accelerator, zones):
+    env = launch_env(DRY_RUN=1, ACCELERATOR=accelerator)
+    del env["ZONE"]
+    run = run_script(TPU_POD, "create", env=env, check=False)
+    assert run.returncode == 1 and run.stdout == "" and len(run.stderr.strip().splitlines()) == 1
+    assert f"tpu_pod.sh: ZONE is not set: ACCELERATOR={accelerator} is offered in {zones}" in run.stderr
 
 
 def test_arguments_reach_main_py_intact_and_a_busy_slice_refuses_a_second_run(fake_slice):
@@ -201,7 +180,7 @@ def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice
     finally:
         supervisor.kill()
     assert supervisor.returncode == 0, output
-    assert "the run finished on all 2 workers (the slice was lost 1 times)" in output
+    assert "the run finished on all 2 workers (the slice was lost 1 times, the run crashed 0 times)" in output
     for worker in (0, 1):
         runs = attempts(workdir, worker)
         assert len(runs) == 3 and all(run == ["main.py", "--config=configs/r50.py", f"--workdir={workdir}", TRICKY]
@@ -237,8 +216,9 @@ def test_stop_saves_and_ends_supervise_instead_of_restarting(fake_slice):
 
 @pytest.fixture
 def fake_slurm(tmp_path):
-    """srun and scontrol stand-ins: srun records its arguments and SRUN_CPUS_PER_TASK, then
-    exits with FAKE_SRUN_STATUS; scontrol records its arguments."""
+    """srun, scancel and scontrol stand-ins that record their arguments (and SRUN_CPUS_PER_TASK):
+    srun exits with FAKE_SRUN_STATUS, or with FAKE_SRUN_AFTER_TERM once scancel --signal=TERM
+    was called (the tasks saved after SIGTERM) when that is set."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -247,10 +227,17 @@ import json, os, sys
 with open({str(calls)!r}, "a") as f:
     f.write(json.dumps({{"argv": [os.path.basename(sys.argv[0])] + sys.argv[1:],
                         "SRUN_CPUS_PER_TASK": os.environ.get("SRUN_CPUS_PER_TASK")}}) + "\\n")
-sys.exit(int(os.environ.get("FAKE_SRUN_STATUS", "0")) if sys.argv[0].endswith("srun") else 0)
+if not sys.argv[0].endswith("srun"):
+    sys.exit(0)
+if "FAKE_SRUN_AFTER_TERM" in os.environ:
+    import time
+    while "--signal=TERM" not in open({str(calls)!r}).read():
+        time.sleep(0.05)
+    sys.exit(int(os.environ["FAKE_SRUN_AFTER_TERM"]))
+sys.exit(int(os.environ.get("FAKE_SRUN_STATUS", "0")))
 """
-    write_executable(bin_dir / "srun", recorder)
-    write_executable(bin_dir / "scontrol", recorder)
+    for name in ("srun", "scancel", "scontrol"):
+        write_executable(bin_dir / name, recorder)
     env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4242, SLURM_CPUS_ON_NODE=96,
                      SLURM_SUBMIT_DIR=ROOT)
 
@@ -265,7 +252,7 @@ def test_slurm_runs_one_task_per_node_with_every_cpu_and_the_arguments_intact(fa
     run_script(SBATCH, "configs/r50.py", str(workdir), TRICKY, env=env)
     (srun,) = calls()
     assert srun["SRUN_CPUS_PER_TASK"] == "96"  # the exclusive node's CPUs, all for its one task
-    assert srun["argv"] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "--open-mode=append",
+    assert srun["argv"] == ["srun", "--wait=300", "--ntasks-per-node=1", "--open-mode=append",
                             f"--output={workdir}/logs/%x-%j-r0-task%t.log", "python", "main.py",
                             "--config=configs/r50.py", f"--workdir={workdir}", TRICKY]
     assert (workdir / "logs").is_dir()
@@ -275,13 +262,35 @@ def test_slurm_runs_one_task_per_node_with_every_cpu_and_the_arguments_intact(fa
 
 
 @pytest.mark.parametrize("srun_status, requeued, script_status", [
-    (distributed.REQUEUE_EXIT_CODE, True, 0), (0, False, 0), (1, False, 1)])
+    (distributed.REQUEUE_EXIT_CODE, True, 0), (0, False, 0), (1, False, 1), (137, False, 137)])
 def test_slurm_requeues_the_job_when_the_run_saved_and_asks_to_restart(fake_slurm, srun_status, requeued, script_status):
     env, workdir, calls = fake_slurm
     env["FAKE_SRUN_STATUS"] = str(srun_status)
     run = run_script(SBATCH, "configs/r50.py", str(workdir), env=env, check=False)
     assert run.returncode == script_status, run.stderr
     assert [c["argv"] for c in calls()[1:]] == ([["scontrol", "requeue", "4242"]] if requeued else [])
+
+
+@pytest.mark.parametrize("after_term", [distributed.REQUEUE_EXIT_CODE, 137])
+def test_slurm_sigterm_to_the_script_reaches_the_tasks_and_the_job_is_requeued(fake_slurm, after_term):
+    """SIGTERM to the batch script (time limit, preemption): it survives, signals the tasks with
+    scancel --signal=TERM, waits for srun, and requeues on 75, and on a signal's status after
+    SIGTERM (a task killed while it stopped) too."""
+    env, workdir, calls = fake_slurm
+    env["FAKE_SRUN_AFTER_TERM"] = str(after_term)
+    script = subprocess.Popen(["bash", SBATCH, "configs/r50.py", str(workdir)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: calls(), "srun starts")
+        script.send_signal(signal.SIGTERM)
+        err = script.communicate(timeout=60)[1]
+    finally:
+        script.kill()
+    assert script.returncode == 0, err
+    assert [c["argv"] for c in calls()[1:]] == [["scancel", "--signal=TERM", "4242"], ["scontrol", "requeue", "4242"]]
+    assert "vicregl: job 4242 got SIGTERM: asking every task to save a checkpoint and exit." in err
+    if after_term == 137:
+        assert "srun ended with status 137 (signal 9) after SIGTERM: a task was killed while it stopped" in err
 
 
 def test_slurm_stops_requeueing_after_max_requeues(fake_slurm):
@@ -300,3 +309,36 @@ def test_slurm_dry_run_prints_the_commands(fake_slurm):
     assert bash_words(lines[0]) == ["mkdir", "-p", "logs"]
     assert bash_words(lines[1])[-4:] == ["main.py", "--config=configs/r50.py", "--workdir=gs://bucket/run", TRICKY]
     assert calls() == []
+
+
+# ------------------------------------------------------------------------------------------
+# GPU nodes: the JAX CUDA wheel of the driver
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver, cuda, reason", [
+    ("580.65.06", 13, "NVIDIA driver 580.65.06 >= 580: jax[cuda13]"),
+    ("570.124.06", 12, "NVIDIA driver 570.124.06 < 580 (CUDA 13 needs 580+): jax[cuda12], which needs 525+"),
+    ("470.82.01", None, "gpu_venv.sh: NVIDIA driver 470.82.01 is older than 525, the oldest JAX's CUDA 12 wheels run on"),
+])
+def test_the_cuda_wheel_follows_the_driver_with_the_reason_printed(tmp_path, driver, cuda, reason):
+    smi = write_executable(tmp_path / "nvidia-smi", f"#!/bin/sh\necho {driver}\necho {driver}\n")
+    run = run_script(GPU_VENV, str(tmp_path / "venv"), env=launch_env(DRY_RUN=1, NVIDIA_SMI=smi, PYTHON="python3.11"),
+                     check=False)
+    assert reason in run.stderr
+    if cuda is None:
+        assert run.returncode == 1 and run.stdout == ""
+        return
+    assert run.returncode == 0, run.stderr
+    jax_pin = next(line for line in open(os.path.join(ROOT, "requirements.txt")) if line.startswith("jax=="))
+    venv, install = [bash_words(line) for line in run.stdout.strip().splitlines()]
+    assert venv == ["python3.11", "-m", "venv", str(tmp_path / "venv")]
+    assert install[-1] == f"jax[cuda{cuda}]=={jax_pin.strip().split('==')[1]}"
+
+
+def test_a_node_without_nvidia_smi_is_refused_unless_cuda_is_given(tmp_path):
+    env = launch_env(DRY_RUN=1, NVIDIA_SMI=str(tmp_path / "absent"))
+    run = run_script(GPU_VENV, str(tmp_path / "venv"), env=env, check=False)
+    assert run.returncode == 1 and "nvidia-smi failed: run this on a GPU node (or set CUDA=12 or 13)" in run.stderr
+    run = run_script(GPU_VENV, str(tmp_path / "venv"), env={**env, "CUDA": "12"})
+    assert bash_words(run.stdout.strip().splitlines()[1])[-1].startswith("jax[cuda12]==") and "CUDA=12 given" in run.stderr
