@@ -173,10 +173,11 @@ class Extractor:
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Returns the (h, w) of the feature map of an image of height x width."""
         if (height, width) not in self._grids:
-            net = nnx.merge(self.graphdef, self.state)
-            backbone = net.backbone if self.heads else net
-            shape = jax.eval_shape(lambda x: backbone.stage_maps(x)[-1], jax.ShapeDtypeStruct((1, height, width, 3),
-                                                                                               jnp.float32)).shape
+            def last_stage(state, x):  # the module is rebuilt inside the trace: its scans update it there
+                net = nnx.merge(self.graphdef, state)
+                return (net.backbone if self.heads else net).stage_maps(x)[-1]
+
+            shape = jax.eval_shape(last_stage, self.state, jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)).shape
             if shape[1] < 1 or shape[2] < 1:
                 raise ValueError(f"images of {height} x {width} are too small for this backbone (no feature map "
                                  "cell): pass at least 32 x 32 pixels.")

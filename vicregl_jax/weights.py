@@ -193,9 +193,16 @@ def _convert(item: ReleaseFile, path: str, folder: str, sha256: str) -> None:
     os.replace(temporary, folder)
 
 
+def _abstract_backbone(config):
+    """Returns config's backbone built with nnx.eval_shape (shapes only, no heads)."""
+    kwargs = {"layer_scale_init": config.model.layer_scale_init} if config.model.layer_scale_init else {}
+    return nnx.eval_shape(lambda: models.create_backbone(
+        config.model.arch, rngs=nnx.Rngs(config.seed), dtype=state_lib.compute_dtype(config.model.dtype), **kwargs))
+
+
 def _backbone_of(state_dict, config):
     """Returns config's backbone holding a backbone state_dict (strict), in eval mode."""
-    backbone = state_lib.abstract_model(config).backbone
+    backbone = _abstract_backbone(config)
     layout.load_torch_state_dict(backbone, state_dict)
     state_lib.seed_random_streams(backbone, jax.random.key(config.seed))
     backbone.eval()
@@ -269,10 +276,7 @@ def _restore_converted(folder: str, marker: dict, dtype: str):
     else:
         config = state_lib.load_config(folder)
     config.model.dtype = dtype
-    model = state_lib.abstract_model(config) if marker["parts"] != ["backbone"] else nnx.eval_shape(
-        lambda: models.create_backbone(config.model.arch, rngs=nnx.Rngs(0), dtype=state_lib.compute_dtype(dtype),
-                                       **({"layer_scale_init": config.model.layer_scale_init}
-                                          if config.model.layer_scale_init else {})))
+    model = _abstract_backbone(config) if marker["parts"] == ["backbone"] else state_lib.abstract_model(config)
     graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     on = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
