@@ -18,8 +18,9 @@ Rows:
                the dense map reshaped, the cell locations; device arrays, blocked on
   extractor    the same through one `Extractor` reused across calls
 
-Times are medians over --repeats after one warm-up call (the loads: one process each; the
-time of importing jax / flax / orbax in that process is shown apart).
+Times are medians over --repeats rounds after one warm-up call, the three calls interleaved
+in each round (the loads: one process each; the time of importing jax / flax / orbax in that
+process is shown apart).
 """
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ import functools
 import http.server
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import common  # puts the repository root on the path
 import jax
@@ -115,7 +118,15 @@ def feature_rows(batch: int, size: int, repeats: int) -> list[dict]:
         "features": lambda: jax.block_until_ready(vicregl_jax.features(model, images)),
         "extractor": lambda: jax.block_until_ready(extractor(images)),
     }
-    seconds = {what: common.median_seconds(call, repeats) for what, call in calls.items()}
+    for call in calls.values():  # compile and warm up
+        call()
+    times = {what: [] for what in calls}
+    for _ in range(repeats):  # interleaved, so that a change of the machine's load hits every row alike
+        for what, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[what].append(time.perf_counter() - start)
+    seconds = {what: statistics.median(t) for what, t in times.items()}
     return [{"what": what, "seconds": f"{s:.2f}",
              "note": f"{batch / s:.1f} img/s; {100 * (s / seconds['backbone'] - 1):+.1f}% over the backbone"}
             for what, s in seconds.items()]
