@@ -30,7 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
 _MODE = flags.DEFINE_enum("mode", None, ["pretrain", *MODES, "export", "demo"],
                           "What to run; default: the config's `mode` (pretrain).")
-_WEIGHTS = flags.DEFINE_string("weights", None, "Evaluate these weights (a workdir or a PyTorch .pth of the release) instead of --workdir's.")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "Evaluate these weights (a workdir, a PyTorch .pth of the release, or release:NAME, a published "
+    "model by name) instead of --workdir's.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", distributed.MODES,
     "jax.distributed: auto (when SLURM, a Cloud TPU pod slice or the coordinator flags make this one of "

@@ -23,6 +23,7 @@ from vicregl_jax import config as config_lib
 from vicregl_jax import data as data_lib
 from vicregl_jax import losses, models, optim, sharding, torch_io
 from vicregl_jax import state as state_lib
+from vicregl_jax import weights as weights_lib
 from vicregl_jax.state import TrainState
 
 
@@ -125,8 +126,8 @@ class Run:
 
 def check_init_weights(config) -> None:
     """Raises FileNotFoundError when config.model.init_weights names nothing (checked before
-    any data is touched)."""
-    path = config.model.init_weights
+    any data is touched; "release:NAME" is downloaded here, once)."""
+    path = weights_lib.resolve(config.model.init_weights, as_file=True)
     if not path:
         return
     if state_lib.is_release_file(path):
@@ -213,7 +214,7 @@ def _build(config, workdir, mesh, checkpointer, latest) -> Run:
         else:
             if config.model.init_weights:
                 params, batch_stats, description = state_lib.initial_weights(
-                    config.model.init_weights, config, state.params, state.batch_stats)
+                    weights_lib.resolve(config.model.init_weights, as_file=True), config, state.params, state.batch_stats)
                 state = TrainState(state.step, params, batch_stats, state.opt_state)
                 logging.info("Initial weights from %s", description)
             state_lib.save_config(workdir, config)

@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The scans over a stage's blocks: None unrolls them on CPU only (XLA:CPU runs convolutions
     # inside loops ~8x slower), True / False everywhere. Same parameters either way.
     c.model.unroll_blocks = config_dict.placeholder(bool)
-    c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors or a workdir
+    c.model.init_weights = config_dict.placeholder(str)  # a release .pth / .safetensors, a workdir, or release:NAME
 
     # The criterion: the fields of losses.LossConfig.
     c.loss = ml_collections.ConfigDict()

@@ -21,15 +21,15 @@ import argparse
 import os
 import sys
 
-from vicregl_jax import layout, models
+from vicregl_jax import layout, models, torch_io
 from vicregl_jax import state as state_lib
-from vicregl_jax import torch_io
+from vicregl_jax import weights as weights_lib
 
 
 def export_torch(workdir: str, weights: str | None = None, *, safetensors: bool = False) -> dict:
     """Writes the release's backbone file and full checkpoint of a workdir's model (or of
     weights, another workdir) to workdir/export/; returns their paths."""
-    model, _, _ = state_lib.load_workdir_model(weights or workdir)
+    model, _, _ = state_lib.load_workdir_model(weights_lib.resolve(weights) or workdir)
     out = os.path.join(str(workdir), "export")
     backbone = state_lib.export_release_files(model, os.path.join(out, f"{model.arch}_backbone.pth"), full=False,
                                               safetensors=safetensors)

@@ -428,9 +428,10 @@ class Checkpointer:
                 return f"{name}/{bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else "")
         return None
 
-    def _newest_verified(self, targets, step: int | None = None) -> tuple[int, dict, list[tuple[int, str]]]:
+    def _newest_verified(self, targets, step: int | None = None, verify: bool = True
+                         ) -> tuple[int, dict, list[tuple[int, str]]]:
         """Returns (step, {item: tree}, [(skipped step, why)]) of the newest checkpoint (or of
-        `step`) that restores and verifies; raises CheckpointError when none does."""
+        `step`) that restores and verifies (unless not verify); raises CheckpointError when none does."""
         candidates = sorted(self.all_steps(), reverse=True) if step is None else [step]
         skipped = []
         for candidate in candidates:
@@ -444,7 +445,7 @@ class Checkpointer:
             # Every process reads its own shards: all agree before the (collective) verification.
             if _any_process(reason is not None) and reason is None:
                 reason = "it failed to restore on another process"
-            if reason is None:
+            if reason is None and verify:
                 reason = self._verify(meta, restored)
             if reason is None:
                 if skipped:
@@ -499,11 +500,13 @@ class Checkpointer:
         model, train = restored["model"], restored["train"]
         return found, TrainState(train["step"], model["params"], model["batch_stats"], train["opt_state"]), skipped
 
-    def restore_model(self, params_like, batch_stats_like, step: int | None = None):
+    def restore_model(self, params_like, batch_stats_like, step: int | None = None, *, verify: bool = True):
         """Returns (step, params, batch_stats, skipped) of the newest checkpoint (or of `step`)
-        whose model item restores and verifies, laid out like the given (abstract) states."""
+        whose model item restores and verifies, laid out like the given (abstract) states.
+        verify=False skips the checksums (a compiled pass, slow to compile for a large tree), for
+        callers that check the files' bytes themselves (vicregl_jax.weights)."""
         targets = {"model": {"params": params_like, "batch_stats": batch_stats_like}}
-        found, restored, skipped = self._newest_verified(targets, step)
+        found, restored, skipped = self._newest_verified(targets, step, verify)
         return found, restored["model"]["params"], restored["model"]["batch_stats"], skipped
 
     def wait(self) -> None:

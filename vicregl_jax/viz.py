@@ -66,3 +66,40 @@ def save_correspondence_picture(path: str, view_a: np.ndarray, view_b: np.ndarra
         draw.line([start, end], fill=(40, 180, 60) if ok else (220, 40, 40), width=1)
     canvas.save(path)
     return correct / max(shown, 1)
+
+
+def mutual_matches(feat_a: np.ndarray, feat_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (index in A, index in B, cosine similarity) of the mutual nearest neighbours
+    between features (N_a, C) and (N_b, C), most similar first."""
+    a = feat_a / np.maximum(np.linalg.norm(feat_a, axis=-1, keepdims=True), 1e-12)
+    b = feat_b / np.maximum(np.linalg.norm(feat_b, axis=-1, keepdims=True), 1e-12)
+    sims = a @ b.T
+    best_b, best_a = sims.argmax(axis=1), sims.argmax(axis=0)
+    rows = np.flatnonzero(best_a[best_b] == np.arange(len(a)))
+    order = np.argsort(-sims[rows, best_b[rows]])
+    rows = rows[order]
+    return rows, best_b[rows], sims[rows, best_b[rows]]
+
+
+def save_matches_picture(path: str, image_a: np.ndarray, image_b: np.ndarray, feat_a: np.ndarray,
+                         feat_b: np.ndarray, loc_a: np.ndarray, loc_b: np.ndarray, *, count: int = 40,
+                         height: int = 320) -> int:
+    """Saves two images side by side with lines between the `count` most similar mutual nearest
+    neighbours of their dense features (maps (h, w, C), cell centres (h, w, 2) in each image's
+    pixels), brighter for more similar; returns the number of mutual neighbours."""
+    rows, cols, sims = mutual_matches(feat_a.reshape(-1, feat_a.shape[-1]), feat_b.reshape(-1, feat_b.shape[-1]))
+    scale_a, scale_b = height / image_a.shape[0], height / image_b.shape[0]
+    width_a = round(image_a.shape[1] * scale_a)
+    canvas = Image.new("RGB", (width_a + 8 + round(image_b.shape[1] * scale_b), height), "white")
+    canvas.paste(Image.fromarray(image_a).resize((width_a, height), Image.BICUBIC), (0, 0))
+    canvas.paste(Image.fromarray(image_b).resize((canvas.width - width_a - 8, height), Image.BICUBIC),
+                 (width_a + 8, 0))
+    draw = ImageDraw.Draw(canvas)
+    points_a, points_b = loc_a.reshape(-1, 2), loc_b.reshape(-1, 2)
+    low, high = (sims[:count].min(), sims[:count].max()) if len(sims) else (0.0, 1.0)
+    for a, b, s in zip(rows[:count], cols[:count], sims[:count]):
+        shade = (s - low) / max(high - low, 1e-8)
+        (ya, xa), (yb, xb) = points_a[a] * scale_a, points_b[b] * scale_b
+        draw.line([(xa, ya), (width_a + 8 + xb, yb)], fill=(int(255 * shade), 120, int(255 * (1 - shade))), width=2)
+    canvas.save(path)
+    return len(rows)

@@ -13,15 +13,15 @@ import logging
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from vicregl_jax import data as data_lib
-from vicregl_jax import sharding
+from vicregl_jax import extract as features_lib
 from vicregl_jax import state as state_lib
+from vicregl_jax import weights as weights_lib
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.models import create_backbone
 
@@ -29,8 +29,9 @@ from vicregl_jax.models import create_backbone
 def load_backbone(config, workdir: str | None, weights: str | None = None, *, random_init: bool = False):
     """Returns (backbone in eval mode, description) of the weights to evaluate.
 
-    weights: None (the newest checkpoint of workdir), another workdir, or a PyTorch file of
-    the release (.pth / .safetensors, backbone or full checkpoint, of config.model.arch).
+    weights: None (the newest checkpoint of workdir), another workdir, a PyTorch file of the
+    release (.pth / .safetensors, backbone or full checkpoint, of config.model.arch), or
+    "release:NAME" (a published model by name, vicregl_jax.weights).
     random_init: the architecture of config at random initialisation instead.
     """
     arch = config.model.arch
@@ -41,6 +42,9 @@ def load_backbone(config, workdir: str | None, weights: str | None = None, *, ra
     source = weights or workdir
     if source is None:
         raise ValueError("Nothing to evaluate: pass --workdir of a pre-training run or --weights.")
+    if source.startswith(weights_lib.PREFIX):
+        backbone, _, description = weights_lib.load_backbone(source, config)
+        return backbone, description
     if state_lib.is_release_file(source):
         return state_lib.load_release_backbone(source, config), f"{arch} from the PyTorch file {source}"
     model, saved_config, step = state_lib.load_workdir_model(source)
@@ -51,17 +55,9 @@ def load_backbone(config, workdir: str | None, weights: str | None = None, *, ra
 
 
 def make_feature_fn(backbone, mesh):
-    """Returns features(images) -> (maps (B, N, C), pooled (B, C)) float32, jitted over the mesh."""
-    graphdef, state = nnx.split(backbone)
-
-    @jax.jit
-    def features(state, images):
-        net = nnx.merge(graphdef, state, copy=True)
-        maps, pooled = net(images)
-        return maps.astype(jnp.float32), pooled.astype(jnp.float32)
-
-    replicated_state = jax.device_put(state, sharding.replicated(mesh))
-    return lambda images: features(replicated_state, images)
+    """Returns features(images) -> (maps (B, N, C), pooled (B, C)) float32, jitted over the mesh:
+    vicregl_jax.extract's function, on the images the pipeline has normalised."""
+    return features_lib.Extractor(backbone, mesh=mesh).normalised
 
 
 def extract_features(feature_fn, iterator, mesh, *, keep_maps: bool = False) -> dict[str, np.ndarray]:
