@@ -104,7 +104,8 @@ def _split(x):
     """Returns float32 (high, low) with high + low = x exactly, each of at most 12 significant
     bits: their products with 8-bit integers are exact."""
     x = jnp.asarray(x, jnp.float32)
-    high = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000)
+    high = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return high, x - high
 
 
@@ -200,11 +201,12 @@ def adjust_hue(x, delta):
     hue = jnp.take(jnp.asarray(HUE_TABLE), index, mode="clip").astype(jnp.int32)
     sat = jnp.take(jnp.asarray(SATURATION_TABLE), spread * 256 + top, mode="clip").astype(jnp.int32)
     hue = (hue + _per_view(hue_shift(delta), 2)) & 255
-    factors = jnp.take(jnp.asarray(HSV_FACTORS), sat * 256 + hue, axis=0, mode="clip")
+    pair = sat * 256 + hue
+    factors = [jnp.take(jnp.asarray(np.ascontiguousarray(HSV_FACTORS[:, k])), pair, mode="clip") for k in range(4)]
     v = top.astype(jnp.float32)
-    p = _round_complement(v, factors[..., 0])
-    q = _round_complement(v, factors[..., 1])
-    t = _round_complement(v, factors[..., 2], factors[..., 3])
+    p = _round_complement(v, factors[0])
+    q = _round_complement(v, factors[1])
+    t = _round_complement(v, factors[2], factors[3])
     sector = ((6 * hue) // 255) % 6
 
     def pick(*options):
