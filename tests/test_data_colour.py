@@ -255,6 +255,17 @@ def test_augment_views_normalises_pils_bytes_of_the_pipelines_batch(photo_folder
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol, rtol=0.01 if atol > 1e-6 else 0)
 
 
+def test_a_view_with_a_non_finite_draw_comes_out_nan():
+    """The chain is integer-valued: a NaN or infinite factor or sigma would become some level, so
+    that view (only it) is NaN, for the train step's finiteness check."""
+    draws = _family_draws("chain", 6, np.random.default_rng(6))
+    for i, key in enumerate(("brightness", "contrast", "saturation", "hue", "sigma")):
+        draws[key][i] = np.nan if i % 2 == 0 else np.inf
+    out = np.asarray(jax.jit(augment_views)(np.zeros((6, 4, 4, 3), np.uint8), draws))
+    assert np.isnan(out).reshape(6, -1).all(1).tolist() == [True] * 5 + [False]
+    assert np.isfinite(out[5]).all()
+
+
 def _reference_views(encoded, position, seed, groups):
     """The views as the release makes them, from the same draws: PIL decodes the whole image,
     crops, resizes (bicubic) and mirrors."""

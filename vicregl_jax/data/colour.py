@@ -62,6 +62,7 @@ BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP, NO_OP = range(5)
 # The draws of one view and their dtypes: "order" is (..., 4), the others (...).
 DRAW_KEYS = ("order", "brightness", "contrast", "saturation", "hue", "grayscale", "blur",
              "sigma", "solarize")
+_FACTORS = ("brightness", "contrast", "saturation", "hue", "sigma")  # the float draws
 
 
 def _hsv_tables():
@@ -356,6 +357,10 @@ def augment_views(views, draws=None, *, dtype=jnp.float32, mean=IMAGENET_MEAN, s
     applied by the host. Works on any leading shape, e.g. (B, count); jit it with the step.
     """
     x = to_planes(views)
-    if draws is not None:
-        x = augment_planes(x, draws)
-    return normalise(x, mean, std, dtype)
+    if draws is None:
+        return normalise(x, mean, std, dtype)
+    out = normalise(augment_planes(x, draws), mean, std, dtype)
+    # The chain is integer-valued and would turn a non-finite draw into some level: a view with one
+    # becomes NaN instead, for the step's finiteness check to see.
+    finite = jnp.all(jnp.stack([jnp.isfinite(jnp.asarray(draws[k], jnp.float32)) for k in _FACTORS]), axis=0)
+    return jnp.where(finite[..., None, None, None], out, jnp.nan)
