@@ -1,5 +1,8 @@
 """The compiled resize equals Pillow's, byte for byte (bicubic and bilinear, up and down, windows)."""
+import pathlib
+
 import numpy as np
+import PIL
 import pytest
 import skimage.data
 import tensorflow as tf
@@ -9,6 +12,19 @@ from vicregl_jax.data import resample
 from vicregl_jax.data.pipeline import centre_view
 
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+PINNED_PILLOW = "13.0.0"  # requirements.txt; the Pillow whose bytes the compiled resize reproduces
+
+
+def test_the_installed_pillow_is_the_one_the_kernel_reproduces():
+    """The kernel gives Pillow 13's bytes, which these tests compare with: Pillow 11 and 12 resize
+    tall crops in the other pass order (a level apart at some pixels)."""
+    pins = pathlib.Path(__file__).parents[1].joinpath("requirements.txt").read_text().splitlines()
+    assert f"pillow=={PINNED_PILLOW}" in pins, "requirements.txt no longer pins the Pillow this test names"
+    major = PIL.__version__.split(".")[0]
+    assert major == PINNED_PILLOW.split(".")[0], (
+        f"Pillow {PIL.__version__} is installed, but the compiled resize (vicregl_jax/data/resample.py) reproduces "
+        f"Pillow {PINNED_PILLOW}'s bytes: pip install pillow=={PINNED_PILLOW} (Pillow 11 and 12 differ by a level "
+        "on some pixels of tall crops, so the byte-for-byte tests below would fail)")
 
 
 def _pillow(image, height, width, method):

@@ -98,6 +98,24 @@ def pil_solarize(img: Image.Image) -> Image.Image:
 _JITTER = (pil_brightness, pil_contrast, pil_saturation, pil_hue)
 
 
+def pil_colour(view: np.ndarray, draws: dict) -> np.ndarray:
+    """Returns a uint8 view (S, S, 3) after the colour chain of its draws (one view's entries of
+    the pipeline's draws) as the release computes it with torchvision's ops on a PIL image:
+    jitter in the drawn order, grayscale, GaussianBlur(sigma), solarize."""
+    img = Image.fromarray(np.ascontiguousarray(view, np.uint8), "RGB")
+    factors = [float(draws[k]) for k in ("brightness", "contrast", "saturation", "hue")]
+    for op in np.asarray(draws["order"]).tolist():
+        if op != colour.NO_OP:
+            img = _JITTER[op](img, factors[op])
+    if draws["grayscale"]:
+        img = pil_grayscale(img)
+    if draws["blur"]:
+        img = pil_blur(img, float(draws["sigma"]))
+    if draws["solarize"]:
+        img = pil_solarize(img)
+    return np.asarray(img)
+
+
 class ReleaseMultiCrop:
     """The release's training transform: `__call__(encoded bytes)` returns (views, grids),
     lists over all views (groups in order) of float32 torch tensors (3, S, S) and (n, n, 2)."""
