@@ -23,16 +23,9 @@ from vicregl_jax.data import (
     sources,
 )
 from vicregl_jax.data import augment as A
-from vicregl_jax.data.pipeline import (
-    _COLOUR,
-    _CROP,
-    _FLIP,
-    _fold,
-    decode_covering,
-    decode_rgb,
-    example_index,
-    position_seed,
-)
+from vicregl_jax.data.images import decode_covering, decode_rgb
+from vicregl_jax.data.stream import fold as _fold
+from vicregl_jax.data.views import COLOUR_SALT, CROP_SALT, FLIP_SALT, example_index, position_seed
 
 GROUPS = (CropGroup(48, 2, (0.08, 1.0)), CropGroup(32, 3, (0.05, 0.4)))
 HOSTS = ReadOptions(process_index=0, process_count=1)
@@ -274,9 +267,9 @@ def _reference_views(encoded, position, seed, groups):
     out = []
     for k, group in enumerate(groups):
         group_seed = _fold(seed_p, k)
-        boxes = crops.sample_crop_boxes(_fold(group_seed, _CROP), image.height, image.width,
+        boxes = crops.sample_crop_boxes(_fold(group_seed, CROP_SALT), image.height, image.width,
                                         group.count, group.scale).numpy()
-        flips = crops.sample_flips(_fold(group_seed, _FLIP), group.count).numpy()
+        flips = crops.sample_flips(_fold(group_seed, FLIP_SALT), group.count).numpy()
         views = []
         for (top, left, h, w), flip in zip(boxes, flips):
             view = image.crop((left, top, left + w, top + h)).resize((group.size, group.size), Image.BICUBIC)
@@ -348,7 +341,7 @@ def test_draw_statistics_per_view_index_within_each_group():
     for k, group in enumerate(groups):
         # The pipeline's seeds: position -> group k -> colour.
         draws = tf.data.Dataset.range(n).map(
-            lambda p: A.sample_colour_params(_fold(_fold(position_seed(p, 0), k), _COLOUR), group.count))
+            lambda p: A.sample_colour_params(_fold(_fold(position_seed(p, 0), k), COLOUR_SALT), group.count))
         draws = next(iter(draws.batch(n)))
         draws = {key: v.numpy() for key, v in draws.items()}
         for v in range(group.count):

@@ -25,8 +25,7 @@ from vicregl_jax.data.images import (  # noqa: F401  (re-exported: the per-image
 from vicregl_jax.data.iterator import BatchIterator, PipelineError  # noqa: F401  (re-exported)
 from vicregl_jax.data.options import JPEG_DCT_METHODS, RESIZE_METHODS, ReadOptions, resolve_hosts  # noqa: F401
 from vicregl_jax.data.stream import MAX_ATTEMPTS, StreamKeys  # noqa: F401  (re-exported)
-from vicregl_jax.data.stream import fold as _fold  # noqa: F401  (the salts' derivation, for tests)
-from vicregl_jax.data.views import _COLOUR, _CROP, _FLIP, example_index, position_seed  # noqa: F401
+from vicregl_jax.data.views import example_index, position_seed  # noqa: F401  (re-exported)
 
 VAL_RESIZE, VAL_SIZE = 256, 224
 # The release's linear evaluation (its evaluate.py) normalises with the usual red std 0.229,

@@ -18,7 +18,7 @@ from vicregl_jax.data.grids import location_grid
 from vicregl_jax.data.images import decode_covering, resize_views
 
 # Salts of a crop group's draws.
-_CROP, _FLIP, _COLOUR = 1, 2, 3
+CROP_SALT, FLIP_SALT, COLOUR_SALT = 1, 2, 3
 
 
 def example_index(position: tf.Tensor, num_examples: int, seed: int, shuffle: bool) -> tf.Tensor:
@@ -46,7 +46,7 @@ def make_views(encoded, seed, groups: Sequence[CropGroup], grid_sizes, flip_grid
 
     def draw_boxes(height, width):
         return tf.concat([
-            crops.sample_crop_boxes(stream.fold(s, _CROP), height, width, g.count, g.scale)
+            crops.sample_crop_boxes(stream.fold(s, CROP_SALT), height, width, g.count, g.scale)
             for g, s in zip(groups, group_seeds)
         ], axis=0)
 
@@ -55,12 +55,12 @@ def make_views(encoded, seed, groups: Sequence[CropGroup], grid_sizes, flip_grid
     for group, group_seed, n in zip(groups, group_seeds, grid_sizes):
         group_boxes = boxes[first : first + group.count]
         first += group.count
-        flips = crops.sample_flips(stream.fold(group_seed, _FLIP), group.count)
+        flips = crops.sample_flips(stream.fold(group_seed, FLIP_SALT), group.count)
         in_region = group_boxes - tf.stack([region_top, region_left, 0, 0])
         views = resize_views(region, in_region, flips, group.size, method, impl)
         grids = location_grid(*tf.unstack(tf.cast(group_boxes, tf.float64), axis=1), n,
                               flip=flips & flip_grid, xp=tnp)
-        draws = augment.sample_colour_params(stream.fold(group_seed, _COLOUR), group.count)
+        draws = augment.sample_colour_params(stream.fold(group_seed, COLOUR_SALT), group.count)
         out.append((views, grids, draws))
     return out
 
