@@ -92,7 +92,7 @@ def write_certificate(directory: str) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vicregl-jax storage emulator")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     names = [x509.DNSName(h) for h in GOOGLE_HOSTS] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -195,6 +195,8 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                 if not request:
                     return
                 self.server.count(request[0])
+                if request[0].startswith(b"POST /upload/") and self.server.upload_delay_s:
+                    time.sleep(self.server.upload_delay_s)  # a slow link, for tests that stop an upload
                 expect = (_header(request, b"expect") or b"").lower() == b"100-continue"
                 kept = [line for line in request if not _is_identity_encoding(line) and
                         not (expect and line.lower().startswith(b"expect:"))]
@@ -243,6 +245,7 @@ class _Proxy(socketserver.ThreadingTCPServer):
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(cert, key)
         self.requests = 0
+        self.upload_delay_s = 0.0
         self._lock = threading.Lock()
 
     def count(self, _request_line: bytes) -> None:
@@ -335,6 +338,22 @@ class StorageEmulator:
             if error.code == 404:
                 return None
             raise
+
+    def slow_uploads(self, delay_s: float) -> None:
+        """Delays each upload TensorFlow starts by delay_s seconds (0: no delay)."""
+        self._proxy.upload_delay_s = delay_s
+
+    def list_objects(self, bucket: str, prefix: str = "") -> dict[str, dict]:
+        """Returns {name: JSON API metadata} of the objects of bucket whose names start with prefix."""
+        objects, token = {}, ""
+        while True:
+            query = urllib.parse.urlencode({"prefix": prefix, **({"pageToken": token} if token else {})})
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?{query}", timeout=10) as response:
+                page = json.loads(response.read())
+            objects.update({item["name"]: item for item in page.get("items", [])})
+            token = page.get("nextPageToken")
+            if not token:
+                return objects
 
     @property
     def proxied_requests(self) -> int:
