@@ -19,6 +19,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from storage_fixture import storage_emulator  # noqa: E402,F401 - the session's Storage emulator
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):

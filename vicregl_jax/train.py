@@ -170,7 +170,10 @@ class MetricsLog:
                 kept = [line for line in path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
-            self.jsonl = path.open("a")
+            # Opened by TensorFlow's file API: epath opens a gs:// file only as a context manager.
+            import tensorflow as tf
+
+            self.jsonl = tf.io.gfile.GFile(str(path), "a")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         self.writer.write_scalars(step, scalars)

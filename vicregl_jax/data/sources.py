@@ -19,16 +19,16 @@ import fcntl
 import os
 import stat
 import time
-from typing import Any, Callable, Sequence
-
-from absl import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from vicregl_jax import coordination
-from vicregl_jax.data import embedded, folder
+from vicregl_jax.data import embedded, folder, prepare
 
 FOLDER_PREFIX = "folder:"
 DEFAULT_MAX_IN_MEMORY_BYTES = 2 << 30
@@ -233,6 +233,8 @@ def _prepare(builder, manual_dir: str | None):
             fresh = tfds.builder(name, data_dir=root)
             if fresh.is_prepared():
                 return fresh
+            if "://" in root:  # TFDS cannot write ArrayRecord to a bucket: staged locally, then uploaded
+                return prepare.prepare_to_bucket(prepare.builder_spec(builder), root, manual_dir)
             builder.download_and_prepare(download_config=config, file_format="array_record")
             return builder
 
