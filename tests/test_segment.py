@@ -588,7 +588,7 @@ def test_compute_settings_apply_to_a_workdir_backbone(voc, convnext_workdir, mon
     config.model.dtype, config.model.remat, config.model.unroll_blocks = "bfloat16", "none", False
     config.eval.segment = segment_config(dataset=f"voc:{voc}")
     backbone = captured_run(config, convnext_workdir, monkeypatch)["backbone"]
-    stages = backbone.stage_maps(jnp.zeros((1, 64, 64, 3), jnp.float32))  # what the head reads
+    stages = backbone.stage_maps(jnp.zeros((1, 32, 32, 3), jnp.float32))  # what the head reads
     assert backbone.dtype == jnp.bfloat16 and {x.dtype for x in stages} == {jnp.dtype(jnp.bfloat16)}
     assert backbone.remat == "none"
     stored = nnx.state(backbone, nnx.Param)

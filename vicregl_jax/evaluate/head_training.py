@@ -85,6 +85,11 @@ def _initial_state(head: nnx.Module, tx, mesh) -> tuple:
     return graph, jax.device_put(state, sharding.replicated(mesh))
 
 
+def _due(every: int, done: int, last: int) -> bool:
+    """Returns whether an action every `every` steps (0: only at the last) is due after step `done`."""
+    return done == last or (every > 0 and done % every == 0)
+
+
 def _set_head(head: nnx.Module, state) -> None:
     nnx.update(head, state["params"], *state.get("rest", ()))
 
@@ -117,14 +122,14 @@ def train_head(head: nnx.Module, tx: optax.GradientTransformation, loss_fn: Call
             if done % 50 == 0 or done == end:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
             bar.update(1)
-            if how.evaluate is not None and (done % how.evaluate_every == 0 or done == how.steps):
+            if how.evaluate is not None and _due(how.evaluate_every, done, how.steps):
                 _set_head(head, state)
                 head.eval()
                 mean_loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
                 records.append({"step": done, "train_loss": mean_loss, **how.evaluate(head)})
                 head.train()
                 losses = []
-            if checkpointer is not None and (done % how.checkpoint_every == 0 or done == end):
+            if checkpointer is not None and _due(how.checkpoint_every, done, end):
                 checkpointer.save_items(done, {"head": state}, notes={"records": records})
             step = done
     finally:
