@@ -68,14 +68,18 @@ def check_config(config, *modes: str, workdir=None, num_devices: int | None = No
     if workdir is not None:
         workdir_lib.check_workdir(workdir)
     config_lib.check_values(config)
+    if "pretrain" in parts:
+        num_devices = num_devices or sharding.make_mesh(config.mesh.num_devices).size
+        _check_pretraining(config, num_devices, jax.process_count() if process_count is None else process_count)
     abstract_model(config.model, config.loss.alpha, config.seed)  # the model's own checks: heads, dtype, ConvNeXt options
     try:
         read = data_lib.ReadOptions.from_config(config.data)
     except ValueError as e:
         raise ValueError(f"config.data.{e}") from None
-    if "pretrain" in parts:
-        num_devices = num_devices or sharding.make_mesh(config.mesh.num_devices).size
-        _check_pretraining(config, read, num_devices, jax.process_count() if process_count is None else process_count)
+    if "pretrain" in parts and config.data.service and read.resize != "tensorflow":
+        raise ValueError(
+            f"config.data.resize={read.resize!r} with config.data.service={config.data.service!r}: the tf.data "
+            "service's workers run TensorFlow ops only; set --config.data.resize=tensorflow with the service.")
     if "linear" in parts and config.eval.linear.mode not in ("protocol", "fast"):
         raise ValueError(f"config.eval.linear.mode={config.eval.linear.mode!r}; use 'protocol' or 'fast'.")
     if "segment" in parts:
@@ -86,17 +90,12 @@ def check_config(config, *modes: str, workdir=None, num_devices: int | None = No
         _check_labelled(config, "kNN" if knn else "Linear evaluation")
 
 
-def _check_pretraining(config, read, num_devices: int, process_count: int) -> None:
-    """Raises ValueError for a pre-training value: cross-part facts, the criterion, crops,
-    optimiser, the tf.data service's resize, and initial weights that do not exist."""
+def _check_pretraining(config, num_devices: int, process_count: int) -> None:
+    """Raises ValueError for a pre-training value: cross-part facts, the criterion, crops, optimiser."""
     config_lib.validate(config, num_devices=num_devices, process_count=process_count)
     loss_config(config)
     crop_groups(config)
     optim.make_optimizer(config.optim.name, 0.0, weight_decay=config.optim.weight_decay)
-    if config.data.service and read.resize != "tensorflow":
-        raise ValueError(
-            f"config.data.resize={read.resize!r} with config.data.service={config.data.service!r}: the tf.data "
-            "service's workers run TensorFlow ops only; set --config.data.resize=tensorflow with the service.")
 
 
 def _check_labelled(config, task: str) -> None:
