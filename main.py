@@ -17,8 +17,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vicregl_jax import build, checkpoint, convert, coordination, demo, distributed, train
 from vicregl_jax import config as config_lib
-from vicregl_jax import convert, coordination, demo, distributed, state, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
@@ -57,7 +57,7 @@ def check_overrides(argv) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Returns the exception types that are a user's to fix: printed as one line, no traceback."""
     errors = [ValueError, FileNotFoundError, train.NonFiniteLossError, distributed.LaunchError,
-              coordination.PeerFailureError, state.CheckpointError, workdir_lib.WorkdirLockedError]
+              coordination.PeerFailureError, checkpoint.CheckpointError, workdir_lib.WorkdirLockedError]
     # The input pipeline's errors; its module imports TensorFlow, so it is looked up only if
     # this run imported it (it raised nothing otherwise).
     pipeline = sys.modules.get("vicregl_jax.data.iterator")
@@ -89,15 +89,14 @@ def main(argv):
 def run_mode():
     """Runs what --mode asks for (exits with REQUEUE_EXIT_CODE after a preemption save)."""
     config = _CONFIG.value
-    config_lib.check_values(config)
-    workdir_lib.check_workdir(_WORKDIR.value)  # before anything is written there
     distributed.start(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value
-    distributed.enable_compilation_cache(config.compilation_cache_dir, workdir)
     mode = _MODE.value or config.get("mode", "pretrain")
+    build.check_config(config, mode, workdir=workdir)  # the one check, before anything is written or read
+    distributed.enable_compilation_cache(config.compilation_cache_dir, workdir)
     logging.info("mode=%s workdir=%s", mode, workdir)
     if mode == "pretrain":
-        result = train.train_and_evaluate(config, workdir)
+        result = train.train_and_evaluate(config, workdir, check=False)
         if result.stopped_early:  # SIGTERM: a checkpoint was saved; the launchers restart the run
             if jax.process_count() > 1:
                 jax.distributed.shutdown()  # every process past its save before any exits
@@ -105,9 +104,9 @@ def run_mode():
     elif mode == "export":
         convert.export_torch(workdir, _WEIGHTS.value)
     elif mode == "demo":
-        demo.run_demo(config, workdir)
+        demo.run_demo(config, workdir, check=False)
     else:
-        MODES[mode](config, workdir, _WEIGHTS.value)
+        MODES[mode](config, workdir, _WEIGHTS.value, check=False)
 
 
 if __name__ == "__main__":

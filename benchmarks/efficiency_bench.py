@@ -67,7 +67,19 @@ def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = No
 
     from vicregl_jax import build, sharding, train
     from vicregl_jax import config as config_lib
-    from vicregl_jax import state as state_lib
+
+    try:  # this revision: the model of a config's sections, the train state beside its checkpoints
+        from vicregl_jax.checkpoint import TrainState
+        from vicregl_jax.model_config import abstract_model, create_model, split_model
+
+        def model_of(rngs=None):
+            return (create_model(config.model, config.loss.alpha, rngs=rngs) if rngs is not None
+                    else abstract_model(config.model, config.loss.alpha, config.seed))
+    except ImportError:  # a baseline revision, before state.py was split
+        from vicregl_jax.state import TrainState, abstract_model, create_model, split_model
+
+        def model_of(rngs=None):
+            return create_model(config, rngs=rngs) if rngs is not None else abstract_model(config)
 
     root = os.environ.get("VICREGL_BENCH_PACKAGE") or ROOT
     config = config_lib.load(os.path.join(root, CONFIGS[config_name]))
@@ -84,11 +96,11 @@ def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = No
     schedule, tx = build.make_optimizer(config, steps_per_epoch=100, total_steps=1000)
     if abstract:  # build.init_train_state without allocating the state (same steps)
         def init():
-            model = state_lib.create_model(config, rngs=nnx.Rngs(config.seed))
-            _, params, batch_stats, rest = state_lib.split_model(model)
-            return state_lib.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params)), rest
+            model = model_of(nnx.Rngs(config.seed))
+            _, params, batch_stats, rest = split_model(model)
+            return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params)), rest
 
-        graphdef = state_lib.split_model(state_lib.abstract_model(config))[0]
+        graphdef = split_model(model_of())[0]
         shapes, _ = jax.eval_shape(init)
         shardings = sharding.param_shardings(shapes, mesh, config.mesh.param_sharding, config.mesh.rules)
         streams = jax.jit(lambda: init()[1])()  # the random streams only: XLA drops the rest

@@ -43,8 +43,8 @@ from common import (ROOT, compile_jitted, device_peak_bytes, median_seconds, pea
 from flax import nnx
 
 from vicregl_jax import build, sharding, train
-from vicregl_jax import state as state_lib
 from vicregl_jax import config as config_lib
+from vicregl_jax.model_config import create_model
 from vicregl_jax.data import colour, location_grid  # TF-free: the train step runs without TensorFlow
 
 CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s", "demo": "configs/demo.py"}
@@ -99,7 +99,7 @@ def colour_seconds(batch, dtype: str, repeats: int) -> float:
 def backbone_seconds(config, batch: int, repeats: int) -> tuple[float, float]:
     """Returns (seconds, compile seconds) of the backbone's forward + backward (train mode) over
     the images of one step: per crop group, B x V_g images as one batch."""
-    model = nnx.eval_shape(lambda: state_lib.create_model(config, rngs=nnx.Rngs(0))).backbone
+    model = nnx.eval_shape(lambda: create_model(config.model, config.loss.alpha, rngs=nnx.Rngs(0))).backbone
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), params)
     rest = jax.tree.map(lambda a: (jax.random.key(0) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)

@@ -26,3 +26,28 @@ from storage_fixture import storage_emulator  # noqa: E402,F401 - the session's 
 def data_dir(tmp_path_factory):
     """A TFDS data_dir shared by the session: the embedded datasets are built there once."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory):
+    """A workdir of the tiny config after 3 steps, with checkpoints 1, 2 and 3 (copy before use:
+    tiny.copy_of)."""
+    from tiny import tiny_config
+
+    from vicregl_jax import train
+
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train.train_and_evaluate(tiny_config(data_dir, {"checkpoint.every_steps": 1}), workdir, stop_after_steps=3)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def like(data_dir):
+    """A fresh train state of the tiny config on 8 devices: the layout restores target."""
+    from tiny import tiny_config
+
+    from vicregl_jax import build, sharding
+
+    config = tiny_config(data_dir)
+    _, tx = build.make_optimizer(config, 10, config.total_steps)
+    return build.init_train_state(config, tx, sharding.make_mesh(8))[2]

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vicregl_jax import state as state_lib
+from vicregl_jax import checkpoint, model_config
+from vicregl_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 4
@@ -28,8 +29,8 @@ def tiny_run_flags(data_dir: str) -> list[str]:
 
 def final_state(workdir) -> tuple[int, dict]:
     """Returns (step, {"model": ..., "train": ...} as numpy arrays) of a workdir's newest checkpoint."""
-    config = state_lib.load_config(workdir)
-    checkpointer = state_lib.Checkpointer(workdir, state_lib.model_meta(config), read_only=True)
+    config = workdir_lib.load_config(workdir)
+    checkpointer = checkpoint.Checkpointer(workdir, model_config.model_meta(config), read_only=True)
     step = checkpointer.latest_step()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = checkpointer.manager.item_metadata(step)

@@ -14,7 +14,8 @@ from torch_reference import (TORCH_BACKBONES, DataParallelLike, TorchVICRegL, nc
 from tiny import grouped
 from vicregl_jax import config as config_lib
 from vicregl_jax import convert, layout
-from vicregl_jax import state as state_lib
+from vicregl_jax import release
+from vicregl_jax.model_config import create_model
 from vicregl_jax import torch_io
 from vicregl_jax.losses import split_views
 from vicregl_jax.models import ARCHITECTURES, backbone_norm, create_backbone, feature_dim
@@ -323,9 +324,9 @@ def converted_workdir_config(**model):
 
 def test_files_and_cli_round_trip(tmp_path):
     config = converted_workdir_config(arch="convnext_test", dtype="bfloat16", **HEADS)
-    model = random_flax(lambda: state_lib.create_model(config, rngs=nnx.Rngs(0)), seed=13, layer_norm_heads=True)
-    state_lib.write_workdir(model, config, str(tmp_path / "flax"))
-    restored, saved_config, step = state_lib.load_workdir_model(str(tmp_path / "flax"))
+    model = random_flax(lambda: create_model(config.model, config.loss.alpha, rngs=nnx.Rngs(0)), seed=13, layer_norm_heads=True)
+    release.write_workdir(model, config, str(tmp_path / "flax"))
+    restored, saved_config, step = release.load_workdir_model(str(tmp_path / "flax"))
     assert restored.backbone.dtype == jnp.bfloat16 and saved_config.model.mlp == HEADS["mlp"] and step == 0
 
     convert.main(["to-torch", str(tmp_path / "flax"), str(tmp_path / "full.pth"),
@@ -342,7 +343,7 @@ def test_files_and_cli_round_trip(tmp_path):
         out = tmp_path / source.replace(".", "_")
         convert.main(["from-torch", str(tmp_path / source), str(out), "--arch", "convnext_test",
                       "--dtype", "bfloat16"])
-        loaded, loaded_config, _ = state_lib.load_workdir_model(str(out))
+        loaded, loaded_config, _ = release.load_workdir_model(str(out))
         assert loaded_config.model.maps_mlp == HEADS["maps_mlp"] and loaded_config.model.num_classes == 10
         state = flax_state(loaded)
         assert state.keys() == expected.keys()

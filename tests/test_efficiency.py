@@ -22,7 +22,8 @@ from test_losses import make_inputs
 from tiny import grouped, tiny_config
 from torch_reference import TorchConvNeXt, TorchResNet, numpy_state, randomize_torch_
 from vicregl_jax import build, layout, losses, optim, sharding, train
-from vicregl_jax import state as state_lib
+from vicregl_jax.checkpoint import abstract_like
+from vicregl_jax.model_config import abstract_model, split_model
 from vicregl_jax.models.convnext import ConvNeXt
 from vicregl_jax.models.layers import layer_norm
 from vicregl_jax.models.resnet import ResNet
@@ -299,7 +300,7 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
     mesh = sharding.make_mesh()
     schedule, tx = build.make_optimizer(config, 10, 100)
     graphdef, streams, state, _ = build.init_train_state(config, tx, mesh)
-    shardings = sharding.param_shardings(state_lib.abstract_like(state), mesh, "fsdp", min_size=2**10)
+    shardings = sharding.param_shardings(abstract_like(state), mesh, "fsdp", min_size=2**10)
     sharded = {tuple(x.shape): s.spec for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params))
                if any(s.spec)}
     # XLA all-reduces some gradients reshaped (bias (64,) as (1, 1, 64)) or transposed.
@@ -336,7 +337,7 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
     # The weights are gathered in the compute dtype (XLA:CPU computes bfloat16 in float32, so the
     # compiled program cannot show it: the lowered one can).
     config.model.dtype = "bfloat16"
-    graphdef16 = state_lib.split_model(state_lib.abstract_model(config))[0]
+    graphdef16 = split_model(abstract_model(config.model, config.loss.alpha, config.seed))[0]
     step16 = train.jit_train_step(train.make_train_step(graphdef16, streams, tx, schedule,
                                                         build.loss_config(config)), shardings, mesh)
     text = step16.lower(jax.device_put(state, shardings), batch).as_text()

@@ -238,8 +238,8 @@ def test_exported_pytorch_weights_evaluate_like_the_workdir(demo_run, data_dir):
     features as the checkpoint it came from."""
     workdir, _ = demo_run
     config = demo_config(data_dir)
-    from_ckpt, _ = common.load_backbone(config, str(workdir))
-    from_pth, description = common.load_backbone(config, None, str(workdir / "export/resnet_test_backbone.pth"))
+    from_ckpt = common.load_backbone(config, str(workdir)).backbone
+    from_pth, description, _ = common.load_backbone(config, None, str(workdir / "export/resnet_test_backbone.pth"))
     assert "PyTorch file" in description
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
     np.testing.assert_allclose(np.asarray(from_pth(images)[1]), np.asarray(from_ckpt(images)[1]), rtol=1e-5, atol=1e-5)

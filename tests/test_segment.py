@@ -17,7 +17,7 @@ from PIL import Image
 
 from segmentation_data import save_palette_png, write_voc
 from torch_reference import TORCH_BACKBONES, nchw, numpy_state, randomize_torch_
-from vicregl_jax import layout, sharding
+from vicregl_jax import convert, layout, sharding, torch_io
 from vicregl_jax.config import default_config
 from vicregl_jax.data import segmentation as seg_data
 from vicregl_jax.evaluate import segment
@@ -550,3 +550,58 @@ def test_run_reads_the_config_and_writes_results(voc, tmp_path):
     config.eval.segment.inference = "sliding"
     with pytest.raises(ValueError, match="segment inference='sliding': use one of"):
         segment.run(config, str(tmp_path), random_init=True)
+
+
+# ------------------------------------------------------- the backbone a workdir holds
+
+@pytest.fixture(scope="module")
+def convnext_workdir(tmp_path_factory):
+    """A workdir holding a convnext_test (written by `convert from-torch`, its saved config
+    at the default compute settings)."""
+    root = tmp_path_factory.mktemp("convnext_workdir")
+    pth = str(root / "backbone.pth")
+    backbone = create_backbone("convnext_test", rngs=nnx.Rngs(0))
+    torch_io.write_torch_weights(layout.to_torch_state_dict(backbone, "convnext_test"), pth)
+    convert.main(["from-torch", pth, str(root / "run"), "--arch", "convnext_test"])
+    return str(root / "run")
+
+
+def captured_run(config, workdir, monkeypatch) -> dict:
+    """Runs segment.run up to the evaluation, which it captures (backbone, settings, arch)
+    instead of training a head."""
+    seen = {}
+
+    def capture(backbone, dataset, *, settings, arch, **_):
+        seen.update(backbone=backbone, settings=settings, arch=arch)
+        return {"mIoU": 0.0, "aAcc": 0.0, "mAcc": 0.0, "per_class": {"background": {"IoU": None, "Acc": None}}}
+
+    monkeypatch.setattr(segment, "evaluate_segmentation", capture)
+    segment.run(config, workdir)
+    return seen
+
+
+def test_compute_settings_apply_to_a_workdir_backbone(voc, convnext_workdir, monkeypatch):
+    """The weights come from the workdir, the compute settings (dtype, remat; unroll_blocks
+    with them) from the evaluation's config, as they do for a release file."""
+    config = default_config()
+    config.model.arch = "convnext_test"
+    config.model.dtype, config.model.remat, config.model.unroll_blocks = "bfloat16", "none", False
+    config.eval.segment = segment_config(dataset=f"voc:{voc}")
+    backbone = captured_run(config, convnext_workdir, monkeypatch)["backbone"]
+    stages = backbone.stage_maps(jnp.zeros((1, 32, 32, 3), jnp.float32))  # what the head reads
+    assert backbone.dtype == jnp.bfloat16 and {x.dtype for x in stages} == {jnp.dtype(jnp.bfloat16)}
+    assert backbone.remat == "none"
+    stored = nnx.state(backbone, nnx.Param)
+    assert {leaf.dtype for leaf in jax.tree.leaves(stored)} == {jnp.dtype(jnp.float32)}  # the weights as saved
+
+
+def test_segmentation_lr_follows_the_loaded_backbone_s_arch(voc, convnext_workdir, monkeypatch):
+    """ConvNeXt-XL's lr (8e-5) is the loaded backbone's to get: a convnext_test loaded from a
+    workdir under a config naming convnext_xlarge gets the other ConvNeXts' 1e-4."""
+    config = default_config()
+    config.model.arch = "convnext_xlarge"
+    config.eval.segment = segment_config(dataset=f"voc:{voc}")
+    seen = captured_run(config, convnext_workdir, monkeypatch)
+    assert seen["arch"] == "convnext_test"
+    assert seen["settings"].lr == 1e-4 and seen["settings"].optimizer == "adamw"
+    assert segment.segment_settings("convnext", f"voc:{voc}", arch="convnext_xlarge").lr == 8e-5

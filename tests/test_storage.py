@@ -24,7 +24,7 @@ from PIL import Image
 from storage_fixture import BUCKET
 from tiny import tiny_config
 
-from vicregl_jax import state as state_lib
+from vicregl_jax import release
 from vicregl_jax import train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.data import folder, manifest, sources
@@ -129,8 +129,8 @@ def test_a_training_run_on_a_gs_workdir_checkpoints_logs_and_resumes_there(stora
     assert any(n.startswith("run/checkpoints/2/") for n in names)
 
     # Restored (checksums verified) from the bucket: the very arrays of the local run.
-    model, _, step = state_lib.load_workdir_model(workdir)
-    local, _, _ = state_lib.load_workdir_model(tmp_path / "local")
+    model, _, step = release.load_workdir_model(workdir)
+    local, _, _ = release.load_workdir_model(tmp_path / "local")
     assert step == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(jax.tree.leaves(model)),
                  jax.device_get(jax.tree.leaves(local)))

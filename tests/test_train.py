@@ -13,11 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tiny import tiny_config
+from tiny import copy_of, steps_on_disk, tiny_config
 from vicregl_jax import build, sharding, train
 from vicregl_jax import data as data_lib
 from vicregl_jax.data import global_batch
-from vicregl_jax import state as state_lib
+from vicregl_jax import release
+from vicregl_jax import workdir as workdir_lib
+from vicregl_jax.checkpoint import Checkpointer
+from vicregl_jax.model_config import model_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "train_worker.py")
@@ -29,8 +32,8 @@ ADAMW = {"optim.name": "adamw", "optim.base_lr": 0.1, "optim.weight_decay": 0.05
 
 def read_state(workdir, step=None):
     """Returns (step, state as nested dicts of numpy arrays) of a workdir's checkpoint."""
-    config = state_lib.load_config(workdir)
-    checkpointer = state_lib.Checkpointer(workdir, state_lib.model_meta(config), read_only=True)
+    config = workdir_lib.load_config(workdir)
+    checkpointer = Checkpointer(workdir, model_meta(config), read_only=True)
     step = checkpointer.latest_step() if step is None else step
     # Whatever mesh wrote it: every array onto this process's first device.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -221,7 +224,7 @@ def test_killed_and_resumed_equals_uninterrupted(data_dir, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir), tmp_path, stop_after_steps=1)
     other = tiny_config(data_dir, {"model.arch": "convnext_test"})
-    with pytest.raises(ValueError, match=r"another model \(model.arch: checkpoint 'resnet_test' vs config 'convnext_test'\).*new --workdir"):
+    with pytest.raises(ValueError, match=r"another model \(model.arch: saved 'resnet_test', now 'convnext_test'\).*new --workdir"):
         train.train_and_evaluate(other, tmp_path)
 
 
@@ -361,7 +364,7 @@ def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
     from vicregl_jax import layout, torch_io
 
     train.train_and_evaluate(tiny_config(data_dir), tmp_path / "source", stop_after_steps=1)
-    source, _, _ = state_lib.load_workdir_model(tmp_path / "source")
+    source, _, _ = release.load_workdir_model(tmp_path / "source")
     pth = str(tmp_path / "backbone.pth")
     torch_io.write_torch_weights(layout.to_torch_state_dict(source, "resnet_test"), pth)
     mesh = sharding.make_mesh(8)
@@ -369,7 +372,7 @@ def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
         config = tiny_config(data_dir, {"model.init_weights": weights})
         schedule, tx = build.make_optimizer(config, 10, config.total_steps)
         _, _, state, shardings = build.init_train_state(config, tx, mesh)
-        params, _, _ = state_lib.initial_weights(weights, config, state.params, state.batch_stats)
+        params, _, _ = release.initial_weights(weights, config, state.params, state.batch_stats)
         assert jax.tree.map(lambda a: a.sharding, params) == shardings.params
         loaded = nnx.to_pure_dict(jax.device_get(params))
         want = nnx.to_pure_dict(nnx.state(source, nnx.Param))
@@ -382,9 +385,9 @@ def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
     schedule, tx = build.make_optimizer(bad, 10, bad.total_steps)
     _, _, state, _ = build.init_train_state(bad, tx, mesh)
     with pytest.raises(ValueError, match="do not match"):
-        state_lib.initial_weights(pth, bad, state.params, state.batch_stats)
+        release.initial_weights(pth, bad, state.params, state.batch_stats)
     with pytest.raises(ValueError, match="holds another model.*model.arch: 'resnet_test' there vs 'convnext_test' here"):
-        state_lib.initial_weights(str(tmp_path / "source"), bad, state.params, state.batch_stats)
+        release.initial_weights(str(tmp_path / "source"), bad, state.params, state.batch_stats)
 
 
 def test_train_step_imports_without_tensorflow():
@@ -420,3 +423,40 @@ def test_knn_monitor_during_pretraining_matches_the_knn_evaluation(data_dir, tmp
     with pytest.raises(ValueError, match=r"kNN needs labels.*'vicregl_photos'.*eval\.dataset"):
         train.train_and_evaluate(tiny_config(data_dir, {"knn_every_epochs": 1.0, "eval.split": "train"}),
                                  tmp_path / "unlabelled")
+
+
+STEPS = {"checkpoint.every_steps": 1}  # a checkpoint at every step
+
+
+def all_finite(tree):
+    return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e41 as float32: the point
+def test_update_to_nan_with_a_finite_loss_is_not_kept(data_dir, trained, tmp_path):
+    """lr 1e41 overflows float32: the loss of step 4 is finite, the updated parameters are not.
+    The run stops at step 4 and every checkpoint it keeps is finite."""
+    workdir = copy_of(trained, tmp_path)
+    config = tiny_config(data_dir, {**STEPS, "optim.base_lr": 1e41, "allow_config_change": True})
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"update gave NaN or Inf parameters.*\(loss [0-9.]+\) at step 4: stopping.*"
+                             r"last good checkpoint is step 3"):
+        train.train_and_evaluate(config, workdir, stop_after_steps=2)
+    assert steps_on_disk(workdir) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert all_finite(read_state(workdir, step)[1]), step
+
+
+# ------------------------------------------------------------------------------------------
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+    """Rows written before an interruption for steps past the checkpoint are replayed after
+    the resume, and logged once."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+    log = train.MetricsLog(tmp_path, start_step=3)
+    for step in (4, 5, 6):
+        log.write(step, {"loss": 2.0})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]

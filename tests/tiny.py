@@ -1,6 +1,8 @@
 """What the tests share: the tiny pre-training config (one compiled step shape) and view grouping."""
 
 import itertools
+import os
+import shutil
 
 import jax.numpy as jnp
 
@@ -41,3 +43,15 @@ def tiny_config(data_dir: str, overrides: dict | None = None):
     c.checkpoint.keep = 5
     c.update_from_flattened_dict(dict(overrides or {}))
     return c
+
+
+def copy_of(trained, tmp_path, name="run"):
+    """Returns a copy of the shared trained workdir (conftest's `trained`) under tmp_path."""
+    target = tmp_path / name
+    shutil.copytree(trained, target)
+    return target
+
+
+def steps_on_disk(workdir):
+    """Returns the steps of a workdir's checkpoint folders, sorted."""
+    return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())

@@ -1,11 +1,14 @@
 """Turns a config into the parts of a pre-training run: mesh, input iterator, criterion
 settings, optimiser and schedule, the sharded train state (fresh, from initial weights, or
-restored) and its checkpointer.
+restored) and its checkpointer; and holds the one config check of every run.
 
 Every constructor validates the subtree of the config it owns (`config.loss` in LossConfig,
 `config.model` in VICRegLModel, `config.optim.name` in the optimiser registry, the crops in
-CropGroup); `check_config` runs them all, cheaply, with the cross-part checks of
-`config.validate`, so a bad value fails in seconds, before any data or weights are touched.
+CropGroup, `config.eval.segment` in SegmentSettings); `check_config` runs those a mode needs,
+cheaply, with the single-value checks of `config.check_values`, the cross-part checks of
+`config.validate` and the workdir's, so a bad value fails in seconds, before any data or
+weights are touched. main.py calls it once per run; each mode's entry point calls it when
+called from Python (check=True). Below this layer functions take the config's sections.
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ from flax import nnx
 
 from vicregl_jax import config as config_lib
 from vicregl_jax import data as data_lib
-from vicregl_jax import losses, models, optim, sharding, torch_io
-from vicregl_jax import state as state_lib
+from vicregl_jax import losses, models, optim, release, sharding, torch_io
 from vicregl_jax import weights as weights_lib
-from vicregl_jax.state import TrainState
+from vicregl_jax import workdir as workdir_lib
+from vicregl_jax.checkpoint import Checkpointer, TrainState
+from vicregl_jax.evaluate import segment_settings
+from vicregl_jax.model_config import MODEL_KEYS, abstract_model, create_model, model_meta, split_model
+
+# What each mode of main.py runs, for the checks: the demo pre-trains and evaluates.
+MODES = {"pretrain": ("pretrain",), "knn": ("knn",), "linear": ("linear",), "segment": ("segment",),
+         "correspond": ("correspond",), "export": (), "demo": ("pretrain", "knn", "linear", "correspond")}
 
 
 def loss_config(config) -> losses.LossConfig:
@@ -48,21 +57,57 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> tuple[opta
     return schedule, optim.make_optimizer(config.optim.name, schedule, weight_decay=config.optim.weight_decay)
 
 
-def check_config(config, *, num_devices: int, process_count: int = 1) -> None:
-    """Raises ValueError, naming the key and the fix, for any value the run cannot use."""
-    config_lib.validate(config, num_devices=num_devices, process_count=process_count)
-    loss_config(config)
-    crop_groups(config)
-    optim.make_optimizer(config.optim.name, 0.0, weight_decay=config.optim.weight_decay)
-    state_lib.abstract_model(config)  # the model's own checks: heads, classifier, dtype, ConvNeXt options
+def check_config(config, *modes: str, workdir=None, num_devices: int | None = None,
+                 process_count: int | None = None) -> None:
+    """Raises ValueError (FileNotFoundError for a missing file), naming the key and the fix,
+    for any value the modes (main.py's; "pretrain" when none is given) cannot use, and for a
+    workdir that cannot be written: the one check of a run, before anything is touched."""
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ValueError(f"mode {unknown[0]!r}: use one of {', '.join(MODES)}.")
+    parts = [part for mode in (modes or ("pretrain",)) for part in MODES[mode]]
+    if workdir is not None:
+        workdir_lib.check_workdir(workdir)
+    config_lib.check_values(config)
+    if "pretrain" in parts:
+        num_devices = num_devices or sharding.make_mesh(config.mesh.num_devices).size
+        _check_pretraining(config, num_devices, jax.process_count() if process_count is None else process_count)
+    abstract_model(config.model, config.loss.alpha, config.seed)  # the model's own checks: heads, dtype, ConvNeXt options
     try:
         read = data_lib.ReadOptions.from_config(config.data)
     except ValueError as e:
         raise ValueError(f"config.data.{e}") from None
-    if config.data.service and read.resize != "tensorflow":
+    if "pretrain" in parts and config.data.service and read.resize != "tensorflow":
         raise ValueError(
             f"config.data.resize={read.resize!r} with config.data.service={config.data.service!r}: the tf.data "
             "service's workers run TensorFlow ops only; set --config.data.resize=tensorflow with the service.")
+    if "linear" in parts and config.eval.linear.mode not in ("protocol", "fast"):
+        raise ValueError(f"config.eval.linear.mode={config.eval.linear.mode!r}; use 'protocol' or 'fast'.")
+    if "segment" in parts:
+        segment_settings.settings_from_config(config.eval.segment, segment_settings.arch_family(config.model.arch),
+                                              arch=config.model.arch)
+    knn = "knn" in parts or ("pretrain" in parts and config.knn_every_epochs)
+    if knn or "linear" in parts:  # the same dataset and splits for both
+        _check_labelled(config, "kNN" if knn else "Linear evaluation")
+
+
+def _check_pretraining(config, num_devices: int, process_count: int) -> None:
+    """Raises ValueError for a pre-training value: cross-part facts, the criterion, crops, optimiser."""
+    config_lib.validate(config, num_devices=num_devices, process_count=process_count)
+    loss_config(config)
+    crop_groups(config)
+    optim.make_optimizer(config.optim.name, 0.0, weight_decay=config.optim.weight_decay)
+
+
+def _check_labelled(config, task: str) -> None:
+    """Raises ValueError when the image-level evaluations' dataset has no labels in a split."""
+    dataset = config.eval.dataset or config.data.dataset
+    for split in (config.eval.train_split, config.eval.split):
+        source = data_lib.open_source(dataset, split, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
+        if source.num_classes == 0:
+            raise ValueError(
+                f"{task} needs labels, and the dataset {dataset!r} ({split}) has none: set --config.eval.dataset "
+                "to a labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
 
 
 def schedule_length(config, num_examples: int) -> tuple[int, int]:
@@ -91,11 +136,11 @@ def init_train_state(config, tx, mesh):
     """
 
     def init():
-        model = state_lib.create_model(config, rngs=nnx.Rngs(config.seed))
-        _, params, batch_stats, rest = state_lib.split_model(model)
+        model = create_model(config.model, config.loss.alpha, rngs=nnx.Rngs(config.seed))
+        _, params, batch_stats, rest = split_model(model)
         return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params)), rest
 
-    graphdef = state_lib.split_model(state_lib.abstract_model(config))[0]
+    graphdef = split_model(abstract_model(config.model, config.loss.alpha, config.seed))[0]
     abstract_state, abstract_rest = jax.eval_shape(init)
     shardings = sharding.param_shardings(abstract_state, mesh, config.mesh.param_sharding, config.mesh.rules)
     rest_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest)
@@ -116,7 +161,7 @@ class Run:
     random_streams: Any
     state: TrainState
     shardings: Any
-    checkpointer: state_lib.Checkpointer
+    checkpointer: Checkpointer
     start_step: int
     total_steps: int
     steps_per_epoch: int
@@ -124,17 +169,17 @@ class Run:
     skipped: list = dataclasses.field(default_factory=list)  # (step, why) of damaged checkpoints passed over
 
 
-def check_init_weights(config) -> None:
+def _check_init_weights(config) -> None:
     """Raises FileNotFoundError when config.model.init_weights names nothing (checked before
     any data is touched; "release:NAME" is downloaded here, once)."""
     path = weights_lib.resolve(config.model.init_weights, as_file=True)
     if not path:
         return
-    if state_lib.is_release_file(path):
-        if not state_lib.absolute(path).exists():
+    if release.is_release_file(path):
+        if not workdir_lib.absolute(path).exists():
             raise FileNotFoundError(f"config.model.init_weights={path!r} does not exist: give an existing "
                                     f"{' / '.join(torch_io.TORCH_SUFFIXES)} file or a workdir.")
-    elif not state_lib.is_workdir(path):
+    elif not workdir_lib.is_workdir(path):
         raise FileNotFoundError(
             f"config.model.init_weights={path!r} is neither a weights file ({', '.join(torch_io.TORCH_SUFFIXES)}) "
             "nor a workdir with a config.json: check the path.")
@@ -145,26 +190,27 @@ def check_resume(config, workdir, step: int) -> None:
     computes (config.RESUME_KEYS) and config.allow_config_change is off; with it on, logs the
     changes and writes config as config.<step>.json beside the earlier ones."""
     if config.total_steps is not None and config.total_steps < step:
-        raise ValueError(f"config.total_steps={config.total_steps} is below the step {state_lib.absolute(workdir)} "
+        raise ValueError(f"config.total_steps={config.total_steps} is below the step {workdir_lib.absolute(workdir)} "
                          f"is at ({step}): give a total of {step} or more, or use another --workdir.")
-    if not state_lib.is_workdir(workdir):
+    if not workdir_lib.is_workdir(workdir):
         return  # checkpoints without config.json: nothing to compare with
     # The keys that define the state's shapes are the checkpoint's to refuse, with its own message.
-    changes = config_lib.resume_changes(state_lib.load_config(workdir, step), config, ignore=state_lib.MODEL_KEYS)
+    changes = config_lib.resume_changes(workdir_lib.load_config(workdir, step), config,
+                                        ignore=MODEL_KEYS)
     if not changes:
         return
     listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
     if not config.allow_config_change:
         raise ValueError(
-            f"Resuming {state_lib.absolute(workdir)} at step {step} with another config ({listed}) would change "
+            f"Resuming {workdir_lib.absolute(workdir)} at step {step} with another config ({listed}) would change "
             "what the run computes: run with the config it was started with (config.json), use another "
             "--workdir, or pass --config.allow_config_change=True to go on with the new one.")
-    path = state_lib.save_resume_config(workdir, config, step)
+    path = workdir_lib.save_resume_config(workdir, config, step)
     logging.warning("Resuming at step %d with config changes (%s); the new config is %s.", step, listed, path)
     print(f"Config changed on resume at step {step}: {listed} (written to {path}).", flush=True)
 
 
-def check_classes(config, iterator) -> None:
+def _check_classes(config, iterator) -> None:
     """Raises ValueError when the pre-training data has more classes than the online
     classifier has outputs (labels >= config.model.num_classes)."""
     if iterator.num_classes > config.model.num_classes:
@@ -177,15 +223,13 @@ def check_classes(config, iterator) -> None:
 def build_run(config, workdir) -> Run:
     """Returns the run config describes in workdir: resumed from its newest checkpoint that
     restores and verifies when there is one, else fresh (from config.model.init_weights when
-    set) with config.json written."""
-    config_lib.check_values(config)
+    set) with config.json written. The config has passed check_config."""
     mesh = sharding.make_mesh(config.mesh.num_devices)
-    check_config(config, num_devices=mesh.size, process_count=jax.process_count())
-    checkpointer = state_lib.Checkpointer(workdir, state_lib.model_meta(config), keep=config.checkpoint.keep)
+    checkpointer = Checkpointer(workdir, model_meta(config), keep=config.checkpoint.keep)
     try:
         latest = checkpointer.latest_step()
         if latest is None:
-            check_init_weights(config)
+            _check_init_weights(config)
         else:
             check_resume(config, workdir, latest)
         return _build(config, workdir, mesh, checkpointer, latest)
@@ -198,11 +242,11 @@ def _build(config, workdir, mesh, checkpointer, latest) -> Run:
     start = 0 if latest is None else latest
     iterator = pretrain_iterator(config, start)
     try:
-        check_classes(config, iterator)
+        _check_classes(config, iterator)
         steps_per_epoch, total = schedule_length(config, config.data.num_examples or iterator.num_examples)
         if total < start:
             raise ValueError(f"config.epochs={config.epochs} gives {total} steps, below the step "
-                             f"{state_lib.absolute(workdir)} is at ({start}): give more epochs or another --workdir.")
+                             f"{workdir_lib.absolute(workdir)} is at ({start}): give more epochs or another --workdir.")
         schedule, tx = make_optimizer(config, steps_per_epoch, total)
         graphdef, rest, state, shardings = init_train_state(config, tx, mesh)
         skipped = []
@@ -213,11 +257,11 @@ def _build(config, workdir, mesh, checkpointer, latest) -> Run:
                 iterator = pretrain_iterator(config, start)
         else:
             if config.model.init_weights:
-                params, batch_stats, description = state_lib.initial_weights(
+                params, batch_stats, description = release.initial_weights(
                     weights_lib.resolve(config.model.init_weights, as_file=True), config, state.params, state.batch_stats)
                 state = TrainState(state.step, params, batch_stats, state.opt_state)
                 logging.info("Initial weights from %s", description)
-            state_lib.save_config(workdir, config)
+            workdir_lib.save_config(workdir, config)
     except BaseException:
         iterator.close()
         raise

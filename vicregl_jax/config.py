@@ -12,8 +12,9 @@ the constructors that own them, and the checks that span several parts.
 Every key is documented in `default_config`; configs/*.py files change only what their recipe
 changes. On the command line any key is set with `--config.a.b=value`. Each constructor
 validates the subtree it owns (LossConfig its alpha and matches, the model its architecture
-and heads, the optimiser its name); `validate` checks only the facts that span parts (batch
-vs devices, crop size vs the backbone's stride, matches vs locations), before anything
+and heads, the optimiser its name); `check_values` checks single values no run can use and
+`validate` only the facts that span parts (batch vs devices, crop size vs the backbone's
+stride, matches vs locations). build.check_config runs them, once per run, before anything
 starts.
 """
 
@@ -134,25 +135,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.linear.epochs = 100
     c.eval.linear.lr = config_dict.placeholder(float)  # None: 0.02 for ResNets, 0.3 for ConvNeXts
     c.eval.linear.weight_decay = 1e-6
-    # Linear segmentation as the release's mmsegmentation configs (README: Linear segmentation);
-    # None: the release's value for the backbone's family and the dataset's layout.
+    c.eval.linear.checkpoint_every_epochs = 10  # head checkpoints under WORKDIR/linear_head (a rerun resumes)
+    # Linear segmentation as the release's mmsegmentation configs (docs/segmentation.md). Every
+    # setting but the dataset is None: the release's value for the loaded backbone's family
+    # (and arch) and the dataset's layout, defined in evaluate/segment_settings.py.
     c.eval.segment = ml_collections.ConfigDict()
     c.eval.segment.dataset = config_dict.placeholder(str)  # "voc:PATH" | "ade20k:PATH" | "cityscapes:PATH" (required)
-    c.eval.segment.protocol = "release"  # or "fast" (cached stride-32 features; not comparable)
-    c.eval.segment.train_split = config_dict.placeholder(str)  # None: trainaug / training / train
-    c.eval.segment.split = config_dict.placeholder(str)  # None: val / validation / val
-    c.eval.segment.steps = config_dict.placeholder(int)  # None: 40k (VOC, Cityscapes), 160k (ADE20k)
-    c.eval.segment.batch_size = config_dict.placeholder(int)  # None: 16 (VOC, ADE20k), 8 (Cityscapes)
-    c.eval.segment.optimizer = config_dict.placeholder(str)  # None: sgd (ResNets), adamw (ConvNeXts)
-    c.eval.segment.lr = config_dict.placeholder(float)  # None: 0.01 / 1e-4 (8e-5 convnext_xlarge)
-    c.eval.segment.weight_decay = config_dict.placeholder(float)  # None: 5e-4 / 0.05
-    c.eval.segment.crop_size = config_dict.placeholder(tuple)  # None: (512, 512); Cityscapes (512, 1024)
-    c.eval.segment.scale = config_dict.placeholder(tuple)  # None: (2048, 512); Cityscapes (2048, 1024)
-    c.eval.segment.inference = config_dict.placeholder(str)  # None: whole (ResNets), slide (ConvNeXts)
-    c.eval.segment.slide_stride = (341, 341)
-    c.eval.segment.eval_batch_size = 16  # images per evaluation step (a multiple of the devices)
-    c.eval.segment.checkpoint_every = 4000  # head checkpoints under WORKDIR/segment_head
-    c.eval.segment.fast_image_size = 320
+    c.eval.segment.protocol = config_dict.placeholder(str)  # "release", or "fast" (cached features; not comparable)
+    c.eval.segment.train_split = config_dict.placeholder(str)
+    c.eval.segment.split = config_dict.placeholder(str)
+    c.eval.segment.steps = config_dict.placeholder(int)
+    c.eval.segment.batch_size = config_dict.placeholder(int)
+    c.eval.segment.optimizer = config_dict.placeholder(str)  # "sgd" | "adamw"
+    c.eval.segment.lr = config_dict.placeholder(float)
+    c.eval.segment.weight_decay = config_dict.placeholder(float)
+    c.eval.segment.crop_size = config_dict.placeholder(tuple)
+    c.eval.segment.scale = config_dict.placeholder(tuple)  # (long, short) bounds of the test rescale
+    c.eval.segment.inference = config_dict.placeholder(str)  # "whole" | "slide"
+    c.eval.segment.slide_stride = config_dict.placeholder(tuple)
+    c.eval.segment.eval_batch_size = config_dict.placeholder(int)  # images per evaluation step (a multiple of the devices)
+    c.eval.segment.checkpoint_every = config_dict.placeholder(int)  # head checkpoints under WORKDIR/segment_head
+    c.eval.segment.fast_image_size = config_dict.placeholder(int)
     c.eval.correspond = ml_collections.ConfigDict()
     c.eval.correspond.pairs = 256
     c.eval.correspond.crop_size = 224
@@ -309,7 +312,7 @@ def check_values(config) -> None:
         value = _get(config, key)
         if value is None or not value >= 0:  # also NaN
             raise _error(key, value, "must be 0 or more.")
-    for key in ("eval.batch_size", "eval.image_size", "eval.linear.epochs"):
+    for key in ("eval.batch_size", "eval.image_size", "eval.linear.epochs", "eval.linear.checkpoint_every_epochs"):
         if _get(config, key) < 1:
             raise _error(key, _get(config, key), "must be 1 or more.")
 

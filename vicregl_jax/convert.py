@@ -13,7 +13,7 @@ training state), which every evaluation reads (--workdir or --weights) and a run
 from with --config.model.init_weights=OUT_DIR.
 
 The layout mapping itself is vicregl_jax.layout (pure), the file reading vicregl_jax.torch_io,
-and the model state vicregl_jax.state.
+and the model's weights in and out of workdirs vicregl_jax.release.
 """
 from __future__ import annotations
 
@@ -21,27 +21,26 @@ import argparse
 import os
 import sys
 
-from vicregl_jax import layout, models, torch_io
-from vicregl_jax import state as state_lib
+from vicregl_jax import layout, models, release, torch_io
 from vicregl_jax import weights as weights_lib
 
 
 def export_torch(workdir: str, weights: str | None = None, *, safetensors: bool = False) -> dict:
     """Writes the release's backbone file and full checkpoint of a workdir's model (or of
     weights, another workdir) to workdir/export/; returns their paths."""
-    model, _, _ = state_lib.load_workdir_model(weights_lib.resolve(weights) or workdir)
+    model, _, _ = release.load_workdir_model(weights_lib.resolve(weights) or workdir)
     out = os.path.join(str(workdir), "export")
-    backbone = state_lib.export_release_files(model, os.path.join(out, f"{model.arch}_backbone.pth"), full=False,
+    backbone = release.export_release_files(model, os.path.join(out, f"{model.arch}_backbone.pth"), full=False,
                                               safetensors=safetensors)
-    full = state_lib.export_release_files(model, os.path.join(out, f"{model.arch}_full.pth"), full=True,
+    full = release.export_release_files(model, os.path.join(out, f"{model.arch}_full.pth"), full=True,
                                           safetensors=safetensors)
     print(f"exported {model.arch}: {', '.join(backbone + full)}", flush=True)
     return {"backbone": backbone, "full": full}
 
 
 def _to_torch_main(args) -> None:
-    model, _, step = state_lib.load_workdir_model(args.src)
-    written = state_lib.export_release_files(model, args.out, full=args.full, epoch=args.epoch,
+    model, _, step = release.load_workdir_model(args.src)
+    written = release.export_release_files(model, args.out, full=args.full, epoch=args.epoch,
                                              safetensors=args.safetensors)
     print(f"{model.arch} (step {step}) -> {', '.join(written)}")
 
@@ -50,9 +49,9 @@ def _from_torch_main(args) -> None:
     state_dict = torch_io.read_torch_weights(args.src)
     overrides = {"model.mlp": args.mlp, "model.maps_mlp": args.maps_mlp, "model.num_classes": args.num_classes,
                  "loss.alpha": args.alpha, "model.dtype": args.dtype, "seed": args.seed}
-    config = state_lib.converted_config(state_dict, args.arch, **overrides)
-    model, parts = state_lib.model_from_release(state_dict, config)
-    state_lib.write_workdir(model, config, args.out_dir)
+    config = release.converted_config(state_dict, args.arch, **overrides)
+    model, parts = release.model_from_release(state_dict, config)
+    release.write_workdir(model, config, args.out_dir)
     fresh = [p for p in layout.PARTS if getattr(model, p, None) is not None and p not in parts]
     print(f"{args.arch}: loaded {', '.join(parts)} from {args.src} -> {args.out_dir}"
           + (f" (freshly initialised: {', '.join(fresh)})" if fresh else ""))

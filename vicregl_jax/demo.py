@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vicregl_jax import convert, train, viz
+from vicregl_jax import build, convert, release, train, viz
 from vicregl_jax import data as data_lib
-from vicregl_jax import state as state_lib
 from vicregl_jax.data.embedded import natural_photos
 from vicregl_jax.evaluate import common, correspond, knn, linear
 
@@ -83,22 +82,26 @@ def draw_pictures(config, workdir: str, backbones: dict) -> list[str]:
     return paths
 
 
-def run_demo(config, workdir: str) -> dict:
-    """Runs the whole quick start and returns the summary (also in workdir/summary.json)."""
+def run_demo(config, workdir: str, *, check: bool = True) -> dict:
+    """Runs the whole quick start and returns the summary (also in workdir/summary.json).
+    check: run the config check of every part first (main.py has run it)."""
     workdir = str(workdir)
-    train.train_and_evaluate(config, workdir)
+    if check:
+        build.check_config(config, "demo", workdir=workdir)
+    train.train_and_evaluate(config, workdir, check=False)
     results = {}
     for label, random_init in (("trained", False), ("random", True)):
+        once = dict(random_init=random_init, check=False)
         results[label] = {
-            "knn_top1": knn.run(config, workdir, random_init=random_init, name=f"knn_{label}")["top1"],
-            "linear_top1": linear.run(config, workdir, random_init=random_init, name=f"linear_{label}")["top1"],
-            "correspond": correspond.run(config, workdir, random_init=random_init, name=f"correspond_{label}"),
+            "knn_top1": knn.run(config, workdir, name=f"knn_{label}", **once)["top1"],
+            "linear_top1": linear.run(config, workdir, name=f"linear_{label}", **once)["top1"],
+            "correspond": correspond.run(config, workdir, name=f"correspond_{label}", **once),
         }
         results[label]["correspond_chance"] = results[label]["correspond"]["chance"]
         results[label]["correspond"] = results[label]["correspond"]["accuracy"]
 
-    trained, _, _ = state_lib.load_workdir_model(workdir)
-    random_backbone, _ = common.load_backbone(config, workdir, random_init=True)
+    trained, _, _ = release.load_workdir_model(workdir, compute=config.model)
+    random_backbone = common.load_backbone(config, workdir, random_init=True).backbone
     pictures = draw_pictures(config, workdir, {"trained": trained.backbone, "random": random_backbone})
     exported = convert.export_torch(workdir)
 

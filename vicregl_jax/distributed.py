@@ -33,6 +33,8 @@ import jax
 from jax._src import clusters as jax_clusters
 from jax._src.clusters import cloud_tpu_cluster
 
+from vicregl_jax import workdir as workdir_lib
+
 MODES = ("auto", "on", "off")
 
 # The exit status of a run that saved a checkpoint because it was told to stop (SIGTERM from a
@@ -359,9 +361,7 @@ def default_compilation_cache_dir(workdir: str | None) -> str:
     """Returns workdir/compilation_cache (kept with the run, so a restarted or recreated
     machine finds it), or $XDG_CACHE_HOME/vicregl_jax/compilation_cache without a workdir."""
     if workdir:
-        text = str(workdir).rstrip("/")
-        base = text if "://" in text else os.path.abspath(text)
-        return f"{base}/{COMPILATION_CACHE_SUBDIR}"
+        return f"{str(workdir_lib.absolute(str(workdir).rstrip('/')))}/{COMPILATION_CACHE_SUBDIR}"
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache_home, "vicregl_jax", COMPILATION_CACHE_SUBDIR)
 
@@ -377,8 +377,8 @@ def enable_compilation_cache(cache_dir: str | None = None, workdir: str | None =
         return None
     if cache_dir is None:
         cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_compilation_cache_dir(workdir)
-    elif "://" not in cache_dir:
-        cache_dir = os.path.abspath(cache_dir)
+    else:
+        cache_dir = str(workdir_lib.absolute(cache_dir))
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     return cache_dir

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from vicregl_jax import build, coordination, losses, sharding
 from vicregl_jax import data as data_lib
-from vicregl_jax import state as state_lib
 from vicregl_jax import workdir as workdir_lib
+from vicregl_jax.checkpoint import DAMAGED_DIR, TrainState, describe_skipped
 from vicregl_jax.evaluate import knn
-from vicregl_jax.state import TrainState
+from vicregl_jax.model_config import seed_random_streams, split_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,7 +66,7 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
     def micro_loss(params, batch_stats, micro, key):
         # copy: the model mutates its statistics under this trace, not the caller's Variables.
         model = nnx.merge(graphdef, params, batch_stats, random_streams, copy=True)
-        state_lib.seed_random_streams(model, key)
+        seed_random_streams(model, key)
         with jax.named_scope("augment"):
             views = coloured_views(micro)
         out = model(views)
@@ -76,7 +76,7 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
         )
         embedding0 = out["embeddings"][0][:, 0] if out["embeddings"] is not None else None
         terms.update(losses.collapse_metrics(out["representations"][0][:, 0], embedding0))
-        return total, (state_lib.split_model(model)[2], terms)
+        return total, (split_model(model)[2], terms)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -240,7 +240,7 @@ def check_finite(step: int, metrics, checkpointer) -> None:
 
 def knn_monitor(run: build.Run, state: TrainState, config) -> dict[str, float]:
     """kNN top-1 / top-5 (%) of the current backbone, in eval mode, on config.eval's dataset."""
-    results = knn.evaluate_backbone(eval_model(run, state).backbone, config, run.mesh)
+    results = knn.evaluate_config(eval_model(run, state).backbone, config, run.mesh)
     return {"knn_top1": results["top1"], "knn_top5": results["top5"]}
 
 
@@ -256,33 +256,30 @@ class RunResult:
     last_metrics: dict
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None) -> RunResult:
+def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None, check: bool = True) -> RunResult:
     """Pre-trains VICRegL as config says, resuming from workdir when it holds a checkpoint.
 
     stop_after_steps stops this invocation after that many steps (checkpointing first), as a
-    preemption would; the schedule still runs to the config's total.
+    preemption would; the schedule still runs to the config's total. check: run the config
+    check first (main.py has run it).
     """
-    workdir = state_lib.absolute(workdir)
-    workdir_lib.check_workdir(workdir)
+    workdir = workdir_lib.absolute(workdir)
+    if check:
+        build.check_config(config, "pretrain", workdir=workdir)
     with workdir_lib.WorkdirLock(workdir):  # one run at a time (process 0 holds it)
         return _train(config, workdir, stop_after_steps)
 
 
 def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
-    if config.knn_every_epochs:
-        knn.check_labelled(config)  # fail now, not after the first N epochs
     run = build.build_run(config, workdir)
     if run.resumed and jax.process_index() == 0:
-        skipped = f" ({state_lib.describe_skipped(run.skipped)}; moved to {workdir / state_lib.DAMAGED_DIR})" \
-            if run.skipped else ""
+        skipped = f" ({describe_skipped(run.skipped)}; moved to {workdir / DAMAGED_DIR})" if run.skipped else ""
         print(f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}{skipped}.",
               flush=True)
     knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
-    step_fn = jit_train_step(
-        make_train_step(run.graphdef, run.random_streams, run.tx, run.schedule, run.loss, seed=config.seed,
-                        grad_accum_steps=config.grad_accum_steps),
-        run.shardings, run.mesh,
-    )
+    step_fn = jit_train_step(make_train_step(run.graphdef, run.random_streams, run.tx, run.schedule, run.loss,
+                                             seed=config.seed, grad_accum_steps=config.grad_accum_steps),
+                             run.shardings, run.mesh)
     log = MetricsLog(workdir, run.start_step)
     watcher = PreemptionWatcher(run.checkpointer.manager)
     bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step", dynamic_ncols=True,

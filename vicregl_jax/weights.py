@@ -30,7 +30,9 @@ from flax import nnx
 
 from vicregl_jax import config as config_lib
 from vicregl_jax import download, layout, models, torch_io
-from vicregl_jax import state as state_lib
+from vicregl_jax import checkpoint, model_config
+from vicregl_jax import release as release_lib
+from vicregl_jax import workdir as workdir_lib
 
 PREFIX = "release:"  # how a release name is told apart from a path on the command line
 RELEASE_URL = "https://dl.fbaipublicfiles.com/vicregl"  # the release's folder
@@ -148,14 +150,14 @@ def release_config(arch: str, state_dict, *, alpha: float | None = None,
                    dtype: str = "auto") -> ml_collections.ConfigDict:
     """Returns the config of a model holding a release state_dict (heads read off a full
     checkpoint; layer scale when the file has it)."""
-    config = state_lib.converted_config(state_dict, arch, **{"loss.alpha": alpha, "model.dtype": dtype})
+    config = release_lib.converted_config(state_dict, arch, **{"loss.alpha": alpha, "model.dtype": dtype})
     if any(k.endswith(".gamma") for k in state_dict) and config.model.layer_scale_init is None:
         config.model.layer_scale_init = 1e-6  # any value > 0 builds the parameter; the load sets it
     return config
 
 
 def _save_backbone(backbone, config, folder: str) -> None:
-    checkpointer = state_lib.Checkpointer(folder, state_lib.model_meta(config), async_save=False)
+    checkpointer = checkpoint.Checkpointer(folder, model_config.model_meta(config), async_save=False)
     checkpointer.save_model(0, nnx.state(backbone, nnx.Param), nnx.state(backbone, nnx.BatchStat))
     checkpointer.close()
 
@@ -179,8 +181,8 @@ def _convert(item: ReleaseFile, path: str, folder: str, sha256: str) -> None:
     temporary = folder + ".converting"
     shutil.rmtree(temporary, ignore_errors=True)
     if item.full:
-        model, parts = state_lib.model_from_release(state_dict, config)
-        state_lib.write_workdir(model, config, temporary)
+        model, parts = release_lib.model_from_release(state_dict, config)
+        release_lib.write_workdir(model, config, temporary)
     else:
         backbone, parts = _backbone_of(state_dict, config), ("backbone",)
         _save_backbone(backbone, config, temporary)
@@ -197,14 +199,14 @@ def _abstract_backbone(config):
     """Returns config's backbone built with nnx.eval_shape (shapes only, no heads)."""
     kwargs = {"layer_scale_init": config.model.layer_scale_init} if config.model.layer_scale_init else {}
     return nnx.eval_shape(lambda: models.create_backbone(
-        config.model.arch, rngs=nnx.Rngs(config.seed), dtype=state_lib.compute_dtype(config.model.dtype), **kwargs))
+        config.model.arch, rngs=nnx.Rngs(config.seed), dtype=model_config.compute_dtype(config.model.dtype), **kwargs))
 
 
 def _backbone_of(state_dict, config):
     """Returns config's backbone holding a backbone state_dict (strict), in eval mode."""
     backbone = _abstract_backbone(config)
     layout.load_torch_state_dict(backbone, state_dict)
-    state_lib.seed_random_streams(backbone, jax.random.key(config.seed))
+    model_config.seed_random_streams(backbone, jax.random.key(config.seed))
     backbone.eval()
     return backbone
 
@@ -274,20 +276,20 @@ def _restore_converted(folder: str, marker: dict, dtype: str):
         config.model.arch, config.loss.alpha = marker["arch"], marker["alpha"]
         config.model.layer_scale_init = marker.get("layer_scale_init")
     else:
-        config = state_lib.load_config(folder)
+        config = workdir_lib.load_config(folder)
     config.model.dtype = dtype
-    model = _abstract_backbone(config) if marker["parts"] == ["backbone"] else state_lib.abstract_model(config)
+    model = _abstract_backbone(config) if marker["parts"] == ["backbone"] else model_config.abstract_model(config.model, config.loss.alpha, config.seed)
     graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     on = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    checkpointer = state_lib.Checkpointer(folder, state_lib.model_meta(config), read_only=True)
+    checkpointer = checkpoint.Checkpointer(folder, model_config.model_meta(config), read_only=True)
     try:
         _, params, batch_stats, _ = checkpointer.restore_model(
             jax.tree.map(on, params), jax.tree.map(on, batch_stats), 0, verify=False)
     finally:
         checkpointer.close()
     model = nnx.merge(graphdef, params, batch_stats, rest)
-    state_lib.seed_random_streams(model, jax.random.key(config.seed))
+    model_config.seed_random_streams(model, jax.random.key(config.seed))
     model.eval()
     return model, config
 
@@ -304,7 +306,7 @@ def _load_file(path: str, arch: str | None, dtype: str):
         raise ValueError(f"{path}: its backbone is none of the known architectures: pass arch=NAME.")
     config = release_config(arch, state_dict, dtype=dtype)
     if full:
-        return state_lib.model_from_release(state_dict, config)[0], config
+        return release_lib.model_from_release(state_dict, config)[0], config
     return _backbone_of(state_dict, config), config
 
 
@@ -324,15 +326,15 @@ def load(source: str, *, arch: str | None = None, dtype: str = "auto", cache: st
     elif not os.path.exists(source):
         raise FileNotFoundError(f"{source!r} is neither a file, a folder, nor a released model "
                                 f"({', '.join(RELEASES)}).")
-    if state_lib.is_release_file(source):
+    if release_lib.is_release_file(source):
         return _load_file(source, arch, dtype)
     marker = _read_marker(source)
     if marker is not None:
         return _restore_converted(source, marker, dtype)
-    model, config, _ = state_lib.load_workdir_model(source)
-    if state_lib.compute_dtype(dtype) != state_lib.compute_dtype(config.model.dtype):
+    model, config, _ = release_lib.load_workdir_model(source)
+    if model_config.compute_dtype(dtype) != model_config.compute_dtype(config.model.dtype):
         config.model.dtype = dtype  # the same weights computing in another dtype
-        fresh = state_lib.abstract_model(config)
+        fresh = model_config.abstract_model(config.model, config.loss.alpha, config.seed)
         nnx.update(fresh, nnx.state(model))
         fresh.eval()
         model = fresh

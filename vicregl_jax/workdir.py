@@ -1,6 +1,9 @@
-"""The workdir as a place on disk: checked before anything is written there, and held by one
-pre-training run at a time.
+"""The workdir as a place on disk: its path, its config.json, checked before anything is
+written there, and held by one pre-training run at a time.
 
+    absolute(path)                   the path Orbax and JAX need (gs:// and other URLs unchanged)
+    save_config / load_config        the run's nested config as config.json (and config.<step>.json
+                                     when a run is resumed under another config)
     check_workdir(path)              raises ValueError when path is a file or not writable
     with WorkdirLock(path): ...      raises WorkdirLockedError while another run holds path
 
@@ -30,9 +33,12 @@ import time
 import uuid
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
+
+from vicregl_jax import config as config_lib
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0
@@ -49,6 +55,93 @@ class WorkdirLockedError(RuntimeError):
 def is_remote(path) -> bool:
     """Returns whether path is a URL (gs://, s3://, ...) rather than a local path."""
     return "://" in str(path)
+
+
+def absolute(path) -> epath.Path:
+    """Returns path made absolute (Orbax and JAX's cache need one); gs:// and other URLs stay as they are."""
+    text = str(path)
+    return epath.Path(text if is_remote(text) else os.path.abspath(text))
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------
+
+
+def is_workdir(path) -> bool:
+    """Returns whether path holds a config.json (a pre-training or converted workdir)."""
+    return (absolute(path) / "config.json").exists()
+
+
+def save_config(workdir, config) -> None:
+    """Writes the run's config as JSON in the workdir (host 0 only)."""
+    if jax.process_index() != 0:
+        return
+    path = absolute(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def config_history(workdir) -> list[tuple[int, epath.Path]]:
+    """Returns (step, path) of the configs a workdir's run was resumed under (config.<step>.json),
+    oldest first; config.json, the config it started with, is step 0."""
+    root = absolute(workdir)
+    found = [(0, root / "config.json")]
+    if root.exists():
+        for path in root.glob("config.*.json"):
+            middle = path.name[len("config."):-len(".json")]
+            if middle.isdigit():
+                found.append((int(middle), path))
+    return sorted(found, key=lambda item: item[0])
+
+
+def load_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
+    """Returns the config a run saved in its workdir: the one it was last resumed under (at or
+    before step, when given), else the one it started with (config.json)."""
+    history = config_history(workdir)
+    path = history[0][1]
+    for at, candidate in history[1:]:
+        if step is None or at <= step:
+            path = candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a vicregl_jax workdir "
+                                "(pre-train there first, or convert release weights with `convert from-torch`).")
+    saved = json.loads(path.read_text())
+    if "model" not in saved:
+        raise ValueError(f"{path} is the config of an earlier version of vicregl_jax (flat keys, no 'model' "
+                         "section): its checkpoints do not load in this version; retrain, or export the weights "
+                         "to PyTorch with the earlier version and convert them back with `convert from-torch`.")
+    config = config_lib.default_config()
+    config.update_from_flattened_dict(_flatten(saved))
+    return config
+
+
+def save_resume_config(workdir, config, step: int) -> epath.Path:
+    """Writes the config a run is resumed under at step as config.<step>.json (host 0);
+    returns its path."""
+    path = absolute(workdir) / f"config.{step}.json"
+    if jax.process_index() == 0:
+        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    return path
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = tuple(map(_tuples, value)) if isinstance(value, list) else value
+    return out
+
+
+def _tuples(value):
+    return tuple(map(_tuples, value)) if isinstance(value, list) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Checked and locked
+# --------------------------------------------------------------------------------------------
 
 
 def check_workdir(path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -18,40 +18,75 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vicregl_jax import data as data_lib
+from vicregl_jax import build, release, sharding
 from vicregl_jax import extract as features_lib
-from vicregl_jax import state as state_lib
 from vicregl_jax import weights as weights_lib
 from vicregl_jax.data import to_global_batch
+from vicregl_jax.model_config import compute_dtype
 from vicregl_jax.models import create_backbone
 
 
-def load_backbone(config, workdir: str | None, weights: str | None = None, *, random_init: bool = False):
-    """Returns (backbone in eval mode, description) of the weights to evaluate.
+class Evaluation(NamedTuple):
+    """What an image-level evaluation starts from: the mesh, the backbone (LoadedBackbone),
+    its jitted feature function (make_feature_fn) and the evaluation batch over the mesh."""
+
+    mesh: Any
+    loaded: LoadedBackbone
+    features: Any
+    batch_size: int
+
+
+def start(config, workdir, weights, mode: str, *, random_init: bool, check: bool) -> Evaluation:
+    """Returns the Evaluation of `mode` ("knn", "linear", "correspond") on the backbone to
+    evaluate, after the run's config check when check is set (main.py has run it otherwise)."""
+    if check:
+        build.check_config(config, mode, workdir=workdir)
+    mesh = sharding.make_mesh(config.mesh.num_devices)
+    loaded = load_backbone(config, workdir, weights, random_init=random_init)
+    return Evaluation(mesh, loaded, make_feature_fn(loaded.backbone, mesh),
+                      eval_batch_size(config.eval.batch_size, mesh))
+
+
+class LoadedBackbone(NamedTuple):
+    """A backbone to evaluate (in eval mode), what its weights are, and its architecture."""
+
+    backbone: nnx.Module
+    description: str
+    arch: str
+
+
+def load_backbone(config, workdir: str | None, weights: str | None = None, *,
+                  random_init: bool = False) -> LoadedBackbone:
+    """Returns the backbone to evaluate, its description and its architecture.
 
     weights: None (the newest checkpoint of workdir), another workdir, a PyTorch file of the
     release (.pth / .safetensors, backbone or full checkpoint, of config.model.arch), or
     "release:NAME" (a published model by name, vicregl_jax.weights).
-    random_init: the architecture of config at random initialisation instead.
+    random_init: the architecture of config at random initialisation instead. Wherever the
+    weights come from, the compute settings (model.dtype, model.remat, model.unroll_blocks)
+    are config's; the architecture of a workdir or a named model is its own.
     """
-    arch = config.model.arch
+    model, arch = config.model, config.model.arch
     if random_init:
-        backbone = create_backbone(arch, rngs=nnx.Rngs(config.seed), dtype=state_lib.compute_dtype(config.model.dtype))
+        backbone = create_backbone(arch, rngs=nnx.Rngs(config.seed), dtype=compute_dtype(model.dtype),
+                                   remat=model.remat, unroll=model.unroll_blocks)
         backbone.eval()
-        return backbone, f"{arch} at random initialisation (seed {config.seed})"
+        return LoadedBackbone(backbone, f"{arch} at random initialisation (seed {config.seed})", arch)
     source = weights or workdir
     if source is None:
         raise ValueError("Nothing to evaluate: pass --workdir of a pre-training run or --weights.")
     if source.startswith(weights_lib.PREFIX):
-        backbone, _, description = weights_lib.load_backbone(source, config)
-        return backbone, description
-    if state_lib.is_release_file(source):
-        return state_lib.load_release_backbone(source, config), f"{arch} from the PyTorch file {source}"
-    model, saved_config, step = state_lib.load_workdir_model(source)
-    if saved_config.model.arch != arch:
+        backbone, saved, description = weights_lib.load_backbone(source, config)
+        return LoadedBackbone(backbone, description, saved.model.arch)
+    if release.is_release_file(source):
+        return LoadedBackbone(release.load_release_backbone(source, model, config.seed),
+                              f"{arch} from the PyTorch file {source}", arch)
+    loaded, saved_config, step = release.load_workdir_model(source, compute=model)
+    saved_arch = saved_config.model.arch
+    if saved_arch != arch:
         logging.warning("Evaluating %s (arch %s from its config.json), not config.model.arch=%s.",
-                        source, saved_config.model.arch, arch)
-    return model.backbone, f"{saved_config.model.arch} pre-trained in {source} (step {step})"
+                        source, saved_arch, arch)
+    return LoadedBackbone(loaded.backbone, f"{saved_arch} pre-trained in {source} (step {step})", saved_arch)
 
 
 def make_feature_fn(backbone, mesh):
@@ -87,20 +122,10 @@ def fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def eval_batch_size(config, mesh) -> int:
-    """Returns config.eval.batch_size rounded down to a multiple of the mesh size (at least one row per device)."""
-    return max(mesh.size, config.eval.batch_size // mesh.size * mesh.size)
-
-
-def check_labelled(config, task: str, splits) -> None:
-    """Raises ValueError, before any work, when config.eval's dataset has no labels in one of splits."""
-    dataset = eval_dataset(config)
-    for split in splits:
-        source = data_lib.open_source(dataset, split, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
-        if source.num_classes == 0:
-            raise ValueError(
-                f"{task} needs labels, and the dataset {dataset!r} ({split}) has none: set --config.eval.dataset "
-                "to a labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
+def eval_batch_size(batch_size: int, mesh) -> int:
+    """Returns batch_size (config.eval.batch_size) rounded down to a multiple of the mesh size
+    (at least one row per device)."""
+    return max(mesh.size, batch_size // mesh.size * mesh.size)
 
 
 def eval_dataset(config) -> str:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vicregl_jax import data as data_lib
 from vicregl_jax import sharding
+from vicregl_jax import data as data_lib
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.losses import topk_hits
@@ -128,48 +128,48 @@ def make_sharded_hits(mesh, *, k: int, temperature: float, num_classes: int):
     return hits
 
 
-def check_labelled(config) -> None:
-    """Raises ValueError, before any work, if kNN's dataset (config.eval.dataset) has no labels."""
-    common.check_labelled(config, "kNN", (config.eval.train_split, config.eval.split))
-
-
-def evaluate_backbone(backbone, config, mesh) -> dict:
-    """Returns kNN results of a backbone (in eval mode) on config.eval's dataset: features of
-    config.eval.train_split are the neighbours, config.eval.split is scored.
+def evaluate_backbone(backbone, evaluation, mesh, *, dataset: str, read) -> dict:
+    """Returns kNN results of a backbone (in eval mode) on dataset: features of
+    evaluation.train_split are the neighbours, evaluation.split is scored (evaluation: the
+    config's eval section; read: the data.ReadOptions of the config's data section).
 
     The training features stay sharded over the mesh (on N devices each holds 1/N of them);
     each test batch is scored against them where they are, so no host ever holds them all.
     """
-    check_labelled(config)
     feature_fn = common.make_feature_fn(backbone, mesh)
-    dataset = common.eval_dataset(config)
     splits, num_classes = {}, 0
-    for split in (config.eval.train_split, config.eval.split):
+    for split in (evaluation.train_split, evaluation.split):
         iterator = data_lib.make_eval_iterator(
-            dataset, split, global_batch_size=common.eval_batch_size(config, mesh),
-            images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
-            read=data_lib.ReadOptions.from_config(config.data),
+            dataset, split, global_batch_size=common.eval_batch_size(evaluation.batch_size, mesh),
+            images=data_lib.EvalImages(image_size=evaluation.image_size, resize_size=evaluation.resize_size),
+            read=read,
         )
         num_classes = max(num_classes, iterator.num_classes)
         splits[split] = sharded_features(feature_fn, iterator, mesh)
-    train, test = splits[config.eval.train_split], splits[config.eval.split]
-    k = min(config.eval.knn.k, train.count)
-    hits = make_sharded_hits(mesh, k=k, temperature=config.eval.knn.temperature, num_classes=num_classes)
+    train, test = splits[evaluation.train_split], splits[evaluation.split]
+    k = min(evaluation.knn.k, train.count)
+    temperature = evaluation.knn.temperature
+    hits = make_sharded_hits(mesh, k=k, temperature=temperature, num_classes=num_classes)
     hits1 = hits5 = 0
     for t in range(test.features.shape[0]):
         h1, h5 = hits(train.features, train.labels, test.features[t], test.labels[t])
         hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
     n = test.count
-    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k,
-            "temperature": config.eval.knn.temperature,
-            "dataset": f"{dataset} ({config.eval.train_split} -> {config.eval.split})",
+    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature,
+            "dataset": f"{dataset} ({evaluation.train_split} -> {evaluation.split})",
             "train_examples": train.count, "test_examples": n}
 
 
-def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn") -> dict:
-    """Runs weighted kNN on frozen pooled features of config.eval's dataset; returns and writes results."""
-    mesh = sharding.make_mesh(config.mesh.num_devices)
-    backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
-    results = {**evaluate_backbone(backbone, config, mesh), "weights": description}
+def evaluate_config(backbone, config, mesh) -> dict:
+    """Returns kNN results of a backbone on the dataset and splits config.eval names."""
+    return evaluate_backbone(backbone, config.eval, mesh, dataset=common.eval_dataset(config),
+                             read=data_lib.ReadOptions.from_config(config.data))
+
+
+def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn", check: bool = True) -> dict:
+    """Runs weighted kNN on frozen pooled features of config.eval's dataset; returns and writes
+    results (check: run the config check first; main.py has run it)."""
+    mesh, loaded, _, _ = common.start(config, workdir, weights, "knn", random_init=random_init, check=check)
+    results = {**evaluate_config(loaded.backbone, config, mesh), "weights": loaded.description}
     common.write_results(workdir, name, results)
     return results

@@ -14,7 +14,9 @@ a documented shortcut that is typically a point or two below the protocol).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vicregl_jax import data as data_lib
 from vicregl_jax import sharding
+from vicregl_jax import data as data_lib
+from vicregl_jax.checkpoint import Checkpointer
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
+from vicregl_jax.evaluate.head_training import HeadTraining, head_checkpointer, train_head
 from vicregl_jax.losses import topk_hits
 
 
@@ -44,22 +48,12 @@ def head_optimizer(lr: float, epochs: int, steps_per_epoch: int, weight_decay: f
                        optax.sgd(lambda count: per_epoch(count // steps_per_epoch), momentum=momentum))
 
 
-def make_train_step(graphdef):
-    """Returns a jitted step(state, features, labels, mask) -> (state, loss) of (head, optimizer)."""
-
-    @jax.jit
-    def step(state, features, labels, mask):
-        head, optimizer = nnx.merge(graphdef, state)
-
-        def loss_fn(head):
-            ce = optax.softmax_cross_entropy_with_integer_labels(head(features.astype(jnp.float32)), labels)
-            return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(head)
-        optimizer.update(head, grads)
-        return nnx.state((head, optimizer)), loss
-
-    return step
+def masked_cross_entropy(head: nnx.Module, batch, key=None) -> jax.Array:
+    """Returns the mean cross-entropy of the head's logits over the real rows of a batch
+    (features (B, dim), labels (B,), mask (B,))."""
+    features, labels, mask = batch
+    ce = optax.softmax_cross_entropy_with_integer_labels(head(features.astype(jnp.float32)), labels)
+    return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 @jax.jit
@@ -81,6 +75,23 @@ def evaluate_head(head: nnx.Linear, val_batches: Callable[[], Iterator]) -> dict
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n}
 
 
+def epoch_batches(train_batches: Callable[[int], Iterator], steps_per_epoch: int) -> Callable[[int], Iterator]:
+    """Returns batches(start): the batches of train_batches(epoch), epoch after epoch, from
+    step start on (the epoch of start is asked for, its earlier batches skipped)."""
+    def batches(start):
+        epoch, skip = divmod(start, steps_per_epoch)
+        for e in itertools.count(epoch):
+            for batch in itertools.islice(train_batches(e), skip if e == epoch else 0, None):
+                yield tuple(jnp.asarray(x, bool) if i == 2 else jnp.asarray(x) for i, x in enumerate(batch))
+
+    return batches
+
+
+def _this_device():
+    """Returns a mesh of this process's first device: the head of cached features trains there."""
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), (sharding.DATA_AXIS,))
+
+
 def train_linear_head(
     train_batches: Callable[[int], Iterator],
     val_batches: Callable[[], Iterator],
@@ -92,33 +103,31 @@ def train_linear_head(
     lr: float = 0.02,
     weight_decay: float = 1e-6,
     seed: int = 0,
-    log: Callable[[dict], None] | None = None,
+    mesh=None,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every_epochs: int = 10,
+    progress: bool = False,
 ) -> dict:
-    """Trains the head and returns {"top1", "top5", "best_top1", "best_top5", "epochs", ...,
-    "head"}.
+    """Trains the head (resuming from the checkpointer) and returns {"top1", "top5",
+    "best_top1", "best_top5", "epochs", "train_loss", "head"}: the last epoch's scores, the
+    best over epochs, and the head.
 
     train_batches(epoch) yields steps_per_epoch batches (features (B, dim), labels (B,),
-    mask (B,)) for one epoch; val_batches() yields the same over the validation set.
+    mask (B,)) for one epoch; val_batches() yields the same over the validation set, scored
+    after every epoch.
     """
     head = linear_head(dim, num_classes, seed)
-    optimizer = nnx.Optimizer(head, head_optimizer(lr, epochs, steps_per_epoch, weight_decay), wrt=nnx.Param)
-    graphdef, state = nnx.split((head, optimizer))
-    step = make_train_step(graphdef)
-    best1 = best5 = 0.0
-    result = {}
-    for epoch in range(epochs):
-        losses = []
-        for feats, labels, mask in train_batches(epoch):
-            state, loss = step(state, jnp.asarray(feats), jnp.asarray(labels), jnp.asarray(mask, bool))
-            losses.append(loss)
-        nnx.update((head, optimizer), state)
-        metrics = evaluate_head(head, val_batches)
-        best1, best5 = max(best1, metrics["top1"]), max(best5, metrics["top5"])
-        result = {**metrics, "best_top1": best1, "best_top5": best5, "epochs": epoch + 1,
-                  "train_loss": float(np.mean(jax.device_get(losses))) if losses else float("nan")}
-        if log is not None:
-            log(result)
-    return {**result, "head": head}
+    how = HeadTraining(steps=epochs * steps_per_epoch, seed=seed,
+                       checkpoint_every=checkpoint_every_epochs * steps_per_epoch,
+                       evaluate=lambda trained: evaluate_head(trained, val_batches), evaluate_every=steps_per_epoch,
+                       progress=progress, desc="linear head")
+    _, records = train_head(head, head_optimizer(lr, epochs, steps_per_epoch, weight_decay), masked_cross_entropy,
+                            epoch_batches(train_batches, steps_per_epoch), how, mesh or _this_device(),
+                            checkpointer=checkpointer)
+    last = records[-1]
+    return {"top1": last["top1"], "top5": last["top5"], "best_top1": max(r["top1"] for r in records),
+            "best_top5": max(r["top5"] for r in records), "epochs": last["step"] // steps_per_epoch,
+            "train_loss": last["train_loss"], "head": head}
 
 
 def default_lr(arch: str) -> float:
@@ -126,17 +135,55 @@ def default_lr(arch: str) -> float:
     return 0.3 if arch.startswith("convnext") else 0.02
 
 
-def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "linear") -> dict:
-    """Runs linear classification on frozen features (config.eval.linear.mode: protocol or fast)."""
-    settings = config.eval.linear
-    if settings.mode not in ("protocol", "fast"):
-        raise ValueError(f"config.eval.linear.mode={settings.mode!r}; use 'protocol' or 'fast'.")
-    common.check_labelled(config, "Linear evaluation", (config.eval.train_split, config.eval.split))
-    mesh = sharding.make_mesh(config.mesh.num_devices)
-    backbone, description = common.load_backbone(config, workdir, weights, random_init=random_init)
-    features = common.make_feature_fn(backbone, mesh)
-    dataset = common.eval_dataset(config)
-    batch_size = common.eval_batch_size(config, mesh)
+def _fast_train_batches(train: dict, batch_size: int, seed: int) -> Callable[[int], Iterator]:
+    """Returns train_batches(epoch) over cached features: epoch e in the order of the e-th
+    permutation drawn from one generator seeded with seed (drawn in turn, kept for a resume)."""
+    rng, orders, count = np.random.default_rng(seed), [], len(train["labels"])
+
+    def train_batches(epoch):
+        while len(orders) <= epoch:
+            orders.append(rng.permutation(count))
+        order = orders[epoch]
+        for start in range(0, count, batch_size):
+            idx = order[start:start + batch_size]
+            yield train["features"][idx], train["labels"][idx], np.ones(len(idx), bool)
+
+    return train_batches
+
+
+class _ProtocolBatches:
+    """train_batches(epoch) of the protocol: fresh random-resized crops and flips of the
+    training images through the frozen backbone, the augmented stream sought to the epoch."""
+
+    def __init__(self, make_iterator: Callable[[int], Any], features: Callable, mesh, batch_size: int):
+        self.make_iterator, self.features, self.mesh = make_iterator, features, mesh
+        self.iterator, self.position = make_iterator(0), 0
+        self.num_examples, self.num_classes = self.iterator.num_examples, self.iterator.num_classes or 0
+        self.steps_per_epoch = -(-self.num_examples // batch_size)
+
+    def __call__(self, epoch: int) -> Iterator:
+        if self.position != epoch * self.steps_per_epoch:  # a resumed run: seek
+            self.iterator.close()
+            self.iterator = self.make_iterator(epoch * self.steps_per_epoch)
+        for _ in range(self.steps_per_epoch):
+            keep = {k: v for k, v in next(self.iterator).items() if k in ("image", "label", "mask")}
+            batch = to_global_batch(keep, self.mesh)
+            self.position += 1
+            _, pooled = self.features(batch["image"])
+            yield common.fetch(pooled), common.fetch(batch["label"]), common.fetch(batch["mask"]).astype(bool)
+
+    def close(self) -> None:
+        """Stops the augmented stream."""
+        self.iterator.close()
+
+
+def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "linear", check: bool = True) -> dict:
+    """Runs linear classification on frozen features (config.eval.linear.mode: protocol or
+    fast); the head is checkpointed under workdir/<name>_head and a rerun resumes there.
+    check: run the config check first (main.py has run it)."""
+    settings, dataset = config.eval.linear, common.eval_dataset(config)
+    mesh, loaded, features, batch_size = common.start(config, workdir, weights, "linear", random_init=random_init,
+                                                      check=check)
     size = dict(images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
                 read=data_lib.ReadOptions.from_config(config.data))
 
@@ -156,36 +203,26 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
         train = centre_features(config.eval.train_split)
         num_classes = max(num_classes, int(train["labels"].max()) + 1)
         num_train = len(train["labels"])
-        steps_per_epoch = -(-num_train // batch_size)
-        rng = np.random.default_rng(config.seed)
-
-        def train_batches(epoch):
-            order = rng.permutation(num_train)
-            for start in range(0, num_train, batch_size):
-                idx = order[start:start + batch_size]
-                yield train["features"][idx], train["labels"][idx], np.ones(len(idx), bool)
+        train_batches = _fast_train_batches(train, batch_size, config.seed)
     else:
-        augmented = data_lib.make_linear_train_iterator(
-            dataset, config.eval.train_split, global_batch_size=batch_size, seed=config.seed, **size)
-        num_train = augmented.num_examples
-        num_classes = max(num_classes, augmented.num_classes or 0)
-        steps_per_epoch = -(-num_train // batch_size)
-
-        def train_batches(epoch):
-            for _ in range(steps_per_epoch):
-                batch = to_global_batch({k: v for k, v in next(augmented).items() if k in ("image", "label", "mask")},
-                                        mesh)
-                _, pooled = features(batch["image"])
-                yield (common.fetch(pooled), common.fetch(batch["label"]), common.fetch(batch["mask"]).astype(bool))
-
-    lr = settings.lr or default_lr(config.model.arch)
-    result = train_linear_head(
-        train_batches, val_batches, dim=val["features"].shape[1], num_classes=num_classes,
-        steps_per_epoch=steps_per_epoch, epochs=settings.epochs, lr=lr, weight_decay=settings.weight_decay,
-        seed=config.seed,
-    )
+        train_batches = _ProtocolBatches(lambda start: data_lib.make_linear_train_iterator(
+            dataset, config.eval.train_split, global_batch_size=batch_size, seed=config.seed, start_step=start,
+            **size), features, mesh, batch_size)
+        num_train, num_classes = train_batches.num_examples, max(num_classes, train_batches.num_classes)
+    lr = settings.lr or default_lr(loaded.arch)
+    head = dict(dim=val["features"].shape[1], num_classes=num_classes, steps_per_epoch=-(-num_train // batch_size),
+                epochs=settings.epochs, lr=lr, weight_decay=settings.weight_decay, seed=config.seed)
+    checkpointer = head_checkpointer(workdir, name, {**head, "dataset": dataset, "mode": settings.mode,
+                                                    "batch_size": batch_size, "weights": loaded.description})
+    try:
+        result = train_linear_head(train_batches, val_batches, **head, checkpointer=checkpointer,
+                                   checkpoint_every_epochs=settings.checkpoint_every_epochs)
+    finally:
+        for part in (checkpointer, train_batches):
+            if hasattr(part, "close"):
+                part.close()
     result.pop("head")
-    result.update(weights=description, mode=settings.mode, lr_head=lr, train_examples=num_train,
+    result.update(weights=loaded.description, mode=settings.mode, lr_head=lr, train_examples=num_train,
                   val_examples=len(val["labels"]),
                   dataset=f"{dataset} ({config.eval.train_split} -> {config.eval.split})")
     common.write_results(workdir, name, result)

@@ -1,0 +1,91 @@
+"""workdir.py: one run per workdir (the lock and its staleness rules), and a workdir that
+cannot be written refused before anything is written."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from tiny import tiny_config
+
+from vicregl_jax import train
+from vicregl_jax import workdir as workdir_lib
+
+
+def write_lock(workdir, **fields):
+    os.makedirs(workdir, exist_ok=True)
+    info = {"host": socket.gethostname(), "boot_id": workdir_lib._boot_id(), "pid": os.getpid(), "token": "other",
+            "started": time.time(), "beat": 0, "heartbeat": time.time(), **fields}
+    (workdir / workdir_lib.LOCK_NAME).write_text(json.dumps(info))
+    return info
+
+
+def test_workdir_lock(data_dir, tmp_path, monkeypatch, caplog):
+    # A live run on this host holds it: refused at once, naming the holder.
+    write_lock(tmp_path / "live")
+    with pytest.raises(workdir_lib.WorkdirLockedError, match=rf"live is in use by another run \(host "
+                       rf"{socket.gethostname()}, pid {os.getpid()} .*delete .*run.lock"):
+        train.train_and_evaluate(tiny_config(data_dir), tmp_path / "live")
+    assert not (tmp_path / "live" / "config.json").exists()
+    # Its pid is gone: stale, taken over with a warning, removed on release.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(tmp_path / "dead", pid=dead.pid)
+    with workdir_lib.WorkdirLock(tmp_path / "dead") as lock:
+        assert json.loads((tmp_path / "dead" / "run.lock").read_text())["token"] == lock.token
+    assert f"pid {dead.pid} is no longer running on this host" in caplog.text
+    assert not (tmp_path / "dead" / "run.lock").exists()
+    # Another host: an old heartbeat is stale; a fresh one is watched: a moving counter is a
+    # live run (refused), a still one is taken over after STALE_AFTER_S.
+    monkeypatch.setattr(workdir_lib, "STALE_AFTER_S", 1.0)
+    write_lock(tmp_path / "old", host="elsewhere", heartbeat=time.time() - 3600)
+    workdir_lib.WorkdirLock(tmp_path / "old").acquire().release()
+    assert "its heartbeat stopped 3600 s ago" in caplog.text
+    info = write_lock(tmp_path / "beating", host="elsewhere")
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.05):
+            info["beat"] += 1
+            write_lock(tmp_path / "beating", **info)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(workdir_lib.WorkdirLockedError, match="host elsewhere"):
+            workdir_lib.WorkdirLock(tmp_path / "beating").acquire()
+    finally:
+        stop.set()
+        thread.join()
+    write_lock(tmp_path / "still", host="elsewhere")
+    workdir_lib.WorkdirLock(tmp_path / "still").acquire().release()
+    assert "its heartbeat did not move for 1 s" in caplog.text
+    # Without an exclusive create (gs://): write, read back, hold only if the token is ours.
+    monkeypatch.setattr(workdir_lib, "REMOTE_SETTLE_S", 0.01)
+    first, second = workdir_lib.WorkdirLock(tmp_path / "remote"), workdir_lib.WorkdirLock(tmp_path / "remote")
+    first.remote = second.remote = True
+    first.acquire()
+    with pytest.raises(workdir_lib.WorkdirLockedError):
+        second.acquire()
+    first.release()
+    assert not (tmp_path / "remote" / "run.lock").exists()
+    # Processes other than 0 do not take it.
+    workdir_lib.WorkdirLock(tmp_path / "other", holder_only=False).acquire().release()
+    assert not (tmp_path / "other" / "run.lock").exists()
+
+
+
+
+def test_workdir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file is a file, not a folder"):
+        workdir_lib.check_workdir(tmp_path / "file" / "run")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
+    with pytest.raises(ValueError, match=r"run would be created in .*, which is not writable"):
+        workdir_lib.check_workdir(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
