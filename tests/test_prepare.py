@@ -84,8 +84,8 @@ def read_all(dataset, split, data_dir):
 
 
 class Watcher(threading.Thread):
-    """Polls whether TFDS takes data_dir's imagenet2012 for prepared; once it does, counts its
-    examples: every observation is recorded."""
+    """Polls whether data_dir's imagenet2012 is prepared, as the production reader asks it
+    (prepare.prepared_builder); once it is, counts its examples: every observation is recorded."""
 
     def __init__(self, data_dir, expected):
         super().__init__(daemon=True)
@@ -94,8 +94,8 @@ class Watcher(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            builder = tfds.builder("imagenet2012", data_dir=self.data_dir)
-            if not builder.is_prepared():
+            builder = prepare.prepared_builder(tfds.builder("imagenet2012", data_dir=self.data_dir))
+            if builder is None:
                 self.seen.append("absent")
             else:
                 try:
@@ -135,6 +135,7 @@ def test_a_preparation_killed_in_its_upload_resumes_without_resending_shards_and
     assert 3 <= len(shards) < total, output
     before = {n: o for n, o in storage_emulator.list_objects(BUCKET, prefix).items() if prepare.SHARD.search(n)}
     assert prefix + "dataset_info.json" not in storage_emulator.list_objects(BUCKET, prefix)
+    early = tfds.builder("imagenet2012", data_dir=data_dir)  # a reader's builder, made before the metadata
 
     storage_emulator.slow_uploads(0)
     prepare.main(prepare_command(data_dir, manual, tmp_path / "staging")[3:])  # resumed in this process
@@ -155,6 +156,13 @@ def test_a_preparation_killed_in_its_upload_resumes_without_resending_shards_and
     assert "absent" in watcher.seen and watcher.seen[-1] == "whole", watcher.seen[-5:]
     assert all(s in ("absent", "whole") for s in watcher.seen), [s for s in watcher.seen if s != "absent"][:3]
     assert read_all("imagenet2012", "validation", data_dir) == validation
+    # The builder made before dataset_info.json was written keeps the code's metadata (TFRecord)
+    # though is_prepared() now says yes: opened as it is, the dataset looks broken (the race a
+    # reader checking a builder it made earlier runs into); prepared_builder reads it again.
+    assert early.is_prepared()
+    with pytest.raises(NotImplementedError, match="FileFormat.TFRECORD"):
+        early.as_data_source("validation")
+    assert len(prepare.prepared_builder(early).as_data_source("validation")) == len(validation)
 
     # Once prepared, the command finds it so and uploads nothing.
     prepare.main(prepare_command(data_dir, manual, tmp_path / "staging")[3:])

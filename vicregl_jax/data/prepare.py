@@ -8,10 +8,11 @@ writer opens local files only. So the dataset is prepared by TFDS into a local s
 folder (its free space checked first), then its shards are uploaded in parallel with
 retries, checked (count and sizes), and the dataset's metadata (features.json, then
 dataset_info.json, which TFDS reads as "prepared") is written last: a reader never sees a
-dataset whose shards are not all there. Run again after a kill, it resumes: a staged dataset
-is not prepared again (a generation killed half-way starts over, as TFDS's does), and the
-shards already in the bucket with the right size are not uploaded again. A run with a gs://
-data_dir prepares through here too, on process 0 (vicregl_jax.data.sources).
+dataset whose shards are not all there (a reader asks through prepared_builder: a builder made
+before dataset_info.json was written keeps the code's metadata). Run again after a kill, it
+resumes: a staged dataset is not prepared again (a generation killed half-way starts over, as
+TFDS's does), and the shards already in the bucket with the right size are not uploaded again.
+A run with a gs:// data_dir prepares through here too, on process 0 (vicregl_jax.data.sources).
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def builder_spec(builder) -> str:
     default = str(type(builder).VERSION) if getattr(type(builder), "VERSION", None) else None
     version = "" if str(builder.version) == default else f":{builder.version}"
     return f"{builder.name}{config}{version}"
+
+
+def prepared_builder(builder):
+    """Returns a builder of `builder`'s dataset that read its prepared folder's metadata, or None
+    when that folder is not prepared (yet)."""
+    if not builder.is_prepared():
+        return None
+    # is_prepared() looks at the folder now, but a builder reads dataset_info.json once, when
+    # made: one made just before a preparation wrote it holds the code's metadata (TFRecord, no
+    # split sizes) and cannot open the ArrayRecord shards. Made again, it reads the file found.
+    return tfds.builder(builder_spec(builder), data_dir=str(builder.data_dir_root))
 
 
 def default_staging_dir() -> str:
@@ -210,9 +222,10 @@ def prepare_to_bucket(dataset: str, data_dir: str, manual_dir: str | None = None
     """Returns the builder of `dataset` ('name[/config][:version]') prepared in data_dir
     (gs://...), preparing it in staging_dir and uploading it unless it is there already."""
     remote = tfds.builder(dataset, data_dir=data_dir)
-    if remote.is_prepared():
+    prepared = prepared_builder(remote)
+    if prepared is not None:
         print(f"vicregl_jax: {dataset} is prepared in {remote.data_path} already.", flush=True)
-        return remote
+        return prepared
     staging_dir = os.path.abspath(staging_dir or default_staging_dir())
     with _staging_lock(staging_dir, remote.name):
         local = stage(dataset, staging_dir, manual_dir, num_shards)

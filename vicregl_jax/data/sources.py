@@ -230,8 +230,8 @@ def _prepare(builder, manual_dir: str | None):
     def prepare_unless_prepared():
         with preparation_lock(builder):
             # Another process (process 0 of this run, a test worker) may have prepared it.
-            fresh = tfds.builder(name, data_dir=root)
-            if fresh.is_prepared():
+            fresh = prepare.prepared_builder(builder)
+            if fresh is not None:
                 return fresh
             if "://" in root:  # TFDS cannot write ArrayRecord to a bucket: staged locally, then uploaded
                 return prepare.prepare_to_bucket(prepare.builder_spec(builder), root, manual_dir)
@@ -244,8 +244,8 @@ def _prepare(builder, manual_dir: str | None):
         # build it for hours and race on the final rename.
         return coordination.first_process_then_others(f"tfds_prepare/{name}/{root}", root, prepare_unless_prepared)
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
-        fresh = tfds.builder(name, data_dir=root)
-        if fresh.is_prepared():  # prepared meanwhile by a process that does not share this run
+        fresh = prepare.prepared_builder(builder)
+        if fresh is not None:  # prepared meanwhile by a process that does not share this run
             return fresh
         raise FileNotFoundError(
             f"could not prepare TFDS dataset {name!r} in {builder.data_dir_root} ({error}). "
@@ -301,8 +301,8 @@ def tfds_source(
             f"unknown dataset {name!r}: give a TFDS name (e.g. 'imagenet2012', 'imagenette'), "
             f"an embedded one ({', '.join(embedded.NAMES)}), or 'folder:/path/to/images'."
         ) from error
-    if not builder.is_prepared():
-        builder = _prepare(builder, manual_dir)
+    prepared = prepare.prepared_builder(builder)  # not the builder itself: it may predate the preparation
+    builder = _prepare(builder, manual_dir) if prepared is None else prepared
     base_split = split.split("[")[0]
     if base_split not in builder.info.splits:
         raise ValueError(
