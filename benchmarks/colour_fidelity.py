@@ -24,7 +24,8 @@ import skimage.data
 from common import print_table
 from PIL import Image
 
-from vicregl_jax.data import colour, reference_pil
+from references import pil as reference_pil
+from vicregl_jax.data import colour
 
 FAMILIES = ("brightness", "contrast", "saturation", "hue", "jitter", "grayscale", "blur, sigma < 0.5",
             "blur, sigma >= 0.5", "solarize", "chain")

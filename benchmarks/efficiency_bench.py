@@ -147,7 +147,8 @@ def probe_time(config_name: str, batch: int, repeats: int) -> dict:
 def probe_criterion_collectives(batch: int) -> dict:
     """Collectives of the criterion's forward + backward alone at the ConvNeXt-S shapes."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     from loss_bench import loss_inputs
 
     from vicregl_jax import losses, sharding

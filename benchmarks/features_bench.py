@@ -44,7 +44,7 @@ import torch
 from flax import nnx
 
 import vicregl_jax
-from tests.torch_reference import TORCH_BACKBONES
+from references.torch_modules import TORCH_BACKBONES
 from vicregl_jax import extract
 from vicregl_jax import weights as weights_lib
 

@@ -5,7 +5,7 @@
 
 For each architecture, one training step of the backbone alone (train mode, loss =
 mean(pooled^2) + mean(maps^2), gradients of every parameter) is compiled, warmed up and
-timed; the PyTorch reference module of tests/torch_reference.py (the release's layout)
+timed; the PyTorch reference module of references/torch_modules.py (the release's layout)
 runs the same step at the same batch in the same process. Columns:
 
   img/s      images per second (median step time over --steps)
@@ -33,6 +33,7 @@ from common import compile_jitted, device_peak_bytes, median_seconds, peak_tflop
 from flax import nnx
 
 from vicregl_jax.models import create_backbone
+
 
 def bench_jax(arch: str, batch: int, size: int, dtype, steps: int) -> dict:
     """Returns img/s, peak bytes and FLOPs of one jitted forward+backward of arch.
@@ -68,7 +69,8 @@ def bench_torch(arch: str, batch: int, size: int, dtype, steps: int) -> dict | N
     """Returns img/s and peak bytes of the PyTorch reference's forward+backward."""
     try:
         import torch
-        from tests.torch_reference import TORCH_BACKBONES
+
+        from references.torch_modules import TORCH_BACKBONES
     except ImportError:
         return None
     cuda = torch.cuda.is_available()

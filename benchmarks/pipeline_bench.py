@@ -9,7 +9,7 @@ process pinned to the same single core:
   uint8 views + colour draws), num_threads 1, batches of 32, steady state;
 - before: the same call on the package of git revision --baseline (default: the revision
   before the uint8 host path; colour on the host, float32 views), extracted with git archive;
-- release: `reference_pil.ReleaseMultiCrop`, the release's transform chain one image at a time
+- release: `references.pil.ReleaseMultiCrop`, the release's transform chain one image at a time
   in one thread (its DataLoader workers run one per core), not collated into batches;
 - colour: `colour.augment_views` jitted on XLA:CPU, one batch of 32 of the recipe's views (the
   work the accelerator now does), in ms per batch;
@@ -113,7 +113,7 @@ def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> di
     if kind == "release":
         import torch
 
-        from vicregl_jax.data.reference_pil import ReleaseMultiCrop
+        from references.pil import ReleaseMultiCrop
 
         torch.set_num_threads(1)
         torch.manual_seed(0)

@@ -4,9 +4,9 @@
     python benchmarks/torch_step_bench.py --batch 2 --repeats 2  # a CPU dry run (float32)
 
 For configs/r50.py and configs/convnext.py:size=s: the PyTorch reference model of
-tests/torch_reference.py (the release's backbone, expander, local projector and online
+references/torch_modules.py (the release's backbone, expander, local projector and online
 classifier, one forward pass per view), the criterion (torch_vicregl_loss: the global and
-local terms of the VICRegL criterion, checked against tests/reference_loss.py), the online
+local terms of the VICRegL criterion, checked against references/loss.py), the online
 classifier's cross-entropy, and the optimiser (LARS for ResNet-50, AdamW with weight decay on
 2+ dim parameters for ConvNeXt), on synthetic views of the config's crops and location grids.
 On CUDA as the release trains: torch.autocast float16 with a GradScaler, channels-last
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from common import ROOT, median_seconds, print_table
 
-from tests.torch_reference import (TORCH_BACKBONES, TorchConvNeXt, TorchLARS, TorchVICRegL,
-                                   torch_vicregl_loss)
+from references.torch_modules import TORCH_BACKBONES, TorchConvNeXt, TorchLARS, TorchVICRegL, torch_vicregl_loss
 from vicregl_jax import config as config_lib
 from vicregl_jax.data import location_grid
 

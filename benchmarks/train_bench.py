@@ -38,14 +38,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import (ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table,
-                    time_split)
+from common import ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table, time_split
 from flax import nnx
 
 from vicregl_jax import build, sharding, train
 from vicregl_jax import config as config_lib
-from vicregl_jax.model_config import create_model
 from vicregl_jax.data import colour, location_grid  # TF-free: the train step runs without TensorFlow
+from vicregl_jax.model_config import create_model
 
 CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s", "demo": "configs/demo.py"}
 

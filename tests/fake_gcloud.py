@@ -27,10 +27,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 state_dir = os.environ["FAKE_GCLOUD_DIR"]
@@ -121,12 +122,6 @@ def preempt_now(phase):
     update_scenario(preempt_during=None)
     preempt()
     return True
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stand_ins():

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import ROOT
+
 from vicregl_jax import distributed
 
 TPU_POD = os.path.join(ROOT, "launch", "tpu_pod.sh")

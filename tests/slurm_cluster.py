@@ -13,9 +13,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
+
+from helpers import free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "vicregl-node"
@@ -30,16 +31,6 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "the SLURM daemons of the tests run as root (as in CI); this user is not root"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _daemon(name: str) -> str:
@@ -67,7 +58,7 @@ class SlurmCluster:
         with open(os.path.join(f, "munge", "munge.key"), "wb") as key:
             key.write(os.urandom(1024))
         os.chmod(os.path.join(f, "munge", "munge.key"), 0o600)
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = free_ports(2)
         lines = [
             "ClusterName=vicregltest", "SlurmctldHost=localhost(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",

@@ -8,30 +8,30 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
-from torch_reference import (TORCH_BACKBONES, DataParallelLike, TorchVICRegL, nchw, numpy_state,
-                                   randomize_torch_)
+from helpers import assert_close, torch_no_grad
 from tiny import grouped
+
+from references.torch_modules import (
+    TORCH_BACKBONES,
+    DataParallelLike,
+    TorchVICRegL,
+    nchw,
+    numpy_state,
+    randomize_torch_,
+)
 from vicregl_jax import config as config_lib
-from vicregl_jax import convert, layout
-from vicregl_jax import release
-from vicregl_jax.model_config import create_model
-from vicregl_jax import torch_io
+from vicregl_jax import convert, layout, release, torch_io
 from vicregl_jax.losses import split_views
+from vicregl_jax.model_config import create_model
 from vicregl_jax.models import ARCHITECTURES, backbone_norm, create_backbone, feature_dim
 from vicregl_jax.models.vicregl import VICRegLModel
-
-
 
 # Two cores shared with XLA: one torch thread, so that its OpenMP threads do not spin
 # against XLA's.
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def no_torch_grad():
-    with torch.no_grad():
-        yield
+no_torch_grad = pytest.fixture(autouse=True)(torch_no_grad)
 
 HEADS = dict(mlp="32-32-16", maps_mlp="24-24-8", num_classes=10)
 
@@ -94,15 +94,6 @@ def tree_at(tree, path):
 
 def to_torch_tensors(state_dict):
     return {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
-
-
-def assert_close(actual, expected, rtol=1e-4):
-    """max |actual - expected| below rtol times the scale of expected."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = np.max(np.abs(expected))
-    err = np.max(np.abs(actual - expected))
-    assert err <= rtol * scale, f"max abs error {err:.3g} vs output scale {scale:.3g}"
 
 
 @nnx.jit
@@ -440,7 +431,7 @@ def test_torch_is_imported_only_by_file_functions():
     release's transform chain that the pipeline benchmark and tests measure against)."""
     package = os.path.join(os.path.dirname(os.path.dirname(__file__)), "vicregl_jax")
     allowed = {("torch_io.py", "_load_pth"), ("torch_io.py", "read_torch_weights"),
-               ("torch_io.py", "write_torch_weights"), ("reference_pil.py", "__init__")}
+               ("torch_io.py", "write_torch_weights")}
     found = set()
     for root, _, files in os.walk(package):
         for name in files:

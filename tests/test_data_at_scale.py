@@ -3,13 +3,13 @@ process of a multi-process run while the others wait (no file lock needed)."""
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import tensorflow as tf
+from helpers import free_port
 
 from vicregl_jax.data import folder, manifest, sources
 
@@ -99,12 +99,6 @@ def test_unlabelled_folders_and_damaged_manifests(tmp_path):
         folder.list_image_folder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         manifest.main([str(tmp_path / "missing")])
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_of_a_run_prepare_a_shared_tfds_dataset_once_without_a_lock(tmp_path):

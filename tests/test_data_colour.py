@@ -12,6 +12,7 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image
 
+from references import pil as reference_pil
 from vicregl_jax.data import (
     CropGroup,
     ReadOptions,
@@ -19,7 +20,6 @@ from vicregl_jax.data import (
     colour,
     crops,
     make_pretrain_iterator,
-    reference_pil,
     sources,
 )
 from vicregl_jax.data import augment as A

@@ -1,6 +1,5 @@
 """Failures of the input pipeline: bad files, read errors, give-up rule, clean exits, prefetch, service."""
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -9,8 +8,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
-
 from tiny import tiny_config
 
 from vicregl_jax import build
@@ -163,16 +162,10 @@ def test_prefetch_puts_batches_on_the_mesh_and_stops_cleanly(bad_class_folder, t
         next(batches)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(bad_class_folder, tmp_path):
     for k in range(24):
         _image(tmp_path / f"{k}.png", 10 * k)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, "-m", "vicregl_jax.data.service"]
     procs = [subprocess.Popen(command + ["dispatcher", f"--port={port}"], env=env)]

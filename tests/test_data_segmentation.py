@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-
 from segmentation_data import write_voc
+
 from vicregl_jax.data import PipelineError
 from vicregl_jax.data import segmentation as seg_data
 

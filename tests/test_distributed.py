@@ -3,7 +3,6 @@ check, a real two-process start under a SLURM-like environment, the compilation 
 
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import threading
 
 import jax
 import pytest
+from helpers import free_port
 from jax._src.clusters import cloud_tpu_cluster
 
 from vicregl_jax import distributed
@@ -249,12 +249,6 @@ def test_start_on_one_process_checks_this_machine(monkeypatch, capsys):
 # ------------------------------------------------------------------------------------------
 # Real processes
 # ------------------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra):

@@ -15,12 +15,13 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import reference_loss as ref
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_losses import make_inputs
 from tiny import grouped, tiny_config
-from torch_reference import TorchConvNeXt, TorchResNet, numpy_state, randomize_torch_
+
+from references import loss as ref
+from references.torch_modules import TorchConvNeXt, TorchResNet, numpy_state, randomize_torch_
 from vicregl_jax import build, layout, losses, optim, sharding, train
 from vicregl_jax.checkpoint import abstract_like
 from vicregl_jax.model_config import abstract_model, split_model
@@ -351,7 +352,7 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
 @pytest.mark.parametrize("kwargs", [dict(), dict(l2_all_matches=False, alpha=0.9)])
 def test_torch_criterion_of_the_reference_step_equals_the_reference(kwargs):
     """The PyTorch criterion benchmarks/torch_step_bench.py times equals the numpy reference criterion."""
-    from torch_reference import torch_vicregl_loss
+    from references.torch_modules import torch_vicregl_loss
 
     emb, maps, grids = make_inputs(7, grid_sizes=(7, 7, 3, 3))
     as_torch = lambda xs: [torch.from_numpy(np.asarray(x, np.float64)) for x in xs]  # noqa: E731

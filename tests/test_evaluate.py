@@ -7,6 +7,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import free_port, worker_env
 from PIL import Image
 
 from vicregl_jax.evaluate import common, correspond, knn, linear
@@ -81,7 +82,6 @@ def test_knn_over_two_processes_keeps_features_off_the_hosts(tmp_path):
     import subprocess
     import sys
 
-    from test_train import free_port, worker_env
 
     worker = os.path.join(os.path.dirname(__file__), "knn_worker.py")
 

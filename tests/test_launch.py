@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import wait_until
 from pod_box import attempts, fake_slice, launch_env, run_script, write_executable  # noqa: F401 - a fixture
+
 from vicregl_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import reference_loss as ref
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tiny import grouped
+
+from references import loss as ref
 from vicregl_jax import losses
 from vicregl_jax.losses import LossConfig
 

@@ -7,12 +7,21 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
+from helpers import assert_close, torch_no_grad
 from tiny import grouped
-from torch_reference import TORCH_BACKBONES, TorchResNet, nchw, numpy_state, randomize_torch_
+
+from references.torch_modules import TORCH_BACKBONES, TorchResNet, nchw, numpy_state, randomize_torch_
 from vicregl_jax import layout, models
-from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
-                                feature_dim, parameter_count, stage_channels, with_output_stride)
+from vicregl_jax.models import (
+    ARCHITECTURES,
+    backbone_norm,
+    backbone_stride,
+    create_backbone,
+    feature_dim,
+    parameter_count,
+    stage_channels,
+    with_output_stride,
+)
 from vicregl_jax.models.convnext import ConvNeXtBlock, DepthwiseConv
 from vicregl_jax.models.layers import BatchNorm
 from vicregl_jax.models.vicregl import VICRegLModel
@@ -50,10 +59,7 @@ def run(model, inputs):
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def no_torch_grad():
-    with torch.no_grad():
-        yield
+no_torch_grad = pytest.fixture(autouse=True)(torch_no_grad)
 
 
 def test_registry():
@@ -291,13 +297,6 @@ def test_batch_statistics_are_global_under_sharding(tiny):
 
 
 # ------------------------------------------------------------- dense prediction maps
-
-def assert_close(actual, expected, rtol=1e-4):
-    """max |actual - expected| below rtol times the scale of expected."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.max(np.abs(actual - expected)) <= rtol * np.max(np.abs(expected))
-
 
 @nnx.jit
 def stages(model, x):

@@ -15,10 +15,8 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, tiny_run_flags, wait_until
-from pod_box import (TPU_POD, attempts, fake_slice, kill_worker_runs, make_fake_slice, run_script,  # noqa: F401
-                     write_executable)
+from pod_box import TPU_POD, attempts, fake_slice, kill_worker_runs, make_fake_slice, run_script, write_executable  # noqa: F401
 
 SUPERVISE_TIMEOUT_S = 120
 

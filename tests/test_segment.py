@@ -13,10 +13,11 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from helpers import torch_no_grad
 from PIL import Image
-
 from segmentation_data import save_palette_png, write_voc
-from torch_reference import TORCH_BACKBONES, nchw, numpy_state, randomize_torch_
+
+from references.torch_modules import TORCH_BACKBONES, nchw, numpy_state, randomize_torch_
 from vicregl_jax import convert, layout, sharding, torch_io
 from vicregl_jax.config import default_config
 from vicregl_jax.data import segmentation as seg_data
@@ -26,10 +27,7 @@ from vicregl_jax.models import create_backbone, stage_channels
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def no_torch_grad():
-    with torch.no_grad():
-        yield
+no_torch_grad = pytest.fixture(autouse=True)(torch_no_grad)
 
 
 @pytest.fixture(scope="module")

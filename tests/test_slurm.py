@@ -10,10 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 import slurm_cluster
-from launch_helpers import (ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, run_env, tiny_run_flags,
-                            wait_until)
+from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, run_env, tiny_run_flags, wait_until
 
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
 JOB_TIMEOUT_S = 240

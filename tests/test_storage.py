@@ -24,8 +24,7 @@ from PIL import Image
 from storage_fixture import BUCKET
 from tiny import tiny_config
 
-from vicregl_jax import release
-from vicregl_jax import train
+from vicregl_jax import release, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.data import folder, manifest, sources
 

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
+from helpers import ROOT, free_port, worker_env
 from tiny import copy_of, steps_on_disk, tiny_config
-from vicregl_jax import build, sharding, train
+
+from vicregl_jax import build, release, sharding, train
 from vicregl_jax import data as data_lib
-from vicregl_jax.data import global_batch
-from vicregl_jax import release
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import Checkpointer
+from vicregl_jax.data import global_batch
 from vicregl_jax.model_config import model_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,22 +51,6 @@ def params_of(workdir, step=None):
 
 def max_abs_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def worker_env():
-    """The environment of a subprocess: this checkout first on the path, so workers import
-    the code under test whether or not (or from wherever) the package is installed."""
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
 
 
 def run_worker(workdir, data_dir, overrides, *, devices=8, num_processes=1, stop_after=None, wait=True):

@@ -30,6 +30,7 @@ if args.num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
 from tiny import tiny_config  # noqa: E402
+
 from vicregl_jax import train  # noqa: E402
 
 if args.fail_reads:  # faked at the boundary: the storage under this host times out on every read

@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 
 from vicregl_jax.workdir import absolute
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:

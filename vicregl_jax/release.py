@@ -19,9 +19,16 @@ from vicregl_jax import config as config_lib
 from vicregl_jax import layout, torch_io
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import Checkpointer, abstract_like, describe_skipped
-from vicregl_jax.model_config import (abstract_model, create_model, model_meta, seed_random_streams, split_model,
-                                      with_compute)
+from vicregl_jax.model_config import (
+    abstract_model,
+    create_model,
+    model_meta,
+    seed_random_streams,
+    split_model,
+    with_compute,
+)
 from vicregl_jax.models.vicregl import VICRegLModel
+
 
 def _on(sharding):
     return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

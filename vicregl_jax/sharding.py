@@ -27,7 +27,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # Blocks run by a scan keep their parameters stacked under an attribute of this name

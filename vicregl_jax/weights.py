@@ -28,9 +28,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from vicregl_jax import checkpoint, download, layout, model_config, models, torch_io
 from vicregl_jax import config as config_lib
-from vicregl_jax import download, layout, models, torch_io
-from vicregl_jax import checkpoint, model_config
 from vicregl_jax import release as release_lib
 from vicregl_jax import workdir as workdir_lib
 

@@ -17,14 +17,13 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 import importlib
 
 from vicregl_jax.data.colour import IMAGENET_MEAN, IMAGENET_STD, augment_views  # noqa: E402
-from vicregl_jax.data.grids import location_grid  # noqa: E402
-
 from vicregl_jax.data.global_batch import (  # noqa: E402
     MeshPrefetch,
     prefetch_to_mesh,
     sum_over_hosts,
     to_global_batch,
 )
+from vicregl_jax.data.grids import location_grid  # noqa: E402
 
 # TensorFlow is imported with the first name below that is used, not with the package: the
 # train step, the benchmarks and the evaluations of cached features run without it (the

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vicregl_jax import sharding
 from vicregl_jax import data as data_lib
+from vicregl_jax import sharding
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.losses import topk_hits

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vicregl_jax import sharding
 from vicregl_jax import data as data_lib
+from vicregl_jax import sharding
 from vicregl_jax.checkpoint import Checkpointer
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common

@@ -34,9 +34,6 @@ sliding-window scoring, the fast protocol's cache), segment_metrics.py (mIoU and
 
 from __future__ import annotations
 
-
-from __future__ import annotations
-
 import dataclasses
 import itertools
 from collections.abc import Callable
@@ -54,13 +51,32 @@ from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.evaluate.head_training import HeadTraining, head_checkpointer
 from vicregl_jax.evaluate.head_training import train_head as train_any_head
-from vicregl_jax.evaluate.segment_head import (LinearHead, dense_features, make_optimizer, poly_schedule,
-                                               resize_bilinear, segmentation_loss)
-from vicregl_jax.evaluate.segment_inference import (cache_features, evaluate_cached, evaluate_chunks, jitted_features,
-                                                    make_logits_fn, make_scorer, release_confusion)
+from vicregl_jax.evaluate.segment_head import (
+    LinearHead,
+    dense_features,
+    make_optimizer,
+    poly_schedule,
+    resize_bilinear,
+    segmentation_loss,
+)
+from vicregl_jax.evaluate.segment_inference import (
+    cache_features,
+    evaluate_cached,
+    evaluate_chunks,
+    jitted_features,
+    make_logits_fn,
+    make_scorer,
+    release_confusion,
+)
 from vicregl_jax.evaluate.segment_metrics import confusion_matrix, format_table, segmentation_metrics
-from vicregl_jax.evaluate.segment_settings import (IGNORE_LABEL, PROTOCOLS, SegmentSettings, backbone_family,
-                                                   segment_settings, settings_from_config)
+from vicregl_jax.evaluate.segment_settings import (
+    IGNORE_LABEL,
+    PROTOCOLS,
+    SegmentSettings,
+    backbone_family,
+    segment_settings,
+    settings_from_config,
+)
 from vicregl_jax.models import with_output_stride
 
 __all__ = [

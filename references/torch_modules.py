@@ -6,7 +6,7 @@ the yardstick the Flax models and the weight conversion are checked against.
 Each backbone's forward returns (maps (B, h*w, C), pooled (B, C)) from NCHW images.
 
 `torch_vicregl_loss` is the criterion in PyTorch (written from the paper's definition and
-checked against tests/reference_loss.py) and `TorchLARS` the release's LARS: with them,
+checked against references/loss.py) and `TorchLARS` the release's LARS: with them,
 benchmarks/torch_step_bench.py times the release's whole training step.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # ---------------------------------------------------------------------------- ResNet
 
