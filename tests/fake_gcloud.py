@@ -23,6 +23,7 @@ scenario.json keys (all optional):
 
 `gcloud compute tpus tpu-vm fake-preempt` preempts the slice now (the tests' hook).
 """
+
 import json
 import os
 import shutil
@@ -131,8 +132,10 @@ def stand_ins():
     if not os.path.isdir(bin_dir):
         os.makedirs(bin_dir)
         with open(os.path.join(bin_dir, "uv"), "w") as f:
-            f.write('#!/bin/sh\nif [ "$1" = venv ]; then\n  for last; do :; done\n'
-                    f'  mkdir -p "$last/bin" && ln -sf {os.environ["FAKE_PYTHON"]} "$last/bin/python"\nfi\n')
+            f.write(
+                '#!/bin/sh\nif [ "$1" = venv ]; then\n  for last; do :; done\n'
+                f'  mkdir -p "$last/bin" && ln -sf {os.environ["FAKE_PYTHON"]} "$last/bin/python"\nfi\n'
+            )
         with open(os.path.join(bin_dir, "python3"), "w") as f:
             f.write(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then exit 0; fi\nexec {sys.executable} "$@"\n')
         for name in ("uv", "python3"):

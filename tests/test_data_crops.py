@@ -1,4 +1,5 @@
 """Crop boxes and location grids (random resized crop; grid of cell centres)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

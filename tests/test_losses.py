@@ -40,7 +40,7 @@ def make_inputs(seed, batch=8, grid_sizes=(7, 7), dim=64, local_dim=32, dtype=np
     return emb, maps, grids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(cfg):
     """The criterion, jitted, on per-view lists (grouped here)."""
     loss = jax.jit(lambda e, m, g: losses.vicregl_loss(e, m, g, cfg))
@@ -74,8 +74,13 @@ def test_matches_numpy_reference(grid_sizes, kwargs):
     emb, maps, grids = make_inputs(0, grid_sizes=grid_sizes)
     total, terms = jitted(cfg)(emb, maps, grids)
     want_total, want = ref.total(
-        emb, maps, grids, alpha=cfg.alpha, num_matches=cfg.num_matches,
-        l2_all_matches=cfg.l2_all_matches, fast_vc_reg=cfg.fast_vc_reg,
+        emb,
+        maps,
+        grids,
+        alpha=cfg.alpha,
+        num_matches=cfg.num_matches,
+        l2_all_matches=cfg.l2_all_matches,
+        fast_vc_reg=cfg.fast_vc_reg,
     )
     assert_terms_close(terms, want)
     np.testing.assert_allclose(float(total), want_total, rtol=RTOL)
@@ -186,8 +191,10 @@ def test_sharded_equals_unsharded(axis_type, local_dim):
     mesh = jax.make_mesh((8,), ("data",), axis_types=axis_types)
     emb, maps, grids = make_inputs(5, batch=16, grid_sizes=(7, 7, 3, 3), local_dim=local_dim)
     cfg = LossConfig(l2_all_matches=False)
-    f = jax.jit(lambda e, m, g: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), cfg),
-                out_shardings=NamedSharding(mesh, P()))
+    f = jax.jit(
+        lambda e, m, g: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), cfg),
+        out_shardings=NamedSharding(mesh, P()),
+    )
     total, terms = f(emb, maps, grids)
     shard = lambda xs: [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]  # noqa: E731
     s_emb, s_maps, s_grids = shard(emb), shard(maps), shard(grids)
@@ -210,8 +217,11 @@ def test_classifier_terms_and_unlabelled():
     want = -(log_p[0, 0] + log_p[1, 2] + log_p[2, 5]) / 3
     assert float(out["cls_loss"]) == pytest.approx(float(want), rel=1e-6)
     emb, maps, grids = make_inputs(6, batch=4)
-    f = jax.jit(lambda e, m, g, lo, la: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), LossConfig(),
-                                                            logits=lo, labels=la))
+    f = jax.jit(
+        lambda e, m, g, lo, la: losses.vicregl_loss(
+            grouped(e), grouped(m), grouped(g), LossConfig(), logits=lo, labels=la
+        )
+    )
     total, terms = f(emb, maps, grids, logits, labels)
     np.testing.assert_allclose(float(total), float(terms["vicreg"] + terms["cls_loss"]), rtol=1e-6)
 
@@ -267,8 +277,9 @@ def test_grid_not_matching_map_is_named():
     with pytest.raises(ValueError, match=r"Group 0: grids of shape \(8, 2, 36, 2\).*\(8, 2, 49, 32\)"):
         losses.vicregl_loss(emb, maps, bad, LossConfig())
     with pytest.raises(ValueError, match=r"two large views in the first group"):
-        losses.vicregl_loss(None, [maps[0][:, :1], maps[0][:, 1:]], [grids[0][:, :1], grids[0][:, 1:]],
-                            LossConfig(alpha=0.0))
+        losses.vicregl_loss(
+            None, [maps[0][:, :1], maps[0][:, 1:]], [grids[0][:, :1], grids[0][:, 1:]], LossConfig(alpha=0.0)
+        )
 
 
 def test_bad_config_is_named():

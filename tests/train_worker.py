@@ -1,7 +1,8 @@
 """Runs the tiny pre-training config in its own process (multi-host and signal tests).
 
-    python tests/train_worker.py WORKDIR DATA_DIR --devices 4 --process_id 0 --num_processes 2 --port 12345
+python tests/train_worker.py WORKDIR DATA_DIR --devices 4 --process_id 0 --num_processes 2 --port 12345
 """
+
 import argparse
 import json
 import os

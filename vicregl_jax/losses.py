@@ -127,8 +127,9 @@ def _by_locations(x: jax.Array, devices: int) -> tuple[jax.Array, jax.Array]:
         return _statistics(whole)
 
     spec = PartitionSpec(sharding.DATA_AXIS)
-    var_sum, offdiag = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec,
-                                     out_specs=(spec, spec))(x)
+    var_sum, offdiag = jax.shard_map(
+        local, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec, out_specs=(spec, spec)
+    )(x)
     return var_sum[:k], offdiag[:k]
 
 
@@ -147,8 +148,12 @@ def _by_channels(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         diagonal = jax.lax.psum(jnp.sum(jnp.square(var), axis=1), axis)
         return var_sum, jnp.sum(jnp.square(gram), axis=(1, 2)) - diagonal
 
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=PartitionSpec(axis),
-                         out_specs=(PartitionSpec(), PartitionSpec()))(x)
+    return jax.shard_map(
+        local,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=PartitionSpec(axis),
+        out_specs=(PartitionSpec(), PartitionSpec()),
+    )(x)
 
 
 def batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -375,8 +380,7 @@ def local_loss(
         # then adds the per-location vector to its own mean); we implement the evident intent:
         # var and cov of each view's whole local map, averaged over the views.
         sizes = [n for m in maps for n in [m.shape[2]] * m.shape[1]]  # one piece per view
-        var_sum, offdiag = batch_statistics(
-            jnp.concatenate([m.reshape(m.shape[0], -1, dim) for m in maps], axis=1))
+        var_sum, offdiag = batch_statistics(jnp.concatenate([m.reshape(m.shape[0], -1, dim) for m in maps], axis=1))
         var = cfg.var_coeff * _piece_means(var_sum, sizes) / (dim * len(sizes))
         cov = cfg.cov_coeff * _piece_means(offdiag, sizes) / (dim * len(sizes))
     return inv, var, cov
@@ -476,6 +480,7 @@ def classifier_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arra
 def topk_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """Returns, per row of scores (B, C), whether its label is among its k highest scores
     (k at most C; of equal scores the lower class index ranks first)."""
+
     def hits(scores, labels):
         _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
         return jnp.any(top == labels[:, None], axis=-1)

