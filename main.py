@@ -22,12 +22,7 @@ from vicregl_jax import config as config_lib
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
-MODES = {
-    "knn": knn.run,
-    "linear": linear.run,
-    "segment": segment.run,
-    "correspond": correspond.run,
-}
+MODES = {"knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant,...]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")

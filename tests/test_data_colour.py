@@ -14,15 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from references import pil as reference_pil
-from vicregl_jax.data import (
-    CropGroup,
-    ReadOptions,
-    augment_views,
-    colour,
-    crops,
-    make_pretrain_iterator,
-    sources,
-)
+from vicregl_jax.data import CropGroup, ReadOptions, augment_views, colour, crops, make_pretrain_iterator, sources
 from vicregl_jax.data import augment as A
 from vicregl_jax.data.images import decode_covering, decode_rgb
 from vicregl_jax.data.stream import fold as _fold

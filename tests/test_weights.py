@@ -26,13 +26,7 @@ from flax import nnx
 from PIL import Image
 from tiny import tiny_config
 
-from references.torch_modules import (
-    TORCH_BACKBONES,
-    DataParallelLike,
-    TorchVICRegL,
-    nchw,
-    randomize_torch_,
-)
+from references.torch_modules import TORCH_BACKBONES, DataParallelLike, TorchVICRegL, nchw, randomize_torch_
 from vicregl_jax import build, download, models, sharding
 from vicregl_jax import extract as features_lib
 from vicregl_jax import weights as weights_lib

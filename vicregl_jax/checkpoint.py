@@ -250,8 +250,7 @@ class Checkpointer:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
-                meta=ocp.args.JsonSave(meta),
+                **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}, meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )

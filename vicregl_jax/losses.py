@@ -338,9 +338,7 @@ def _piece_means(per_k: jax.Array, sizes: Sequence[int]) -> jax.Array:
 
 
 def local_loss(
-    local_embeddings: Sequence[jax.Array],
-    grids: Sequence[jax.Array],
-    cfg: LossConfig = LossConfig(),
+    local_embeddings: Sequence[jax.Array], grids: Sequence[jax.Array], cfg: LossConfig = LossConfig()
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns the weighted local (inv, var, cov), averaged over the ordered view pairs.
 

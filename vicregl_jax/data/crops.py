@@ -96,11 +96,7 @@ def sample_crop_boxes(
 
     # Fallback: the whole image, clipped to the ratio range, centred.
     in_ratio = width / height
-    fb_w = tf.where(
-        in_ratio < ratio[0],
-        width,
-        tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width),
-    )
+    fb_w = tf.where(in_ratio < ratio[0], width, tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
     fb_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
     fb_top = tf.floor((height - fb_h) / 2.0)
     fb_left = tf.floor((width - fb_w) / 2.0)

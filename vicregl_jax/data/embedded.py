@@ -23,15 +23,7 @@ from PIL import Image
 
 NAMES = ("vicregl_photos", "vicregl_digits")
 
-_COLOUR_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-)
+_COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 _GREY_PHOTOS = ("camera", "coins", "moon", "clock", "grass", "gravel", "brick", "cell")
 MAX_PHOTO_SIDE = 512
 CROP_FRACTION = 0.7
@@ -134,10 +126,7 @@ class VicreglDigits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {
-            "train": self._generate_examples(test=False),
-            "test": self._generate_examples(test=True),
-        }
+        return {"train": self._generate_examples(test=False), "test": self._generate_examples(test=True)}
 
     def _generate_examples(self, test: bool):
         images, labels = digit_images()
