@@ -17,8 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vicregl_jax import build, checkpoint, convert, coordination, demo, distributed, train
-from vicregl_jax import config as config_lib
+from vicregl_jax import build, checkpoint, config_files, convert, coordination, demo, distributed, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
@@ -56,7 +55,7 @@ def check_overrides(argv) -> None:
     if path is None or not any(a.startswith("--config.") for a in argv):
         return
     try:
-        config_lib.check_override_names(argv, config_lib.load(path))
+        config_files.check_override_names(argv, config_files.load(path))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
 

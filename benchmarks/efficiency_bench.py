@@ -76,7 +76,11 @@ def _step_parts(
     from train_bench import synthetic_batch
 
     from vicregl_jax import build, sharding, train
-    from vicregl_jax import config as config_lib
+
+    try:  # this revision: config files are read by config_files
+        from vicregl_jax.config_files import load as load_config
+    except ImportError:  # a baseline revision
+        from vicregl_jax.config import load as load_config
 
     try:  # this revision: the model of a config's sections, the train state beside its checkpoints
         from vicregl_jax.checkpoint import TrainState
@@ -95,7 +99,7 @@ def _step_parts(
             return create_model(config, rngs=rngs) if rngs is not None else abstract_model(config)
 
     root = os.environ.get("VICREGL_BENCH_PACKAGE") or ROOT
-    config = config_lib.load(os.path.join(root, CONFIGS[config_name]))
+    config = load_config(os.path.join(root, CONFIGS[config_name]))
     if config.data.dataset is None:
         config.data.dataset = "folder:unused"  # size=xl names no dataset: the step never reads one
     mesh = sharding.make_mesh()

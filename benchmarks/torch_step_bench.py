@@ -24,7 +24,7 @@ import torch
 from common import ROOT, median_seconds, print_table
 
 from references.torch_modules import TORCH_BACKBONES, TorchConvNeXt, TorchLARS, TorchVICRegL, torch_vicregl_loss
-from vicregl_jax import config as config_lib
+from vicregl_jax import config_files
 from vicregl_jax.data import location_grid
 
 CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s"}
@@ -70,7 +70,7 @@ def synthetic_views(config, batch: int, device, channels_last: bool, seed: int =
 
 
 def bench(name: str, batch: int, repeats: int) -> dict:
-    config = config_lib.load(os.path.join(ROOT, CONFIGS[name]))
+    config = config_files.load(os.path.join(ROOT, CONFIGS[name]))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = make_model(config).to(device).train()

@@ -41,8 +41,7 @@ import numpy as np
 from common import ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table, time_split
 from flax import nnx
 
-from vicregl_jax import build, sharding, train
-from vicregl_jax import config as config_lib
+from vicregl_jax import build, config_files, sharding, train
 from vicregl_jax.data import colour, location_grid  # TF-free: the train step runs without TensorFlow
 from vicregl_jax.model_config import create_model
 
@@ -135,7 +134,7 @@ def bench(
     backbone_share: bool = True,
     views: str = "uint8",
 ):
-    config = config_lib.load(os.path.join(ROOT, CONFIGS[name]))
+    config = config_files.load(os.path.join(ROOT, CONFIGS[name]))
     mesh = sharding.make_mesh()
     config.batch_size = batch_per_device * mesh.size
     config.model.dtype = dtype

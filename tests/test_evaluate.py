@@ -222,7 +222,7 @@ def test_cells_outside_the_other_view_are_not_counted():
 
 
 def demo_config(data_dir, overrides=None):
-    from vicregl_jax.config import config_module
+    from vicregl_jax.config_files import config_module
 
     c = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")).get_config()
     c.data.data_dir = data_dir

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from tiny import grouped
 
 from references import loss as ref
-from vicregl_jax import losses
+from vicregl_jax import losses, matching, metrics
 from vicregl_jax.losses import LossConfig
 
 RTOL = 1e-5
@@ -104,17 +104,17 @@ def test_covariance_both_gram_paths(batch, dim):
 def test_matching_keeps_original_order_and_nearest():
     """By hand: kept locations are the k smallest nearest-distances, in original order."""
     d = jnp.array([[5.0, 1.0, 9.0], [0.5, 3.0, 2.0], [7.0, 8.0, 6.0], [4.0, 0.2, 3.0]])
-    kept, partner = losses.nearest_matches(d, 2)
+    kept, partner = matching.nearest_matches(d, 2)
     np.testing.assert_array_equal(kept, [1, 3])  # nearest distances 1.0, 0.5, 6.0, 0.2
     np.testing.assert_array_equal(partner, [0, 1])
-    kept, partner = losses.nearest_matches(d, 4)
+    kept, partner = matching.nearest_matches(d, 4)
     np.testing.assert_array_equal(kept, [0, 1, 2, 3])
     np.testing.assert_array_equal(partner, [1, 0, 2, 1])
     # Ties go to the lower index, for the nearest candidate and for the ranking.
-    kept, partner = losses.nearest_matches(jnp.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]), 2)
+    kept, partner = matching.nearest_matches(jnp.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]), 2)
     np.testing.assert_array_equal(kept, [1, 2])
     np.testing.assert_array_equal(partner, [1, 0])
-    kept, _ = losses.nearest_matches(jnp.zeros((4, 4)), 2)
+    kept, _ = matching.nearest_matches(jnp.zeros((4, 4)), 2)
     np.testing.assert_array_equal(kept, [0, 1])
 
 
@@ -210,7 +210,7 @@ def test_sharded_equals_unsharded(axis_type, local_dim):
 def test_classifier_terms_and_unlabelled():
     logits = jnp.array([[5.0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 5.0], [1.0, 0, 0, 0, 0, 0]])
     labels = jnp.array([0, 2, 5, -1])
-    out = losses.classifier_terms(logits, labels)
+    out = metrics.classifier_terms(logits, labels)
     assert float(out["top1"]) == pytest.approx(200 / 3)
     assert float(out["top5"]) == pytest.approx(100.0)
     log_p = jax.nn.log_softmax(logits)
@@ -229,7 +229,7 @@ def test_classifier_terms_and_unlabelled():
 def test_collapse_metrics():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(256, 32)).astype(np.float32)
-    m = losses.collapse_metrics(x, x)
+    m = metrics.collapse_metrics(x, x)
     # Isotropic vectors: std of normalised coordinates about 1/sqrt(D); correlations about 0.
     assert abs(float(m["stdr"]) - 1 / np.sqrt(32)) < 0.02
     assert abs(float(m["corr"])) < 0.01
@@ -238,7 +238,7 @@ def test_collapse_metrics():
     c = z.T @ z / (len(x) - 1)
     np.testing.assert_allclose(float(m["core"]), (c.sum() - np.trace(c)) / (32 * 31), atol=1e-6)
     collapsed = np.tile(x[:1], (256, 1)) + 1e-6 * x
-    m = losses.collapse_metrics(collapsed, collapsed)
+    m = metrics.collapse_metrics(collapsed, collapsed)
     assert float(m["stde"]) < 1e-5
 
 

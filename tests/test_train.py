@@ -387,6 +387,7 @@ def test_config_files_are_valid():
     """Every recipe of configs/ loads, with its variants, and validates for a matching mesh;
     old flat keys and misspelt keys on the command line are named with the fix."""
     from vicregl_jax import config as config_lib
+    from vicregl_jax import config_files
 
     root = os.path.join(HERE, "..", "configs")
     for name, variants in (
@@ -394,7 +395,7 @@ def test_config_files_are_valid():
         ("convnext", ("size=s", "size=b,alpha=0.9", "size=xl")),
         ("demo", ("",)),
     ):
-        module = config_lib.config_module(os.path.join(root, f"{name}.py"))
+        module = config_files.config_module(os.path.join(root, f"{name}.py"))
         assert module.__doc__ and "python main.py --config=configs/" in module.__doc__
         for variant in variants:
             config = module.get_config(variant or None)
@@ -403,19 +404,19 @@ def test_config_files_are_valid():
                     config_lib.validate(config, num_devices=8)
                 config.data.dataset = "folder:/data/imagenet22k"
             config_lib.validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
-    module = config_lib.config_module(os.path.join(root, "r50.py"))
+    module = config_files.config_module(os.path.join(root, "r50.py"))
     assert module.get_config("alpha=0.9").loss.alpha == 0.9
-    assert config_lib.load(os.path.join(root, "convnext.py") + ":size=b").model.arch == "convnext_base"
+    assert config_files.load(os.path.join(root, "convnext.py") + ":size=b").model.arch == "convnext_base"
     with pytest.raises(ValueError, match="'alhpa=0.9': write key=value with key one of"):
         module.get_config("alhpa=0.9")
     config = module.get_config()
     with pytest.raises(ValueError, match=r"config.alpha is now config.loss.alpha: write --config.loss.alpha="):
-        config_lib.check_override_names(["--config.alpha=0.9"], config)
+        config_files.check_override_names(["--config.alpha=0.9"], config)
     with pytest.raises(
         ValueError, match=r"config.optim.base_rl is not a config key: did you mean config.optim.base_lr"
     ):
-        config_lib.check_override_names(["--config.optim.base_rl=0.1"], config)
-    config_lib.check_override_names(["--config.optim.base_lr=0.1", "--config.batch_size", "512"], config)
+        config_files.check_override_names(["--config.optim.base_rl=0.1"], config)
+    config_files.check_override_names(["--config.optim.base_lr=0.1", "--config.batch_size", "512"], config)
 
 
 def test_old_flat_key_on_the_command_line_fails_with_the_new_name(tmp_path):

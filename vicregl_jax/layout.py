@@ -6,17 +6,15 @@ functions of arrays (no file I/O, no torch).
   infer_model_kwargs(state_dict) -> dict                         (of a full checkpoint)
   guess_architecture(shapes) -> str | None
 
-Layouts. Backbone files hold a plain state_dict with the torchvision
-ResNet names (without fc) or the release's ConvNeXt names. Full checkpoints hold
-``{"epoch": int, "model": {...}, "optimizer": ...}`` with model keys ``module.backbone.*``,
-``module.projector.{0,1,3,4,6}.*`` (the expander), ``module.maps_projector.*`` (the local
-projector) and ``module.classifier.*``. Flax conv kernels are (kh, kw, in, out) and
-PyTorch's (out, in, kh, kw); Dense kernels (in, out) and Linear weights (out, in).
-BatchNorm's ``num_batches_tracked`` is written as 0 (PyTorch only reads it when
-momentum=None) and ignored, or allowed to be absent, when reading. Blocks that run as one
-scan keep their parameters stacked (``stages.2.0.stacked.dwconv.kernel`` of shape
-(27, 7, 7, 1, C), models/stack.py): block j of the stack at list index i of its stage is the
-release's block i + j, so the release's names are the same whether or not a model scans.
+Backbone files hold a plain state_dict with the torchvision ResNet names (without fc) or the
+release's ConvNeXt names. Full checkpoints hold ``{"epoch", "model", "optimizer"}`` with model
+keys ``module.backbone.*``, ``module.projector.{0,1,3,4,6}.*`` (the expander),
+``module.maps_projector.*`` (the local projector) and ``module.classifier.*``. Conv kernels are
+(kh, kw, in, out) in Flax, (out, in, kh, kw) in PyTorch; Dense (in, out), Linear (out, in).
+BatchNorm's ``num_batches_tracked`` is written as 0 (PyTorch reads it only when momentum=None)
+and ignored, or may be absent, when reading. Blocks that run as one scan keep their parameters
+stacked (``stages.2.0.stacked.dwconv.kernel``, (27, 7, 7, 1, C)): block j of the stack at list
+index i of its stage is the release's block i + j, whether or not a model scans.
 """
 
 from __future__ import annotations
@@ -35,20 +33,8 @@ from vicregl_jax.models import ARCHITECTURES, abstract_backbone, backbone_norm
 from vicregl_jax.sharding import STACKED
 
 # Flax attribute of VICRegLModel -> the release's attribute of its VICRegL module.
-PARTS = {
-    "backbone": "backbone",
-    "expander": "projector",
-    "local_projector": "maps_projector",
-    "classifier": "classifier",
-}
-_LEAVES = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-    "gamma": "gamma",
-}
+PARTS = dict(backbone="backbone", expander="projector", local_projector="maps_projector", classifier="classifier")
+_LEAVES = dict(kernel="weight", scale="weight", bias="bias", mean="running_mean", var="running_var", gamma="gamma")
 DDP_PREFIX = "module."
 _MAX_LISTED = 12
 

@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, coordination, losses, sharding
+from vicregl_jax import build, coordination, losses, metrics, sharding
 from vicregl_jax import data as data_lib
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import DAMAGED_DIR, TrainState, describe_skipped
@@ -80,7 +80,7 @@ def make_train_step(
             labels=micro["label"],
         )
         embedding0 = out["embeddings"][0][:, 0] if out["embeddings"] is not None else None
-        terms.update(losses.collapse_metrics(out["representations"][0][:, 0], embedding0))
+        terms.update(metrics.collapse_metrics(out["representations"][0][:, 0], embedding0))
         return total, (split_model(model)[2], terms)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from vicregl_jax import data as data_lib
 from vicregl_jax import models
 from vicregl_jax.evaluate import common
-from vicregl_jax.losses import squared_distances
+from vicregl_jax.matching import squared_distances
 
 
 def true_cells(points: jax.Array, grid: jax.Array) -> tuple[jax.Array, jax.Array]:

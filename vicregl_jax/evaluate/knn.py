@@ -19,7 +19,7 @@ from vicregl_jax import data as data_lib
 from vicregl_jax import sharding
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
-from vicregl_jax.losses import topk_hits
+from vicregl_jax.metrics import topk_hits
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

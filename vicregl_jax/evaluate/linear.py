@@ -30,7 +30,7 @@ from vicregl_jax.checkpoint import Checkpointer
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.evaluate.head_training import HeadTraining, head_checkpointer, train_head
-from vicregl_jax.losses import topk_hits
+from vicregl_jax.metrics import topk_hits
 
 
 def linear_head(dim: int, num_classes: int, seed: int = 0) -> nnx.Linear:
