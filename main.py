@@ -17,27 +17,33 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vicregl_jax import build, checkpoint, convert, coordination, demo, distributed, train
-from vicregl_jax import config as config_lib
+from vicregl_jax import build, checkpoint, config_files, convert, coordination, demo, distributed, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
-MODES = {
-    "knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run,
-}
+MODES = {"knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant,...]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-_MODE = flags.DEFINE_enum("mode", None, ["pretrain", *MODES, "export", "demo"],
-                          "What to run; default: the config's `mode` (pretrain).")
+_MODE = flags.DEFINE_enum(
+    "mode", None, ["pretrain", *MODES, "export", "demo"], "What to run; default: the config's `mode` (pretrain)."
+)
 _WEIGHTS = flags.DEFINE_string(
-    "weights", None, "Evaluate these weights (a workdir, a PyTorch .pth of the release, or release:NAME, a published "
-    "model by name) instead of --workdir's.")
+    "weights",
+    None,
+    "Evaluate these weights (a workdir, a PyTorch .pth of the release, or release:NAME, a published "
+    "model by name) instead of --workdir's.",
+)
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", distributed.MODES,
+    "distributed",
+    "auto",
+    distributed.MODES,
     "jax.distributed: auto (when SLURM, a Cloud TPU pod slice or the coordinator flags make this one of "
-    "several processes), on (always), off (never; refused as one of several).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPU without SLURM).")
+    "several processes), on (always), off (never; refused as one of several).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host GPU without SLURM)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host GPU without SLURM).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU without SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -49,15 +55,22 @@ def check_overrides(argv) -> None:
     if path is None or not any(a.startswith("--config.") for a in argv):
         return
     try:
-        config_lib.check_override_names(argv, config_lib.load(path))
+        config_files.check_override_names(argv, config_files.load(path))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Returns the exception types that are a user's to fix: printed as one line, no traceback."""
-    errors = [ValueError, FileNotFoundError, train.NonFiniteLossError, distributed.LaunchError,
-              coordination.PeerFailureError, checkpoint.CheckpointError, workdir_lib.WorkdirLockedError]
+    errors = [
+        ValueError,
+        FileNotFoundError,
+        train.NonFiniteLossError,
+        distributed.LaunchError,
+        coordination.PeerFailureError,
+        checkpoint.CheckpointError,
+        workdir_lib.WorkdirLockedError,
+    ]
     # The input pipeline's errors; its module imports TensorFlow, so it is looked up only if
     # this run imported it (it raised nothing otherwise).
     pipeline = sys.modules.get("vicregl_jax.data.iterator")

@@ -12,6 +12,7 @@ the differences of all pixels: mean absolute, signed mean, 99.9th percentile, ma
 share of views equal byte for byte. --exhaustive-hue also converts all 2^24 colours through
 PIL's HSV with several hue shifts and counts the differing pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,21 @@ import skimage.data
 from common import print_table
 from PIL import Image
 
-from vicregl_jax.data import colour, reference_pil
+from references import pil as reference_pil
+from vicregl_jax.data import colour
 
-FAMILIES = ("brightness", "contrast", "saturation", "hue", "jitter", "grayscale", "blur, sigma < 0.5",
-            "blur, sigma >= 0.5", "solarize", "chain")
+FAMILIES = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "jitter",
+    "grayscale",
+    "blur, sigma < 0.5",
+    "blur, sigma >= 0.5",
+    "solarize",
+    "chain",
+)
 
 
 def make_views(rng, count: int, size: int) -> np.ndarray:
@@ -53,7 +65,10 @@ def make_draws(rng, family: str, count: int) -> dict:
     """Returns the draws of `count` views with only `family`'s ops on (the release's ranges)."""
     off = np.zeros(count, bool)
     draws = {
-        "order": np.full((count, 4), colour.NO_OP, np.int32), "grayscale": off, "blur": off, "solarize": off,
+        "order": np.full((count, 4), colour.NO_OP, np.int32),
+        "grayscale": off,
+        "blur": off,
+        "solarize": off,
         "brightness": rng.uniform(1 - colour.BRIGHTNESS, 1 + colour.BRIGHTNESS, count).astype(np.float32),
         "contrast": rng.uniform(1 - colour.CONTRAST, 1 + colour.CONTRAST, count).astype(np.float32),
         "saturation": rng.uniform(1 - colour.SATURATION, 1 + colour.SATURATION, count).astype(np.float32),
@@ -90,9 +105,16 @@ def compare(rng, family: str, size: int, count: int, chain) -> dict:
     want = np.stack([reference_pil.pil_colour(views[i], {k: v[i] for k, v in draws.items()}) for i in range(count)])
     diff = got - want
     equal = np.all(diff.reshape(count, -1) == 0, axis=1).mean()
-    return {"ops": family, "size": size, "views": count, "mean abs diff": f"{np.abs(diff).mean():.4f}",
-            "signed mean": f"{diff.mean():+.4f}", "99.9th pct": f"{np.percentile(np.abs(diff), 99.9):.1f}",
-            "max": int(np.abs(diff).max()), "views equal": f"{100 * equal:.1f}%"}
+    return {
+        "ops": family,
+        "size": size,
+        "views": count,
+        "mean abs diff": f"{np.abs(diff).mean():.4f}",
+        "signed mean": f"{diff.mean():+.4f}",
+        "99.9th pct": f"{np.percentile(np.abs(diff), 99.9):.1f}",
+        "max": int(np.abs(diff).max()),
+        "views equal": f"{100 * equal:.1f}%",
+    }
 
 
 def exhaustive_hue(deltas) -> list[dict]:
@@ -104,8 +126,13 @@ def exhaustive_hue(deltas) -> list[dict]:
     for delta in np.asarray(deltas, np.float32):
         got = np.asarray(colour.from_planes(hue(planes, delta)))
         want = np.asarray(reference_pil.pil_hue(pil, float(delta)))
-        rows.append({"hue delta": f"{delta:+.4f}", "colours": 1 << 24,
-                     "differing pixels": int(np.any(got != want, axis=-1).sum())})
+        rows.append(
+            {
+                "hue delta": f"{delta:+.4f}",
+                "colours": 1 << 24,
+                "differing pixels": int(np.any(got != want, axis=-1).sum()),
+            }
+        )
     return rows
 
 

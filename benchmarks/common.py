@@ -14,7 +14,8 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,9 +33,17 @@ for path in (ROOT, PACKAGE_ROOT):
 
 # Dense bfloat16 peak TFLOP/s per chip, by jax device_kind prefix.
 PEAK_TFLOPS = {
-    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-    "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+    "NVIDIA L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
 }
 
 
@@ -67,8 +76,7 @@ def compiled_peak_bytes(compiled) -> int | None:
     mem = compiled.memory_analysis()
     if mem is None:
         return None
-    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
 def device_peak_bytes() -> int | None:
@@ -128,8 +136,23 @@ def print_table(rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(COLLECTIVE_KINDS) + r")(-start)?\(")
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _CALLEE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
@@ -162,8 +185,12 @@ class Collective:
         algorithms: an all-reduce is a reduce-scatter then an all-gather, so it sends twice
         what either of those sends for the same array."""
         g, n = self.group, self.result_bytes
-        per_call = {"all-reduce": 2 * (g - 1) / g * n, "all-gather": (g - 1) / g * n,
-                    "reduce-scatter": (g - 1) * n, "all-to-all": (g - 1) / g * n}.get(self.kind, n)
+        per_call = {
+            "all-reduce": 2 * (g - 1) / g * n,
+            "all-gather": (g - 1) / g * n,
+            "reduce-scatter": (g - 1) * n,
+            "all-to-all": (g - 1) / g * n,
+        }.get(self.kind, n)
         return self.count * per_call
 
 
@@ -186,7 +213,7 @@ def _op_names(line: str, n: int) -> list[str]:
     start = name.find("/(")
     if n > 1 and start >= 0 and name.endswith(")"):
         parts, depth, current = [], 0, ""
-        for ch in name[start + 2:-1]:
+        for ch in name[start + 2 : -1]:
             depth += (ch == "(") - (ch == ")")
             if ch == ":" and depth == 0:
                 parts.append(current)
@@ -195,7 +222,7 @@ def _op_names(line: str, n: int) -> list[str]:
                 current += ch
         parts.append(current)
         if len(parts) == n:
-            return [name[:start + 1] + p for p in parts]
+            return [name[: start + 1] + p for p in parts]
     return [name] * n
 
 
@@ -232,7 +259,7 @@ def collectives(hlo_text: str) -> list[Collective]:
             result, kind, is_async = m.groups()
             arrays = _ARRAY.findall(result)
             if is_async and kind == "all-gather":
-                arrays = arrays[len(arrays) // 2:]  # (operands, results)
+                arrays = arrays[len(arrays) // 2 :]  # (operands, results)
             elif is_async and kind == "collective-permute":
                 arrays = arrays[:1]
             group = _group_size(line, num_partitions)
@@ -298,9 +325,11 @@ def trace_op_times(trace_dir: str) -> dict[tuple[str, str], float]:
     import gzip
     import json
 
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-                   + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
         raise FileNotFoundError(f"no trace under {trace_dir}: was it written by jax.profiler.trace?")
     with gzip.open(files[-1]) as f:
@@ -327,5 +356,12 @@ def time_split(trace_dir: str, hlo_text: str, scopes, module_prefix: str = "") -
         backward = "transpose(" in op_name
         totals[scope_of(op_name, scopes)][backward] += seconds
     grand = sum(sum(v) for v in totals.values()) or 1.0
-    return [{"part": scope, "forward": f"{fwd * 1e3:.1f} ms", "backward": f"{bwd * 1e3:.1f} ms",
-             "share": f"{100 * (fwd + bwd) / grand:.1f}%"} for scope, (fwd, bwd) in totals.items()]
+    return [
+        {
+            "part": scope,
+            "forward": f"{fwd * 1e3:.1f} ms",
+            "backward": f"{bwd * 1e3:.1f} ms",
+            "share": f"{100 * (fwd + bwd) / grand:.1f}%",
+        }
+        for scope, (fwd, bwd) in totals.items()
+    ]

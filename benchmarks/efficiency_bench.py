@@ -38,8 +38,11 @@ import time
 
 from common import ROOT, collective_totals, collectives, compiled_peak_bytes, print_table
 
-CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s",
-           "convnext_xl": "configs/convnext.py:size=xl"}
+CONFIGS = {
+    "r50": "configs/r50.py",
+    "convnext_s": "configs/convnext.py:size=s",
+    "convnext_xl": "configs/convnext.py:size=xl",
+}
 PARTS = ("compile", "memory", "collectives", "time")
 REMAT = ("none", "block", "dots")
 
@@ -49,8 +52,15 @@ REMAT = ("none", "block", "dots")
 # --------------------------------------------------------------------------------------------
 
 
-def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = None, *, abstract: bool = True,
-                unroll: bool | None = False):
+def _step_parts(
+    config_name: str,
+    batch: int,
+    dtype: str,
+    remat: str | None = None,
+    *,
+    abstract: bool = True,
+    unroll: bool | None = False,
+):
     """Returns (jitted step, state, batch, config) of a config's train step on all devices.
 
     unroll: config.model.unroll_blocks where the revision has it; False (the default here) is
@@ -66,15 +76,22 @@ def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = No
     from train_bench import synthetic_batch
 
     from vicregl_jax import build, sharding, train
-    from vicregl_jax import config as config_lib
+
+    try:  # this revision: config files are read by config_files
+        from vicregl_jax.config_files import load as load_config
+    except ImportError:  # a baseline revision
+        from vicregl_jax.config import load as load_config
 
     try:  # this revision: the model of a config's sections, the train state beside its checkpoints
         from vicregl_jax.checkpoint import TrainState
         from vicregl_jax.model_config import abstract_model, create_model, split_model
 
         def model_of(rngs=None):
-            return (create_model(config.model, config.loss.alpha, rngs=rngs) if rngs is not None
-                    else abstract_model(config.model, config.loss.alpha, config.seed))
+            return (
+                create_model(config.model, config.loss.alpha, rngs=rngs)
+                if rngs is not None
+                else abstract_model(config.model, config.loss.alpha, config.seed)
+            )
     except ImportError:  # a baseline revision, before state.py was split
         from vicregl_jax.state import TrainState, abstract_model, create_model, split_model
 
@@ -82,7 +99,7 @@ def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = No
             return create_model(config, rngs=rngs) if rngs is not None else abstract_model(config)
 
     root = os.environ.get("VICREGL_BENCH_PACKAGE") or ROOT
-    config = config_lib.load(os.path.join(root, CONFIGS[config_name]))
+    config = load_config(os.path.join(root, CONFIGS[config_name]))
     if config.data.dataset is None:
         config.data.dataset = "folder:unused"  # size=xl names no dataset: the step never reads one
     mesh = sharding.make_mesh()
@@ -95,6 +112,7 @@ def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = No
         config.model.unroll_blocks = unroll
     schedule, tx = build.make_optimizer(config, steps_per_epoch=100, total_steps=1000)
     if abstract:  # build.init_train_state without allocating the state (same steps)
+
         def init():
             model = model_of(nnx.Rngs(config.seed))
             _, params, batch_stats, rest = split_model(model)
@@ -108,7 +126,8 @@ def _step_parts(config_name: str, batch: int, dtype: str, remat: str | None = No
     else:
         graphdef, streams, state, shardings = build.init_train_state(config, tx, mesh)
     step = train.jit_train_step(
-        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)), shardings, mesh)
+        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)), shardings, mesh
+    )
     data = synthetic_batch(config, batch)
     if abstract:
         batch_sharding = sharding.batch_sharding(mesh)
@@ -125,8 +144,12 @@ def probe_compile(config_name: str, batch: int, dtype: str, remat: str | None) -
     lowered_s = time.perf_counter() - start
     compiled = lowered.compile()
     total = time.perf_counter() - start
-    return {"lower_s": lowered_s, "compile_s": total, "peak_bytes": compiled_peak_bytes(compiled),
-            "hlo_ops": sum(1 for line in compiled.as_text().splitlines() if " = " in line)}
+    return {
+        "lower_s": lowered_s,
+        "compile_s": total,
+        "peak_bytes": compiled_peak_bytes(compiled),
+        "hlo_ops": sum(1 for line in compiled.as_text().splitlines() if " = " in line),
+    }
 
 
 def probe_time(config_name: str, batch: int, repeats: int) -> dict:
@@ -147,7 +170,8 @@ def probe_time(config_name: str, batch: int, repeats: int) -> dict:
 def probe_criterion_collectives(batch: int) -> dict:
     """Collectives of the criterion's forward + backward alone at the ConvNeXt-S shapes."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     from loss_bench import loss_inputs
 
     from vicregl_jax import losses, sharding
@@ -206,27 +230,37 @@ def probe(spec: dict) -> dict:
 
 def run_probe(spec: dict, package: str, devices: int, timeout: float) -> dict | None:
     """Returns the figures of spec measured in a fresh process on package, or None on failure."""
-    env = dict(os.environ, VICREGL_BENCH_PACKAGE=package, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=package + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        VICREGL_BENCH_PACKAGE=package,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=package + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # measure compilation, not the cache
     try:
-        out = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], env=env, capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            [sys.executable, __file__, "--probe", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         print(f"  {spec} on {package}: timed out after {timeout:.0f} s", flush=True)
         return None
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     print(f"  {spec} on {package} failed:\n{out.stderr[-3000:]}", flush=True)
     return None
 
 
 def extract(revision: str, into: str) -> str:
     """Returns a directory holding vicregl_jax/ and configs/ of the git revision."""
-    archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "vicregl_jax", "configs"],
-                             capture_output=True, check=True)
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", revision, "vicregl_jax", "configs"], capture_output=True, check=True
+    )
     subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
     return into
 
@@ -243,8 +277,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--configs", default="convnext_s,r50")
-    parser.add_argument("--baseline", default="18949c5",
-                        help="git revision measured as 'before' (the last before scan, remat and the explicit collectives)")
+    parser.add_argument(
+        "--baseline",
+        default="18949c5",
+        help="git revision measured as 'before' (the last before scan, remat and the explicit collectives)",
+    )
     parser.add_argument("--memory-batch", type=int, default=32)
     parser.add_argument("--collectives-batch", type=int, default=512)
     parser.add_argument("--step-collectives-batch", type=int, default=64)
@@ -259,19 +296,31 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         before_root = extract(args.baseline, tmp)
         roots = {"before": before_root, "after": ROOT}
-        print(f"before = {args.baseline}, after = this checkout; load average {os.getloadavg()[0]:.1f} on "
-              f"{os.cpu_count()} cores\n", flush=True)
+        print(
+            f"before = {args.baseline}, after = this checkout; load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores\n",
+            flush=True,
+        )
 
         if "compile" in parts:
             rows = []
             for name in configs:
-                got = {k: run_probe({"part": "compile", "config": name, "batch": 8, "dtype": "float32"}, root, 1,
-                                    args.timeout) for k, root in roots.items()}
+                got = {
+                    k: run_probe(
+                        {"part": "compile", "config": name, "batch": 8, "dtype": "float32"}, root, 1, args.timeout
+                    )
+                    for k, root in roots.items()
+                }
                 b, a = got["before"] or {}, got["after"] or {}
-                rows.append({"config": CONFIGS[name], "compile before": f"{b.get('compile_s', float('nan')):.1f} s",
-                             "compile after": f"{a.get('compile_s', float('nan')):.1f} s",
-                             "before / after": ratio(b.get("compile_s"), a.get("compile_s")),
-                             "HLO instructions before -> after": f"{b.get('hlo_ops', '-')} -> {a.get('hlo_ops', '-')}"})
+                rows.append(
+                    {
+                        "config": CONFIGS[name],
+                        "compile before": f"{b.get('compile_s', float('nan')):.1f} s",
+                        "compile after": f"{a.get('compile_s', float('nan')):.1f} s",
+                        "before / after": ratio(b.get("compile_s"), a.get("compile_s")),
+                        "HLO instructions before -> after": f"{b.get('hlo_ops', '-')} -> {a.get('hlo_ops', '-')}",
+                    }
+                )
                 print(rows[-1], flush=True)
             print("\nCompile time of the train step (1 CPU device, float32, batch 8):\n")
             print_table(rows)
@@ -282,18 +331,33 @@ def main():
             spec = {"part": "compile", "config": "convnext_s", "batch": batch, "dtype": "bfloat16"}
             before = run_probe(spec, roots["before"], 1, args.timeout)
             base = before and before["peak_bytes"]
-            rows.append({"code": f"before ({args.baseline})", "remat": "none", "peak": mib(base),
-                         "MiB / sample": mib(base and base / batch), "vs before": "1.00x"})
+            rows.append(
+                {
+                    "code": f"before ({args.baseline})",
+                    "remat": "none",
+                    "peak": mib(base),
+                    "MiB / sample": mib(base and base / batch),
+                    "vs before": "1.00x",
+                }
+            )
             print(rows[-1], flush=True)
             for remat in REMAT:
                 after = run_probe(dict(spec, remat=remat), roots["after"], 1, args.timeout)
                 peak = after and after["peak_bytes"]
-                rows.append({"code": "after", "remat": remat, "peak": mib(peak),
-                             "MiB / sample": mib(peak and peak / batch),
-                             "vs before": ratio(peak, base, "{:.2f}x")})
+                rows.append(
+                    {
+                        "code": "after",
+                        "remat": remat,
+                        "peak": mib(peak),
+                        "MiB / sample": mib(peak and peak / batch),
+                        "vs before": ratio(peak, base, "{:.2f}x"),
+                    }
+                )
                 print(rows[-1], flush=True)
-            print(f"\nPeak memory of the ConvNeXt-S step (XLA:CPU buffer assignment, 1 device, batch {batch}, "
-                  "bfloat16 compute), by config.model.remat:\n")
+            print(
+                f"\nPeak memory of the ConvNeXt-S step (XLA:CPU buffer assignment, 1 device, batch {batch}, "
+                "bfloat16 compute), by config.model.remat:\n"
+            )
             print_table(rows)
 
         if "collectives" in parts:
@@ -304,18 +368,28 @@ def main():
             spec = {"part": "step_collectives", "config": "convnext_s", "batch": args.step_collectives_batch}
             got = {k: run_probe(spec, root, 8, args.timeout) for k, root in roots.items()}
             rows += _collective_rows("ConvNeXt-S train step", args.step_collectives_batch, got)
-            print("\nCollectives per step on 8 CPU devices (from the compiled HLO; MiB per device: operands, and "
-                  "sent by ring algorithms):\n")
+            print(
+                "\nCollectives per step on 8 CPU devices (from the compiled HLO; MiB per device: operands, and "
+                "sent by ring algorithms):\n"
+            )
             print_table(rows)
 
         if "time" in parts:
             rows = []
             for name in configs:
-                got = {k: run_probe({"part": "time", "config": name, "batch": 2, "repeats": 2}, root, 1, args.timeout)
-                       for k, root in roots.items()}
+                got = {
+                    k: run_probe({"part": "time", "config": name, "batch": 2, "repeats": 2}, root, 1, args.timeout)
+                    for k, root in roots.items()
+                }
                 b, a = (got[k] and got[k]["step_s"] for k in ("before", "after"))
-                rows.append({"config": CONFIGS[name], "step before": "-" if b is None else f"{b:.1f} s",
-                             "step after": "-" if a is None else f"{a:.1f} s", "before / after": ratio(b, a)})
+                rows.append(
+                    {
+                        "config": CONFIGS[name],
+                        "step before": "-" if b is None else f"{b:.1f} s",
+                        "step after": "-" if a is None else f"{a:.1f} s",
+                        "before / after": ratio(b, a),
+                    }
+                )
                 print(rows[-1], flush=True)
             print("\nStep time on 1 CPU device (float32, batch 2, median of 2):\n")
             print_table(rows)
@@ -345,10 +419,15 @@ def _collective_rows(what: str, batch: int, got: dict) -> list[dict]:
                 cells[side] = (sum(v[1] for v in totals.values()), sum(v[2] for v in totals.values()))
             else:
                 cells[side] = tuple(totals.get(kind, (0, 0.0, 0.0))[1:])
-        rows.append({"program": f"{what}, batch {batch}", "collective": kind,
-                     "operand MiB before -> after": f"{mib(cells['before'][0])} -> {mib(cells['after'][0])}",
-                     "sent MiB before -> after": f"{mib(cells['before'][1])} -> {mib(cells['after'][1])}",
-                     "sent: before / after": _sent_ratio(cells["before"][1], cells["after"][1])})
+        rows.append(
+            {
+                "program": f"{what}, batch {batch}",
+                "collective": kind,
+                "operand MiB before -> after": f"{mib(cells['before'][0])} -> {mib(cells['after'][0])}",
+                "sent MiB before -> after": f"{mib(cells['before'][1])} -> {mib(cells['after'][1])}",
+                "sent: before / after": _sent_ratio(cells["before"][1], cells["after"][1]),
+            }
+        )
     return rows
 
 

@@ -22,6 +22,7 @@ Times are medians over --repeats rounds after one warm-up call, the three calls 
 in each round (the loads: one process each; the time of importing jax / flax / orbax in that
 process is shown apart).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ import torch
 from flax import nnx
 
 import vicregl_jax
-from tests.torch_reference import TORCH_BACKBONES
+from references.torch_modules import TORCH_BACKBONES
 from vicregl_jax import extract
 from vicregl_jax import weights as weights_lib
 
@@ -77,8 +78,9 @@ def serve(folder: str) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 def timed_load(env: dict) -> dict:
     """Returns the {"import_s", "load_s"} of loading NAME in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", LOAD.format(name=NAME)], env=env, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD.format(name=NAME)], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode:
         sys.exit(f"loading {NAME} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,8 +99,13 @@ def load_rows(folder: str) -> tuple[list[dict], str]:
     for what in ("first load", "second load"):
         before = len(REQUESTS)
         times = timed_load(env)
-        rows.append({"what": what, "seconds": f"{times['load_s']:.2f}",
-                     "note": f"{len(REQUESTS) - before} HTTP requests; import {times['import_s']:.1f} s"})
+        rows.append(
+            {
+                "what": what,
+                "seconds": f"{times['load_s']:.2f}",
+                "note": f"{len(REQUESTS) - before} HTTP requests; import {times['import_s']:.1f} s",
+            }
+        )
     server.shutdown()
     os.environ.update({weights_lib.CACHE_ENV: cache, weights_lib.URL_ENV: url})
     return rows, cache
@@ -127,9 +134,14 @@ def feature_rows(batch: int, size: int, repeats: int) -> list[dict]:
             call()
             times[what].append(time.perf_counter() - start)
     seconds = {what: statistics.median(t) for what, t in times.items()}
-    return [{"what": what, "seconds": f"{s:.2f}",
-             "note": f"{batch / s:.1f} img/s; {100 * (s / seconds['backbone'] - 1):+.1f}% over the backbone"}
-            for what, s in seconds.items()]
+    return [
+        {
+            "what": what,
+            "seconds": f"{s:.2f}",
+            "note": f"{batch / s:.1f} img/s; {100 * (s / seconds['backbone'] - 1):+.1f}% over the backbone",
+        }
+        for what, s in seconds.items()
+    ]
 
 
 def main() -> None:
@@ -141,8 +153,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         rows, _ = load_rows(folder)
         rows += feature_rows(args.batch, args.size, args.repeats)
-    print(f"ResNet-50 ({NAME} layout, random weights); features at batch {args.batch}, {args.size} x {args.size}, "
-          f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s)")
+    print(
+        f"ResNet-50 ({NAME} layout, random weights); features at batch {args.batch}, {args.size} x {args.size}, "
+        f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
+    )
     common.print_table(rows)
 
 

@@ -97,10 +97,21 @@ def main():
         ("multi-crop: 2 x 7x7 + 6 x 3x3", ((2, 7), (6, 3)), (224, 224) + (96,) * 6, 0.10),
     ]
 
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, batch {args.batch}, "
-          f"expander 8192, local dim 512, median of {args.repeats} (reference {args.reference_repeats})")
-    header = ("setting", "loss compile", "loss fwd", "loss fwd+bwd", "loss peak mem",
-              "R50 fwd+bwd", "R50 peak mem/view", "loss share", "target")
+    print(
+        f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, batch {args.batch}, "
+        f"expander 8192, local dim 512, median of {args.repeats} (reference {args.reference_repeats})"
+    )
+    header = (
+        "setting",
+        "loss compile",
+        "loss fwd",
+        "loss fwd+bwd",
+        "loss peak mem",
+        "R50 fwd+bwd",
+        "R50 peak mem/view",
+        "loss share",
+        "target",
+    )
     rows = []
     widths = [29] + [max(len(h), 9) for h in header[1:]]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -114,10 +125,19 @@ def main():
         else:
             ref = bench_resnet50(args.batch, crops, args.reference_repeats)
             share = f"{100 * t_b / ref[1]:.2f}%"
-        rows.append((
-            name, f"{c_b:.1f} s", f"{1e3 * t_f:.1f} ms", f"{1e3 * t_b:.1f} ms", mib(max(m_f or 0, m_b or 0)),
-            "-" if ref[1] is None else f"{ref[1]:.2f} s", mib(ref[2]), share, f"< {100 * target:.0f}%",
-        ))
+        rows.append(
+            (
+                name,
+                f"{c_b:.1f} s",
+                f"{1e3 * t_f:.1f} ms",
+                f"{1e3 * t_b:.1f} ms",
+                mib(max(m_f or 0, m_b or 0)),
+                "-" if ref[1] is None else f"{ref[1]:.2f} s",
+                mib(ref[2]),
+                share,
+                f"< {100 * target:.0f}%",
+            )
+        )
         print(line(rows[-1]), flush=True)
 
 

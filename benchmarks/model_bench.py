@@ -5,7 +5,7 @@
 
 For each architecture, one training step of the backbone alone (train mode, loss =
 mean(pooled^2) + mean(maps^2), gradients of every parameter) is compiled, warmed up and
-timed; the PyTorch reference module of tests/torch_reference.py (the release's layout)
+timed; the PyTorch reference module of references/torch_modules.py (the release's layout)
 runs the same step at the same batch in the same process. Columns:
 
   img/s      images per second (median step time over --steps)
@@ -22,6 +22,7 @@ On CPU a third row uses ConvNeXt's "shifted" depthwise convs (see
 vicregl_jax/models/convnext.py): XLA:CPU computes the kernel gradient of grouped
 convolutions as a dense convolution.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ from common import compile_jitted, device_peak_bytes, median_seconds, peak_tflop
 from flax import nnx
 
 from vicregl_jax.models import create_backbone
+
 
 def bench_jax(arch: str, batch: int, size: int, dtype, steps: int) -> dict:
     """Returns img/s, peak bytes and FLOPs of one jitted forward+backward of arch.
@@ -68,7 +70,8 @@ def bench_torch(arch: str, batch: int, size: int, dtype, steps: int) -> dict | N
     """Returns img/s and peak bytes of the PyTorch reference's forward+backward."""
     try:
         import torch
-        from tests.torch_reference import TORCH_BACKBONES
+
+        from references.torch_modules import TORCH_BACKBONES
     except ImportError:
         return None
     cuda = torch.cuda.is_available()
@@ -78,8 +81,7 @@ def bench_torch(arch: str, batch: int, size: int, dtype, steps: int) -> dict | N
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=dtype == jnp.bfloat16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == jnp.bfloat16)
     saved = {}
 
     def pack(t):
@@ -114,37 +116,49 @@ def bench_torch(arch: str, batch: int, size: int, dtype, steps: int) -> dict | N
 def main() -> None:
     """Runs the benchmark and prints one table row per architecture."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", nargs="+", default=None,
-                        help="default: resnet50 convnext_small (+ convnext_small:shifted on CPU)")
+    parser.add_argument(
+        "--archs", nargs="+", default=None, help="default: resnet50 convnext_small (+ convnext_small:shifted on CPU)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="device peak TFLOP/s for MFU (default: known accelerators)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak TFLOP/s for MFU (default: known accelerators)"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     if args.archs is None:
-        args.archs = ["resnet50", "convnext_small"] + (
-            ["convnext_small:shifted"] if device.platform == "cpu" else [])
+        args.archs = ["resnet50", "convnext_small"] + (["convnext_small:shifted"] if device.platform == "cpu" else [])
     peak = peak_tflops(device, args.peak_tflops)
-    print(f"device: {device.device_kind} ({jax.device_count()} devices, using 1); "
-          f"batch {args.batch}, {args.size}px, compute {args.dtype}, median of {args.steps} steps")
-    header = (f"| {'arch':22s} | {'JAX img/s':>9s} | {'JAX peak MiB':>12s} | {'GFLOP/img':>9s} | "
-              f"{'MFU':>6s} | {'torch img/s':>11s} | {'torch peak MiB':>14s} | {'ratio':>5s} |")
+    print(
+        f"device: {device.device_kind} ({jax.device_count()} devices, using 1); "
+        f"batch {args.batch}, {args.size}px, compute {args.dtype}, median of {args.steps} steps"
+    )
+    header = (
+        f"| {'arch':22s} | {'JAX img/s':>9s} | {'JAX peak MiB':>12s} | {'GFLOP/img':>9s} | "
+        f"{'MFU':>6s} | {'torch img/s':>11s} | {'torch peak MiB':>14s} | {'ratio':>5s} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for arch in args.archs:
         j = bench_jax(arch, args.batch, args.size, dtype, args.steps)
         t = None if args.no_torch else bench_torch(arch, args.batch, args.size, dtype, args.steps)
-        mfu = (f"{j['flops'] / j['seconds'] / (peak * 1e12):6.1%}"
-               if peak and np.isfinite(j["flops"]) else f"{'n/a':>6s}")
-        torch_cols = (f"{t['img_s']:11.1f} | {t['peak'] / 2**20:14.0f} | {j['img_s'] / t['img_s']:5.2f}"
-                      if t else f"{'-':>11s} | {'-':>14s} | {'-':>5s}")
-        print(f"| {arch:22s} | {j['img_s']:9.1f} | {j['peak'] / 2**20:12.0f} | "
-              f"{j['flops'] / args.batch / 1e9:9.1f} | {mfu} | {torch_cols} |", flush=True)
+        mfu = (
+            f"{j['flops'] / j['seconds'] / (peak * 1e12):6.1%}" if peak and np.isfinite(j["flops"]) else f"{'n/a':>6s}"
+        )
+        torch_cols = (
+            f"{t['img_s']:11.1f} | {t['peak'] / 2**20:14.0f} | {j['img_s'] / t['img_s']:5.2f}"
+            if t
+            else f"{'-':>11s} | {'-':>14s} | {'-':>5s}"
+        )
+        print(
+            f"| {arch:22s} | {j['img_s']:9.1f} | {j['peak'] / 2**20:12.0f} | "
+            f"{j['flops'] / args.batch / 1e9:9.1f} | {mfu} | {torch_cols} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ process pinned to the same single core:
   uint8 views + colour draws), num_threads 1, batches of 32, steady state;
 - before: the same call on the package of git revision --baseline (default: the revision
   before the uint8 host path; colour on the host, float32 views), extracted with git archive;
-- release: `reference_pil.ReleaseMultiCrop`, the release's transform chain one image at a time
+- release: `references.pil.ReleaseMultiCrop`, the release's transform chain one image at a time
   in one thread (its DataLoader workers run one per core), not collated into batches;
 - colour: `colour.augment_views` jitted on XLA:CPU, one batch of 32 of the recipe's views (the
   work the accelerator now does), in ms per batch;
@@ -21,6 +21,7 @@ Rates are images per CPU-second of the process (user + system of all its threads
 other load on the machine), best of the rounds; cores per 1,000 images/s = 1000 / rate.
 Bytes per sample are what a host sends to the devices per image (views, grids, draws, label).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,11 +97,15 @@ def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> di
         common = dict(groups=groups, global_batch_size=BATCH, seed=0)
         if hasattr(data, "ReadOptions"):
             iterator = data.make_pretrain_iterator(
-                f"folder:{folder}", "train", **common,
-                read=data.ReadOptions(process_index=0, process_count=1, num_threads=1))
+                f"folder:{folder}",
+                "train",
+                **common,
+                read=data.ReadOptions(process_index=0, process_count=1, num_threads=1),
+            )
         else:  # the earlier revision's signature
             iterator = data.make_pretrain_iterator(
-                f"folder:{folder}", "train", **common, process_index=0, process_count=1, num_threads=1)
+                f"folder:{folder}", "train", **common, process_index=0, process_count=1, num_threads=1
+            )
         first = next(iterator)  # trace and compile
         for _ in range(3):
             next(iterator)
@@ -108,12 +113,11 @@ def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> di
         for _ in range(batches):
             next(iterator)
         cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
-        return {"rate": batches * BATCH / cpu, "wall_rate": batches * BATCH / wall,
-                "bytes": _bytes_per_sample(first)}
+        return {"rate": batches * BATCH / cpu, "wall_rate": batches * BATCH / wall, "bytes": _bytes_per_sample(first)}
     if kind == "release":
         import torch
 
-        from vicregl_jax.data.reference_pil import ReleaseMultiCrop
+        from references.pil import ReleaseMultiCrop
 
         torch.set_num_threads(1)
         torch.manual_seed(0)
@@ -136,8 +140,10 @@ def worker(kind: str, recipe: str, folder: str, batches: int, images: int) -> di
         for k, group in enumerate(groups):
             views = rng.integers(0, 256, (BATCH, group.count, group.size, group.size, 3), dtype=np.uint8)
             draws = augment.sample_colour_params(tf.constant([k, 0], tf.int64), BATCH * group.count)
-            draws = {key: np.reshape(v.numpy(), (BATCH, group.count, -1) if key == "order" else (BATCH, group.count))
-                     for key, v in draws.items()}
+            draws = {
+                key: np.reshape(v.numpy(), (BATCH, group.count, -1) if key == "order" else (BATCH, group.count))
+                for key, v in draws.items()
+            }
             args.append((views, draws))
         chain = jax.jit(lambda a: [colour.augment_views(v, d) for v, d in a])
         jax.block_until_ready(chain(args))
@@ -164,22 +170,28 @@ def _resize_worker(groups, folder: str) -> dict:
     for k, group in enumerate(groups):
         views = []  # (image, box) pairs
         for i, image in enumerate(images):
-            boxes = crops.sample_crop_boxes(tf.constant([i, k], tf.int64), image.shape[0], image.shape[1],
-                                            group.count, group.scale).numpy()
+            boxes = crops.sample_crop_boxes(
+                tf.constant([i, k], tf.int64), image.shape[0], image.shape[1], group.count, group.scale
+            ).numpy()
             views += [(image, box) for box in boxes]
         no_flip = np.zeros(1, bool)
 
         def pillow():
-            return [np.asarray(Image.fromarray(im).crop((l, t, l + w, t + h)).resize((group.size, group.size), Image.BICUBIC))
-                    for im, (t, l, h, w) in views]
+            return [
+                np.asarray(
+                    Image.fromarray(im).crop((left, t, left + w, t + h)).resize((group.size, group.size), Image.BICUBIC)
+                )
+                for im, (t, left, h, w) in views
+            ]
 
         def compiled():
             return [resample.crop_resize(im, box[None], no_flip, group.size, 0)[0] for im, box in views]
 
-        cropped = [tf.constant(im[t : t + h, l : l + w]) for im, (t, l, h, w) in views]
+        cropped = [tf.constant(im[t : t + h, left : left + w]) for im, (t, left, h, w) in views]
         chunks = [cropped[j : j + 64] for j in range(0, len(cropped), 64)]
-        tf_resize = tf.function(lambda xs: [tf.image.resize(x, [group.size, group.size], "bicubic", antialias=True)
-                                            for x in xs])
+        tf_resize = tf.function(
+            lambda xs: [tf.image.resize(x, [group.size, group.size], "bicubic", antialias=True) for x in xs]
+        )
 
         def tensorflow():
             return [tf_resize(chunk) for chunk in chunks]
@@ -201,8 +213,22 @@ def _resize_worker(groups, folder: str) -> dict:
 
 def _run(kind, recipe, folder, core, args, pythonpath) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--recipe", recipe, "--folder", folder,
-               "--core", str(core), "--batches", str(args.batches), "--images", str(args.images)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--recipe",
+        recipe,
+        "--folder",
+        folder,
+        "--core",
+        str(core),
+        "--batches",
+        str(args.batches),
+        "--images",
+        str(args.images),
+    ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{kind} / {recipe} failed:\n{out.stderr[-3000:]}")
@@ -234,7 +260,9 @@ def main() -> None:
         make_jpegs(folder)
         baseline = os.path.join(tmp, "baseline")
         os.makedirs(baseline)
-        archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline, "vicregl_jax"], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", ROOT, "archive", args.baseline, "vicregl_jax"], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", baseline], input=archive.stdout, check=True)
         paths = {"host": ROOT, "before": baseline, "release": ROOT, "colour": ROOT, "resize": ROOT}
         for r in range(args.rounds):
@@ -248,29 +276,39 @@ def main() -> None:
         return max(f[key] for f in results[(recipe, kind)])
 
     load = os.getloadavg()[0]
-    print(f"\nhost images per CPU-second, one core pinned (core {core}), batches of {BATCH}, best of "
-          f"{args.rounds} rounds; load average {load:.1f} on {os.cpu_count()} cores; before = {args.baseline}\n")
-    print("| recipe | this pipeline | before | release (PIL) | this / release | before / release "
-          "| cores per 1,000 images/s (before -> now) | bytes per sample to devices (before -> now) "
-          "| colour on the device, XLA:CPU, per batch of 32 |")
+    print(
+        f"\nhost images per CPU-second, one core pinned (core {core}), batches of {BATCH}, best of "
+        f"{args.rounds} rounds; load average {load:.1f} on {os.cpu_count()} cores; before = {args.baseline}\n"
+    )
+    print(
+        "| recipe | this pipeline | before | release (PIL) | this / release | before / release "
+        "| cores per 1,000 images/s (before -> now) | bytes per sample to devices (before -> now) "
+        "| colour on the device, XLA:CPU, per batch of 32 |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---|---:|")
     for recipe in RECIPES:
         host, before, release = best(recipe, "host"), best(recipe, "before"), best(recipe, "release")
         bytes_now = results[(recipe, "host")][0]["bytes"]
         bytes_before = results[(recipe, "before")][0]["bytes"]
         colour_ms = results[(recipe, "colour")][0]["ms_per_batch"]
-        print(f"| {recipe} | {host:.0f} | {before:.0f} | {release:.0f} | {host / release:.2f}x | "
-              f"{before / release:.2f}x | {1000 / before:.1f} -> {1000 / host:.1f} | "
-              f"{bytes_before / 1e6:.2f} MB -> {bytes_now / 1e6:.2f} MB ({bytes_before / bytes_now:.1f}x fewer) | "
-              f"{colour_ms:.0f} ms |")
-    print("\nresize, ms per view on the same core (Pillow: crop + resize as the release; tf.image.resize "
-          "antialiased; compiled: data/resample.py, Pillow's bytes)\n")
+        print(
+            f"| {recipe} | {host:.0f} | {before:.0f} | {release:.0f} | {host / release:.2f}x | "
+            f"{before / release:.2f}x | {1000 / before:.1f} -> {1000 / host:.1f} | "
+            f"{bytes_before / 1e6:.2f} MB -> {bytes_now / 1e6:.2f} MB ({bytes_before / bytes_now:.1f}x fewer) | "
+            f"{colour_ms:.0f} ms |"
+        )
+    print(
+        "\nresize, ms per view on the same core (Pillow: crop + resize as the release; tf.image.resize "
+        "antialiased; compiled: data/resample.py, Pillow's bytes)\n"
+    )
     print("| recipe | view | Pillow | tf.image.resize | compiled | compiled vs Pillow | compiled vs TF |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for recipe in RECIPES:
         for size, f in results[(recipe, "resize")][0].items():
-            print(f"| {recipe} | {size} | {f['pillow']:.3f} | {f['tensorflow']:.3f} | {f['compiled']:.3f} | "
-                  f"{f['pillow'] / f['compiled']:.1f}x | {f['tensorflow'] / f['compiled']:.1f}x |")
+            print(
+                f"| {recipe} | {size} | {f['pillow']:.3f} | {f['tensorflow']:.3f} | {f['compiled']:.3f} | "
+                f"{f['pillow'] / f['compiled']:.1f}x | {f['tensorflow'] / f['compiled']:.1f}x |"
+            )
 
 
 if __name__ == "__main__":

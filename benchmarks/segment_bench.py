@@ -11,6 +11,7 @@ Rates are images per CPU-second of this process (all threads: robust to other pr
 the machine) and images per wall-second divided by the cores; best of the rounds. The number
 a training run needs is (steps per second) x (batch size) / (images per core-second) cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ def write_voc(directory: str, count: int = 48, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     photos = [p for _, p in natural_photos()]
     base = os.path.join(directory, "VOC2012")
-    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
-                "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     names = []
     for k in range(count):
@@ -44,8 +44,7 @@ def write_voc(directory: str, count: int = 48, seed: int = 0) -> str:
         draw = ImageDraw.Draw(mask)
         for _ in range(3):  # a few objects of random classes, VOC's 255 border around them
             x, y = int(rng.integers(0, size[0] - 100)), int(rng.integers(0, size[1] - 100))
-            draw.ellipse([x, y, x + 100, y + 100], fill=int(rng.integers(1, 21)),
-                         outline=255, width=3)
+            draw.ellipse([x, y, x + 100, y + 100], fill=int(rng.integers(1, 21)), outline=255, width=3)
         name = f"bench_{k:03d}"
         image.save(os.path.join(base, "JPEGImages", name + ".jpg"), quality=90)
         palette = Image.fromarray(np.asarray(mask), mode="P")
@@ -91,11 +90,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         spec = f"voc:{write_voc(directory)}"
-        train = seg.make_train_iterator(seg.open_split(spec, "trainaug"), global_batch_size=16,
-                                        seed=0)
+        train = seg.make_train_iterator(seg.open_split(spec, "trainaug"), global_batch_size=16, seed=0)
         val = seg.open_split(spec, "val")
-        chunks = seg.eval_chunks(seg.image_sizes(val.masks), scale=(2048, 512),
-                                 images_per_chunk=16, row_multiple=1) * 20
+        chunks = (
+            seg.eval_chunks(seg.image_sizes(val.masks), scale=(2048, 512), images_per_chunk=16, row_multiple=1) * 20
+        )
 
         next(train)
         train_rates, eval_rates = [], []
@@ -109,12 +108,16 @@ def main() -> None:
             eval_rates.append(rate(evals, min(args.batches, len(chunks) - 1)))
             evals.close()
         train.close()
-        for name, rates in (("train (crop 512, all augmentations)", train_rates),
-                            ("eval (resize to (2048, 512), full-size masks)", eval_rates)):
+        for name, rates in (
+            ("train (crop 512, all augmentations)", train_rates),
+            ("eval (resize to (2048, 512), full-size masks)", eval_rates),
+        ):
             rows.append((name, max(c for c, _ in rates), max(w for _, w in rates) / len(cores)))
     load = os.getloadavg()[0]
-    print(f"\nVOC-sized images (500 x 375) per second per CPU core ({len(cores)} core(s) pinned, "
-          f"best of {args.rounds}; load average {load:.1f} on {os.cpu_count()} cores)\n")
+    print(
+        f"\nVOC-sized images (500 x 375) per second per CPU core ({len(cores)} core(s) pinned, "
+        f"best of {args.rounds}; load average {load:.1f} on {os.cpu_count()} cores)\n"
+    )
     print("| pipeline | images / CPU-s | images / wall-s / core |")
     print("|---|---|---|")
     for name, cpu, wall in rows:

@@ -58,11 +58,19 @@ def main():
     results = []
 
     def target(name, value, goal, met):
-        results.append({"target": name, "measured": "not measured" if value is None else value, "goal": goal,
-                        "met": "-" if value is None else ("yes" if met else "no")})
+        results.append(
+            {
+                "target": name,
+                "measured": "not measured" if value is None else value,
+                "goal": goal,
+                "met": "-" if value is None else ("yes" if met else "no"),
+            }
+        )
 
-    for config, label, goal in (("convnext_s", "ConvNeXt-S multi-crop step / its backbone share", 0.85),
-                                ("r50", "ResNet-50 step / its backbone's rate", 0.90)):
+    for config, label, goal in (
+        ("convnext_s", "ConvNeXt-S multi-crop step / its backbone share", 0.85),
+        ("r50", "ResNet-50 step / its backbone's rate", 0.90),
+    ):
         row = find(step, "config", config)
         value = number(row and row.get("step / share"))
         target(label, None if value is None else f"{value:.2f}", f">= {goal:.2f}", value is not None and value >= goal)
@@ -70,16 +78,28 @@ def main():
         jax_row, torch_row = find(step, "config", config), find(torch_step, "config", torch_config)
         a, b = number(jax_row and jax_row.get("images/s")), number(torch_row and torch_row.get("images/s"))
         value = a / b if a and b else None
-        target(f"JAX / PyTorch full step, {config} (images/s)", None if value is None else f"{value:.2f}x",
-               ">= 1.5x", value is not None and value >= 1.5)
+        target(
+            f"JAX / PyTorch full step, {config} (images/s)",
+            None if value is None else f"{value:.2f}x",
+            ">= 1.5x",
+            value is not None and value >= 1.5,
+        )
     row = find(model, "arch", "convnext_small")
     a, b = number(row and row.get("JAX peak MiB")), number(row and row.get("torch peak MiB"))
-    target("ConvNeXt-S backbone peak, JAX / PyTorch (batch 256)",
-           None if not (a and b) else f"{a:,.0f} / {b:,.0f} MiB", "<= 1", bool(a and b and a <= b))
+    target(
+        "ConvNeXt-S backbone peak, JAX / PyTorch (batch 256)",
+        None if not (a and b) else f"{a:,.0f} / {b:,.0f} MiB",
+        "<= 1",
+        bool(a and b and a <= b),
+    )
     row = find(step, "config", "convnext_s")
     value = number(row and row.get("compile"))
-    target("ConvNeXt-S step compile", None if value is None else f"{value:.1f} s", "< 60 s",
-           value is not None and value < 60)
+    target(
+        "ConvNeXt-S step compile",
+        None if value is None else f"{value:.1f} s",
+        "< 60 s",
+        value is not None and value < 60,
+    )
     print_table(results)
 
 

@@ -4,9 +4,9 @@
     python benchmarks/torch_step_bench.py --batch 2 --repeats 2  # a CPU dry run (float32)
 
 For configs/r50.py and configs/convnext.py:size=s: the PyTorch reference model of
-tests/torch_reference.py (the release's backbone, expander, local projector and online
+references/torch_modules.py (the release's backbone, expander, local projector and online
 classifier, one forward pass per view), the criterion (torch_vicregl_loss: the global and
-local terms of the VICRegL criterion, checked against tests/reference_loss.py), the online
+local terms of the VICRegL criterion, checked against references/loss.py), the online
 classifier's cross-entropy, and the optimiser (LARS for ResNet-50, AdamW with weight decay on
 2+ dim parameters for ConvNeXt), on synthetic views of the config's crops and location grids.
 On CUDA as the release trains: torch.autocast float16 with a GradScaler, channels-last
@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from common import ROOT, median_seconds, print_table
 
-from tests.torch_reference import (TORCH_BACKBONES, TorchConvNeXt, TorchLARS, TorchVICRegL,
-                                   torch_vicregl_loss)
-from vicregl_jax import config as config_lib
+from references.torch_modules import TORCH_BACKBONES, TorchConvNeXt, TorchLARS, TorchVICRegL, torch_vicregl_loss
+from vicregl_jax import config_files
 from vicregl_jax.data import location_grid
 
 CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s"}
@@ -39,8 +38,9 @@ def make_model(config) -> torch.nn.Module:
     else:
         backbone = TORCH_BACKBONES[arch]()
     dim, norm = DIMS[arch]
-    return TorchVICRegL(backbone, dim, norm, config.model.mlp, config.model.maps_mlp, config.loss.alpha,
-                        config.model.num_classes)
+    return TorchVICRegL(
+        backbone, dim, norm, config.model.mlp, config.model.maps_mlp, config.loss.alpha, config.model.num_classes
+    )
 
 
 def make_optimizer(model, config, lr: float):
@@ -48,8 +48,9 @@ def make_optimizer(model, config, lr: float):
         return TorchLARS(model.parameters(), lr=lr, weight_decay=config.optim.weight_decay)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def synthetic_views(config, batch: int, device, channels_last: bool, seed: int = 0):
@@ -69,7 +70,7 @@ def synthetic_views(config, batch: int, device, channels_last: bool, seed: int =
 
 
 def bench(name: str, batch: int, repeats: int) -> dict:
-    config = config_lib.load(os.path.join(ROOT, CONFIGS[name]))
+    config = config_files.load(os.path.join(ROOT, CONFIGS[name]))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = make_model(config).to(device).train()
@@ -84,8 +85,14 @@ def bench(name: str, batch: int, repeats: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
             out = model(views)
-            loss, _ = torch_vicregl_loss(out["embeddings"], out["local_embeddings"], grids, alpha=config.loss.alpha,
-                                         num_matches=nm, l2_all_matches=config.loss.l2_all_matches)
+            loss, _ = torch_vicregl_loss(
+                out["embeddings"],
+                out["local_embeddings"],
+                grids,
+                alpha=config.loss.alpha,
+                num_matches=nm,
+                l2_all_matches=config.loss.l2_all_matches,
+            )
             loss = loss + torch.nn.functional.cross_entropy(out["logits"].float(), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -99,10 +106,16 @@ def bench(name: str, batch: int, repeats: int) -> dict:
     seconds = median_seconds(step, repeats)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     crops = " + ".join(f"{n} x {s}" for s, n, _, _ in config.data.crops)
-    return {"config": CONFIGS[name], "crops": crops, "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "precision": "autocast float16, channels-last" if cuda else "float32", "batch": batch,
-            "step": f"{seconds * 1e3:.0f} ms", "images/s": f"{batch / seconds:.1f}",
-            "peak memory": "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"}
+    return {
+        "config": CONFIGS[name],
+        "crops": crops,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "autocast float16, channels-last" if cuda else "float32",
+        "batch": batch,
+        "step": f"{seconds * 1e3:.0f} ms",
+        "images/s": f"{batch / seconds:.1f}",
+        "peak memory": "n/a" if peak is None else f"{peak / 2**30:.2f} GiB",
+    }
 
 
 def main():

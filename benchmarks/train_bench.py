@@ -38,14 +38,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import (ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table,
-                    time_split)
+from common import ROOT, compile_jitted, device_peak_bytes, median_seconds, peak_tflops, print_table, time_split
 from flax import nnx
 
-from vicregl_jax import build, sharding, train
-from vicregl_jax import config as config_lib
-from vicregl_jax.model_config import create_model
+from vicregl_jax import build, config_files, sharding, train
 from vicregl_jax.data import colour, location_grid  # TF-free: the train step runs without TensorFlow
+from vicregl_jax.model_config import create_model
 
 CONFIGS = {"r50": "configs/r50.py", "convnext_s": "configs/convnext.py:size=s", "demo": "configs/demo.py"}
 
@@ -102,14 +100,17 @@ def backbone_seconds(config, batch: int, repeats: int) -> tuple[float, float]:
     model = nnx.eval_shape(lambda: create_model(config.model, config.loss.alpha, rngs=nnx.Rngs(0))).backbone
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), params)
-    rest = jax.tree.map(lambda a: (jax.random.key(0) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-                                   else jnp.zeros(a.shape, a.dtype)), rest)
+    rest = jax.tree.map(
+        lambda a: jax.random.key(0) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else jnp.zeros(a.shape, a.dtype),
+        rest,
+    )
 
     @jax.jit
     def step(params, x):
         def loss(params):
             maps, pooled = nnx.merge(graphdef, params, rest, copy=True)(x)
             return jnp.mean(jnp.square(maps)) + jnp.mean(jnp.square(pooled))
+
         return jax.grad(loss)(params)
 
     total = compile_total = 0.0
@@ -121,10 +122,19 @@ def backbone_seconds(config, batch: int, repeats: int) -> tuple[float, float]:
     return total, compile_total
 
 
-def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_override: float | None,
-          remat: str | None = None, profile: str | None = None, profile_steps: int = 3,
-          backbone_share: bool = True, views: str = "uint8"):
-    config = config_lib.load(os.path.join(ROOT, CONFIGS[name]))
+def bench(
+    name: str,
+    batch_per_device: int,
+    dtype: str,
+    repeats: int,
+    peak_override: float | None,
+    remat: str | None = None,
+    profile: str | None = None,
+    profile_steps: int = 3,
+    backbone_share: bool = True,
+    views: str = "uint8",
+):
+    config = config_files.load(os.path.join(ROOT, CONFIGS[name]))
     mesh = sharding.make_mesh()
     config.batch_size = batch_per_device * mesh.size
     config.model.dtype = dtype
@@ -134,9 +144,12 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_overr
     schedule, tx = build.make_optimizer(config, steps_per_epoch=100, total_steps=1000)
     graphdef, streams, state, shardings = build.init_train_state(config, tx, mesh)
     step = train.jit_train_step(
-        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)), shardings, mesh)
-    batch = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh)),
-                         synthetic_batch(config, config.batch_size, views=views))
+        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)), shardings, mesh
+    )
+    batch = jax.tree.map(
+        lambda x: jax.device_put(x, sharding.batch_sharding(mesh)),
+        synthetic_batch(config, config.batch_size, views=views),
+    )
     compiled = compile_jitted(step, state, batch)
     holder = {"state": state}
 
@@ -149,12 +162,18 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_overr
     peak = peak_tflops(jax.devices()[0], peak_override)
     mfu = None if not peak or not np.isfinite(compiled.flops) else compiled.flops / step_s / (peak * 1e12 * mesh.size)
     row = {
-        "config": name, "device": f"{jax.devices()[0].device_kind} x {mesh.size}", "dtype": dtype,
-        "remat": config.model.get("remat", "-"), "views": views, "batch": config.batch_size,
-        "compile": f"{compiled.compile_s:.1f} s", "step": f"{step_s * 1e3:.0f} ms",
+        "config": name,
+        "device": f"{jax.devices()[0].device_kind} x {mesh.size}",
+        "dtype": dtype,
+        "remat": config.model.get("remat", "-"),
+        "views": views,
+        "batch": config.batch_size,
+        "compile": f"{compiled.compile_s:.1f} s",
+        "step": f"{step_s * 1e3:.0f} ms",
         "images/s": f"{config.batch_size / step_s:.1f}",
         "peak mem/device": "n/a" if peak_bytes is None else f"{peak_bytes / 2**30:.2f} GiB",
-        "GFLOP/step": f"{compiled.flops / 1e9:.0f}", "MFU": "n/a" if mfu is None else f"{100 * mfu:.1f}%",
+        "GFLOP/step": f"{compiled.flops / 1e9:.0f}",
+        "MFU": "n/a" if mfu is None else f"{100 * mfu:.1f}%",
     }
     if views == "uint8":
         colour_s = colour_seconds(batch, dtype, repeats)
@@ -163,15 +182,24 @@ def bench(name: str, batch_per_device: int, dtype: str, repeats: int, peak_overr
         with jax.profiler.trace(profile, create_perfetto_trace=True):
             for _ in range(profile_steps):
                 one_step()
-        scopes = ([f"backbone_{size}" for size, _, _, _ in config.data.crops]
-                  + ["heads", "criterion", "optimiser", "augment"])
+        scopes = [f"backbone_{size}" for size, _, _, _ in config.data.crops] + [
+            "heads",
+            "criterion",
+            "optimiser",
+            "augment",
+        ]
         split = time_split(profile, compiled.fn.as_text(), scopes)
         print(f"\nTime split of {name} ({profile_steps} steps traced in {profile}):\n", flush=True)
         print_table(split)
     if backbone_share:
         share_s, share_compile = backbone_seconds(config, batch_per_device, repeats)
-        row.update({"backbone share": f"{share_s * 1e3:.0f} ms", "step / share": f"{share_s / step_s:.2f}",
-                    "backbone compile": f"{share_compile:.1f} s"})
+        row.update(
+            {
+                "backbone share": f"{share_s * 1e3:.0f} ms",
+                "step / share": f"{share_s / step_s:.2f}",
+                "backbone compile": f"{share_compile:.1f} s",
+            }
+        )
     return row
 
 
@@ -182,20 +210,36 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for the MFU column")
-    parser.add_argument("--remat", default=None, choices=("none", "block", "dots"),
-                        help="config.model.remat (default: the config's)")
+    parser.add_argument(
+        "--remat", default=None, choices=("none", "block", "dots"), help="config.model.remat (default: the config's)"
+    )
     parser.add_argument("--profile", default=None, metavar="DIR", help="write a trace here and print its time split")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--views", default="uint8", choices=("uint8", "float"),
-                        help="uint8 views + colour draws (the pipeline's default; colour in the step) or "
-                             "float views coloured on the host")
+    parser.add_argument(
+        "--views",
+        default="uint8",
+        choices=("uint8", "float"),
+        help="uint8 views + colour draws (the pipeline's default; colour in the step) or "
+        "float views coloured on the host",
+    )
     parser.add_argument("--no-backbone-share", dest="backbone_share", action="store_false")
     args = parser.parse_args()
     rows = []
     for name in args.configs.split(","):
-        rows.append(bench(name, args.batch_per_device, args.dtype, args.repeats, args.peak_tflops, args.remat,
-                          args.profile and os.path.join(args.profile, name), args.profile_steps,
-                          args.backbone_share, args.views))
+        rows.append(
+            bench(
+                name,
+                args.batch_per_device,
+                args.dtype,
+                args.repeats,
+                args.peak_tflops,
+                args.remat,
+                args.profile and os.path.join(args.profile, name),
+                args.profile_steps,
+                args.backbone_share,
+                args.views,
+            )
+        )
         print_table(rows)  # after each config: a later one cut by a time limit leaves these rows
         print(flush=True)
 

@@ -35,8 +35,12 @@ def main():
     parser.add_argument("--batch", type=int, default=576, help="global batch (configs/convnext.py's)")
     parser.add_argument("--remat", default="block,dots,none")
     parser.add_argument("--baseline", default="189940b", help="the revision of the H200 measurement")
-    parser.add_argument("--measured-gib", type=float, default=58.16,
-                        help="the device peak of the baseline's ConvNeXt-S step at batch 128 on the H200")
+    parser.add_argument(
+        "--measured-gib",
+        type=float,
+        default=58.16,
+        help="the device peak of the baseline's ConvNeXt-S step at batch 128 on the H200",
+    )
     parser.add_argument("--no-calibration", dest="calibrate", action="store_false")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
@@ -48,24 +52,33 @@ def main():
             got = run_probe(spec, extract(args.baseline, tmp), 1, args.timeout)
         if got:
             factor = args.measured_gib * 2**30 / got["peak_bytes"]
-            print(f"calibration: ConvNeXt-S step of {args.baseline}, batch 128, bfloat16: XLA:CPU "
-                  f"{got['peak_bytes'] / 2**30:.2f} GiB, H200 {args.measured_gib:.2f} GiB: factor {factor:.2f}",
-                  flush=True)
+            print(
+                f"calibration: ConvNeXt-S step of {args.baseline}, batch 128, bfloat16: XLA:CPU "
+                f"{got['peak_bytes'] / 2**30:.2f} GiB, H200 {args.measured_gib:.2f} GiB: factor {factor:.2f}",
+                flush=True,
+            )
     rows = []
     for remat in args.remat.split(","):
         spec = {"part": "compile", "config": "convnext_xl", "batch": args.batch, "dtype": "bfloat16", "remat": remat}
         got = run_probe(spec, ROOT, args.devices, args.timeout)
         cpu = got and got["peak_bytes"] / 2**30
         estimate = cpu and factor and cpu * factor
-        rows.append({"remat": remat, "devices": args.devices, "batch per device": args.batch // args.devices,
-                     "XLA:CPU per device": "-" if cpu is None else f"{cpu:.1f} GiB",
-                     "x factor": "-" if estimate is None else f"{estimate:.1f} GiB",
-                     f"fits {HBM_GIB:.0f} GiB": "-" if cpu is None else
-                     ("yes" if (estimate or cpu) < HBM_GIB else "no"),
-                     "compile": "-" if got is None else f"{got['compile_s']:.0f} s"})
+        rows.append(
+            {
+                "remat": remat,
+                "devices": args.devices,
+                "batch per device": args.batch // args.devices,
+                "XLA:CPU per device": "-" if cpu is None else f"{cpu:.1f} GiB",
+                "x factor": "-" if estimate is None else f"{estimate:.1f} GiB",
+                f"fits {HBM_GIB:.0f} GiB": "-" if cpu is None else ("yes" if (estimate or cpu) < HBM_GIB else "no"),
+                "compile": "-" if got is None else f"{got['compile_s']:.0f} s",
+            }
+        )
         print(rows[-1], flush=True)
-    print(f"\nConvNeXt-XL train step, global batch {args.batch}, FSDP over {args.devices} devices, bfloat16 "
-          f"(factor {'n/a' if factor is None else f'{factor:.2f}'}):\n")
+    print(
+        f"\nConvNeXt-XL train step, global batch {args.batch}, FSDP over {args.devices} devices, bfloat16 "
+        f"(factor {'n/a' if factor is None else f'{factor:.2f}'}):\n"
+    )
     print_table(rows)
 
 

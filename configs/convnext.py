@@ -25,7 +25,8 @@ single-node S run: 8 GPUs, batch 384, base lr 7.5e-4, 100 epochs).
 
 from ml_collections import config_dict
 
-from vicregl_jax.config import default_config, parse_variant
+from vicregl_jax.config import default_config
+from vicregl_jax.config_files import parse_variant
 
 ARCH = {"s": "convnext_small", "b": "convnext_base", "xl": "convnext_xlarge"}
 

@@ -14,7 +14,8 @@ ImageNet comes from TFDS `imagenet2012` with the manual download in config.data.
 The defaults of vicregl_jax/config.py are this recipe; only the variants change it.
 """
 
-from vicregl_jax.config import default_config, parse_variant
+from vicregl_jax.config import default_config
+from vicregl_jax.config_files import parse_variant
 
 
 def get_config(arg=None):

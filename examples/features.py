@@ -13,6 +13,7 @@ the features' shapes, and writes into --out:
                        one: green where it lands within one cell of the truth, red otherwise;
   matches.png          with a second image: the mutual nearest neighbours between the two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def overlapping_crops(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndar
     resized = extract.preprocess([image], resize=size * 5 // 4)[0][0]
     scale, shift = image.shape[0] / resized.shape[0], size // 4
     corners = [(0, 0), (shift, shift)]
-    crops = np.stack([resized[t:t + size, s:s + size] for t, s in corners])
+    crops = np.stack([resized[t : t + size, s : s + size] for t, s in corners])
     return crops, np.array([(t * scale, s * scale, size * scale, size * scale) for t, s in corners])
 
 
@@ -54,26 +55,42 @@ def main() -> None:
     model, config = vicregl_jax.load(args.weights)
     images = [read_rgb(path) for path in args.images[:2]]
     out = vicregl_jax.features(model, images, resize=args.size, crop=args.size)
-    print(f"{args.weights} ({config.model.arch}): pooled {out.pooled.shape} {out.pooled.dtype}, "
-          f"maps {out.maps.shape}, locations {out.locations.shape}")
+    print(
+        f"{args.weights} ({config.model.arch}): pooled {out.pooled.shape} {out.pooled.dtype}, "
+        f"maps {out.maps.shape}, locations {out.locations.shape}"
+    )
 
     shown = extract.preprocess(images, resize=args.size, crop=args.size)[0]
     maps = np.asarray(out.maps)
-    viz.save_pca_picture(os.path.join(args.out, "pca.png"),
-                         [(os.path.basename(p), s, m) for p, s, m in zip(args.images, shown, maps)])
+    viz.save_pca_picture(
+        os.path.join(args.out, "pca.png"), [(os.path.basename(p), s, m) for p, s, m in zip(args.images, shown, maps)]
+    )
 
     crops, boxes = overlapping_crops(images[0], args.size)
     pair = vicregl_jax.Extractor(model)(crops, boxes)
     pair_maps = np.asarray(pair.maps)
     correct = viz.save_correspondence_picture(
-        os.path.join(args.out, "correspondences.png"), crops[0], crops[1],
-        pair_maps[0].reshape(-1, pair_maps.shape[-1]), pair_maps[1].reshape(-1, pair_maps.shape[-1]),
-        pair.locations[0], pair.locations[1], title="nearest neighbours between two crops")
+        os.path.join(args.out, "correspondences.png"),
+        crops[0],
+        crops[1],
+        pair_maps[0].reshape(-1, pair_maps.shape[-1]),
+        pair_maps[1].reshape(-1, pair_maps.shape[-1]),
+        pair.locations[0],
+        pair.locations[1],
+        title="nearest neighbours between two crops",
+    )
     print(f"correspondences between two crops: {100 * correct:.1f}% within one cell of the truth")
 
     if len(images) == 2:
-        found = viz.save_matches_picture(os.path.join(args.out, "matches.png"), images[0], images[1],
-                                         maps[0], maps[1], out.locations[0], out.locations[1])
+        found = viz.save_matches_picture(
+            os.path.join(args.out, "matches.png"),
+            images[0],
+            images[1],
+            maps[0],
+            maps[1],
+            out.locations[0],
+            out.locations[1],
+        )
         print(f"{found} mutual nearest neighbours between the two images")
     print(f"pictures in {args.out}/")
 

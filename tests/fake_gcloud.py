@@ -23,14 +23,16 @@ scenario.json keys (all optional):
 
 `gcloud compute tpus tpu-vm fake-preempt` preempts the slice now (the tests' hook).
 """
+
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 state_dir = os.environ["FAKE_GCLOUD_DIR"]
@@ -123,12 +125,6 @@ def preempt_now(phase):
     return True
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stand_ins():
     """A bin folder with `uv` and `python3` stand-ins for install: no download, the venv's
     python is FAKE_PYTHON."""
@@ -136,8 +132,10 @@ def stand_ins():
     if not os.path.isdir(bin_dir):
         os.makedirs(bin_dir)
         with open(os.path.join(bin_dir, "uv"), "w") as f:
-            f.write('#!/bin/sh\nif [ "$1" = venv ]; then\n  for last; do :; done\n'
-                    f'  mkdir -p "$last/bin" && ln -sf {os.environ["FAKE_PYTHON"]} "$last/bin/python"\nfi\n')
+            f.write(
+                '#!/bin/sh\nif [ "$1" = venv ]; then\n  for last; do :; done\n'
+                f'  mkdir -p "$last/bin" && ln -sf {os.environ["FAKE_PYTHON"]} "$last/bin/python"\nfi\n'
+            )
         with open(os.path.join(bin_dir, "python3"), "w") as f:
             f.write(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then exit 0; fi\nexec {sys.executable} "$@"\n')
         for name in ("uv", "python3"):

@@ -4,6 +4,7 @@ allocations while it runs.
 
     python tests/knn_worker.py --devices 4 --process_id 0 --num_processes 2 --port 12345
 """
+
 import argparse
 import json
 import os
@@ -48,8 +49,11 @@ def batches(count, offset):
     local = BATCH // jax.process_count()
     for start in range(0, count, BATCH):
         index = start + jax.process_index() * local + np.arange(local)
-        yield {"image": (index + offset).astype(np.int32), "label": (index % CLASSES).astype(np.int32),
-               "mask": index < count}
+        yield {
+            "image": (index + offset).astype(np.int32),
+            "label": (index % CLASSES).astype(np.int32),
+            "mask": index < count,
+        }
 
 
 tracemalloc.start()
@@ -62,5 +66,10 @@ for t in range(test.features.shape[0]):
     total = [total[0] + int(h1), total[1] + int(h5)]
 _, peak = tracemalloc.get_traced_memory()
 tracemalloc.stop()
-print("RESULT", json.dumps({"hits": total, "count": test.count, "host_peak_bytes": peak,
-                            "train_feature_bytes": args.train * args.dim * 4}), flush=True)
+print(
+    "RESULT",
+    json.dumps(
+        {"hits": total, "count": test.count, "host_peak_bytes": peak, "train_feature_bytes": args.train * args.dim * 4}
+    ),
+    flush=True,
+)

@@ -21,10 +21,20 @@ def tiny_run_flags(data_dir: str) -> list[str]:
     """Returns main.py flags (after --config=configs/demo.py) for a pre-training run of
     TOTAL_STEPS steps of the tiny network, a checkpoint every 2 steps; the same for every test,
     so that its compiled step is shared through the persistent compilation cache."""
-    return ["--config.mode=pretrain", f"--config.data.data_dir={data_dir}", "--config.data.crops=((64,2,0.3,1.0),)",
-            "--config.model.mlp=64-64", "--config.model.maps_mlp=32-32", "--config.model.num_classes=4",
-            "--config.loss.num_matches=(3,2)", "--config.batch_size=16", f"--config.total_steps={TOTAL_STEPS}",
-            "--config.checkpoint.every_steps=2", "--config.log_every_steps=1", "--config.optim.warmup_epochs=0"]
+    return [
+        "--config.mode=pretrain",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.crops=((64,2,0.3,1.0),)",
+        "--config.model.mlp=64-64",
+        "--config.model.maps_mlp=32-32",
+        "--config.model.num_classes=4",
+        "--config.loss.num_matches=(3,2)",
+        "--config.batch_size=16",
+        f"--config.total_steps={TOTAL_STEPS}",
+        "--config.checkpoint.every_steps=2",
+        "--config.log_every_steps=1",
+        "--config.optim.warmup_epochs=0",
+    ]
 
 
 def final_state(workdir) -> tuple[int, dict]:
@@ -34,10 +44,13 @@ def final_state(workdir) -> tuple[int, dict]:
     step = checkpointer.latest_step()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = checkpointer.manager.item_metadata(step)
-    target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
-              for name in ("model", "train")}
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(tree) for name, tree in target.items()}))
+    target = {
+        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
+        for name in ("model", "train")
+    }
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in target.items()})
+    )
     checkpointer.close()
     return step, jax.tree.map(np.asarray, {"model": dict(restored["model"]), "train": dict(restored["train"])})
 
@@ -50,8 +63,11 @@ def assert_bitwise_equal(workdir, reference) -> None:
     assert step == ref_step == TOTAL_STEPS, (step, ref_step)
     flat, ref_flat = jax.tree_util.tree_leaves_with_path(tree), jax.tree_util.tree_leaves_with_path(ref_tree)
     assert [p for p, _ in flat] == [p for p, _ in ref_flat]
-    differ = [jax.tree_util.keystr(p) for (p, a), (_, b) in zip(flat, ref_flat)
-              if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes()]
+    differ = [
+        jax.tree_util.keystr(p)
+        for (p, a), (_, b) in zip(flat, ref_flat)
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes()
+    ]
     assert not differ, f"{len(differ)} of {len(flat)} arrays differ from the uninterrupted run: {differ[:5]}"
 
 
@@ -69,8 +85,11 @@ def wait_until(condition, what: str, timeout: float = 60):
 def run_env(devices: int) -> dict:
     """Returns the environment of a run started here: this checkout on the path, CPU with
     `devices` devices, no launcher variables of the parent."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "TPU_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "TPU_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))
+    }
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return env
 
@@ -83,8 +102,20 @@ def reference_run(base, data_dir: str) -> tuple[int, dict]:
     if not os.path.exists(os.path.join(folder, "done")):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "main.log"), "w") as log:
-            subprocess.run([sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={folder}/run",
-                            *tiny_run_flags(data_dir)], cwd=ROOT, env=run_env(2), stdout=log, stderr=subprocess.STDOUT,
-                           timeout=600, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "main.py",
+                    "--config=configs/demo.py",
+                    f"--workdir={folder}/run",
+                    *tiny_run_flags(data_dir),
+                ],
+                cwd=ROOT,
+                env=run_env(2),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=600,
+                check=True,
+            )
         open(os.path.join(folder, "done"), "w").close()
     return final_state(os.path.join(folder, "run"))

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import ROOT
+
 from vicregl_jax import distributed
 
 TPU_POD = os.path.join(ROOT, "launch", "tpu_pod.sh")
@@ -48,8 +48,15 @@ def make_fake_slice(tmp_path, python):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_executable(bin_dir / "gcloud", f'#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fake_gcloud.py "$@"\n')
-    env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_DIR=state, FAKE_WORKERS=2,
-                     FAKE_PYTHON=python, POLL_SECONDS=0.2, LOG_SYNC_SECONDS=1, STOP_GRACE_SECONDS=5)
+    env = launch_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_GCLOUD_DIR=state,
+        FAKE_WORKERS=2,
+        FAKE_PYTHON=python,
+        POLL_SECONDS=0.2,
+        LOG_SYNC_SECONDS=1,
+        STOP_GRACE_SECONDS=5,
+    )
     return env, state
 
 
@@ -67,7 +74,9 @@ def fake_slice(tmp_path):
     """A fake slice whose python records its arguments in WORKDIR/attempts-K.jsonl and follows
     FAKE_PLAN, one word per attempt: 'wait' (run until SIGTERM, then exit 75 as a run that
     saved a checkpoint), 'exit0', or 'crash0' (worker 0 exits 1, the others wait)."""
-    python = write_executable(tmp_path / "fake_python", f"""#!{sys.executable}
+    python = write_executable(
+        tmp_path / "fake_python",
+        f"""#!{sys.executable}
 import json, os, signal, sys, time
 if sys.argv[1:2] == ["-c"]:  # install's check of the venv
     sys.exit(print("python 3.11 jax (fake) torch absent"))
@@ -92,7 +101,8 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 while True:
     time.sleep(0.05)
-""")
+""",
+    )
     env, state = make_fake_slice(tmp_path, python)
     yield env, state, tmp_path / "run dir"
     kill_worker_runs(state)
@@ -102,5 +112,3 @@ def attempts(workdir, worker):
     """Returns the argument lists the fake python of worker got, one per attempt."""
     path = workdir / f"attempts-{worker}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-

@@ -5,6 +5,7 @@ of scikit-image's photos; masks are palette PNGs (SegmentationClass, VOC's palet
 grey-level PNGs (SegmentationClassAug, as mmsegmentation's converter writes them), with a 255
 band along every shape's border as VOC draws it.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,13 +40,12 @@ def save_palette_png(mask: np.ndarray, path: str) -> None:
     image.save(path)
 
 
-def synthetic_pair(rng: np.random.Generator, height: int, width: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_pair(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (uint8 RGB image, uint8 mask) with 1-3 shapes on a photo crop."""
     photo = getattr(skdata, PHOTOS[rng.integers(len(PHOTOS))])()
     top = rng.integers(0, photo.shape[0] - height + 1)
     left = rng.integers(0, photo.shape[1] - width + 1)
-    image = Image.fromarray(np.ascontiguousarray(photo[top:top + height, left:left + width, :3]))
+    image = Image.fromarray(np.ascontiguousarray(photo[top : top + height, left : left + width, :3]))
     mask = Image.new("L", (width, height), 0)
     border = Image.new("L", (width, height), 0)
     draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
@@ -55,11 +55,13 @@ def synthetic_pair(rng: np.random.Generator, height: int, width: int
         size = int(rng.integers(min(height, width) // 4, min(height, width) // 2))
         y, x = int(rng.integers(0, height - size)), int(rng.integers(0, width - size))
         box = [x, y, x + size, y + size]
-        colour = tuple(int(c) for c in np.clip(np.array(SHAPE_COLOURS[cls])
-                                               + rng.integers(-30, 30, 3), 0, 255))
+        colour = tuple(int(c) for c in np.clip(np.array(SHAPE_COLOURS[cls]) + rng.integers(-30, 30, 3), 0, 255))
         points = [(x + size // 2, y), (x, y + size), (x + size, y + size)]
-        for target, kwargs in ((draw, {"fill": colour}), (mask_draw, {"fill": cls}),
-                               (border_draw, {"outline": 1, "width": 2})):
+        for target, kwargs in (
+            (draw, {"fill": colour}),
+            (mask_draw, {"fill": cls}),
+            (border_draw, {"outline": 1, "width": 2}),
+        ):
             if cls == 1:
                 target.ellipse(box, **kwargs)
             elif cls == 2:
@@ -71,8 +73,7 @@ def synthetic_pair(rng: np.random.Generator, height: int, width: int
     return np.asarray(image), out
 
 
-def write_voc(root: str, *, train: int, aug: int, val: int, seed: int = 0,
-              sizes=((96, 128), (128, 96))) -> str:
+def write_voc(root: str, *, train: int, aug: int, val: int, seed: int = 0, sizes=((96, 128), (128, 96))) -> str:
     """Writes a VOC-layout dataset under root/VOC2012; returns root (the VOCdevkit folder).
 
     train + aug images form split "trainaug" (aug's masks in SegmentationClassAug, grey);
@@ -80,8 +81,7 @@ def write_voc(root: str, *, train: int, aug: int, val: int, seed: int = 0,
     """
     rng = np.random.default_rng(seed)
     base = os.path.join(root, "VOC2012")
-    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
-                "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     lists = {"train": [], "aug": [], "val": []}
     for split, count in (("train", train), ("aug", aug), ("val", val)):
@@ -89,11 +89,9 @@ def write_voc(root: str, *, train: int, aug: int, val: int, seed: int = 0,
             name = f"2099_{split}{i:04d}"
             height, width = sizes[i % len(sizes)]
             image, mask = synthetic_pair(rng, height, width)
-            Image.fromarray(image).save(os.path.join(base, "JPEGImages", name + ".jpg"),
-                                        quality=95)
+            Image.fromarray(image).save(os.path.join(base, "JPEGImages", name + ".jpg"), quality=95)
             if split == "aug":
-                Image.fromarray(mask, mode="L").save(
-                    os.path.join(base, "SegmentationClassAug", name + ".png"))
+                Image.fromarray(mask, mode="L").save(os.path.join(base, "SegmentationClassAug", name + ".png"))
             else:
                 save_palette_png(mask, os.path.join(base, "SegmentationClass", name + ".png"))
             lists[split].append(name)

@@ -13,9 +13,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
+
+from helpers import free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "vicregl-node"
@@ -23,23 +24,16 @@ NODE = "vicregl-node"
 
 def missing() -> str | None:
     """Returns why a cluster cannot start here, or None when it can."""
-    absent = [d for d in DAEMONS + ("sbatch", "scontrol", "scancel") if shutil.which(d) is None
-              and not os.path.exists(f"/usr/sbin/{d}")]
+    absent = [
+        d
+        for d in DAEMONS + ("sbatch", "scontrol", "scancel")
+        if shutil.which(d) is None and not os.path.exists(f"/usr/sbin/{d}")
+    ]
     if absent:
         return f"{', '.join(absent)} not installed: `apt-get install -y slurm-wlm munge` (the CI script does)"
     if os.geteuid() != 0:
         return "the SLURM daemons of the tests run as root (as in CI); this user is not root"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _daemon(name: str) -> str:
@@ -67,20 +61,40 @@ class SlurmCluster:
         with open(os.path.join(f, "munge", "munge.key"), "wb") as key:
             key.write(os.urandom(1024))
         os.chmod(os.path.join(f, "munge", "munge.key"), 0o600)
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = free_ports(2)
         lines = [
-            "ClusterName=vicregltest", "SlurmctldHost=localhost(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={f}/munge/munge.socket",
-            f"StateSaveLocation={f}/state", f"SlurmdSpoolDir={f}/spool",
-            f"SlurmctldPidFile={f}/slurmctld.pid", f"SlurmdPidFile={f}/slurmd.pid",
-            f"SlurmctldLogFile={f}/slurmctld.log", f"SlurmdLogFile={f}/slurmd.log",
-            "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "MpiDefault=none",
-            "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
-            "JobCompType=jobcomp/none", "ReturnToService=2", "JobRequeue=1", "SchedulerParameters=sched_interval=1",
+            "ClusterName=vicregltest",
+            "SlurmctldHost=localhost(127.0.0.1)",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={f}/munge/munge.socket",
+            f"StateSaveLocation={f}/state",
+            f"SlurmdSpoolDir={f}/spool",
+            f"SlurmctldPidFile={f}/slurmctld.pid",
+            f"SlurmdPidFile={f}/slurmd.pid",
+            f"SlurmctldLogFile={f}/slurmctld.log",
+            f"SlurmdLogFile={f}/slurmd.log",
+            "ProctrackType=proctrack/pgid",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/none",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            "SchedulerParameters=sched_interval=1",
             # The seconds between SIGTERM and SIGKILL of scancel / scontrol requeue: the run's save.
-            f"KillWait={self.kill_wait_s}", "SlurmdTimeout=300", "InactiveLimit=0", "MinJobAge=600",
+            f"KillWait={self.kill_wait_s}",
+            "SlurmdTimeout=300",
+            "InactiveLimit=0",
+            "MinJobAge=600",
             "SlurmdParameters=config_overrides",
             f"NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=EXCLUSIVE",
@@ -90,15 +104,25 @@ class SlurmCluster:
 
     def _start(self, argv: list[str]) -> None:
         log = open(os.path.join(self.folder, os.path.basename(argv[0]) + ".out"), "w")
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
     def __enter__(self):
         self._write_config()
         f = self.folder
-        self._start([_daemon("munged"), "--foreground", "--force", f"--socket={f}/munge/munge.socket",
-                     f"--key-file={f}/munge/munge.key", f"--pid-file={f}/munge/munged.pid",
-                     f"--log-file={f}/munge/munged.log", f"--seed-file={f}/munge/munged.seed"])
+        self._start(
+            [
+                _daemon("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={f}/munge/munge.socket",
+                f"--key-file={f}/munge/munge.key",
+                f"--pid-file={f}/munge/munged.pid",
+                f"--log-file={f}/munge/munged.log",
+                f"--seed-file={f}/munge/munged.seed",
+            ]
+        )
         self._wait(lambda: os.path.exists(f"{f}/munge/munge.socket"), "munged's socket", 30)
         self._start([_daemon("slurmctld"), "-D", "-i", "-f", self.conf])
         self._start([_daemon("slurmd"), "-D", "-N", NODE, "-f", self.conf])
@@ -114,8 +138,9 @@ class SlurmCluster:
         while not condition():
             for p in self.procs:
                 if p.poll() is not None:
-                    raise AssertionError(f"{p.args[0]} exited with {p.returncode} while waiting for {what}: "
-                                         f"{self.logs()}")
+                    raise AssertionError(
+                        f"{p.args[0]} exited with {p.returncode} while waiting for {what}: {self.logs()}"
+                    )
             assert time.time() < end, f"timed out waiting for {what}: {self.logs()}"
             time.sleep(0.2)
 
@@ -130,8 +155,9 @@ class SlurmCluster:
 
     def __exit__(self, *exc):
         # Jobs first (their tasks are children of slurmd's stepd), then the daemons.
-        subprocess.run(["scancel", "--full", "--signal=KILL", "--partition=debug"], env=self.env,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["scancel", "--full", "--signal=KILL", "--partition=debug"], env=self.env, capture_output=True, timeout=30
+        )
         subprocess.run(["scancel", "--partition=debug"], env=self.env, capture_output=True, timeout=30)
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -152,8 +178,14 @@ class SlurmCluster:
 
     def sbatch(self, argv: list[str], env: dict, cwd: str) -> int:
         """Submits a batch job and returns its id."""
-        run = subprocess.run(["sbatch", "--parsable", *argv], env={**env, "SLURM_CONF": self.conf}, cwd=cwd,
-                             capture_output=True, text=True, timeout=30)
+        run = subprocess.run(
+            ["sbatch", "--parsable", *argv],
+            env={**env, "SLURM_CONF": self.conf},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert run.returncode == 0, run.stderr + self.logs()
         return int(run.stdout.strip().split(";")[0])
 

@@ -3,6 +3,7 @@
 Session-wide because the libraries read its settings (endpoints, CA bundle) once per process
 (TensorStore's and ArrayRecord's clients): one emulator keeps them valid for the whole run.
 """
+
 import pytest
 
 from vicregl_jax.storage_emulator import StorageEmulator

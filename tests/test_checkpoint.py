@@ -31,11 +31,14 @@ def flip_silently(workdir, step):
     config = workdir_lib.load_config(workdir)
     manager = Checkpointer(workdir, model_meta(config), read_only=True).manager
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          manager.item_metadata(step)["train"])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step)["train"]
+    )
 
     def restored():
-        return jax.tree.leaves(manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(target)))["train"])
+        return jax.tree.leaves(
+            manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(target)))["train"]
+        )
 
     before = restored()
     for fraction in (0.5, 0.6, 0.7, 0.8, 0.4, 0.3):
@@ -124,9 +127,11 @@ def test_no_intact_checkpoint_is_an_error_listing_each(trained, tmp_path, like):
         shutil.rmtree(workdir / "checkpoints" / str(step) / "train")
     os.makedirs(workdir / "checkpoints" / "4" / "train")
     checkpointer = Checkpointer(workdir, model_meta(workdir_lib.load_config(workdir)))
-    with pytest.raises(CheckpointError, match=r"restores and verifies \(step 4: its 'meta' item is missing; "
-                       r"step 3: its 'train' item is missing;.*step 1.*Nothing was changed"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"restores and verifies \(step 4: its 'meta' item is missing; "
+        r"step 3: its 'train' item is missing;.*step 1.*Nothing was changed",
+    ):
         checkpointer.restore(like)
     checkpointer.close()
     assert steps_on_disk(workdir) == [1, 2, 3, 4]
-

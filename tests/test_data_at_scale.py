@@ -3,13 +3,13 @@ process of a multi-process run while the others wait (no file lock needed)."""
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import tensorflow as tf
+from helpers import free_port
 
 from vicregl_jax.data import folder, manifest, sources
 
@@ -61,7 +61,11 @@ def test_a_manifest_lists_ten_thousand_files_with_one_read_and_the_examples_of_t
     # One read of the manifest; the two isdir calls resolve the split folder (train/ or the root).
     assert calls == {"GFile": 1, "isdir": 2}
     assert folder.list_image_folder(big_folder) == walked
-    assert (source.num_examples, source.num_classes) == (walked_source.num_examples, walked_source.num_classes) == (10_000, 11)
+    assert (
+        (source.num_examples, source.num_classes)
+        == (walked_source.num_examples, walked_source.num_classes)
+        == (10_000, 11)
+    )
     # The same examples: the same file and label at every index.
     assert [source.describe(i) for i in range(10_000)] == [walked_source.describe(i) for i in range(10_000)]
     everything = list(range(10_000))
@@ -92,19 +96,16 @@ def test_unlabelled_folders_and_damaged_manifests(tmp_path):
     assert folder.list_image_folder(str(tmp_path)) == ([f"{tmp_path}/a.png", f"{tmp_path}/b.jpg"], [-1, -1], [])
     path = tmp_path / folder.MANIFEST_NAME
     path.write_text("\n".join(path.read_text().splitlines()[:-1]) + "\n")  # cut short
-    with pytest.raises(ValueError, match="lists 1 images but says 2: it was cut short; write it again with `python -m vicregl_jax.data.manifest"):
+    with pytest.raises(
+        ValueError,
+        match="lists 1 images but says 2: it was cut short; write it again with `python -m vicregl_jax.data.manifest",
+    ):
         folder.list_image_folder(str(tmp_path))
     path.write_text("a.png\n")
     with pytest.raises(ValueError, match="is not a vicregl_jax manifest: delete it, or write it again"):
         folder.list_image_folder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         manifest.main([str(tmp_path / "missing")])
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_of_a_run_prepare_a_shared_tfds_dataset_once_without_a_lock(tmp_path):
@@ -131,14 +132,25 @@ def test_two_processes_of_a_run_prepare_a_shared_tfds_dataset_once_without_a_loc
         print("RESULT", jax.process_index(), shared, shared_builds, own, len(builds) - shared_builds, flush=True)
     """)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_PLATFORMS": "cpu",
+    }
     procs = []
     for pid in range(2):
         (tmp_path / f"host{pid}").mkdir()
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(port), str(pid), str(tmp_path / "shared")],
-                                      env=env, cwd=tmp_path / f"host{pid}", stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(port), str(pid), str(tmp_path / "shared")],
+                env=env,
+                cwd=tmp_path / f"host{pid}",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
@@ -170,7 +182,14 @@ def test_a_folder_walk_skips_fifos_and_follows_each_linked_folder_once(tmp_path,
         paths, labels, classes = folder.walk_image_folder(str(root))
     assert classes == ["a", "b"]
     assert [os.path.relpath(p, root) for p in paths] == [
-        "a/0.jpg", "a/1.jpg", "a/2.jpg", "b/0.jpg", "b/1.jpg", "b/2.jpg", "b/far/far.jpg"]
+        "a/0.jpg",
+        "a/1.jpg",
+        "a/2.jpg",
+        "b/0.jpg",
+        "b/1.jpg",
+        "b/2.jpg",
+        "b/far/far.jpg",
+    ]
     assert labels == [0, 0, 0, 1, 1, 1, 1]
     assert "skipped 2 folder links already walked" in caplog.text and "1 entries that are not regular" in caplog.text
     # A FIFO that reaches the reader anyway (listed by a manifest) fails at once, not forever.

@@ -2,6 +2,7 @@
 constants, and TensorFlow's resize (config.data.resize="tensorflow") against PIL's.
 
 The colour ops themselves run on the devices and are compared with PIL in test_data_colour.py."""
+
 import numpy as np
 import pytest
 import skimage.data
@@ -39,8 +40,13 @@ def test_jitter_and_grayscale_probabilities_and_ranges(params):
         counts = np.bincount(orders[:, slot], minlength=4) / len(orders)
         np.testing.assert_allclose(counts, 0.25, atol=0.02)
     assert abs(params["grayscale"].mean() - 0.2) < 0.02
-    for key, lo, hi in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
-                        ("hue", -0.1, 0.1), ("sigma", 0.1, 2.0)]:
+    for key, lo, hi in [
+        ("brightness", 0.6, 1.4),
+        ("contrast", 0.6, 1.4),
+        ("saturation", 0.8, 1.2),
+        ("hue", -0.1, 0.1),
+        ("sigma", 0.1, 2.0),
+    ]:
         values = params[key]
         assert values.min() >= lo and values.max() <= hi
         assert abs(values.mean() - (lo + hi) / 2) < 0.02 * (hi - lo)  # uniform

@@ -1,5 +1,6 @@
 """The device colour chain gives PIL's bytes (torchvision's ops on PIL images, on the same draws);
 decoding only the crop; draw statistics."""
+
 import dataclasses
 import io
 import itertools
@@ -12,16 +13,8 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image
 
-from vicregl_jax.data import (
-    CropGroup,
-    ReadOptions,
-    augment_views,
-    colour,
-    crops,
-    make_pretrain_iterator,
-    reference_pil,
-    sources,
-)
+from references import pil as reference_pil
+from vicregl_jax.data import CropGroup, ReadOptions, augment_views, colour, crops, make_pretrain_iterator, sources
 from vicregl_jax.data import augment as A
 from vicregl_jax.data.images import decode_covering, decode_rgb
 from vicregl_jax.data.stream import fold as _fold
@@ -59,8 +52,18 @@ def photo_folder(tmp_path_factory):
 
 
 SIZES = (224, 96, 37)  # the recipes' crops and an odd size
-FAMILIES = ("brightness", "contrast", "saturation", "hue", "jitter", "grayscale", "blur_small", "blur_large",
-            "solarize", "chain")
+FAMILIES = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "jitter",
+    "grayscale",
+    "blur_small",
+    "blur_large",
+    "solarize",
+    "chain",
+)
 PER_FAMILY = {224: 4, 96: 24, 37: 12}  # 24 at 96: the jitter family runs every order once there
 
 
@@ -88,17 +91,24 @@ def _test_views(rng, count, size):
 def _family_draws(family, count, rng):
     """Returns the draws of `count` views (the pipeline's format) with only `family`'s ops on; the
     whole chain with the release's probabilities for "chain"; the ranges' ends come first."""
+
     def ends(lo, hi):
         values = rng.uniform(lo, hi, count)
         values[:2] = lo, hi
         return values.astype(np.float32)
 
     none = np.zeros(count, bool)
-    draws = {"order": np.full((count, 4), colour.NO_OP, np.int32), "grayscale": none, "blur": none,
-             "solarize": none, "brightness": ends(1 - colour.BRIGHTNESS, 1 + colour.BRIGHTNESS),
-             "contrast": ends(1 - colour.CONTRAST, 1 + colour.CONTRAST),
-             "saturation": ends(1 - colour.SATURATION, 1 + colour.SATURATION),
-             "hue": ends(-colour.HUE, colour.HUE), "sigma": ends(*colour.BLUR_SIGMA)}
+    draws = {
+        "order": np.full((count, 4), colour.NO_OP, np.int32),
+        "grayscale": none,
+        "blur": none,
+        "solarize": none,
+        "brightness": ends(1 - colour.BRIGHTNESS, 1 + colour.BRIGHTNESS),
+        "contrast": ends(1 - colour.CONTRAST, 1 + colour.CONTRAST),
+        "saturation": ends(1 - colour.SATURATION, 1 + colour.SATURATION),
+        "hue": ends(-colour.HUE, colour.HUE),
+        "sigma": ends(*colour.BLUR_SIGMA),
+    }
     ops = ("brightness", "contrast", "saturation", "hue")
     if family in ops:
         draws["order"][:, 0] = ops.index(family)
@@ -137,16 +147,22 @@ def compared():
         got = np.asarray(chain(views, draws))
         for k, family in enumerate(FAMILIES):
             part = slice(k * n, (k + 1) * n)
-            want = np.stack([reference_pil.pil_colour(views[i], {key: v[i] for key, v in draws.items()})
-                             for i in range(part.start, part.stop)])
+            want = np.stack(
+                [
+                    reference_pil.pil_colour(views[i], {key: v[i] for key, v in draws.items()})
+                    for i in range(part.start, part.stop)
+                ]
+            )
             out[size, family] = got[part], want, {key: v[part] for key, v in draws.items()}
     return out
 
 
 def _differences(got, want):
     diff = got.astype(np.int32) - want
-    return (f"mean abs {np.abs(diff).mean():.4f}, signed mean {diff.mean():+.4f}, "
-            f"99.9th pct {np.percentile(np.abs(diff), 99.9):.1f}, max {np.abs(diff).max()}")
+    return (
+        f"mean abs {np.abs(diff).mean():.4f}, signed mean {diff.mean():+.4f}, "
+        f"99.9th pct {np.percentile(np.abs(diff), 99.9):.1f}, max {np.abs(diff).max()}"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -157,8 +173,12 @@ def test_colour_ops_give_pils_bytes(compared, family):
     for size in SIZES:
         got, want, draws = compared[size, family]
         for i in range(len(got)):
-            np.testing.assert_array_equal(got[i], want[i], err_msg=(
-                f"{family} at {size}: {_differences(got[i], want[i])}; draws {({k: v[i] for k, v in draws.items()})}"))
+            np.testing.assert_array_equal(
+                got[i],
+                want[i],
+                err_msg=f"{family} at {size}: {_differences(got[i], want[i])}; draws "
+                + str({k: v[i] for k, v in draws.items()}),
+            )
 
 
 def test_the_comparison_covers_every_jitter_order_and_both_blur_ranges(compared):
@@ -186,8 +206,9 @@ def test_blend_equals_pil_blend_on_every_pair_of_levels():
     """PIL's Image.blend (ImageEnhance's core) for every (anchor, value) pair of levels, factors
     inside [0, 1] (PIL truncates) and outside (it clips), the jitter's range's ends included."""
     anchor, value = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
-    factors = np.concatenate([[0.0, 1.0, 0.5, 0.6, 1.4, 0.8, 1.2, 2.0, 1 / 3],
-                              np.random.default_rng(3).uniform(0.55, 1.45, 40)]).astype(np.float32)
+    factors = np.concatenate(
+        [[0.0, 1.0, 0.5, 0.6, 1.4, 0.8, 1.2, 2.0, 1 / 3], np.random.default_rng(3).uniform(0.55, 1.45, 40)]
+    ).astype(np.float32)
     blend = jax.jit(jax.vmap(lambda f: colour._blend(jnp.asarray(value)[None], jnp.asarray(anchor)[None], f)))
     got = np.asarray(blend(factors))[:, 0]
     for f, g in zip(factors, got):
@@ -206,12 +227,17 @@ def test_hue_luma_and_contrast_mean_equal_pil_on_random_colours():
     planes = colour.to_planes(image)
     hue = jax.jit(colour.adjust_hue)
     for delta in np.array([0.1, -0.0039, 0.0472], np.float32):
-        np.testing.assert_array_equal(np.asarray(colour.from_planes(hue(planes, delta))),
-                                      np.asarray(reference_pil.pil_hue(pil, float(delta))), err_msg=f"hue {delta}")
+        np.testing.assert_array_equal(
+            np.asarray(colour.from_planes(hue(planes, delta))),
+            np.asarray(reference_pil.pil_hue(pil, float(delta))),
+            err_msg=f"hue {delta}",
+        )
     np.testing.assert_array_equal(np.asarray(colour.luma(planes)), np.asarray(pil.convert("L")))
     for contrast in (0.6, 1.37):
-        np.testing.assert_array_equal(np.asarray(colour.from_planes(colour.adjust_contrast(planes, contrast))),
-                                      np.asarray(reference_pil.pil_contrast(pil, contrast)))
+        np.testing.assert_array_equal(
+            np.asarray(colour.from_planes(colour.adjust_contrast(planes, contrast))),
+            np.asarray(reference_pil.pil_contrast(pil, contrast)),
+        )
 
 
 def test_per_view_scalars_are_rounded_as_pillows_c():
@@ -233,15 +259,20 @@ def test_per_view_scalars_are_rounded_as_pillows_c():
 def test_augment_views_normalises_pils_bytes_of_the_pipelines_batch(photo_folder):
     """End to end: the pipeline's uint8 views and draws; augment_views = the release's ToTensor +
     Normalize of the PIL chain's views (the first crop group in float32, the second in bfloat16)."""
-    it = make_pretrain_iterator(f"folder:{photo_folder}", "train", groups=GROUPS, stride=16, global_batch_size=8,
-                                seed=4, read=HOSTS)
+    it = make_pretrain_iterator(
+        f"folder:{photo_folder}", "train", groups=GROUPS, stride=16, global_batch_size=8, seed=4, read=HOSTS
+    )
     batch = next(it)
     it.close()
     mean, std = np.float32(colour.IMAGENET_MEAN), np.float32(colour.IMAGENET_STD)
     for views, draws, (dtype, atol) in zip(batch["views"], batch["draws"], ((jnp.float32, 1e-6), (jnp.bfloat16, 0.02))):
         flat = {k: np.reshape(v, (-1, 4) if k == "order" else (-1,)) for k, v in draws.items()}
-        pil = np.stack([reference_pil.pil_colour(view, {k: v[i] for k, v in flat.items()})
-                        for i, view in enumerate(views.reshape(-1, *views.shape[2:]))]).reshape(views.shape)
+        pil = np.stack(
+            [
+                reference_pil.pil_colour(view, {k: v[i] for k, v in flat.items()})
+                for i, view in enumerate(views.reshape(-1, *views.shape[2:]))
+            ]
+        ).reshape(views.shape)
         want = (pil.astype(np.float32) / np.float32(255) - mean) / std
         got = jax.jit(augment_views, static_argnames="dtype")(views, draws, dtype=dtype)
         assert got.dtype == dtype and got.shape == views.shape
@@ -267,8 +298,9 @@ def _reference_views(encoded, position, seed, groups):
     out = []
     for k, group in enumerate(groups):
         group_seed = _fold(seed_p, k)
-        boxes = crops.sample_crop_boxes(_fold(group_seed, CROP_SALT), image.height, image.width,
-                                        group.count, group.scale).numpy()
+        boxes = crops.sample_crop_boxes(
+            _fold(group_seed, CROP_SALT), image.height, image.width, group.count, group.scale
+        ).numpy()
         flips = crops.sample_flips(_fold(group_seed, FLIP_SALT), group.count).numpy()
         views = []
         for (top, left, h, w), flip in zip(boxes, flips):
@@ -283,8 +315,15 @@ def test_views_are_pillows_from_the_whole_decoded_image(photo_folder, resize):
     """Decoding only the crops' region (JPEG; PNGs decode whole) and resizing with the compiled
     kernel gives the bytes of the release's chain: PIL decodes everything, crops, resizes,
     mirrors. TensorFlow's resize (resize="tensorflow") is within a level almost everywhere."""
-    it = make_pretrain_iterator(f"folder:{photo_folder}", "train", groups=GROUPS, stride=16,
-                                global_batch_size=8, seed=9, read=dataclasses.replace(HOSTS, resize=resize))
+    it = make_pretrain_iterator(
+        f"folder:{photo_folder}",
+        "train",
+        groups=GROUPS,
+        stride=16,
+        global_batch_size=8,
+        seed=9,
+        read=dataclasses.replace(HOSTS, resize=resize),
+    )
     batch = next(it)
     it.close()
 
@@ -315,12 +354,15 @@ def test_decode_and_crop_is_bit_identical_to_decode_then_crop(photo_folder):
             top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
             box = [[top, left, h, w]]
             _, region, region_top, region_left = decode_covering(
-                encoded, lambda *_: tf.constant(box, tf.int32), "INTEGER_ACCURATE")
+                encoded, lambda *_: tf.constant(box, tf.int32), "INTEGER_ACCURATE"
+            )
             assert (int(region_top), int(region_left)) == (top, left)
-            np.testing.assert_array_equal(region.numpy(), whole[top : top + h, left : left + w],
-                                          err_msg=f"{path} {top, left, h, w}")
-            bare = tf.image.decode_and_crop_jpeg(encoded, [top, left, h, w], channels=3,
-                                                 dct_method="INTEGER_ACCURATE").numpy()
+            np.testing.assert_array_equal(
+                region.numpy(), whole[top : top + h, left : left + w], err_msg=f"{path} {top, left, h, w}"
+            )
+            bare = tf.image.decode_and_crop_jpeg(
+                encoded, [top, left, h, w], channels=3, dct_method="INTEGER_ACCURATE"
+            ).numpy()
             differs += not np.array_equal(bare, whole[top : top + h, left : left + w])
     assert differs > 0  # the margin is needed: the test would catch its removal
 
@@ -341,7 +383,8 @@ def test_draw_statistics_per_view_index_within_each_group():
     for k, group in enumerate(groups):
         # The pipeline's seeds: position -> group k -> colour.
         draws = tf.data.Dataset.range(n).map(
-            lambda p: A.sample_colour_params(_fold(_fold(position_seed(p, 0), k), COLOUR_SALT), group.count))
+            lambda p: A.sample_colour_params(_fold(_fold(position_seed(p, 0), k), COLOUR_SALT), group.count)
+        )
         draws = next(iter(draws.batch(n)))
         draws = {key: v.numpy() for key, v in draws.items()}
         for v in range(group.count):

@@ -1,13 +1,14 @@
 """Crop boxes and location grids (random resized crop; grid of cell centres)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
 
+from references.pil import pil_crop_box
 from vicregl_jax.data import CropGroup, location_grid
 from vicregl_jax.data.crops import grid_size, sample_crop_boxes, sample_flips
-from vicregl_jax.data.reference_pil import pil_crop_box
 
 
 def test_location_grid_of_a_known_crop_is_the_spec_formula_by_hand():

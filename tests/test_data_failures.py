@@ -1,6 +1,6 @@
 """Failures of the input pipeline: bad files, read errors, give-up rule, clean exits, prefetch, service."""
+
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -9,8 +9,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
-
 from tiny import tiny_config
 
 from vicregl_jax import build
@@ -50,21 +50,28 @@ def bad_class_folder(tmp_path_factory):
 
 
 def test_a_bad_class_folder_does_not_stop_training_and_is_reported(bad_class_folder):
-    it = make_pretrain_iterator(f"folder:{bad_class_folder}", "train", global_batch_size=16,
-                                read=ReadOptions(**HOSTS), **SMALL)
+    it = make_pretrain_iterator(
+        f"folder:{bad_class_folder}", "train", global_batch_size=16, read=ReadOptions(**HOSTS), **SMALL
+    )
     for _ in range(5):  # 80 images: more than an epoch, every bad file met
         batch = next(it)
         assert (batch["label"] != 3).all()  # substitutes are good images of other classes
     assert it.num_undecodable >= 10 and it.num_unreadable == 0
-    assert it.failed_examples and all("class_3" in name and name.endswith("(undecodable)")
-                                      for name in it.failed_examples)
+    assert it.failed_examples and all(
+        "class_3" in name and name.endswith("(undecodable)") for name in it.failed_examples
+    )
     it.close()
 
 
 def test_the_give_up_rule_is_the_share_of_failures_in_a_window(bad_class_folder):
     # 1 in 7 files fails: far above 2 % of a window of 50 images.
-    it = make_pretrain_iterator(f"folder:{bad_class_folder}", "train", global_batch_size=16,
-                                read=ReadOptions(**HOSTS, failure_window=50, max_failure_share=0.02), **SMALL)
+    it = make_pretrain_iterator(
+        f"folder:{bad_class_folder}",
+        "train",
+        global_batch_size=16,
+        read=ReadOptions(**HOSTS, failure_window=50, max_failure_share=0.02),
+        **SMALL,
+    )
     with pytest.raises(PipelineError, match=r"of the last \d+ images.*max_failure_share=0.02.*class_3"):
         for _ in range(10):
             next(it)
@@ -86,8 +93,7 @@ def test_read_errors_are_retried_then_counted_apart_and_named(tmp_path, monkeypa
 
     monkeypatch.setattr(sources, "read_file", flaky)
     monkeypatch.setattr(sources, "READ_BACKOFF_S", 0.001)
-    it = make_pretrain_iterator(f"folder:{tmp_path}", "train", global_batch_size=8, read=ReadOptions(**HOSTS),
-                                **SMALL)
+    it = make_pretrain_iterator(f"folder:{tmp_path}", "train", global_batch_size=8, read=ReadOptions(**HOSTS), **SMALL)
     next(it)
     assert it.num_unreadable >= 1 and it.num_undecodable == 0
     assert any(name.endswith("3.png (unreadable)") for name in it.failed_examples)
@@ -112,8 +118,16 @@ def test_an_all_corrupt_dataset_ends_the_process_promptly_with_its_message(tmp_p
     for k in range(12):
         (tmp_path / f"{k}.jpg").write_bytes(b"\xff\xd8\xff broken")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, "-c", ALL_CORRUPT, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ALL_CORRUPT, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     for p in procs:
         try:
             _, err = p.communicate(timeout=120)
@@ -131,17 +145,22 @@ def _prefetch_threads():
 def test_prefetch_puts_batches_on_the_mesh_and_stops_cleanly(bad_class_folder, tmp_path, data_dir):
     mesh = jax.make_mesh((8,), ("data",))
     # At the end of a finite iterator.
-    evaluation = make_eval_iterator("vicregl_digits", "test", global_batch_size=64,
-                                    images=EvalImages(image_size=16, resize_size=16),
-                                    read=ReadOptions(**HOSTS, data_dir=data_dir))
+    evaluation = make_eval_iterator(
+        "vicregl_digits",
+        "test",
+        global_batch_size=64,
+        images=EvalImages(image_size=16, resize_size=16),
+        read=ReadOptions(**HOSTS, data_dir=data_dir),
+    )
     with prefetch_to_mesh(evaluation, mesh) as batches:
         got = list(batches)
         assert len(got) == 5 and got[0]["image"].sharding.spec[0] == "data"
         assert batches.stats()["step"] == 5
     assert not _prefetch_threads()
     # Early close of an endless one: the thread stops.
-    endless = make_pretrain_iterator(f"folder:{bad_class_folder}", "train", global_batch_size=16,
-                                     read=ReadOptions(**HOSTS), **SMALL)
+    endless = make_pretrain_iterator(
+        f"folder:{bad_class_folder}", "train", global_batch_size=16, read=ReadOptions(**HOSTS), **SMALL
+    )
     batches = prefetch_to_mesh(endless, mesh, size=2)
     first = next(batches)
     assert first["views"][0].dtype == np.uint8 and batches.step == 1  # as of the batch delivered
@@ -150,8 +169,9 @@ def test_prefetch_puts_batches_on_the_mesh_and_stops_cleanly(bad_class_folder, t
     # On error: raised by next(), then nothing left running.
     for k in range(8):
         (tmp_path / f"{k}.jpg").write_bytes(b"broken")
-    broken = make_pretrain_iterator(f"folder:{tmp_path}", "train", global_batch_size=8, read=ReadOptions(**HOSTS),
-                                    **SMALL)
+    broken = make_pretrain_iterator(
+        f"folder:{tmp_path}", "train", global_batch_size=8, read=ReadOptions(**HOSTS), **SMALL
+    )
     batches = prefetch_to_mesh(broken, mesh)
     with pytest.raises(PipelineError, match="failed to decode"):
         next(batches)
@@ -163,25 +183,27 @@ def test_prefetch_puts_batches_on_the_mesh_and_stops_cleanly(bad_class_folder, t
         next(batches)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(bad_class_folder, tmp_path):
     for k in range(24):
         _image(tmp_path / f"{k}.png", 10 * k)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, "-m", "vicregl_jax.data.service"]
     procs = [subprocess.Popen(command + ["dispatcher", f"--port={port}"], env=env)]
-    procs += [subprocess.Popen(command + ["worker", f"--dispatcher=localhost:{port}",
-                                          "--worker_address=localhost:%port%"], env=env) for _ in range(2)]
+    procs += [
+        subprocess.Popen(
+            command + ["worker", f"--dispatcher=localhost:{port}", "--worker_address=localhost:%port%"], env=env
+        )
+        for _ in range(2)
+    ]
     try:
         # The run's own path: config.data.service reaches the iterator build.pretrain_iterator opens.
-        settings = {"data.dataset": f"folder:{tmp_path}", "batch_size": 8, "data.num_threads": 2,
-                    "data.resize": "tensorflow"}
+        settings = {
+            "data.dataset": f"folder:{tmp_path}",
+            "batch_size": 8,
+            "data.num_threads": 2,
+            "data.resize": "tensorflow",
+        }
         config = tiny_config(None, settings)
         served_config = tiny_config(None, {**settings, "data.service": f"grpc://localhost:{port}"})
         local = build.pretrain_iterator(config, 0)
@@ -201,8 +223,12 @@ def test_tf_data_service_with_two_workers_gives_the_local_batches_and_resumes(ba
         with pytest.raises(ValueError, match="folder dataset"):
             make_pretrain_iterator("vicregl_photos", "train", service=f"grpc://localhost:{port}", **kwargs)
         with pytest.raises(ValueError, match="resize='pillow'.*resize='tensorflow'"):
-            make_pretrain_iterator(f"folder:{tmp_path}", "train", service=f"grpc://localhost:{port}",
-                                   **{**kwargs, "read": ReadOptions(**HOSTS, resize="pillow")})
+            make_pretrain_iterator(
+                f"folder:{tmp_path}",
+                "train",
+                service=f"grpc://localhost:{port}",
+                **{**kwargs, "read": ReadOptions(**HOSTS, resize="pillow")},
+            )
     finally:
         for p in procs:
             p.terminate()

@@ -1,4 +1,5 @@
 """The tf.data iterators: batch format, geometry by content, determinism, hosts, bad input."""
+
 import io
 import os
 
@@ -78,8 +79,13 @@ def messy_folder(tmp_path_factory):
 
 
 def pretrain(dataset, data_dir=None, num_threads=None, **kwargs):
-    args = dict(groups=GROUPS, stride=STRIDE, global_batch_size=BATCH, seed=0,
-                read=read(data_dir=data_dir, num_threads=num_threads))
+    args = dict(
+        groups=GROUPS,
+        stride=STRIDE,
+        global_batch_size=BATCH,
+        seed=0,
+        read=read(data_dir=data_dir, num_threads=num_threads),
+    )
     args.update(kwargs)
     return make_pretrain_iterator(dataset, "train", **args)
 
@@ -98,8 +104,9 @@ def test_batch_format_on_the_embedded_photos(data_dir):
     it = pretrain("vicregl_photos", data_dir=data_dir)
     batch = next(it)
     assert set(batch) == {"views", "draws", "grids", "label"}
-    for group, views, draws, grids, normalised in zip(GROUPS, batch["views"], batch["draws"], batch["grids"],
-                                                       coloured(batch)):
+    for group, views, draws, grids, normalised in zip(
+        GROUPS, batch["views"], batch["draws"], batch["grids"], coloured(batch)
+    ):
         n = group.size // STRIDE
         assert views.shape == (BATCH, group.count, group.size, group.size, 3) and views.dtype == np.uint8
         assert draws["order"].shape == (BATCH, group.count, 4) and draws["sigma"].shape == (BATCH, group.count)
@@ -171,8 +178,12 @@ def test_hosts_read_disjoint_parts_that_cover_each_epoch_once(labelled_folder):
     small = dict(groups=(CropGroup(16, 1, (0.5, 1.0)),), stride=16, global_batch_size=12, seed=3)
     single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, read=read()), 6)
     hosts = [
-        labels_of(make_pretrain_iterator(labelled_folder, "train", **small,
-                                         read=ReadOptions(process_index=h, process_count=3)), 6)
+        labels_of(
+            make_pretrain_iterator(
+                labelled_folder, "train", **small, read=ReadOptions(process_index=h, process_count=3)
+            ),
+            6,
+        )
         for h in range(3)
     ]
     assert all(h.shape == (6, 4) for h in hosts)  # 12 // 3 images per host per step
@@ -193,13 +204,16 @@ def test_undecodable_images_are_skipped_counted_and_odd_formats_become_rgb(messy
     # (more when a substitute is broken too), all undecodable, none unreadable.
     assert it.num_skipped >= 2 and it.stats()["num_skipped"] == it.num_skipped
     assert it.num_undecodable == it.num_skipped and it.num_unreadable == 0
-    assert {name.split("/")[-1] for name in it.failed_examples} == {"01_garbage.jpg (undecodable)",
-                                                                    "05_truncated.jpg (undecodable)"}
+    assert {name.split("/")[-1] for name in it.failed_examples} == {
+        "01_garbage.jpg (undecodable)",
+        "05_truncated.jpg (undecodable)",
+    }
     first = it.num_skipped
     next(it)
     assert it.num_skipped >= first + 2
-    evaluation = make_eval_iterator(messy_folder, "train", global_batch_size=4,
-                                    images=EvalImages(image_size=32, resize_size=36), read=read())
+    evaluation = make_eval_iterator(
+        messy_folder, "train", global_batch_size=4, images=EvalImages(image_size=32, resize_size=36), read=read()
+    )
     masks = np.concatenate([b["mask"] for b in evaluation])
     np.testing.assert_array_equal(masks, [1, 0, 1, 1, 1, 0, 1, 1])
     assert evaluation.num_skipped == 2
@@ -239,9 +253,17 @@ def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
     assert b["image"].shape == (64, 32, 32, 3) and b["image"].dtype == np.float32
     pixels = b["image"] * np.array(EVAL_STD) + np.array(IMAGENET_MEAN)
     assert pixels.min() > -1e-3 and pixels.max() < 1 + 1e-3
-    hosts = [list(make_eval_iterator("vicregl_digits", "test", **kwargs,
-                                     read=ReadOptions(data_dir=data_dir, process_index=h, process_count=2)))
-             for h in range(2)]
+    hosts = [
+        list(
+            make_eval_iterator(
+                "vicregl_digits",
+                "test",
+                **kwargs,
+                read=ReadOptions(data_dir=data_dir, process_index=h, process_count=2),
+            )
+        )
+        for h in range(2)
+    ]
     assert len(hosts[0]) == len(hosts[1]) == 5  # every host runs the same number of steps
     joined = np.concatenate([np.concatenate([hosts[0][s]["label"], hosts[1][s]["label"]]) for s in range(5)])
     np.testing.assert_array_equal(joined, labels)
@@ -290,7 +312,11 @@ def test_user_errors_name_the_value_and_the_fix(tmp_path, data_dir):
     with pytest.raises(ValueError, match="no split 'validation'.*'test', 'train'"):
         make_eval_iterator("vicregl_digits", "validation", global_batch_size=8, read=read(data_dir=data_dir))
     with pytest.raises(ValueError, match="global_batch_size=10 is not a positive multiple of process_count=4"):
-        pretrain("vicregl_photos", global_batch_size=10, read=ReadOptions(data_dir=data_dir, process_index=0, process_count=4))
+        pretrain(
+            "vicregl_photos",
+            global_batch_size=10,
+            read=ReadOptions(data_dir=data_dir, process_index=0, process_count=4),
+        )
     with pytest.raises(ValueError, match="colour='gpu'"):
         pretrain("vicregl_photos", data_dir=data_dir, colour="gpu")
     with pytest.raises(ValueError, match="jpeg_dct_method='FAST'"):
@@ -317,7 +343,9 @@ def test_a_tfds_dataset_stored_as_tfrecord_is_read_from_memory_or_says_how_to_co
     labels = np.concatenate([b["label"] for b in batches])[:299]
     assert set(labels) == set(range(10))
     with pytest.raises(ValueError, match="stored as TFRecord.*tfds convert_format"):
-        make_eval_iterator("vicregl_digits", "test", **kwargs, read=read(data_dir=str(tmp_path), max_in_memory_bytes=1000))
+        make_eval_iterator(
+            "vicregl_digits", "test", **kwargs, read=read(data_dir=str(tmp_path), max_in_memory_bytes=1000)
+        )
 
 
 def test_processes_sharing_a_data_dir_prepare_a_dataset_once(tmp_path):
@@ -327,11 +355,21 @@ def test_processes_sharing_a_data_dir_prepare_a_dataset_once(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; from vicregl_jax.data import sources\n"
-            "print(sources.tfds_source('vicregl_digits', 'test', data_dir=sys.argv[1]).num_examples)\n")
+    code = (
+        "import sys; from vicregl_jax.data import sources\n"
+        "print(sources.tfds_source('vicregl_digits', 'test', data_dir=sys.argv[1]).num_examples)\n"
+    )
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]

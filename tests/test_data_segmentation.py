@@ -1,12 +1,13 @@
 """Segmentation iterators on the shared position stream: broken pairs are substituted and counted
 in training, not scored in evaluation, and a dataset of nothing but broken pairs stops."""
+
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
-
 from segmentation_data import write_voc
+
 from vicregl_jax.data import PipelineError
 from vicregl_jax.data import segmentation as seg_data
 
@@ -38,8 +39,9 @@ def test_broken_training_pairs_are_replaced_counted_and_named(damaged_voc):
     assert {os.path.basename(train.images[3]), os.path.basename(train.images[7])} <= named
     assert all(name.endswith("(undecodable)") for name in it.failed_examples)
     # Substitutes are drawn from the position: resuming is still a seek.
-    resumed = seg_data.make_train_iterator(train, global_batch_size=4, seed=0, scale=(64, 48), crop_size=(32, 32),
-                                           start_step=2)
+    resumed = seg_data.make_train_iterator(
+        train, global_batch_size=4, seed=0, scale=(64, 48), crop_size=(32, 32), start_step=2
+    )
     np.testing.assert_array_equal(next(resumed)["mask"], batches[2]["mask"])
     resumed.close()
 
@@ -50,7 +52,7 @@ def test_a_broken_evaluation_image_is_not_scored_and_counted(damaged_voc):
     chunks = seg_data.eval_chunks(sizes, scale=(64, 48), images_per_chunk=4, row_multiple=2)
     scored = []
     for chunk, batch in zip(chunks, seg_data.make_eval_iterator(val, chunks)):
-        for k, index in enumerate(chunk.indices[:chunk.count]):
+        for k, index in enumerate(chunk.indices[: chunk.count]):
             scored.append((index, bool(batch["valid"][k])))
             if index == 1:  # the whole mask ignored, at the original size
                 assert batch["mask"][k].shape == chunk.original_size and (batch["mask"][k] == 255).all()

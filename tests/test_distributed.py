@@ -3,7 +3,6 @@ check, a real two-process start under a SLURM-like environment, the compilation 
 
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import threading
 
 import jax
 import pytest
+from helpers import free_port
 from jax._src.clusters import cloud_tpu_cluster
 
 from vicregl_jax import distributed
@@ -18,8 +18,16 @@ from vicregl_jax.distributed import Launch, LaunchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEARED_PREFIXES = ("SLURM_", "SRUN_", "TPU_", "MEGASCALE_", "OMPI_")
-CLEARED = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS",
-           "JAX_COORDINATOR_PORT", "CUDA_VISIBLE_DEVICES", "KUBERNETES_SERVICE_HOST", "GCE_METADATA_IP")
+CLEARED = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "JAX_LOCAL_DEVICE_IDS",
+    "JAX_COORDINATOR_PORT",
+    "CUDA_VISIBLE_DEVICES",
+    "KUBERNETES_SERVICE_HOST",
+    "GCE_METADATA_IP",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +54,20 @@ def set_env(monkeypatch, **values):
 def slurm_env(monkeypatch, *, nodes, tasks_per_node, procid, gpus_visible, gpus_per_node=8, job=4242):
     """The variables srun gives a task of a job step (sbatch --nodes=N --ntasks-per-node=T
     --gpus-per-node=G), with CUDA_VISIBLE_DEVICES as SLURM sets it for the task."""
-    set_env(monkeypatch, SLURM_JOB_ID=job, SLURM_STEP_NODELIST=f"gpu[001-{nodes:03d}]",
-            SLURM_NTASKS=nodes * tasks_per_node, SLURM_PROCID=procid, SLURM_LOCALID=procid % tasks_per_node,
-            SLURM_NODEID=procid // tasks_per_node, SLURM_STEP_NUM_NODES=nodes, SLURM_JOB_NUM_NODES=nodes,
-            SLURM_STEP_TASKS_PER_NODE=f"{tasks_per_node}(x{nodes})", SLURM_GPUS_PER_NODE=f"h100:{gpus_per_node}",
-            CUDA_VISIBLE_DEVICES=",".join(map(str, gpus_visible)))
+    set_env(
+        monkeypatch,
+        SLURM_JOB_ID=job,
+        SLURM_STEP_NODELIST=f"gpu[001-{nodes:03d}]",
+        SLURM_NTASKS=nodes * tasks_per_node,
+        SLURM_PROCID=procid,
+        SLURM_LOCALID=procid % tasks_per_node,
+        SLURM_NODEID=procid // tasks_per_node,
+        SLURM_STEP_NUM_NODES=nodes,
+        SLURM_JOB_NUM_NODES=nodes,
+        SLURM_STEP_TASKS_PER_NODE=f"{tasks_per_node}(x{nodes})",
+        SLURM_GPUS_PER_NODE=f"h100:{gpus_per_node}",
+        CUDA_VISIBLE_DEVICES=",".join(map(str, gpus_visible)),
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,8 +88,13 @@ def test_a_plain_machine_runs_one_process_without_jax_distributed():
 def test_coordinator_flags_and_jax_variables(monkeypatch):
     launch = distributed.plan_launch("auto", "10.0.0.2:1234", 4, 3)
     assert launch == Launch(True, "flags", "10.0.0.2:1234", 4, 3, None)
-    set_env(monkeypatch, JAX_COORDINATOR_ADDRESS="host0:999", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=1,
-            JAX_LOCAL_DEVICE_IDS="2,3")
+    set_env(
+        monkeypatch,
+        JAX_COORDINATOR_ADDRESS="host0:999",
+        JAX_NUM_PROCESSES=2,
+        JAX_PROCESS_ID=1,
+        JAX_LOCAL_DEVICE_IDS="2,3",
+    )
     assert distributed.plan_launch("auto") == Launch(True, "environment", "host0:999", 2, 1, (2, 3))
     # One process named explicitly: nothing to initialise unless asked.
     assert distributed.plan_launch("auto", "h:1", 1, 0).initialize is False
@@ -149,7 +171,7 @@ class _MetadataHandler(http.server.BaseHTTPRequestHandler):
     PREFIX = "/computeMetadata/v1/instance/attributes/"
 
     def do_GET(self):  # noqa: N802 - the http.server name
-        key = self.path[len(self.PREFIX):] if self.path.startswith(self.PREFIX) else None
+        key = self.path[len(self.PREFIX) :] if self.path.startswith(self.PREFIX) else None
         value = self.server.attributes.get(key)
         if self.headers.get("Metadata-Flavor") != "Google" or value is None:
             self.send_response(404)
@@ -176,13 +198,15 @@ def tpu_vm(monkeypatch):
     monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
 
     def make(accelerator, hosts, worker):
-        server.attributes.update({
-            "accelerator-type": accelerator,
-            "agent-worker-number": str(worker),
-            # The format of TPU VMs made by gcloud: name:id:ip per worker.
-            "worker-network-endpoints": ",".join(f"unknown:unknown:10.130.0.{i + 2}" for i in range(hosts)),
-            "tpu-env": f"ACCELERATOR_TYPE: '{accelerator}'\nWORKER_ID: '{worker}'\n",
-        })
+        server.attributes.update(
+            {
+                "accelerator-type": accelerator,
+                "agent-worker-number": str(worker),
+                # The format of TPU VMs made by gcloud: name:id:ip per worker.
+                "worker-network-endpoints": ",".join(f"unknown:unknown:10.130.0.{i + 2}" for i in range(hosts)),
+                "tpu-env": f"ACCELERATOR_TYPE: '{accelerator}'\nWORKER_ID: '{worker}'\n",
+            }
+        )
 
     yield make
     server.shutdown()
@@ -205,10 +229,22 @@ def test_a_single_host_tpu_vm_runs_one_process(tpu_vm):
     assert not launch.initialize and launch.expected_devices == 8
 
 
-@pytest.mark.parametrize("accelerator, devices", [
-    ("v2-8", 8), ("v3-32", 32), ("v4-8", 4), ("v4-64", 32), ("v5p-8", 4), ("v5p-128", 64),
-    ("v5litepod-16", 16), ("v6e-256", 256), ("V4-32", 16), ("tpu7x-8", None), ("v4", None),
-])
+@pytest.mark.parametrize(
+    "accelerator, devices",
+    [
+        ("v2-8", 8),
+        ("v3-32", 32),
+        ("v4-8", 4),
+        ("v4-64", 32),
+        ("v5p-8", 4),
+        ("v5p-128", 64),
+        ("v5litepod-16", 16),
+        ("v6e-256", 256),
+        ("V4-32", 16),
+        ("tpu7x-8", None),
+        ("v4", None),
+    ],
+)
 def test_devices_per_tpu_accelerator_type(accelerator, devices):
     assert distributed.tpu_device_count(accelerator) == devices
 
@@ -222,10 +258,15 @@ def test_a_run_with_fewer_devices_than_the_launcher_asked_for_stops_with_the_num
     slurm_env(monkeypatch, nodes=4, tasks_per_node=1, procid=0, gpus_visible=range(8))
     launch = distributed.plan_launch("auto")
     # What JAX's own SLURM default gives: 4 processes x 1 GPU.
-    with pytest.raises(LaunchError, match=r"this process sees 1 local devices but was given GPUs \[0, 1, 2, 3, 4, 5, 6, 7\]"):
+    with pytest.raises(
+        LaunchError, match=r"this process sees 1 local devices but was given GPUs \[0, 1, 2, 3, 4, 5, 6, 7\]"
+    ):
         distributed.check_device_count(launch, global_devices=4, local_devices=1, process_count=4)
     single_gpu_default = Launch(True, "slurm", "gpu001:1", 4, 0, None, 32, "SLURM: 4 nodes x 8 GPUs")
-    with pytest.raises(LaunchError, match=r"sees 4 devices \(4 processes x 1 local\) but SLURM: 4 nodes x 8 GPUs = 32.*one task per node"):
+    with pytest.raises(
+        LaunchError,
+        match=r"sees 4 devices \(4 processes x 1 local\) but SLURM: 4 nodes x 8 GPUs = 32.*one task per node",
+    ):
         distributed.check_device_count(single_gpu_default, global_devices=4, local_devices=1, process_count=4)
     with pytest.raises(LaunchError, match="JAX reports 2 processes but the launcher \\(slurm\\) started 4"):
         distributed.check_device_count(launch, global_devices=16, local_devices=8, process_count=2)
@@ -251,12 +292,6 @@ def test_start_on_one_process_checks_this_machine(monkeypatch, capsys):
 # ------------------------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(**extra):
     """The environment of a child process: this checkout first on the path, no launcher
     variables of the parent."""
@@ -278,12 +313,24 @@ def test_two_slurm_tasks_start_jax_distributed_from_the_environment_alone():
     port = free_port()
     procs = []
     for task in range(2):
-        env = child_env(SLURM_JOB_ID=7, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=2, SLURM_PROCID=task,
-                        SLURM_LOCALID=task, SLURM_NODEID=0, SLURM_STEP_NUM_NODES=1, SLURM_STEP_TASKS_PER_NODE="2",
-                        JAX_COORDINATOR_PORT=port, JAX_PLATFORMS="cpu",
-                        XLA_FLAGS="--xla_force_host_platform_device_count=4")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = child_env(
+            SLURM_JOB_ID=7,
+            SLURM_STEP_NODELIST="localhost",
+            SLURM_NTASKS=2,
+            SLURM_PROCID=task,
+            SLURM_LOCALID=task,
+            SLURM_NODEID=0,
+            SLURM_STEP_NUM_NODES=1,
+            SLURM_STEP_TASKS_PER_NODE="2",
+            JAX_COORDINATOR_PORT=port,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for task, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, out[-3000:]
@@ -307,8 +354,9 @@ def test_a_second_process_finds_the_compiled_executable_in_the_cache(tmp_path):
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     outputs = []
     for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, capture_output=True,
-                             text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         outputs.append(run.stdout)
     cache = tmp_path / "run" / "compilation_cache"
@@ -330,4 +378,3 @@ def test_compilation_cache_defaults_and_off(monkeypatch, tmp_path):
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_enable_compilation_cache", before[1])
-

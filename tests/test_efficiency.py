@@ -1,5 +1,6 @@
 """Compile time, memory and collectives: blocks under a scan, rematerialisation, the LayerNorm
 backward pass, the criterion's collectives and FSDP, each against the plain computation."""
+
 import contextlib
 import functools
 import importlib.util
@@ -15,12 +16,13 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import reference_loss as ref
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_losses import make_inputs
 from tiny import grouped, tiny_config
-from torch_reference import TorchConvNeXt, TorchResNet, numpy_state, randomize_torch_
+
+from references import loss as ref
+from references.torch_modules import TorchConvNeXt, TorchResNet, numpy_state, randomize_torch_
 from vicregl_jax import build, layout, losses, optim, sharding, train
 from vicregl_jax.checkpoint import abstract_like
 from vicregl_jax.model_config import abstract_model, split_model
@@ -42,13 +44,13 @@ def tiny_backbone(kind, *, scan=True, remat="none", seed=0):
     run as loops (as on GPU / TPU) even on CPU."""
     if kind == "convnext":
         reference = TorchConvNeXt(CONVNEXT["depths"], CONVNEXT["dims"])
-        make = lambda: ConvNeXt(**CONVNEXT, drop_path_rate=0.0, scan=scan, remat=remat,  # noqa: E731
-                                unroll=False, rngs=nnx.Rngs(0))
+        model = nnx.eval_shape(
+            lambda: ConvNeXt(**CONVNEXT, drop_path_rate=0.0, scan=scan, remat=remat, unroll=False, rngs=nnx.Rngs(0))
+        )
     else:
         reference = TorchResNet(RESNET["block"], RESNET["stage_sizes"], RESNET["width"])
-        make = lambda: ResNet(**RESNET, scan=scan, remat=remat, unroll=False, rngs=nnx.Rngs(0))  # noqa: E731
+        model = nnx.eval_shape(lambda: ResNet(**RESNET, scan=scan, remat=remat, unroll=False, rngs=nnx.Rngs(0)))
     randomize_torch_(reference, seed=seed)
-    model = nnx.eval_shape(make)
     layout.load_torch_state_dict(model, numpy_state(reference))
     return model, reference
 
@@ -63,6 +65,7 @@ def loss_and_grads(model, x):
             m = nnx.merge(graphdef, params, rest, copy=True)
             maps, pooled = m(x)
             return jnp.sum(jnp.sin(3 * maps)) + jnp.sum(jnp.square(pooled)), nnx.state(m)
+
         (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return value, grads, state
 
@@ -148,8 +151,9 @@ def test_layer_norm_backward_equals_plain_and_keeps_the_input_dtype(dtype):
     (v1, g1), (v2, g2) = custom(x, scale, bias), plain(x, scale, bias)
     rtol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(v1, v2, rtol=rtol)
-    np.testing.assert_array_equal(layer_norm(x, scale, bias, 1e-6, dtype),
-                                  plain_layer_norm(x, scale, bias, 1e-6, dtype))
+    np.testing.assert_array_equal(
+        layer_norm(x, scale, bias, 1e-6, dtype), plain_layer_norm(x, scale, bias, 1e-6, dtype)
+    )
     for a, b in zip(g1, g2):
         assert a.dtype == b.dtype
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -184,8 +188,9 @@ def test_drop_path_rates_of_a_stack_are_per_block():
     stack.eval()
     np.testing.assert_array_equal(run(stack, jnp.zeros((8, 1, 1, 1))), 3.0)
     # ConvNeXt's stacks get their slice of the rates, linear over all blocks.
-    convnext = nnx.eval_shape(lambda: ConvNeXt(depths=(1, 1, 3, 2), dims=CONVNEXT["dims"],
-                                               drop_path_rate=0.1, rngs=nnx.Rngs(0)))
+    convnext = nnx.eval_shape(
+        lambda: ConvNeXt(depths=(1, 1, 3, 2), dims=CONVNEXT["dims"], drop_path_rate=0.1, rngs=nnx.Rngs(0))
+    )
     np.testing.assert_allclose(convnext.stages[2][0].rates, np.linspace(0, 0.1, 7)[2:5])
     np.testing.assert_allclose(convnext.stages[3][0].rates, np.linspace(0, 0.1, 7)[5:])
     assert convnext.stages[1][0].drop_path.rate == pytest.approx(0.1 / 6)
@@ -194,12 +199,19 @@ def test_drop_path_rates_of_a_stack_are_per_block():
 @pytest.mark.parametrize("name", ["lars", "adamw"])
 def test_optimisers_treat_each_block_of_a_stack_as_its_own_parameter(name):
     rng = np.random.default_rng(2)
-    blocks = [{"kernel": (rng.normal(size=(4, 5)) * (b + 1)).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)}
-              for b in range(3)]
+    blocks = [
+        {
+            "kernel": (rng.normal(size=(4, 5)) * (b + 1)).astype(np.float32),
+            "bias": rng.normal(size=5).astype(np.float32),
+        }
+        for b in range(3)
+    ]
     unrolled = {str(b): blocks[b] for b in range(3)}
     stacked = {sharding.STACKED: jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
-    grads = [{"kernel": rng.normal(size=(4, 5)).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)}
-             for _ in range(3)]
+    grads = [
+        {"kernel": rng.normal(size=(4, 5)).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)}
+        for _ in range(3)
+    ]
     tx = optim.make_optimizer(name, 0.1, weight_decay=0.01)
 
     def two_steps(params, grads):
@@ -218,8 +230,10 @@ def test_optimisers_treat_each_block_of_a_stack_as_its_own_parameter(name):
 
 def test_fsdp_never_splits_the_block_axis():
     mesh = sharding.make_mesh()
-    tree = {"stacked": {"kernel": jax.ShapeDtypeStruct((32, 8, 16), jnp.float32)},
-            "plain": {"kernel": jax.ShapeDtypeStruct((32, 8, 16), jnp.float32)}}
+    tree = {
+        "stacked": {"kernel": jax.ShapeDtypeStruct((32, 8, 16), jnp.float32)},
+        "plain": {"kernel": jax.ShapeDtypeStruct((32, 8, 16), jnp.float32)},
+    }
     specs = sharding.param_shardings(tree, mesh, "fsdp", min_size=0)
     assert specs["stacked"]["kernel"].spec == P(None, None, "data")
     assert specs["plain"]["kernel"].spec == P("data", None, None)
@@ -239,10 +253,13 @@ def on_mesh(fn):
     return jax.jit(traced), shard
 
 
-@pytest.mark.parametrize("grid_sizes,local_dim,kwargs", [
-    ((5, 5, 3, 3), 32, dict(num_matches=(9, 4))),  # statistics spread over devices by locations
-    ((5, 5), 16, dict(l2_all_matches=False, num_matches=(9, 4))),  # the global ones by channels
-])
+@pytest.mark.parametrize(
+    "grid_sizes,local_dim,kwargs",
+    [
+        ((5, 5, 3, 3), 32, dict(num_matches=(9, 4))),  # statistics spread over devices by locations
+        ((5, 5), 16, dict(l2_all_matches=False, num_matches=(9, 4))),  # the global ones by channels
+    ],
+)
 def test_criterion_with_explicit_collectives_equals_reference_and_plain(grid_sizes, local_dim, kwargs):
     emb, maps, grids = make_inputs(5, batch=16, grid_sizes=grid_sizes, local_dim=local_dim, dim=64)
     cfg = losses.LossConfig(**kwargs)
@@ -254,8 +271,15 @@ def test_criterion_with_explicit_collectives_equals_reference_and_plain(grid_siz
     collective, shard = on_mesh(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
     (_, terms), grads = plain(emb, maps)
     (_, s_terms), s_grads = collective(shard(emb), shard(maps))
-    _, want = ref.total(emb, maps, grids, alpha=cfg.alpha, num_matches=cfg.num_matches,
-                        l2_all_matches=cfg.l2_all_matches, fast_vc_reg=cfg.fast_vc_reg)
+    _, want = ref.total(
+        emb,
+        maps,
+        grids,
+        alpha=cfg.alpha,
+        num_matches=cfg.num_matches,
+        l2_all_matches=cfg.l2_all_matches,
+        fast_vc_reg=cfg.fast_vc_reg,
+    )
     for k, v in want.items():
         np.testing.assert_allclose(float(s_terms[k]), v, rtol=1e-5, err_msg=k)
         np.testing.assert_allclose(float(terms[k]), v, rtol=1e-5, err_msg=k)
@@ -275,7 +299,7 @@ def test_batch_statistics_by_locations_and_by_channels(shape):
         got = run(*shard([x]))
         for a, b in zip(got, plain):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    want = [ref.var_term(x[:, k:k + 1].astype(np.float64)) * shape[-1] for k in range(shape[1])]
+    want = [ref.var_term(x[:, k : k + 1].astype(np.float64)) * shape[-1] for k in range(shape[1])]
     np.testing.assert_allclose(plain[0], want, rtol=1e-5)
 
 
@@ -295,26 +319,42 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
     """The ConvNeXt test model's FSDP train step on 8 devices: every all-gather is of a sharded
     weight (in the compute dtype), no activation is all-gathered or all-reduced across the
     batch, and every sharded weight's gradient is reduce-scattered, never all-reduced."""
-    config = tiny_config("unused", {"model.arch": "convnext_test", "data.crops": ((32, 2, 0.3, 1.0),),
-                                    "loss.num_matches": (1, 1), "optim.name": "adamw"})
+    config = tiny_config(
+        "unused",
+        {
+            "model.arch": "convnext_test",
+            "data.crops": ((32, 2, 0.3, 1.0),),
+            "loss.num_matches": (1, 1),
+            "optim.name": "adamw",
+        },
+    )
     mesh = sharding.make_mesh()
     schedule, tx = build.make_optimizer(config, 10, 100)
     graphdef, streams, state, _ = build.init_train_state(config, tx, mesh)
     shardings = sharding.param_shardings(abstract_like(state), mesh, "fsdp", min_size=2**10)
-    sharded = {tuple(x.shape): s.spec for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params))
-               if any(s.spec)}
+    sharded = {
+        tuple(x.shape): s.spec
+        for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params))
+        if any(s.spec)
+    }
     # XLA all-reduces some gradients reshaped (bias (64,) as (1, 1, 64)) or transposed.
     squeeze = lambda shape: tuple(sorted(d for d in shape if d != 1))  # noqa: E731
-    replicated = {squeeze(x.shape) for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params))
-                  if not any(s.spec)}
+    replicated = {
+        squeeze(x.shape)
+        for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params))
+        if not any(s.spec)
+    }
     assert len(sharded) >= 8
-    step = train.jit_train_step(train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)),
-                                shardings, mesh)
+    step = train.jit_train_step(
+        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config)), shardings, mesh
+    )
     batch_size = config.batch_size
     rng = np.random.default_rng(0)
-    batch = {"views": (rng.normal(size=(batch_size, 2, 32, 32, 3)).astype(np.float32),),
-             "grids": (rng.uniform(0, 100, size=(batch_size, 2, 1, 1, 2)).astype(np.float32),),
-             "label": np.zeros(batch_size, np.int32)}
+    batch = {
+        "views": (rng.normal(size=(batch_size, 2, 32, 32, 3)).astype(np.float32),),
+        "grids": (rng.uniform(0, 100, size=(batch_size, 2, 1, 1, 2)).astype(np.float32),),
+        "label": np.zeros(batch_size, np.int32),
+    }
     lowered = step.lower(jax.device_put(state, shardings), batch)
     collectives = hlo_tools().collectives(lowered.compile().as_text())
 
@@ -338,8 +378,9 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
     # compiled program cannot show it: the lowered one can).
     config.model.dtype = "bfloat16"
     graphdef16 = split_model(abstract_model(config.model, config.loss.alpha, config.seed))[0]
-    step16 = train.jit_train_step(train.make_train_step(graphdef16, streams, tx, schedule,
-                                                        build.loss_config(config)), shardings, mesh)
+    step16 = train.jit_train_step(
+        train.make_train_step(graphdef16, streams, tx, schedule, build.loss_config(config)), shardings, mesh
+    )
     text = step16.lower(jax.device_put(state, shardings), batch).as_text()
     gathers = re.findall(r"all_gather.*?-> tensor<[\dx]*x(\w+)>", text)
     assert gathers and set(gathers) == {"bf16"}
@@ -351,7 +392,7 @@ def test_fsdp_step_gathers_weights_only_and_reduce_scatters_their_gradients():
 @pytest.mark.parametrize("kwargs", [dict(), dict(l2_all_matches=False, alpha=0.9)])
 def test_torch_criterion_of_the_reference_step_equals_the_reference(kwargs):
     """The PyTorch criterion benchmarks/torch_step_bench.py times equals the numpy reference criterion."""
-    from torch_reference import torch_vicregl_loss
+    from references.torch_modules import torch_vicregl_loss
 
     emb, maps, grids = make_inputs(7, grid_sizes=(7, 7, 3, 3))
     as_torch = lambda xs: [torch.from_numpy(np.asarray(x, np.float64)) for x in xs]  # noqa: E731

@@ -7,6 +7,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import free_port, worker_env
 from PIL import Image
 
 from vicregl_jax.evaluate import common, correspond, knn, linear
@@ -59,18 +60,26 @@ def test_sharded_knn_on_8_devices_equals_one_device():
 
         def iterate(features, labels):
             for start in range(0, len(labels), batch):
-                f, lab = features[start:start + batch], labels[start:start + batch]
+                f, lab = features[start : start + batch], labels[start : start + batch]
                 pad = batch - len(lab)
-                yield {"image": np.pad(f, ((0, pad), (0, 0))), "label": np.pad(lab, (0, pad), constant_values=-1),
-                       "mask": np.arange(batch) < len(lab)}
+                yield {
+                    "image": np.pad(f, ((0, pad), (0, 0))),
+                    "label": np.pad(lab, (0, pad), constant_values=-1),
+                    "mask": np.arange(batch) < len(lab),
+                }
 
         identity = lambda images: (None, images)  # noqa: E731
         train = knn.sharded_features(identity, iterate(x, y), mesh)
         test = knn.sharded_features(identity, iterate(xt, yt), mesh)
         assert train.count == len(y) and len(train.features.sharding.device_set) == devices
         hits = knn.make_sharded_hits(mesh, k=20, temperature=0.07, num_classes=6)
-        counts = np.sum([np.asarray(hits(train.features, train.labels, test.features[t], test.labels[t]))
-                         for t in range(test.features.shape[0])], axis=0)
+        counts = np.sum(
+            [
+                np.asarray(hits(train.features, train.labels, test.features[t], test.labels[t]))
+                for t in range(test.features.shape[0])
+            ],
+            axis=0,
+        )
         np.testing.assert_allclose(100.0 * counts / len(yt), [want["top1"], want["top5"]])
 
 
@@ -81,16 +90,31 @@ def test_knn_over_two_processes_keeps_features_off_the_hosts(tmp_path):
     import subprocess
     import sys
 
-    from test_train import free_port, worker_env
-
     worker = os.path.join(os.path.dirname(__file__), "knn_worker.py")
 
     def run(devices, processes):
         port = free_port()
-        procs = [subprocess.Popen([sys.executable, worker, "--devices", str(devices), "--process_id", str(i),
-                                   "--num_processes", str(processes), "--port", str(port)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
-                 for i in range(processes)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    worker,
+                    "--devices",
+                    str(devices),
+                    "--process_id",
+                    str(i),
+                    "--num_processes",
+                    str(processes),
+                    "--port",
+                    str(port),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=worker_env(),
+            )
+            for i in range(processes)
+        ]
         outs = [p.communicate(timeout=300)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), outs[0][-2000:]
         return [json.loads(out.split("RESULT", 1)[1]) for out in outs]
@@ -135,10 +159,17 @@ def test_linear_head_steps_match_torch_sgd():
         sched.step()
     out = linear.train_linear_head(
         lambda epoch: iter([(x[s], y[s], np.ones(6, bool)) for s in halves]),
-        lambda: iter([(x, y, np.ones(12, bool))]), dim=6, num_classes=3, steps_per_epoch=2, epochs=epochs, lr=lr,
+        lambda: iter([(x, y, np.ones(12, bool))]),
+        dim=6,
+        num_classes=3,
+        steps_per_epoch=2,
+        epochs=epochs,
+        lr=lr,
         weight_decay=wd,
     )
-    np.testing.assert_allclose(np.asarray(out["head"].kernel[...]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["head"].kernel[...]), head.weight.detach().numpy().T, rtol=1e-4, atol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(out["head"].bias[...]), head.bias.detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
@@ -191,7 +222,7 @@ def test_cells_outside_the_other_view_are_not_counted():
 
 
 def demo_config(data_dir, overrides=None):
-    from vicregl_jax.config import config_module
+    from vicregl_jax.config_files import config_module
 
     c = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")).get_config()
     c.data.data_dir = data_dir
@@ -220,9 +251,17 @@ def demo_run(data_dir, tmp_path_factory):
 
 def test_demo_produces_every_file(demo_run):
     workdir, summary = demo_run
-    for name in ("config.json", "metrics.jsonl", "summary.json", "summary.md", "pca.png",
-                 "correspondences_trained.png", "correspondences_random.png",
-                 "export/resnet_test_backbone.pth", "export/resnet_test_full.pth"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "summary.md",
+        "pca.png",
+        "correspondences_trained.png",
+        "correspondences_random.png",
+        "export/resnet_test_backbone.pth",
+        "export/resnet_test_full.pth",
+    ):
         assert (workdir / name).exists(), name
     for mode in ("knn", "linear", "correspond"):
         for label in ("trained", "random"):

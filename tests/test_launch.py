@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import wait_until
 from pod_box import attempts, fake_slice, launch_env, run_script, write_executable  # noqa: F401 - a fixture
+
 from vicregl_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,23 +57,47 @@ def test_the_scripts_restart_on_the_status_the_run_exits_with():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("accelerator, runtime", [
-    ("v4-64", "tpu-ubuntu2204-base"), ("v3-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
-    ("v5p-128", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e"),
-])
+@pytest.mark.parametrize(
+    "accelerator, runtime",
+    [
+        ("v4-64", "tpu-ubuntu2204-base"),
+        ("v3-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-128", "v2-alpha-tpuv5"),
+        ("v6e-64", "v2-alpha-tpuv6e"),
+    ],
+)
 def test_each_tpu_generation_gets_its_runtime(accelerator, runtime):
     out = run_script(TPU_POD, "create", env=launch_env(DRY_RUN=1, ACCELERATOR=accelerator, TPU_NAME="pod a")).stdout
     assert bash_words(out.strip()) == [
-        "gcloud", "compute", "tpus", "tpu-vm", "create", "pod a", "--zone=us-central2-b",
-        f"--accelerator-type={accelerator}", f"--version={runtime}"]
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "pod a",
+        "--zone=us-central2-b",
+        f"--accelerator-type={accelerator}",
+        f"--version={runtime}",
+    ]
 
 
 def test_spot_slices_are_queued_resources_and_unknown_generations_are_refused():
     env = launch_env(DRY_RUN=1, ACCELERATOR="v5litepod-64", SPOT=1, PROJECT="my-project")
     assert bash_words(run_script(TPU_POD, "create", env=env).stdout.strip()) == [
-        "gcloud", "compute", "tpus", "queued-resources", "create", "vicregl-qr", "--node-id=vicregl",
-        "--zone=us-central2-b", "--project=my-project", "--accelerator-type=v5litepod-64",
-        "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "create",
+        "vicregl-qr",
+        "--node-id=vicregl",
+        "--zone=us-central2-b",
+        "--project=my-project",
+        "--accelerator-type=v5litepod-64",
+        "--runtime-version=v2-alpha-tpuv5-lite",
+        "--spot",
+    ]
     assert "--force" in run_script(TPU_POD, "delete", env=env).stdout
     run = run_script(TPU_POD, "create", env=launch_env(DRY_RUN=1, ACCELERATOR="v9z-8"), check=False)
     assert run.returncode == 1 and "no known runtime for ACCELERATOR=v9z-8: set RUNTIME" in run.stderr
@@ -92,8 +116,11 @@ def test_install_ships_this_commit_and_pins_jax_tpu_in_a_python_3_11_venv_withou
     jax_pin = next(line for line in open(os.path.join(ROOT, "requirements.txt")) if line.startswith("jax=="))
     assert f"'jax[tpu]=={jax_pin.strip().split('==')[1]}'" in script
     assert "uv venv --quiet --python 3.11 vicregl-venv" in script
-    requirements = [line.split("==")[0] for line in open(os.path.join(ROOT, "requirements.txt"))
-                    if line.strip() and not line.startswith(("#", "-"))]
+    requirements = [
+        line.split("==")[0]
+        for line in open(os.path.join(ROOT, "requirements.txt"))
+        if line.strip() and not line.startswith(("#", "-"))
+    ]
     assert "-r requirements.txt " in script and "jax" in requirements and "torch" not in requirements
 
 
@@ -116,16 +143,25 @@ def test_install_refuses_a_dirty_checkout_unless_asked(tmp_path):
     (repo / "requirements.txt").write_text(open(os.path.join(ROOT, "requirements.txt")).read() + "# edited\n")
     dirty = run_script(pod, "install", env=env, check=False)
     assert dirty.returncode == 1 and dirty.stdout == ""
-    assert dirty.stderr.strip() == ("tpu_pod.sh: the checkout has uncommitted changes in requirements.txt: "
-                                    "commit them, or ALLOW_DIRTY=1 to ship them")
+    assert dirty.stderr.strip() == (
+        "tpu_pod.sh: the checkout has uncommitted changes in requirements.txt: "
+        "commit them, or ALLOW_DIRTY=1 to ship them"
+    )
     shipped = run_script(pod, "install", env={**env, "ALLOW_DIRTY": "1"}).stderr
     commit = shipped.split("installing commit ")[1].split()[0]
-    assert commit != head and "# edited" in subprocess.run(
-        [*git, "show", f"{commit}:requirements.txt"], capture_output=True, text=True, check=True).stdout
+    assert (
+        commit != head
+        and "# edited"
+        in subprocess.run(
+            [*git, "show", f"{commit}:requirements.txt"], capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
-@pytest.mark.parametrize("accelerator, zones", [
-    ("v4-64", "us-central2-b"), ("v5p-128", "us-central1-a us-east5-a"), ("v6e-64", "us-central1-b us-east1-d")])
+@pytest.mark.parametrize(
+    "accelerator, zones",
+    [("v4-64", "us-central2-b"), ("v5p-128", "us-central1-a us-east5-a"), ("v6e-64", "us-central1-b us-east1-d")],
+)
 def test_a_missing_zone_is_refused_with_the_zones_of_the_generation(accelerator, zones):
     env = launch_env(DRY_RUN=1, ACCELERATOR=accelerator)
     del env["ZONE"]
@@ -151,8 +187,9 @@ def test_arguments_reach_main_py_intact_and_a_busy_slice_refuses_a_second_run(fa
     assert len(attempts(workdir, 0)) == 1
 
     run_script(TPU_POD, "stop", env=env)
-    wait_until(lambda: run_script(TPU_POD, "status", env=env).stdout.count("stopped (checkpoint saved) by") == 2,
-               "both stop")
+    wait_until(
+        lambda: run_script(TPU_POD, "status", env=env).stdout.count("stopped (checkpoint saved) by") == 2, "both stop"
+    )
 
 
 def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice(fake_slice):
@@ -162,8 +199,13 @@ def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice
     SUSPENDED): the slice is deleted, created, installed, and attempt 3 runs to the end."""
     env, state, workdir = fake_slice
     env.update(FAKE_PLAN="wait,wait,exit0", SPOT="1")
-    supervisor = subprocess.Popen(["bash", TPU_POD, "supervise", "configs/r50.py", str(workdir), TRICKY], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    supervisor = subprocess.Popen(
+        ["bash", TPU_POD, "supervise", "configs/r50.py", str(workdir), TRICKY],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: len(attempts(workdir, 0)) == len(attempts(workdir, 1)) == 1, "attempt 1 runs")
         wait_until(lambda: len(list(state.glob("worker-*/vicregl-run/python.pid"))) == 2, "attempt 1 pids")
@@ -171,8 +213,13 @@ def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
         wait_until(lambda: len(attempts(workdir, 0)) == len(attempts(workdir, 1)) == 2, "attempt 2 runs")
         # Preemption: the queued resource is suspended and the workers' processes are gone.
-        wait_until(lambda: len(list(state.glob("worker-*/vicregl-run/python.pid"))) == 2
-                   and "running" in run_script(TPU_POD, "status", env=env).stdout, "attempt 2 pids")
+        wait_until(
+            lambda: (
+                len(list(state.glob("worker-*/vicregl-run/python.pid"))) == 2
+                and "running" in run_script(TPU_POD, "status", env=env).stdout
+            ),
+            "attempt 2 pids",
+        )
         (state / "state").write_text("SUSPENDED")
         for pid_file in state.glob("worker-*/vicregl-run/*pid"):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -183,8 +230,9 @@ def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice
     assert "the run finished on all 2 workers (the slice was lost 1 times, the run crashed 0 times)" in output
     for worker in (0, 1):
         runs = attempts(workdir, worker)
-        assert len(runs) == 3 and all(run == ["main.py", "--config=configs/r50.py", f"--workdir={workdir}", TRICKY]
-                                      for run in runs)
+        assert len(runs) == 3 and all(
+            run == ["main.py", "--config=configs/r50.py", f"--workdir={workdir}", TRICKY] for run in runs
+        )
     calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
     verbs = [c[3] + (" " + c[2] if c[3] in ("create", "delete") else "") for c in calls]
     assert verbs.count("create queued-resources") == 2 and verbs.count("delete queued-resources") == 1
@@ -192,15 +240,20 @@ def test_supervise_restarts_after_a_sigterm_save_and_recreates_a_preempted_slice
     assert "--spot" in create and "--runtime-version=tpu-ubuntu2204-base" in create
 
 
-
 def test_stop_saves_and_ends_supervise_instead_of_restarting(fake_slice):
     env, state, workdir = fake_slice
     env["FAKE_PLAN"] = "wait,exit0"
-    supervisor = subprocess.Popen(["bash", TPU_POD, "supervise", "configs/r50.py", str(workdir)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    supervisor = subprocess.Popen(
+        ["bash", TPU_POD, "supervise", "configs/r50.py", str(workdir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_until(lambda: "worker 1: running" in run_script(TPU_POD, "status", env=env, check=False).stdout,
-                   "the run runs")
+        wait_until(
+            lambda: "worker 1: running" in run_script(TPU_POD, "status", env=env, check=False).stdout, "the run runs"
+        )
         run_script(TPU_POD, "stop", env=env)
         output = supervisor.communicate(timeout=60)[0]
     finally:
@@ -238,8 +291,12 @@ sys.exit(int(os.environ.get("FAKE_SRUN_STATUS", "0")))
 """
     for name in ("srun", "scancel", "scontrol"):
         write_executable(bin_dir / name, recorder)
-    env = launch_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4242, SLURM_CPUS_ON_NODE=96,
-                     SLURM_SUBMIT_DIR=ROOT)
+    env = launch_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID=4242,
+        SLURM_CPUS_ON_NODE=96,
+        SLURM_SUBMIT_DIR=ROOT,
+    )
 
     def calls_made():
         return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
@@ -252,18 +309,31 @@ def test_slurm_runs_one_task_per_node_with_every_cpu_and_the_arguments_intact(fa
     run_script(SBATCH, "configs/r50.py", str(workdir), TRICKY, env=env)
     (srun,) = calls()
     assert srun["SRUN_CPUS_PER_TASK"] == "96"  # the exclusive node's CPUs, all for its one task
-    assert srun["argv"] == ["srun", "--wait=300", "--ntasks-per-node=1", "--open-mode=append",
-                            f"--output={workdir}/logs/%x-%j-r0-task%t.log", "python", "main.py",
-                            "--config=configs/r50.py", f"--workdir={workdir}", TRICKY]
+    assert srun["argv"] == [
+        "srun",
+        "--wait=300",
+        "--ntasks-per-node=1",
+        "--open-mode=append",
+        f"--output={workdir}/logs/%x-%j-r0-task%t.log",
+        "python",
+        "main.py",
+        "--config=configs/r50.py",
+        f"--workdir={workdir}",
+        TRICKY,
+    ]
     assert (workdir / "logs").is_dir()
     env["SLURM_CPUS_PER_TASK"] = "12"  # sbatch --cpus-per-task=12 wins
     run_script(SBATCH, "configs/r50.py", str(workdir), env=env)
     assert calls()[-1]["SRUN_CPUS_PER_TASK"] == "12"
 
 
-@pytest.mark.parametrize("srun_status, requeued, script_status", [
-    (distributed.REQUEUE_EXIT_CODE, True, 0), (0, False, 0), (1, False, 1), (137, False, 137)])
-def test_slurm_requeues_the_job_when_the_run_saved_and_asks_to_restart(fake_slurm, srun_status, requeued, script_status):
+@pytest.mark.parametrize(
+    "srun_status, requeued, script_status",
+    [(distributed.REQUEUE_EXIT_CODE, True, 0), (0, False, 0), (1, False, 1), (137, False, 137)],
+)
+def test_slurm_requeues_the_job_when_the_run_saved_and_asks_to_restart(
+    fake_slurm, srun_status, requeued, script_status
+):
     env, workdir, calls = fake_slurm
     env["FAKE_SRUN_STATUS"] = str(srun_status)
     run = run_script(SBATCH, "configs/r50.py", str(workdir), env=env, check=False)
@@ -278,8 +348,13 @@ def test_slurm_sigterm_to_the_script_reaches_the_tasks_and_the_job_is_requeued(f
     SIGTERM (a task killed while it stopped) too."""
     env, workdir, calls = fake_slurm
     env["FAKE_SRUN_AFTER_TERM"] = str(after_term)
-    script = subprocess.Popen(["bash", SBATCH, "configs/r50.py", str(workdir)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    script = subprocess.Popen(
+        ["bash", SBATCH, "configs/r50.py", str(workdir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until(lambda: calls(), "srun starts")
         script.send_signal(signal.SIGTERM)
@@ -316,15 +391,23 @@ def test_slurm_dry_run_prints_the_commands(fake_slurm):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("driver, cuda, reason", [
-    ("580.65.06", 13, "NVIDIA driver 580.65.06 >= 580: jax[cuda13]"),
-    ("570.124.06", 12, "NVIDIA driver 570.124.06 < 580 (CUDA 13 needs 580+): jax[cuda12], which needs 525+"),
-    ("470.82.01", None, "gpu_venv.sh: NVIDIA driver 470.82.01 is older than 525, the oldest JAX's CUDA 12 wheels run on"),
-])
+@pytest.mark.parametrize(
+    "driver, cuda, reason",
+    [
+        ("580.65.06", 13, "NVIDIA driver 580.65.06 >= 580: jax[cuda13]"),
+        ("570.124.06", 12, "NVIDIA driver 570.124.06 < 580 (CUDA 13 needs 580+): jax[cuda12], which needs 525+"),
+        (
+            "470.82.01",
+            None,
+            "gpu_venv.sh: NVIDIA driver 470.82.01 is older than 525, the oldest JAX's CUDA 12 wheels run on",
+        ),
+    ],
+)
 def test_the_cuda_wheel_follows_the_driver_with_the_reason_printed(tmp_path, driver, cuda, reason):
     smi = write_executable(tmp_path / "nvidia-smi", f"#!/bin/sh\necho {driver}\necho {driver}\n")
-    run = run_script(GPU_VENV, str(tmp_path / "venv"), env=launch_env(DRY_RUN=1, NVIDIA_SMI=smi, PYTHON="python3.11"),
-                     check=False)
+    run = run_script(
+        GPU_VENV, str(tmp_path / "venv"), env=launch_env(DRY_RUN=1, NVIDIA_SMI=smi, PYTHON="python3.11"), check=False
+    )
     assert reason in run.stderr
     if cuda is None:
         assert run.returncode == 1 and run.stdout == ""
@@ -341,4 +424,6 @@ def test_a_node_without_nvidia_smi_is_refused_unless_cuda_is_given(tmp_path):
     run = run_script(GPU_VENV, str(tmp_path / "venv"), env=env, check=False)
     assert run.returncode == 1 and "nvidia-smi failed: run this on a GPU node (or set CUDA=12 or 13)" in run.stderr
     run = run_script(GPU_VENV, str(tmp_path / "venv"), env={**env, "CUDA": "12"})
-    assert bash_words(run.stdout.strip().splitlines()[1])[-1].startswith("jax[cuda12]==") and "CUDA=12 given" in run.stderr
+    assert (
+        bash_words(run.stdout.strip().splitlines()[1])[-1].startswith("jax[cuda12]==") and "CUDA=12 given" in run.stderr
+    )

@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import reference_loss as ref
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tiny import grouped
-from vicregl_jax import losses
+
+from references import loss as ref
+from vicregl_jax import losses, matching, metrics
 from vicregl_jax.losses import LossConfig
 
 RTOL = 1e-5
@@ -39,7 +40,7 @@ def make_inputs(seed, batch=8, grid_sizes=(7, 7), dim=64, local_dim=32, dtype=np
     return emb, maps, grids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(cfg):
     """The criterion, jitted, on per-view lists (grouped here)."""
     loss = jax.jit(lambda e, m, g: losses.vicregl_loss(e, m, g, cfg))
@@ -73,8 +74,13 @@ def test_matches_numpy_reference(grid_sizes, kwargs):
     emb, maps, grids = make_inputs(0, grid_sizes=grid_sizes)
     total, terms = jitted(cfg)(emb, maps, grids)
     want_total, want = ref.total(
-        emb, maps, grids, alpha=cfg.alpha, num_matches=cfg.num_matches,
-        l2_all_matches=cfg.l2_all_matches, fast_vc_reg=cfg.fast_vc_reg,
+        emb,
+        maps,
+        grids,
+        alpha=cfg.alpha,
+        num_matches=cfg.num_matches,
+        l2_all_matches=cfg.l2_all_matches,
+        fast_vc_reg=cfg.fast_vc_reg,
     )
     assert_terms_close(terms, want)
     np.testing.assert_allclose(float(total), want_total, rtol=RTOL)
@@ -98,17 +104,17 @@ def test_covariance_both_gram_paths(batch, dim):
 def test_matching_keeps_original_order_and_nearest():
     """By hand: kept locations are the k smallest nearest-distances, in original order."""
     d = jnp.array([[5.0, 1.0, 9.0], [0.5, 3.0, 2.0], [7.0, 8.0, 6.0], [4.0, 0.2, 3.0]])
-    kept, partner = losses.nearest_matches(d, 2)
+    kept, partner = matching.nearest_matches(d, 2)
     np.testing.assert_array_equal(kept, [1, 3])  # nearest distances 1.0, 0.5, 6.0, 0.2
     np.testing.assert_array_equal(partner, [0, 1])
-    kept, partner = losses.nearest_matches(d, 4)
+    kept, partner = matching.nearest_matches(d, 4)
     np.testing.assert_array_equal(kept, [0, 1, 2, 3])
     np.testing.assert_array_equal(partner, [1, 0, 2, 1])
     # Ties go to the lower index, for the nearest candidate and for the ranking.
-    kept, partner = losses.nearest_matches(jnp.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]), 2)
+    kept, partner = matching.nearest_matches(jnp.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]]), 2)
     np.testing.assert_array_equal(kept, [1, 2])
     np.testing.assert_array_equal(partner, [1, 0])
-    kept, _ = losses.nearest_matches(jnp.zeros((4, 4)), 2)
+    kept, _ = matching.nearest_matches(jnp.zeros((4, 4)), 2)
     np.testing.assert_array_equal(kept, [0, 1])
 
 
@@ -185,8 +191,10 @@ def test_sharded_equals_unsharded(axis_type, local_dim):
     mesh = jax.make_mesh((8,), ("data",), axis_types=axis_types)
     emb, maps, grids = make_inputs(5, batch=16, grid_sizes=(7, 7, 3, 3), local_dim=local_dim)
     cfg = LossConfig(l2_all_matches=False)
-    f = jax.jit(lambda e, m, g: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), cfg),
-                out_shardings=NamedSharding(mesh, P()))
+    f = jax.jit(
+        lambda e, m, g: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), cfg),
+        out_shardings=NamedSharding(mesh, P()),
+    )
     total, terms = f(emb, maps, grids)
     shard = lambda xs: [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]  # noqa: E731
     s_emb, s_maps, s_grids = shard(emb), shard(maps), shard(grids)
@@ -202,15 +210,18 @@ def test_sharded_equals_unsharded(axis_type, local_dim):
 def test_classifier_terms_and_unlabelled():
     logits = jnp.array([[5.0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 5.0], [1.0, 0, 0, 0, 0, 0]])
     labels = jnp.array([0, 2, 5, -1])
-    out = losses.classifier_terms(logits, labels)
+    out = metrics.classifier_terms(logits, labels)
     assert float(out["top1"]) == pytest.approx(200 / 3)
     assert float(out["top5"]) == pytest.approx(100.0)
     log_p = jax.nn.log_softmax(logits)
     want = -(log_p[0, 0] + log_p[1, 2] + log_p[2, 5]) / 3
     assert float(out["cls_loss"]) == pytest.approx(float(want), rel=1e-6)
     emb, maps, grids = make_inputs(6, batch=4)
-    f = jax.jit(lambda e, m, g, lo, la: losses.vicregl_loss(grouped(e), grouped(m), grouped(g), LossConfig(),
-                                                            logits=lo, labels=la))
+    f = jax.jit(
+        lambda e, m, g, lo, la: losses.vicregl_loss(
+            grouped(e), grouped(m), grouped(g), LossConfig(), logits=lo, labels=la
+        )
+    )
     total, terms = f(emb, maps, grids, logits, labels)
     np.testing.assert_allclose(float(total), float(terms["vicreg"] + terms["cls_loss"]), rtol=1e-6)
 
@@ -218,7 +229,7 @@ def test_classifier_terms_and_unlabelled():
 def test_collapse_metrics():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(256, 32)).astype(np.float32)
-    m = losses.collapse_metrics(x, x)
+    m = metrics.collapse_metrics(x, x)
     # Isotropic vectors: std of normalised coordinates about 1/sqrt(D); correlations about 0.
     assert abs(float(m["stdr"]) - 1 / np.sqrt(32)) < 0.02
     assert abs(float(m["corr"])) < 0.01
@@ -227,7 +238,7 @@ def test_collapse_metrics():
     c = z.T @ z / (len(x) - 1)
     np.testing.assert_allclose(float(m["core"]), (c.sum() - np.trace(c)) / (32 * 31), atol=1e-6)
     collapsed = np.tile(x[:1], (256, 1)) + 1e-6 * x
-    m = losses.collapse_metrics(collapsed, collapsed)
+    m = metrics.collapse_metrics(collapsed, collapsed)
     assert float(m["stde"]) < 1e-5
 
 
@@ -266,8 +277,9 @@ def test_grid_not_matching_map_is_named():
     with pytest.raises(ValueError, match=r"Group 0: grids of shape \(8, 2, 36, 2\).*\(8, 2, 49, 32\)"):
         losses.vicregl_loss(emb, maps, bad, LossConfig())
     with pytest.raises(ValueError, match=r"two large views in the first group"):
-        losses.vicregl_loss(None, [maps[0][:, :1], maps[0][:, 1:]], [grids[0][:, :1], grids[0][:, 1:]],
-                            LossConfig(alpha=0.0))
+        losses.vicregl_loss(
+            None, [maps[0][:, :1], maps[0][:, 1:]], [grids[0][:, :1], grids[0][:, 1:]], LossConfig(alpha=0.0)
+        )
 
 
 def test_bad_config_is_named():

@@ -18,18 +18,34 @@ def test_main_prints_one_line_for_our_errors(tmp_path):
     empty_data = tmp_path / "tfds"
     empty_data.mkdir()
     holder = workdir_lib.WorkdirLock(tmp_path / "locked").acquire()  # a live run of this process
-    base = [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/demo.py", "--config.mode=pretrain",
-            f"--config.data.data_dir={empty_data}"]
+    base = [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--config=configs/demo.py",
+        "--config.mode=pretrain",
+        f"--config.data.data_dir={empty_data}",
+    ]
     cases = {
         "file": ([f"--workdir={tmp_path / 'file'}"], r"--workdir=.*file: .*file is a file, not a folder"),
-        "init": ([f"--workdir={tmp_path / 'a'}", f"--config.model.init_weights={tmp_path / 'missing.pth'}"],
-                 r"config.model.init_weights='.*missing.pth' does not exist"),
-        "locked": ([f"--workdir={tmp_path / 'locked'}"], rf"locked is in use by another run \(host .*, pid {os.getpid()}"),
-        "verbose": ([f"--workdir={tmp_path / 'b'}", "--config.total_steps=0", "--verbosity=1"],
-                    r"ValueError: config.total_steps=0: must be 1 or more"),
+        "init": (
+            [f"--workdir={tmp_path / 'a'}", f"--config.model.init_weights={tmp_path / 'missing.pth'}"],
+            r"config.model.init_weights='.*missing.pth' does not exist",
+        ),
+        "locked": (
+            [f"--workdir={tmp_path / 'locked'}"],
+            rf"locked is in use by another run \(host .*, pid {os.getpid()}",
+        ),
+        "verbose": (
+            [f"--workdir={tmp_path / 'b'}", "--config.total_steps=0", "--verbosity=1"],
+            r"ValueError: config.total_steps=0: must be 1 or more",
+        ),
     }
-    procs = {name: subprocess.Popen(base + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                    env=worker_env()) for name, (args, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            base + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=worker_env()
+        )
+        for name, (args, _) in cases.items()
+    }
     try:
         errors = {name: proc.communicate(timeout=240)[1] for name, proc in procs.items()}
     finally:

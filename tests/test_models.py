@@ -1,4 +1,5 @@
 """Backbones, heads and VICRegLModel: registry, sizes, init, modes, dtypes, sharding."""
+
 import math
 
 import jax
@@ -7,12 +8,21 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
+from helpers import assert_close, torch_no_grad
 from tiny import grouped
-from torch_reference import TORCH_BACKBONES, TorchResNet, nchw, numpy_state, randomize_torch_
+
+from references.torch_modules import TORCH_BACKBONES, TorchResNet, nchw, numpy_state, randomize_torch_
 from vicregl_jax import layout, models
-from vicregl_jax.models import (ARCHITECTURES, backbone_norm, backbone_stride, create_backbone,
-                                feature_dim, parameter_count, stage_channels, with_output_stride)
+from vicregl_jax.models import (
+    ARCHITECTURES,
+    backbone_norm,
+    backbone_stride,
+    create_backbone,
+    feature_dim,
+    parameter_count,
+    stage_channels,
+    with_output_stride,
+)
 from vicregl_jax.models.convnext import ConvNeXtBlock, DepthwiseConv
 from vicregl_jax.models.layers import BatchNorm
 from vicregl_jax.models.vicregl import VICRegLModel
@@ -50,10 +60,7 @@ def run(model, inputs):
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def no_torch_grad():
-    with torch.no_grad():
-        yield
+no_torch_grad = pytest.fixture(autouse=True)(torch_no_grad)
 
 
 def test_registry():
@@ -91,6 +98,7 @@ def test_parameter_counts_match_the_release():
 
 
 # ----------------------------------------------------------------- tiny real models
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -131,8 +139,7 @@ def test_bfloat16_compute(tiny, arch):
     maps, pooled = run(model.backbone, x)
     assert maps.shape == (2, 6, feature_dim(arch)) and pooled.shape == (2, feature_dim(arch))
     # Same weights, bfloat16 compute.
-    half = nnx.eval_shape(lambda: VICRegLModel(arch=arch, dtype=jnp.bfloat16, **HEADS,
-                                               rngs=nnx.Rngs(0)))
+    half = nnx.eval_shape(lambda: VICRegLModel(arch=arch, dtype=jnp.bfloat16, **HEADS, rngs=nnx.Rngs(0)))
     nnx.update(half, nnx.state(model))
     half.eval()
     out32 = run(model, [x[:, None]])
@@ -159,16 +166,14 @@ def test_batchnorm_matches_torch_in_train_and_eval_mode():
         np.testing.assert_allclose(bn.var[...], ref.running_var.numpy(), rtol=1e-5)  # unbiased
     bn.eval()
     ref.eval()
-    np.testing.assert_allclose(bn(jnp.asarray(x)), ref(tx).numpy().transpose(0, 2, 3, 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(bn(jnp.asarray(x)), ref(tx).numpy().transpose(0, 2, 3, 1), atol=1e-5)
     mean = np.asarray(bn.mean[...])
     bn(jnp.asarray(x))
     np.testing.assert_array_equal(bn.mean[...], mean)  # no update in eval mode
 
 
 def test_drop_path_only_in_training():
-    block = ConvNeXtBlock(8, drop_path_rate=0.5, layer_scale_init=0.0, dtype=jnp.float32,
-                          rngs=nnx.Rngs(0))
+    block = ConvNeXtBlock(8, drop_path_rate=0.5, layer_scale_init=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (32, 4, 4, 8))
     block.eval()
     kept = run(block, x)
@@ -182,8 +187,9 @@ def test_drop_path_only_in_training():
     assert not np.array_equal(run(block, x), y)  # a new mask each call
     view = nnx.view(block, deterministic=True)
     np.testing.assert_array_equal(run(view, x), kept)
-    rates = [b.drop_path.rate if b.drop_path else 0.0
-             for s in models.abstract_backbone("convnext_test").stages for b in s]
+    rates = [
+        b.drop_path.rate if b.drop_path else 0.0 for s in models.abstract_backbone("convnext_test").stages for b in s
+    ]
     np.testing.assert_allclose(rates, [0.0, 0.1 / 3, 0.2 / 3, 0.1])  # linear over blocks
 
 
@@ -240,25 +246,25 @@ def test_vicregl_outputs_and_per_view_statistics(tiny):
 def test_layer_norm_models_batch_views_with_the_same_result(tiny):
     model = tiny["convnext_test"]
     model.eval()
-    big, big2, small = (jax.random.normal(jax.random.key(i), (2, s, s, 3))
-                        for i, s in enumerate((64, 64, 32)))
+    big, big2, small = (jax.random.normal(jax.random.key(i), (2, s, s, 3)) for i, s in enumerate((64, 64, 32)))
     together = run(model, grouped([big, big2, small]))  # the two large views run as one batch
     apart = run(model, [big[:, None], small[:, None], big2[:, None]])  # every view alone
     for (g, i), (h, j) in (((0, 0), (0, 0)), ((0, 1), (2, 0)), ((1, 0), (1, 0))):
         for key in ("maps", "embeddings", "local_embeddings"):
             np.testing.assert_allclose(together[key][g][:, i], apart[key][h][:, j], atol=1e-5)
     # The heads, run once on all views, give what they give on each view alone.
-    np.testing.assert_allclose(model.expander(together["representations"][1][:, 0]),
-                               together["embeddings"][1][:, 0], atol=1e-5)
-    np.testing.assert_allclose(model.local_projector(together["maps"][1][:, 0]),
-                               together["local_embeddings"][1][:, 0], atol=1e-5)
+    np.testing.assert_allclose(
+        model.expander(together["representations"][1][:, 0]), together["embeddings"][1][:, 0], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        model.local_projector(together["maps"][1][:, 0]), together["local_embeddings"][1][:, 0], atol=1e-5
+    )
     model.train()
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_alpha_drops_a_branch(alpha):
-    model = nnx.eval_shape(lambda: VICRegLModel(arch="resnet_test", alpha=alpha, **HEADS,
-                                                rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: VICRegLModel(arch="resnet_test", alpha=alpha, **HEADS, rngs=nnx.Rngs(0)))
     assert (model.expander is None) == (alpha == 0.0)
     assert (model.local_projector is None) == (alpha == 1.0)
     out = nnx.eval_shape(lambda m: m([jnp.zeros((2, 1, 64, 64, 3))]), model)
@@ -292,12 +298,6 @@ def test_batch_statistics_are_global_under_sharding(tiny):
 
 # ------------------------------------------------------------- dense prediction maps
 
-def assert_close(actual, expected, rtol=1e-4):
-    """max |actual - expected| below rtol times the scale of expected."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.max(np.abs(actual - expected)) <= rtol * np.max(np.abs(expected))
-
 
 @nnx.jit
 def stages(model, x):
@@ -308,8 +308,7 @@ def stages(model, x):
 DILATED = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
 
 
-@pytest.mark.parametrize("arch, output_stride", [("resnet50", 8), ("resnet_test", 16),
-                                                 ("resnet_test", 8)])
+@pytest.mark.parametrize("arch, output_stride", [("resnet50", 8), ("resnet_test", 16), ("resnet_test", 8)])
 def test_dilated_resnet_matches_torch(arch, output_stride):
     """The dilated ResNet (same parameters, loaded from the release's layout) equals a PyTorch
     ResNet with mmsegmentation's strides and contracted dilations, at every stage."""
@@ -334,19 +333,19 @@ def test_dilated_resnet_matches_torch(arch, output_stride):
     for a, b in zip(got, expected):
         assert_close(a, b)
     # The release's file loads straight into a dilated ResNet too: same names and shapes.
-    direct = nnx.eval_shape(lambda: create_backbone(arch, output_stride=output_stride,
-                                                    rngs=nnx.Rngs(0)))
+    direct = nnx.eval_shape(lambda: create_backbone(arch, output_stride=output_stride, rngs=nnx.Rngs(0)))
     layout.load_torch_state_dict(direct, state_dict)
     direct.eval()
     assert_close(stages(direct, jnp.asarray(x))[-1], expected[-1])
-    assert (jax.tree.structure(nnx.state(direct)) == jax.tree.structure(nnx.state(plain)))
+    assert jax.tree.structure(nnx.state(direct)) == jax.tree.structure(nnx.state(plain))
 
 
 def test_output_stride_map_sizes():
     image = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
     for output_stride, last in ((8, 64), (16, 32), (32, 16)):
-        model = nnx.eval_shape(lambda stride=output_stride: create_backbone(
-            "resnet50", output_stride=stride, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(
+            lambda stride=output_stride: create_backbone("resnet50", output_stride=stride, rngs=nnx.Rngs(0))
+        )
         shapes = [m.shape for m in nnx.eval_shape(lambda m, x: m.stage_maps(x), model, image)]
         assert shapes[0] == (1, 128, 128, 256) and shapes[-1] == (1, last, last, 2048)
     with pytest.raises(TypeError, match="needs a ResNet, got ConvNeXt"):
@@ -358,8 +357,7 @@ def test_convnext_stage_maps_match_torch():
     reference = TORCH_BACKBONES["convnext_test"]().eval()
     randomize_torch_(reference, seed=13)
     # No drop path: its random stream would stay abstract (eval mode does not use it).
-    model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
-                                                   rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0, rngs=nnx.Rngs(0)))
     layout.load_torch_state_dict(model, numpy_state(reference))
     model.eval()
     x = np.random.default_rng(14).standard_normal((2, 64, 96, 3)).astype(np.float32)

@@ -15,10 +15,8 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, tiny_run_flags, wait_until
-from pod_box import (TPU_POD, attempts, fake_slice, kill_worker_runs, make_fake_slice, run_script,  # noqa: F401
-                     write_executable)
+from pod_box import TPU_POD, attempts, fake_slice, kill_worker_runs, make_fake_slice, run_script, write_executable  # noqa: F401
 
 SUPERVISE_TIMEOUT_S = 120
 
@@ -38,8 +36,14 @@ def supervise(env, workdir, timeout=SUPERVISE_TIMEOUT_S):
 
 
 def start_supervise(env, workdir, config="configs/r50.py", flags=()):
-    return subprocess.Popen(["bash", TPU_POD, "supervise", config, str(workdir), *flags], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", TPU_POD, "supervise", config, str(workdir), *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc, timeout=SUPERVISE_TIMEOUT_S):
@@ -73,8 +77,10 @@ def test_api_errors_are_retried_and_not_taken_for_a_missing_slice(fake_slice):
     env.update(API_ERROR_LIMIT="3")
     status, output = supervise(env, workdir)
     assert status == 1
-    assert last_line(output) == ("tpu_pod.sh: describe failed 3 times in a row: the TPU API is down or this account "
-                                 f"lost access (slice kept: `{TPU_POD} delete` removes it)")
+    assert last_line(output) == (
+        "tpu_pod.sh: describe failed 3 times in a row: the TPU API is down or this account "
+        f"lost access (slice kept: `{TPU_POD} delete` removes it)"
+    )
 
 
 def test_a_slice_made_by_hand_without_install_is_installed_first(fake_slice):
@@ -111,8 +117,9 @@ def test_an_unreachable_worker_is_timed_out_and_the_slice_recreated(fake_slice):
     status, output = finish(supervisor)
     assert status == 0, output
     assert "a worker of vicregl does not answer (for 0 s of 1); checking again" in output
-    assert "a worker of vicregl has not answered for 1 s: deleting the slice to create it again (lost 1 times)" \
-        in output
+    assert (
+        "a worker of vicregl has not answered for 1 s: deleting the slice to create it again (lost 1 times)" in output
+    )
     assert "the run finished on all 2 workers (the slice was lost 1 times, the run crashed 0 times)" in output
     assert verbs(state).count("create") == 2 and len(attempts(workdir, 0)) == 2
 
@@ -146,8 +153,10 @@ def test_a_run_that_keeps_crashing_is_restarted_up_to_max_restarts_then_stopped(
         assert "SIGTERM: saving" in (logs / f"worker-1.attempt-{attempt}.log").read_text()
     if max_restarts == 1:
         assert status == 1
-        assert last_line(output) == ("tpu_pod.sh: the run crashed 2 times (MAX_RESTARTS=1), last on: worker 0: "
-                                     "exited 1: Traceback: worker 0 crashed (slice deleted)")
+        assert last_line(output) == (
+            "tpu_pod.sh: the run crashed 2 times (MAX_RESTARTS=1), last on: worker 0: "
+            "exited 1: Traceback: worker 0 crashed (slice deleted)"
+        )
         assert (state / "state").read_text() == "MISSING" and len(attempts(workdir, 0)) == 2
         shown = run_script(TPU_POD, "logs", "0", str(workdir), env=env).stdout  # every attempt, the slice gone
         assert "attempt 1 on worker 0: crash0" in shown and "attempt 2 on worker 0: crash0" in shown
@@ -184,9 +193,13 @@ def test_a_preempted_worker_s_log_is_copied_at_sigterm(fake_slice):
 def real_slice(tmp_path):
     """A fake slice whose workers run main.py for real: JAX on 1 CPU device per worker, the
     coordinator from the fake gcloud."""
-    python = write_executable(tmp_path / "python", (
-        f"#!/bin/sh\nexport JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=1\n"
-        f'exec {sys.executable} "$@"\n'))
+    python = write_executable(
+        tmp_path / "python",
+        (
+            f"#!/bin/sh\nexport JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=1\n"
+            f'exec {sys.executable} "$@"\n'
+        ),
+    )
     env, state = make_fake_slice(tmp_path, python)
     env.update(FAKE_PREEMPT_GRACE_S="120", POLL_SECONDS="0.5", PYTHONPATH=ROOT)
     yield env, state, tmp_path / "run"
@@ -195,12 +208,16 @@ def real_slice(tmp_path):
 
 def metrics_steps(workdir) -> list[int]:
     path = workdir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line] \
-        if path.exists() else []
+    return (
+        [json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line]
+        if path.exists()
+        else []
+    )
 
 
 def test_a_spot_preemption_mid_run_recreates_the_slice_and_the_run_resumes_bitwise(
-        real_slice, tmp_path_factory, data_dir):
+    real_slice, tmp_path_factory, data_dir
+):
     reference = reference_run(tmp_path_factory.getbasetemp(), data_dir)
     env, state, workdir = real_slice
     supervisor = start_supervise(env, workdir, config="configs/demo.py", flags=tiny_run_flags(data_dir))

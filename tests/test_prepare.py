@@ -58,8 +58,7 @@ def imagenet_manual(tmp_path_factory):
                     _add(tar, f"{synsets[label]}_{i}.JPEG", data)
             _add(outer, f"{synsets[label]}.tar", inner.getvalue())
     # Validation labels: TFDS's list, in the order of the sorted file names.
-    labels_file = os.path.join(os.path.dirname(imagenet_common.__file__),
-                               "validation_labels.txt")
+    labels_file = os.path.join(os.path.dirname(imagenet_common.__file__), "validation_labels.txt")
     with open(labels_file) as f:
         val_synsets = f.read().split()
     validation = {}
@@ -107,13 +106,22 @@ class Watcher(threading.Thread):
 
 
 def prepare_command(data_dir, manual, staging):
-    return [sys.executable, "-m", "vicregl_jax.data.prepare", "imagenet2012", f"--data_dir={data_dir}",
-            f"--manual_dir={manual}", f"--staging_dir={staging}", "--upload_workers=1",
-            f"--num_shards={SHARDS_PER_SPLIT}"]
+    return [
+        sys.executable,
+        "-m",
+        "vicregl_jax.data.prepare",
+        "imagenet2012",
+        f"--data_dir={data_dir}",
+        f"--manual_dir={manual}",
+        f"--staging_dir={staging}",
+        "--upload_workers=1",
+        f"--num_shards={SHARDS_PER_SPLIT}",
+    ]
 
 
 def test_a_preparation_killed_in_its_upload_resumes_without_resending_shards_and_no_reader_sees_half_of_it(
-        storage_emulator, imagenet_manual, tmp_path, capsys):
+    storage_emulator, imagenet_manual, tmp_path, capsys
+):
     manual, train, validation = imagenet_manual
     data_dir = f"gs://{BUCKET}/prepare_cli"
     prefix = "prepare_cli/imagenet2012/5.1.0/"
@@ -121,8 +129,13 @@ def test_a_preparation_killed_in_its_upload_resumes_without_resending_shards_and
     watcher = Watcher(data_dir, {"train": len(train), "validation": len(validation)})
     watcher.start()
     storage_emulator.slow_uploads(0.2)
-    process = subprocess.Popen(prepare_command(data_dir, manual, tmp_path / "staging"), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        prepare_command(data_dir, manual, tmp_path / "staging"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     shards = {}
     deadline = time.monotonic() + 120
     while len(shards) < 3 and process.poll() is None and time.monotonic() < deadline:
@@ -170,7 +183,8 @@ def test_a_preparation_killed_in_its_upload_resumes_without_resending_shards_and
 
 
 def test_a_run_on_a_gs_data_dir_prepares_through_a_local_staging_folder_and_reads_arrayrecord_from_the_bucket(
-        storage_emulator, imagenet_manual, tmp_path, monkeypatch):
+    storage_emulator, imagenet_manual, tmp_path, monkeypatch
+):
     manual, train, _ = imagenet_manual
     monkeypatch.setenv(prepare.STAGING_ENV, str(tmp_path / "staging"))
     data_dir = f"gs://{BUCKET}/run_tfds"
@@ -180,13 +194,20 @@ def test_a_run_on_a_gs_data_dir_prepares_through_a_local_staging_folder_and_read
     assert read_all("imagenet2012", "train", data_dir) == train
 
 
-def test_too_little_staging_space_is_one_line_naming_the_space_and_the_flag(storage_emulator, imagenet_manual,
-                                                                           tmp_path, monkeypatch):
+def test_too_little_staging_space_is_one_line_naming_the_space_and_the_flag(
+    storage_emulator, imagenet_manual, tmp_path, monkeypatch
+):
     manual, _, _ = imagenet_manual
     monkeypatch.setattr(prepare, "STAGING_MARGIN", 1e9)  # the tars' size times 1e9: more than any disk
     with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["imagenet2012", f"--data_dir=gs://{BUCKET}/no_space", f"--manual_dir={manual}",
-                      f"--staging_dir={tmp_path}"])
+        prepare.main(
+            [
+                "imagenet2012",
+                f"--data_dir=gs://{BUCKET}/no_space",
+                f"--manual_dir={manual}",
+                f"--staging_dir={tmp_path}",
+            ]
+        )
     message = str(exit_info.value.code)
     assert message.startswith("error: preparing needs ") and "GiB" in message and "--staging_dir=DIR" in message
     assert "\n" not in message

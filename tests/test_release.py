@@ -20,8 +20,9 @@ def test_release_training_checkpoint_as_initial_weights(data_dir, trained, tmp_p
     config = tiny_config(data_dir, {"model.init_weights": str(tmp_path / "lars.pth")})
     params, _, description = release.initial_weights(str(tmp_path / "lars.pth"), config, like.params, like.batch_stats)
     assert "backbone" in description
-    np.testing.assert_array_equal(np.asarray(params["backbone"]["conv1"]["kernel"][...]),
-                                  np.asarray(model.backbone.conv1.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(params["backbone"]["conv1"]["kernel"][...]), np.asarray(model.backbone.conv1.kernel[...])
+    )
     backbone = release.load_release_backbone(tmp_path / "lars.pth", config.model)
     np.testing.assert_array_equal(np.asarray(backbone.conv1.kernel[...]), np.asarray(model.backbone.conv1.kernel[...]))
     marker = tmp_path / "pwned"

@@ -1,4 +1,5 @@
 """The compiled resize equals Pillow's, byte for byte (bicubic and bilinear, up and down, windows)."""
+
 import pathlib
 
 import numpy as np
@@ -24,7 +25,8 @@ def test_the_installed_pillow_is_the_one_the_kernel_reproduces():
     assert major == PINNED_PILLOW.split(".")[0], (
         f"Pillow {PIL.__version__} is installed, but the compiled resize (vicregl_jax/data/resample.py) reproduces "
         f"Pillow {PINNED_PILLOW}'s bytes: pip install pillow=={PINNED_PILLOW} (Pillow 11 and 12 differ by a level "
-        "on some pixels of tall crops, so the byte-for-byte tests below would fail)")
+        "on some pixels of tall crops, so the byte-for-byte tests below would fail)"
+    )
 
 
 def _pillow(image, height, width, method):
@@ -63,9 +65,18 @@ def test_random_sizes_equal_pillow_byte_for_byte():
     assert {(False, False, False), (False, False, True), (True, False, False), (False, True, False)} <= branches
 
 
-@pytest.mark.parametrize("shape,size", [((100, 90), (96, 96)), ((392, 282), (120, 160)), ((304, 385), (45, 222)),
-                                        ((200, 150), (100, 100)), ((375, 500), (224, 224)), ((60, 40), (224, 224)),
-                                        ((2, 3), (1, 1))])
+@pytest.mark.parametrize(
+    "shape,size",
+    [
+        ((100, 90), (96, 96)),
+        ((392, 282), (120, 160)),
+        ((304, 385), (45, 222)),
+        ((200, 150), (100, 100)),
+        ((375, 500), (224, 224)),
+        ((60, 40), (224, 224)),
+        ((2, 3), (1, 1)),
+    ],
+)
 def test_known_shapes_including_both_pass_orders_equal_pillow(shape, size):
     """(100, 90) -> (96, 96): vertical first; (200, 150) -> (100, 100): the tie, horizontal first."""
     image = skimage.data.coffee()[: shape[0], : shape[1]]
@@ -93,7 +104,9 @@ def test_crop_resize_crops_resizes_and_flips_as_pillow():
     views = resample.crop_resize(region, boxes, flips, 64, resample.FILTERS["bicubic"])
     assert views.shape == (4, 64, 64, 3) and views.dtype == np.uint8
     for view, (top, left, h, w), flip in zip(views, boxes, flips):
-        pil = Image.fromarray(np.ascontiguousarray(region[top : top + h, left : left + w])).resize((64, 64), Image.BICUBIC)
+        pil = Image.fromarray(np.ascontiguousarray(region[top : top + h, left : left + w])).resize(
+            (64, 64), Image.BICUBIC
+        )
         if flip:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
         np.testing.assert_array_equal(view, np.asarray(pil))
@@ -108,13 +121,19 @@ def test_coefficients_sum_to_one_and_stay_inside_the_image():
             assert np.abs(weights.sum(1) - (1 << 22)).max() <= weights.shape[1]
 
 
-@pytest.mark.parametrize("args,pattern", [
-    ((np.zeros((4, 4, 3), np.float32), 2, 2), r"image of dtype float32 .* give uint8 \(H, W, 3\)"),
-    ((np.zeros((4, 4), np.uint8), 2, 2), r"shape \(4, 4\).* give uint8 \(H, W, 3\)"),
-    ((np.zeros((4, 4, 3), np.uint8), 0, 2), r"to \(0, 2\): sizes must be >= 1"),
-    ((np.zeros((4, 4, 3), np.uint8), 2, 2, "lanczos"), r"method='lanczos': use one of \('bicubic', 'bilinear'\)"),
-    ((np.zeros((4, 4, 3), np.uint8), 2, 2, "bicubic", (1, 1, 2, 1)), r"window=\(1, 1, 2, 1\): give .* inside the \(2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        ((np.zeros((4, 4, 3), np.float32), 2, 2), r"image of dtype float32 .* give uint8 \(H, W, 3\)"),
+        ((np.zeros((4, 4), np.uint8), 2, 2), r"shape \(4, 4\).* give uint8 \(H, W, 3\)"),
+        ((np.zeros((4, 4, 3), np.uint8), 0, 2), r"to \(0, 2\): sizes must be >= 1"),
+        ((np.zeros((4, 4, 3), np.uint8), 2, 2, "lanczos"), r"method='lanczos': use one of \('bicubic', 'bilinear'\)"),
+        (
+            (np.zeros((4, 4, 3), np.uint8), 2, 2, "bicubic", (1, 1, 2, 1)),
+            r"window=\(1, 1, 2, 1\): give .* inside the \(2, 2\)",
+        ),
+    ],
+)
 def test_bad_arguments_are_named(args, pattern):
     with pytest.raises(ValueError, match=pattern):
         resample.resize(*args)

@@ -1,6 +1,7 @@
 """Linear segmentation: masks and dataset layouts, mmsegmentation's transforms, features,
 optimiser and metrics against references, and the protocols end to end on a small VOC-layout
 set built offline."""
+
 import json
 import os
 
@@ -13,10 +14,11 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from helpers import torch_no_grad
 from PIL import Image
-
 from segmentation_data import save_palette_png, write_voc
-from torch_reference import TORCH_BACKBONES, nchw, numpy_state, randomize_torch_
+
+from references.torch_modules import TORCH_BACKBONES, nchw, numpy_state, randomize_torch_
 from vicregl_jax import convert, layout, sharding, torch_io
 from vicregl_jax.config import default_config
 from vicregl_jax.data import segmentation as seg_data
@@ -26,10 +28,7 @@ from vicregl_jax.models import create_backbone, stage_channels
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def no_torch_grad():
-    with torch.no_grad():
-        yield
+no_torch_grad = pytest.fixture(autouse=True)(torch_no_grad)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +40,14 @@ def voc(tmp_path_factory):
 
 def png_bytes(image: Image.Image) -> bytes:
     import io
+
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------- masks
+
 
 def test_masks_read_as_class_indices(tmp_path):
     rng = np.random.default_rng(0)
@@ -61,18 +62,19 @@ def test_masks_read_as_class_indices(tmp_path):
     assert not np.array_equal(grey, labels) and grey.max() > 20
     # Grey-level PNG (SBD aug masks, Cityscapes trainIds, ADE20k).
     Image.fromarray(labels, mode="L").save(tmp_path / "grey.png")
-    np.testing.assert_array_equal(
-        seg_data.read_mask(str(tmp_path / "grey.png"), num_classes=21), labels)
+    np.testing.assert_array_equal(seg_data.read_mask(str(tmp_path / "grey.png"), num_classes=21), labels)
     train_ids = rng.integers(0, 19, size=(16, 32)).astype(np.uint8)
     train_ids[0, 0] = 255
     Image.fromarray(train_ids, mode="L").save(tmp_path / "a_gtFine_labelTrainIds.png")
-    np.testing.assert_array_equal(seg_data.read_mask(
-        str(tmp_path / "a_gtFine_labelTrainIds.png"), num_classes=19), train_ids)
+    np.testing.assert_array_equal(
+        seg_data.read_mask(str(tmp_path / "a_gtFine_labelTrainIds.png"), num_classes=19), train_ids
+    )
     # ADE20k: 0 ("other") ignored, the 150 classes shifted down.
     ade = np.array([[0, 1, 150, 255]], np.uint8)
     np.testing.assert_array_equal(
-        seg_data.decode_mask(png_bytes(Image.fromarray(ade, mode="L")), num_classes=150,
-                             reduce_zero_label=True), [[255, 0, 149, 255]])
+        seg_data.decode_mask(png_bytes(Image.fromarray(ade, mode="L")), num_classes=150, reduce_zero_label=True),
+        [[255, 0, 149, 255]],
+    )
     # Colours or another dataset's labels are refused with the file's name.
     with pytest.raises(ValueError, match="grey.png holds label (19|20) but the dataset has 19 "):
         seg_data.read_mask(str(tmp_path / "grey.png"), num_classes=19)
@@ -103,15 +105,17 @@ def test_dataset_layouts_and_their_errors(voc, tmp_path):
     (bare / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
     with pytest.raises(FileNotFoundError, match="aug.txt does not exist: make .*voc_aug.py"):
         seg_data.open_split(f"voc:{tmp_path / 'bare'}")
-    with pytest.raises(FileNotFoundError, match="1 of 1 masks of train.txt are missing from "
-                       ".*SegmentationClass, e.g. a.png"):
+    with pytest.raises(
+        FileNotFoundError, match="1 of 1 masks of train.txt are missing from .*SegmentationClass, e.g. a.png"
+    ):
         seg_data.open_split(f"voc:{tmp_path / 'bare'}", "train")
     # ADE20k and Cityscapes.
     ade = tmp_path / "ADEChallengeData2016"
     (ade / "images" / "training").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(ade / "images" / "training" / "ADE_train_1.jpg")
-    with pytest.raises(FileNotFoundError, match="annotations/training does not exist: the "
-                       "ade20k layout needs annotations/training"):
+    with pytest.raises(
+        FileNotFoundError, match="annotations/training does not exist: the ade20k layout needs annotations/training"
+    ):
         seg_data.open_split(f"ade20k:{tmp_path}")
     (ade / "annotations" / "training").mkdir(parents=True)
     Image.new("L", (8, 8)).save(ade / "annotations" / "training" / "ADE_train_1.png")
@@ -123,24 +127,22 @@ def test_dataset_layouts_and_their_errors(voc, tmp_path):
     Image.new("L", (16, 8)).save(city / "gtFine" / "val" / "lindau" / "l_0_gtFine_labelIds.png")
     with pytest.raises(FileNotFoundError, match="labelTrainIds.png: make .*createTrainIdLabelImgs"):
         seg_data.open_split(f"cityscapes:{city}", train=False)
-    Image.new("L", (16, 8)).save(city / "gtFine" / "val" / "lindau" /
-                                 "l_0_gtFine_labelTrainIds.png")
+    Image.new("L", (16, 8)).save(city / "gtFine" / "val" / "lindau" / "l_0_gtFine_labelTrainIds.png")
     assert len(seg_data.open_split(f"cityscapes:{city}", train=False)) == 1
 
 
 # ------------------------------------------------------------------------ the transforms
+
 
 def test_rescale_sizes_and_slide_windows():
     assert seg_data.rescale_size(375, 500, (2048, 512)) == (512, 683)
     assert seg_data.rescale_size(500, 375, (2048, 512)) == (683, 512)
     assert seg_data.rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long edge limits
     assert seg_data.rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)
-    assert seg_data.slide_windows(512, 683, (512, 512), (341, 341)) == [
-        (0, 0, 512, 512), (0, 171, 512, 512)]
+    assert seg_data.slide_windows(512, 683, (512, 512), (341, 341)) == [(0, 0, 512, 512), (0, 171, 512, 512)]
     windows = seg_data.slide_windows(1024, 2048, (512, 512), (341, 341))
     assert len(windows) == 3 * 6 and windows[-1] == (512, 1536, 512, 512)
-    assert seg_data.slide_windows(205, 700, (512, 512), (341, 341)) == [
-        (0, 0, 205, 512), (0, 188, 205, 512)]
+    assert seg_data.slide_windows(205, 700, (512, 512), (341, 341)) == [(0, 0, 205, 512), (0, 188, 205, 512)]
 
 
 def reference_rgb_to_hsv(rgb):
@@ -175,9 +177,9 @@ def reference_hsv_to_rgb(hsv):
 
 def reference_distortion(image, d):
     """mmsegmentation's PhotoMetricDistortion with the draws d (same positions as ours)."""
+
     def convert(x, alpha=1.0, beta=0.0):
-        return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255
-                       ).astype(np.uint8)
+        return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
 
     def contrast(x):
         return convert(x, alpha=0.5 + d[28]) if d[27] < 0.5 else x
@@ -200,11 +202,9 @@ def test_photometric_distortion_matches_reference():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     image[0, :16] = np.arange(16)[:, None] * 17  # greys: saturation 0
-    np.testing.assert_array_equal(seg_data.rgb_to_hsv_uint8(tf.constant(image)).numpy(),
-                                  reference_rgb_to_hsv(image))
+    np.testing.assert_array_equal(seg_data.rgb_to_hsv_uint8(tf.constant(image)).numpy(), reference_rgb_to_hsv(image))
     hsv = reference_rgb_to_hsv(image).astype(np.uint8)
-    np.testing.assert_array_equal(seg_data.hsv_uint8_to_rgb(tf.constant(hsv)).numpy(),
-                                  reference_hsv_to_rgb(hsv))
+    np.testing.assert_array_equal(seg_data.hsv_uint8_to_rgb(tf.constant(hsv)).numpy(), reference_hsv_to_rgb(hsv))
     for seed in range(6):
         d = np.random.default_rng(seed).random(33).astype(np.float32)
         if seed < 2:  # every step on, contrast first then last
@@ -219,20 +219,20 @@ def test_transforms_match_opencv_when_installed():
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, size=(120, 256, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(seg_data.rgb_to_hsv_uint8(tf.constant(image)).numpy(),
-                                  cv2.cvtColor(image, cv2.COLOR_RGB2HSV))
+    np.testing.assert_array_equal(
+        seg_data.rgb_to_hsv_uint8(tf.constant(image)).numpy(), cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    )
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    diff = np.abs(seg_data.hsv_uint8_to_rgb(tf.constant(hsv)).numpy()
-                  - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+    diff = np.abs(seg_data.hsv_uint8_to_rgb(tf.constant(hsv)).numpy() - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # FMA rounding in OpenCV's build
     mask = rng.integers(0, 21, size=(120, 256), dtype=np.uint8)
     for h, w in ((187, 341), (60, 128), (240, 512)):
         resized = seg_data.resize_image(tf.constant(image), h, w).numpy()
-        assert np.abs(resized - cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-                      ).max() <= 1
+        assert np.abs(resized - cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)).max() <= 1
         np.testing.assert_array_equal(
             seg_data.resize_mask(tf.constant(mask), h, w).numpy(),
-            cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST))
+            cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST),
+        )
 
 
 def test_random_crop_redraws_unbalanced_windows():
@@ -249,8 +249,7 @@ def test_random_crop_redraws_unbalanced_windows():
     _, crop = seg_data.random_crop(image, tf.constant(mask), tf.constant(d), (8, 8), 0.75)
     np.testing.assert_array_equal(crop.numpy(), mask[:, 12:20])
     # Smaller than the crop: the whole image (the pipeline pads it afterwards).
-    image_crop, crop = seg_data.random_crop(image, tf.constant(mask), tf.constant(d),
-                                            (16, 64), 0.75)
+    image_crop, crop = seg_data.random_crop(image, tf.constant(mask), tf.constant(d), (16, 64), 0.75)
     assert crop.shape == (8, 32) and image_crop.shape == (8, 32, 3)
 
 
@@ -270,8 +269,9 @@ def test_train_batches_are_a_function_of_seed_and_step(voc):
     resumed = seg_data.make_train_iterator(split, start_step=2, **kwargs)
     np.testing.assert_array_equal(next(resumed)["image"], batches[2]["image"])
     resumed.close()
-    hosts = [seg_data.make_train_iterator(split, start_step=1, process_index=p, process_count=2,
-                                          **kwargs) for p in range(2)]
+    hosts = [
+        seg_data.make_train_iterator(split, start_step=1, process_index=p, process_count=2, **kwargs) for p in range(2)
+    ]
     halves = [next(h) for h in hosts]
     for h in hosts:
         h.close()
@@ -291,40 +291,42 @@ def test_eval_chunks_group_sizes_and_split_over_hosts(voc):
     chunks = seg_data.eval_chunks(sizes, scale=(128, 64), images_per_chunk=8, row_multiple=4)
     assert [len(c.indices) for c in chunks] == [8, 8] and chunks[0].valid.sum() == 6
     one = list(seg_data.make_eval_iterator(split, chunks))
-    two = [list(seg_data.make_eval_iterator(split, chunks, process_index=p, process_count=2))
-           for p in range(2)]
+    two = [list(seg_data.make_eval_iterator(split, chunks, process_index=p, process_count=2)) for p in range(2)]
     for whole, a, b in zip(one, *two):
         for key in ("image", "mask", "valid"):
             np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), whole[key])
     first = one[0]
     assert first["image"].shape == (8, 64, 85, 3) and first["mask"].shape == (8, 96, 128)
-    np.testing.assert_array_equal(first["mask"][0], np.asarray(Image.open(
-        split.masks[chunks[0].indices[0]])))  # scored at the original resolution
+    np.testing.assert_array_equal(
+        first["mask"][0], np.asarray(Image.open(split.masks[chunks[0].indices[0]]))
+    )  # scored at the original resolution
 
 
 # ------------------------------------------------------------------ features and optimiser
 
+
 def test_concatenated_stage_features_match_torch():
     reference = TORCH_BACKBONES["convnext_test"]().eval()
     randomize_torch_(reference, seed=5)
-    model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0,
-                                                   rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: create_backbone("convnext_test", drop_path_rate=0.0, rngs=nnx.Rngs(0)))
     layout.load_torch_state_dict(model, numpy_state(reference))
     model.eval()
     x = np.random.default_rng(6).standard_normal((2, 64, 96, 3)).astype(np.float32)
     got = nnx.jit(lambda m, x: segment.dense_features(m, x, "concat"))(model, jnp.asarray(x))
     assert got.shape == (2, 16, 24, sum(stage_channels("convnext_test"))) == (2, 16, 24, 120)
     stages = reference.forward_stages(nchw(x))
-    expected = torch.cat([F.interpolate(s, size=stages[0].shape[2:], mode="bilinear",
-                                        align_corners=False) for s in stages], dim=1)
+    expected = torch.cat(
+        [F.interpolate(s, size=stages[0].shape[2:], mode="bilinear", align_corners=False) for s in stages], dim=1
+    )
     expected = expected.numpy().transpose(0, 2, 3, 1)
     assert np.abs(np.asarray(got) - expected).max() <= 1e-4 * np.abs(expected).max()
     # Shrinking too, as the logits are shrunk back to small original images.
     y = np.random.default_rng(7).standard_normal((1, 40, 50, 3)).astype(np.float32)
     np.testing.assert_allclose(
         segment.resize_bilinear(jnp.asarray(y), (17, 23)),
-        F.interpolate(nchw(y), size=(17, 23), mode="bilinear", align_corners=False
-                      ).numpy().transpose(0, 2, 3, 1), atol=1e-5)
+        F.interpolate(nchw(y), size=(17, 23), mode="bilinear", align_corners=False).numpy().transpose(0, 2, 3, 1),
+        atol=1e-5,
+    )
 
 
 def test_poly_schedule_is_mmcv_s():
@@ -348,9 +350,13 @@ def test_head_steps_match_torch(optimizer):
     masks = [rng.integers(0, 3, size=(4, 12, 14)).astype(np.uint8) for _ in range(3)]
     for m in masks:
         m[:, :2] = 255
-    settings = segment.segment_settings("resnet" if optimizer == "sgd" else "convnext",
-                                        "voc:/unused", steps=10, warmup_steps=2 if optimizer ==
-                                        "adamw" else None, lr=0.1 if optimizer == "sgd" else 0.01)
+    settings = segment.segment_settings(
+        "resnet" if optimizer == "sgd" else "convnext",
+        "voc:/unused",
+        steps=10,
+        warmup_steps=2 if optimizer == "adamw" else None,
+        lr=0.1 if optimizer == "sgd" else 0.01,
+    )
     head = segment.LinearHead(5, 3, rngs=nnx.Rngs(0))
     norm, conv = torch.nn.BatchNorm2d(5), torch.nn.Conv2d(5, 3, 1)
     conv.weight.copy_(torch.from_numpy(np.array(head.classifier.kernel[...]).T[:, :, None, None]))
@@ -359,29 +365,26 @@ def test_head_steps_match_torch(optimizer):
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=settings.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999),
-                                weight_decay=settings.weight_decay)
-    schedule = segment.poly_schedule(settings.lr, settings.steps, power=settings.power,
-                                     min_lr=settings.min_lr, warmup_steps=settings.warmup_steps)
+        opt = torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
+    schedule = segment.poly_schedule(
+        settings.lr, settings.steps, power=settings.power, min_lr=settings.min_lr, warmup_steps=settings.warmup_steps
+    )
     for t in range(3):
         for group in opt.param_groups:
             group["lr"] = float(schedule(t))
         with torch.enable_grad():
-            logits = F.interpolate(conv(norm(nchw(features[t]))), size=(12, 14), mode="bilinear",
-                                   align_corners=False)
-            loss = F.cross_entropy(logits, torch.from_numpy(masks[t]).long(), ignore_index=255,
-                                   reduction="none").mean()
+            logits = F.interpolate(conv(norm(nchw(features[t]))), size=(12, 14), mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, torch.from_numpy(masks[t]).long(), ignore_index=255, reduction="none").mean()
             opt.zero_grad()
             loss.backward()
         opt.step()
     mesh = sharding.make_mesh(1)
+
     def batches(t):
         return {"input": jnp.asarray(features[t]), "mask": jnp.asarray(masks[t])}
 
-    segment.train_head(head, lambda x: x, batches, settings, mesh, seed=0, stop_after_steps=3,
-                       progress=False)
-    np.testing.assert_allclose(head.classifier.kernel[...],
-                               conv.weight[:, :, 0, 0].numpy().T, rtol=1e-4, atol=1e-6)
+    segment.train_head(head, lambda x: x, batches, settings, mesh, seed=0, stop_after_steps=3, progress=False)
+    np.testing.assert_allclose(head.classifier.kernel[...], conv.weight[:, :, 0, 0].numpy().T, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(head.classifier.bias[...], conv.bias.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(head.norm.scale[...], norm.weight.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(head.norm.var[...], norm.running_var.numpy(), rtol=1e-5)
@@ -398,27 +401,32 @@ def test_head_fits_classes_linear_in_the_features_exactly():
     masks = classes.astype(np.uint8)
     masks[:, 0, 0] = 255
     mesh = sharding.make_mesh()
-    settings = segment.segment_settings("resnet", "voc:/unused", steps=150, lr=0.1,
-                                        batch_size=8, dropout=0.0)
+    settings = segment.segment_settings("resnet", "voc:/unused", steps=150, lr=0.1, batch_size=8, dropout=0.0)
     head = segment.LinearHead(8, k, rngs=nnx.Rngs(0))
-    segment.train_head(head, lambda x: x, lambda t: {
-        "input": jnp.asarray(features[t % 3 * 8:][:8]), "mask": jnp.asarray(masks[t % 3 * 8:][:8])},
-        settings, mesh, seed=0, progress=False)
+    segment.train_head(
+        head,
+        lambda x: x,
+        lambda t: {"input": jnp.asarray(features[t % 3 * 8 :][:8]), "mask": jnp.asarray(masks[t % 3 * 8 :][:8])},
+        settings,
+        mesh,
+        seed=0,
+        progress=False,
+    )
     logits = segment.make_logits_fn(None, head, "map", mesh)(jnp.asarray(features[24:]))
     score = segment.make_scorer(k)
-    confusion = score((logits,), ((0, 0, 6, 6),), (6, 6), jnp.asarray(classes[24:]),
-                      jnp.ones(8, bool))
+    confusion = score((logits,), ((0, 0, 6, 6),), (6, 6), jnp.asarray(classes[24:]), jnp.ones(8, bool))
     assert segment.segmentation_metrics(np.asarray(confusion), "abcd")["mIoU"] == 100.0
 
 
 # --------------------------------------------------------------------- metrics, inference
+
 
 def test_metrics_by_hand_with_an_absent_class_and_ignored_pixels():
     labels = np.array([[0, 0, 1, 1, 255], [2, 2, 255, 255, 0]])
     pred = np.array([[0, 1, 1, 1, 3], [2, 0, 0, 2, 3]])
     confusion = np.asarray(segment.confusion_matrix(jnp.asarray(pred), jnp.asarray(labels), 5))
     expected = np.zeros((5, 5), int)
-    for (t, p) in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (2, 0), (0, 3)]:
+    for t, p in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (2, 0), (0, 3)]:
         expected[t, p] += 1
     np.testing.assert_array_equal(confusion, expected)
     out = segment.segmentation_metrics(confusion, ["a", "b", "c", "d", "e"])
@@ -435,8 +443,7 @@ def test_metrics_by_hand_with_an_absent_class_and_ignored_pixels():
     assert "| e     |      - |      - |" in table and "mIoU 35.42" in table
     # Rows marked invalid (batch padding) count nothing.
     weights = jnp.asarray([[True] * 5, [False] * 5])
-    assert int(segment.confusion_matrix(jnp.asarray(pred), jnp.asarray(labels), 5,
-                                        weights).sum()) == 4
+    assert int(segment.confusion_matrix(jnp.asarray(pred), jnp.asarray(labels), 5, weights).sum()) == 4
 
 
 def test_slide_inference_of_a_per_pixel_head_equals_whole(voc):
@@ -449,19 +456,28 @@ def test_slide_inference_of_a_per_pixel_head_equals_whole(voc):
     logits_fn = jax.jit(lambda images: images @ weights)
     results = {}
     for inference in ("whole", "slide"):
-        settings = segment.segment_settings("resnet", f"voc:{voc}", inference=inference,
-                                            crop_size=(48, 48), scale=(128, 64),
-                                            slide_stride=(20, 20), eval_batch_size=8)
-        chunks = seg_data.eval_chunks(sizes, scale=settings.scale, images_per_chunk=8,
-                                      row_multiple=8)
+        settings = segment.segment_settings(
+            "resnet",
+            f"voc:{voc}",
+            inference=inference,
+            crop_size=(48, 48),
+            scale=(128, 64),
+            slide_stride=(20, 20),
+            eval_batch_size=8,
+        )
+        chunks = seg_data.eval_chunks(sizes, scale=settings.scale, images_per_chunk=8, row_multiple=8)
         results[inference] = segment.evaluate_chunks(
-            logits_fn, seg_data.make_eval_iterator(split, chunks), chunks, settings, 21, mesh,
-            progress=False)
+            logits_fn, seg_data.make_eval_iterator(split, chunks), chunks, settings, 21, mesh, progress=False
+        )
     np.testing.assert_array_equal(results["slide"], results["whole"])
     expected = np.zeros((21, 21), np.int64)
     for chunk, batch in zip(chunks, seg_data.make_eval_iterator(split, chunks)):
-        logits = F.interpolate(nchw(np.asarray(batch["image"] @ np.asarray(weights))),
-                               size=chunk.original_size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            nchw(np.asarray(batch["image"] @ np.asarray(weights))),
+            size=chunk.original_size,
+            mode="bilinear",
+            align_corners=False,
+        )
         pred = logits.argmax(1).numpy()[batch["valid"]]
         labels = batch["mask"][batch["valid"]]
         keep = labels != 255
@@ -472,8 +488,7 @@ def test_slide_inference_of_a_per_pixel_head_equals_whole(voc):
 
 # ------------------------------------------------------------------------ end to end
 
-SMALL = dict(crop_size=(64, 64), scale=(128, 64), batch_size=16, eval_batch_size=8,
-             slide_stride=(43, 43))
+SMALL = dict(crop_size=(64, 64), scale=(128, 64), batch_size=16, eval_batch_size=8, slide_stride=(43, 43))
 
 
 def majority_baseline(voc) -> float:
@@ -482,23 +497,24 @@ def majority_baseline(voc) -> float:
     confusion = np.zeros((21, 21), np.int64)
     for path in split.masks:
         labels = seg_data.read_mask(path, num_classes=21)
-        confusion += np.asarray(segment.confusion_matrix(
-            jnp.zeros(labels.shape, jnp.int32), jnp.asarray(labels), 21))
+        confusion += np.asarray(segment.confusion_matrix(jnp.zeros(labels.shape, jnp.int32), jnp.asarray(labels), 21))
     return segment.segmentation_metrics(confusion, seg_data.VOC_CLASSES)["mIoU"]
 
 
-@pytest.mark.parametrize("arch, overrides", [
-    ("resnet_test", dict(steps=60, lr=0.2, checkpoint_every=30)),
-    ("convnext_test", dict(steps=60, lr=0.03, warmup_steps=6)),
-])
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("resnet_test", dict(steps=60, lr=0.2, checkpoint_every=30)),
+        ("convnext_test", dict(steps=60, lr=0.03, warmup_steps=6)),
+    ],
+)
 def test_the_head_learns_and_resumes(voc, tmp_path, arch, overrides):
     mesh = sharding.make_mesh()
     backbone = create_backbone(arch, rngs=nnx.Rngs(0))
     family = segment.backbone_family(backbone)
     settings = segment.segment_settings(family, f"voc:{voc}", **SMALL, **overrides)
     assert settings.inference == ("whole" if family == "resnet" else "slide")
-    result = segment.evaluate_segmentation(backbone, f"voc:{voc}", mesh=mesh, settings=settings,
-                                           progress=False)
+    result = segment.evaluate_segmentation(backbone, f"voc:{voc}", mesh=mesh, settings=settings, progress=False)
     baseline = majority_baseline(voc)
     assert result["mIoU"] > 2.5 * baseline, (result["mIoU"], baseline)  # 61-67 vs 21
     assert result["per_class"]["boat"]["IoU"] is None  # absent classes stay out of the mean
@@ -506,18 +522,22 @@ def test_the_head_learns_and_resumes(voc, tmp_path, arch, overrides):
         return
     # Stopped half-way, then run again: the same result as the uninterrupted run.
     workdir = str(tmp_path)
-    stopped = segment.evaluate_segmentation(backbone, f"voc:{voc}", mesh=mesh, settings=settings,
-                                            workdir=workdir, stop_after_steps=30, progress=False)
+    stopped = segment.evaluate_segmentation(
+        backbone, f"voc:{voc}", mesh=mesh, settings=settings, workdir=workdir, stop_after_steps=30, progress=False
+    )
     assert stopped == {"stopped_at_step": 30}
     assert os.listdir(tmp_path / "segment_head") == ["30"]
-    resumed = segment.evaluate_segmentation(backbone, f"voc:{voc}", mesh=mesh, settings=settings,
-                                            workdir=workdir, progress=False)
+    resumed = segment.evaluate_segmentation(
+        backbone, f"voc:{voc}", mesh=mesh, settings=settings, workdir=workdir, progress=False
+    )
     assert resumed["mIoU"] == result["mIoU"] and resumed["per_class"] == result["per_class"]
     other = segment.segment_settings(family, f"voc:{voc}", **SMALL, **{**overrides, "lr": 0.1})
-    with pytest.raises(ValueError, match="written by another evaluation \\(lr: saved 0.2, now "
-                       "0.1\\): delete that folder"):
-        segment.evaluate_segmentation(backbone, f"voc:{voc}", mesh=mesh, settings=other,
-                                      workdir=workdir, progress=False)
+    with pytest.raises(
+        ValueError, match="written by another evaluation \\(lr: saved 0.2, now 0.1\\): delete that folder"
+    ):
+        segment.evaluate_segmentation(
+            backbone, f"voc:{voc}", mesh=mesh, settings=other, workdir=workdir, progress=False
+        )
 
 
 def segment_config(**overrides) -> ml_collections.ConfigDict:
@@ -531,8 +551,8 @@ def test_run_reads_the_config_and_writes_results(voc, tmp_path):
     config = default_config()
     config.model.arch = "resnet_test"
     config.eval.segment = segment_config(
-        dataset=f"voc:{voc}", protocol="fast", steps=20, batch_size=16, eval_batch_size=16,
-        fast_image_size=64, lr=0.05)
+        dataset=f"voc:{voc}", protocol="fast", steps=20, batch_size=16, eval_batch_size=16, fast_image_size=64, lr=0.05
+    )
     results = segment.run(config, str(tmp_path), random_init=True)
     written = json.loads((tmp_path / "eval_segment.json").read_text())
     assert written["mIoU"] == pytest.approx(results["mIoU"]) and written["protocol"] == "fast"
@@ -543,8 +563,11 @@ def test_run_reads_the_config_and_writes_results(voc, tmp_path):
     with pytest.raises(ValueError, match="set config.eval.segment.dataset"):
         segment.run(config, str(tmp_path), random_init=True)
     config.eval.segment = segment_config(dataset=f"voc:{voc}", num_classes=21)
-    with pytest.raises(ValueError, match="eval.segment.num_classes is not a segmentation "
-                       "setting \\(the class count comes from the dataset's layout\\)"):
+    with pytest.raises(
+        ValueError,
+        match="eval.segment.num_classes is not a segmentation "
+        "setting \\(the class count comes from the dataset's layout\\)",
+    ):
         segment.run(config, str(tmp_path), random_init=True)
     config.eval.segment = segment_config(dataset=f"voc:{voc}")
     config.eval.segment.inference = "sliding"
@@ -553,6 +576,7 @@ def test_run_reads_the_config_and_writes_results(voc, tmp_path):
 
 
 # ------------------------------------------------------- the backbone a workdir holds
+
 
 @pytest.fixture(scope="module")
 def convnext_workdir(tmp_path_factory):

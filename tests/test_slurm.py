@@ -1,5 +1,6 @@
 """launch/slurm.sbatch on a real SLURM (Debian's slurm-wlm: munged, slurmctld and slurmd on this
-machine, tests/slurm_cluster.py): the tiny pre-training run submitted with sbatch; a SIGTERM to the batch script (what --signal=B:TERM@120 sends before the time limit) is
+machine, tests/slurm_cluster.py): the tiny pre-training run submitted with sbatch; a SIGTERM to
+the batch script (what --signal=B:TERM@120 sends before the time limit) is
 passed on to the task, which saves and exits 75, and the script requeues the job, which
 resumes and ends bit for bit where the uninterrupted job ended."""
 
@@ -10,10 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 import slurm_cluster
-from launch_helpers import (ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, run_env, tiny_run_flags,
-                            wait_until)
+from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, run_env, tiny_run_flags, wait_until
 
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
 JOB_TIMEOUT_S = 240
@@ -30,8 +29,19 @@ def cluster(tmp_path_factory):
 def submit(cluster, tmp, workdir, data_dir) -> int:
     # Command-line options win over the script's #SBATCH lines: no GPUs here, output beside the test.
     env = {**run_env(2), "PYTHON": sys.executable, "TASK_EXIT_WAIT": "60"}
-    return cluster.sbatch([f"--output={tmp}/%x-%j.out", "--gpus-per-node=0", "--time=15", SBATCH,
-                           "configs/demo.py", str(workdir), *tiny_run_flags(data_dir)], env, ROOT)
+    return cluster.sbatch(
+        [
+            f"--output={tmp}/%x-%j.out",
+            "--gpus-per-node=0",
+            "--time=15",
+            SBATCH,
+            "configs/demo.py",
+            str(workdir),
+            *tiny_run_flags(data_dir),
+        ],
+        env,
+        ROOT,
+    )
 
 
 def metrics_steps(workdir) -> list[int]:

@@ -24,8 +24,7 @@ from PIL import Image
 from storage_fixture import BUCKET
 from tiny import tiny_config
 
-from vicregl_jax import release
-from vicregl_jax import train
+from vicregl_jax import release, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.data import folder, manifest, sources
 
@@ -116,8 +115,9 @@ def test_the_workdir_lock_holds_a_gs_workdir_against_a_second_run(storage_emulat
     assert storage_emulator.object_metadata(BUCKET, f"locked/{workdir_lib.LOCK_NAME}") is None
 
 
-def test_a_training_run_on_a_gs_workdir_checkpoints_logs_and_resumes_there(storage_emulator, data_dir, tmp_path,
-                                                                           monkeypatch):
+def test_a_training_run_on_a_gs_workdir_checkpoints_logs_and_resumes_there(
+    storage_emulator, data_dir, tmp_path, monkeypatch
+):
     monkeypatch.setattr(workdir_lib, "REMOTE_SETTLE_S", 0.2)
     config = tiny_config(data_dir)
     workdir = f"gs://{BUCKET}/run"
@@ -132,16 +132,18 @@ def test_a_training_run_on_a_gs_workdir_checkpoints_logs_and_resumes_there(stora
     model, _, step = release.load_workdir_model(workdir)
     local, _, _ = release.load_workdir_model(tmp_path / "local")
     assert step == 2
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(jax.tree.leaves(model)),
-                 jax.device_get(jax.tree.leaves(local)))
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(jax.tree.leaves(model)), jax.device_get(jax.tree.leaves(local))
+    )
 
     # Resumed from the bucket; metrics.jsonl and the TensorBoard events hold one row per step.
     result = train.train_and_evaluate(config, workdir, stop_after_steps=1)
     assert result.step == 3
     rows = [json.loads(line) for line in download(storage_emulator, "run/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    events = [n for n in names if "events.out.tfevents" in n] + \
-        [n for n in storage_emulator.list_objects(BUCKET, "run/") if "events.out.tfevents" in n]
+    events = [n for n in names if "events.out.tfevents" in n] + [
+        n for n in storage_emulator.list_objects(BUCKET, "run/") if "events.out.tfevents" in n
+    ]
     losses = {}
     for name in sorted(set(events)):
         for event in tf.compat.v1.train.summary_iterator(f"gs://{BUCKET}/{name}"):
@@ -172,8 +174,13 @@ print(*hits)
 def test_jax_compilation_cache_in_a_gs_workdir(storage_emulator):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", COMPILE, f"gs://{BUCKET}/cached_run"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE, f"gs://{BUCKET}/cached_run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert storage_emulator.list_objects(BUCKET, "cached_run/compilation_cache/")  # written to the bucket
     first, second = map(int, run.stdout.split()[-2:])

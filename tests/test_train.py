@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
+from helpers import ROOT, free_port, worker_env
 from tiny import copy_of, steps_on_disk, tiny_config
-from vicregl_jax import build, sharding, train
+
+from vicregl_jax import build, release, sharding, train
 from vicregl_jax import data as data_lib
-from vicregl_jax.data import global_batch
-from vicregl_jax import release
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import Checkpointer
+from vicregl_jax.data import global_batch
 from vicregl_jax.model_config import model_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,10 +37,13 @@ def read_state(workdir, step=None):
     # Whatever mesh wrote it: every array onto this process's first device.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = checkpointer.manager.item_metadata(step)
-    target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
-              for name in ("model", "train")}
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(tree) for name, tree in target.items()}))
+    target = {
+        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
+        for name in ("model", "train")
+    }
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in target.items()})
+    )
     checkpointer.close()
     return step, jax.tree.map(np.asarray, {"model": dict(restored["model"]), "train": dict(restored["train"])})
 
@@ -51,34 +53,36 @@ def params_of(workdir, step=None):
 
 
 def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def worker_env():
-    """The environment of a subprocess: this checkout first on the path, so workers import
-    the code under test whether or not (or from wherever) the package is installed."""
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def run_worker(workdir, data_dir, overrides, *, devices=8, num_processes=1, stop_after=None, wait=True):
     port = free_port()
     procs = []
     for pid in range(num_processes):
-        cmd = [sys.executable, WORKER, str(workdir), data_dir, "--devices", str(devices), "--process_id", str(pid),
-               "--num_processes", str(num_processes), "--port", str(port), "--overrides", json.dumps(overrides)]
+        cmd = [
+            sys.executable,
+            WORKER,
+            str(workdir),
+            data_dir,
+            "--devices",
+            str(devices),
+            "--process_id",
+            str(pid),
+            "--num_processes",
+            str(num_processes),
+            "--port",
+            str(port),
+            "--overrides",
+            json.dumps(overrides),
+        ]
         if stop_after is not None:
             cmd += ["--stop_after", str(stop_after)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env()))
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
+        )
     if not wait:
         return procs
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -105,8 +109,24 @@ def test_tiny_run_learns_without_collapse(data_dir, tmp_path):
     # Collapse would drive the std of the normalised representation to 0; 1/sqrt(64) = 0.125
     # is an isotropic 64-d representation.
     assert min(m["stdr"] for m in logged) > 0.06 and min(m["stde"] for m in logged) > 0.06
-    for key in ("global_inv", "global_var", "global_cov", "local_inv", "local_var", "local_cov", "cls_loss",
-                "top1", "top5", "stdr", "stde", "corr", "core", "learning_rate", "images_per_s", "step_time_s"):
+    for key in (
+        "global_inv",
+        "global_var",
+        "global_cov",
+        "local_inv",
+        "local_var",
+        "local_cov",
+        "cls_loss",
+        "top1",
+        "top5",
+        "stdr",
+        "stde",
+        "corr",
+        "core",
+        "learning_rate",
+        "images_per_s",
+        "step_time_s",
+    ):
         assert key in logged[-1], key
     # The config and the checkpoint of the last step sit in the workdir, TensorBoard events beside.
     assert json.loads((tmp_path / "config.json").read_text())["model"]["arch"] == "resnet_test"
@@ -124,9 +144,17 @@ def jitted_step(config, mesh):
     schedule, tx = build.make_optimizer(config, steps_per_epoch=10, total_steps=config.total_steps)
     graphdef, streams, state, shardings = build.init_train_state(config, tx, mesh)
     step = train.jit_train_step(
-        train.make_train_step(graphdef, streams, tx, schedule, build.loss_config(config), seed=config.seed,
-                              grad_accum_steps=config.grad_accum_steps),
-        shardings, mesh,
+        train.make_train_step(
+            graphdef,
+            streams,
+            tx,
+            schedule,
+            build.loss_config(config),
+            seed=config.seed,
+            grad_accum_steps=config.grad_accum_steps,
+        ),
+        shardings,
+        mesh,
     )
     return step, state
 
@@ -193,8 +221,10 @@ def test_nan_in_the_loop_stops_with_the_step_and_keeps_the_last_checkpoint(data_
     def poisoned(batch, mesh, data_axis="data"):
         calls["n"] += 1
         if calls["n"] == 4:  # the batch of step 4: NaN brightness factors make NaN views on the device
-            draws = tuple({**d, "brightness": np.full_like(d["brightness"], np.nan),
-                           "order": np.zeros_like(d["order"])} for d in batch["draws"])
+            draws = tuple(
+                {**d, "brightness": np.full_like(d["brightness"], np.nan), "order": np.zeros_like(d["order"])}
+                for d in batch["draws"]
+            )
             batch = dict(batch, draws=draws)
         return real(batch, mesh, data_axis)
 
@@ -224,7 +254,9 @@ def test_killed_and_resumed_equals_uninterrupted(data_dir, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir), tmp_path, stop_after_steps=1)
     other = tiny_config(data_dir, {"model.arch": "convnext_test"})
-    with pytest.raises(ValueError, match=r"another model \(model.arch: saved 'resnet_test', now 'convnext_test'\).*new --workdir"):
+    with pytest.raises(
+        ValueError, match=r"another model \(model.arch: saved 'resnet_test', now 'convnext_test'\).*new --workdir"
+    ):
         train.train_and_evaluate(other, tmp_path)
 
 
@@ -278,11 +310,32 @@ def test_a_host_whose_storage_fails_stops_every_host_with_its_error(data_dir, tm
     port = free_port()
     overrides = json.dumps({"data.dataset": f"folder:{photos}"})
     logs = [open(tmp_path / f"worker{pid}.log", "w") for pid in range(2)]  # files: the retry warnings
-    procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "run"), data_dir, "--devices", "4",  # fill pipes
-                               "--process_id", str(pid), "--num_processes", "2", "--port", str(port),
-                               "--overrides", overrides] + (["--fail_reads"] if pid == 1 else []),
-                              stdout=logs[pid], stderr=subprocess.STDOUT, text=True, env=worker_env())
-             for pid in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                str(tmp_path / "run"),
+                data_dir,
+                "--devices",
+                "4",  # fill pipes
+                "--process_id",
+                str(pid),
+                "--num_processes",
+                "2",
+                "--port",
+                str(port),
+                "--overrides",
+                overrides,
+            ]
+            + (["--fail_reads"] if pid == 1 else []),
+            stdout=logs[pid],
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=worker_env(),
+        )
+        for pid in range(2)
+    ]
     for p in procs:
         p.wait(timeout=480)  # a hang would end in TimeoutExpired
     outs = [(tmp_path / f"worker{pid}.log").read_text() for pid in range(2)]
@@ -296,23 +349,35 @@ def test_a_host_whose_storage_fails_stops_every_host_with_its_error(data_dir, tm
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,pattern", [
-    ({"batch_size": 12}, r"config.batch_size=12: must be divisible by the number of devices \(8\).*multiple of 8"),
-    ({"data.crops": ((60, 2, 0.3, 1.0),)}, r"config.data.crops=.*crop size 60 does not give a whole grid.*multiple of 32, e.g. 64"),
-    ({"loss.num_matches": (5, 1)}, r"config.loss.num_matches=\(5, 1\).*at most \(4, 4\)"),
-    ({"loss.alpha": 1.5}, r"alpha=1.5 is outside \[0, 1\]"),
-    ({"model.arch": "resnet51"}, r"config.model.arch='resnet51': unknown architecture; use one of resnet18"),
-    ({"optim.name": "sgd"}, r"config.optim.name='sgd'"),
-    ({"data.crops": ((64, 1, 0.3, 1.0),)}, r"first group needs at least 2 views"),
-    ({"data.crops": ((64, 2, 0.0, 1.0),)}, r"CropGroup scale=\(0.0, 1.0\)"),
-    ({"model.mlp": "64-x"}, r"MLP spec '64-x'"),
-    ({"model.dtype": "float16"}, r"config.model.dtype='float16'"),
-    ({"data.jpeg_dct_method": "FAST"}, r"config.data.jpeg_dct_method='FAST': use one of"),
-    ({"data.max_failure_share": 5.0}, r"config.data.max_failure_share=5.0: give a fraction"),
-    ({"data.resize": "bilinear"}, r"config.data.resize='bilinear': use one of \('pillow', 'tensorflow'\)"),
-    ({"data.service": "grpc://h:5050"}, r"config.data.resize='pillow' with config.data.service=.*--config.data.resize=tensorflow"),
-    ({"grad_accum_steps": 4}, r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)"),
-])
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({"batch_size": 12}, r"config.batch_size=12: must be divisible by the number of devices \(8\).*multiple of 8"),
+        (
+            {"data.crops": ((60, 2, 0.3, 1.0),)},
+            r"config.data.crops=.*crop size 60 does not give a whole grid.*multiple of 32, e.g. 64",
+        ),
+        ({"loss.num_matches": (5, 1)}, r"config.loss.num_matches=\(5, 1\).*at most \(4, 4\)"),
+        ({"loss.alpha": 1.5}, r"alpha=1.5 is outside \[0, 1\]"),
+        ({"model.arch": "resnet51"}, r"config.model.arch='resnet51': unknown architecture; use one of resnet18"),
+        ({"optim.name": "sgd"}, r"config.optim.name='sgd'"),
+        ({"data.crops": ((64, 1, 0.3, 1.0),)}, r"first group needs at least 2 views"),
+        ({"data.crops": ((64, 2, 0.0, 1.0),)}, r"CropGroup scale=\(0.0, 1.0\)"),
+        ({"model.mlp": "64-x"}, r"MLP spec '64-x'"),
+        ({"model.dtype": "float16"}, r"config.model.dtype='float16'"),
+        ({"data.jpeg_dct_method": "FAST"}, r"config.data.jpeg_dct_method='FAST': use one of"),
+        ({"data.max_failure_share": 5.0}, r"config.data.max_failure_share=5.0: give a fraction"),
+        ({"data.resize": "bilinear"}, r"config.data.resize='bilinear': use one of \('pillow', 'tensorflow'\)"),
+        (
+            {"data.service": "grpc://h:5050"},
+            r"config.data.resize='pillow' with config.data.service=.*--config.data.resize=tensorflow",
+        ),
+        (
+            {"grad_accum_steps": 4},
+            r"config.batch_size=16: must be divisible by the number of devices \(8\) times grad_accum_steps \(4\)",
+        ),
+    ],
+)
 def test_bad_configs_are_named(data_dir, overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         build.check_config(tiny_config(data_dir, overrides), num_devices=8)
@@ -322,11 +387,15 @@ def test_config_files_are_valid():
     """Every recipe of configs/ loads, with its variants, and validates for a matching mesh;
     old flat keys and misspelt keys on the command line are named with the fix."""
     from vicregl_jax import config as config_lib
+    from vicregl_jax import config_files
 
     root = os.path.join(HERE, "..", "configs")
-    for name, variants in (("r50", ("", "alpha=0.9", "schedule=100ep")), ("convnext", ("size=s", "size=b,alpha=0.9", "size=xl")),
-                           ("demo", ("",))):
-        module = config_lib.config_module(os.path.join(root, f"{name}.py"))
+    for name, variants in (
+        ("r50", ("", "alpha=0.9", "schedule=100ep")),
+        ("convnext", ("size=s", "size=b,alpha=0.9", "size=xl")),
+        ("demo", ("",)),
+    ):
+        module = config_files.config_module(os.path.join(root, f"{name}.py"))
         assert module.__doc__ and "python main.py --config=configs/" in module.__doc__
         for variant in variants:
             config = module.get_config(variant or None)
@@ -335,23 +404,36 @@ def test_config_files_are_valid():
                     config_lib.validate(config, num_devices=8)
                 config.data.dataset = "folder:/data/imagenet22k"
             config_lib.validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
-    module = config_lib.config_module(os.path.join(root, "r50.py"))
+    module = config_files.config_module(os.path.join(root, "r50.py"))
     assert module.get_config("alpha=0.9").loss.alpha == 0.9
-    assert config_lib.load(os.path.join(root, "convnext.py") + ":size=b").model.arch == "convnext_base"
+    assert config_files.load(os.path.join(root, "convnext.py") + ":size=b").model.arch == "convnext_base"
     with pytest.raises(ValueError, match="'alhpa=0.9': write key=value with key one of"):
         module.get_config("alhpa=0.9")
     config = module.get_config()
     with pytest.raises(ValueError, match=r"config.alpha is now config.loss.alpha: write --config.loss.alpha="):
-        config_lib.check_override_names(["--config.alpha=0.9"], config)
-    with pytest.raises(ValueError, match=r"config.optim.base_rl is not a config key: did you mean config.optim.base_lr"):
-        config_lib.check_override_names(["--config.optim.base_rl=0.1"], config)
-    config_lib.check_override_names(["--config.optim.base_lr=0.1", "--config.batch_size", "512"], config)
+        config_files.check_override_names(["--config.alpha=0.9"], config)
+    with pytest.raises(
+        ValueError, match=r"config.optim.base_rl is not a config key: did you mean config.optim.base_lr"
+    ):
+        config_files.check_override_names(["--config.optim.base_rl=0.1"], config)
+    config_files.check_override_names(["--config.optim.base_lr=0.1", "--config.batch_size", "512"], config)
 
 
 def test_old_flat_key_on_the_command_line_fails_with_the_new_name(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/demo.py",
-                          f"--workdir={tmp_path}", "--config.base_lr=0.1"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env())
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "main.py"),
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path}",
+            "--config.base_lr=0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=worker_env(),
+    )
     assert out.returncode != 0
     assert "config.base_lr is now config.optim.base_lr" in out.stderr and "Traceback" not in out.stderr
 
@@ -386,19 +468,24 @@ def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
     _, _, state, _ = build.init_train_state(bad, tx, mesh)
     with pytest.raises(ValueError, match="do not match"):
         release.initial_weights(pth, bad, state.params, state.batch_stats)
-    with pytest.raises(ValueError, match="holds another model.*model.arch: 'resnet_test' there vs 'convnext_test' here"):
+    with pytest.raises(
+        ValueError, match="holds another model.*model.arch: 'resnet_test' there vs 'convnext_test' here"
+    ):
         release.initial_weights(str(tmp_path / "source"), bad, state.params, state.batch_stats)
 
 
 def test_train_step_imports_without_tensorflow():
     """The train step, the models and the criterion run where TensorFlow is not installed
     (CUDA images): only the input pipeline needs it, and says so when used."""
-    code = ("import sys; sys.modules['tensorflow'] = None\n"
-            "import vicregl_jax.train, vicregl_jax.losses, vicregl_jax.data as d\n"
-            "d.to_global_batch\n"
-            "try:\n    d.make_pretrain_iterator\nexcept ImportError:\n    print('pipeline needs tensorflow')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT, env=worker_env())
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "import vicregl_jax.train, vicregl_jax.losses, vicregl_jax.data as d\n"
+        "d.to_global_batch\n"
+        "try:\n    d.make_pretrain_iterator\nexcept ImportError:\n    print('pipeline needs tensorflow')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env()
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "pipeline needs tensorflow"
 
@@ -408,8 +495,13 @@ def test_knn_monitor_during_pretraining_matches_the_knn_evaluation(data_dir, tmp
     the checkpoint of the same step. An unlabelled kNN dataset fails before training."""
     from vicregl_jax.evaluate import knn
 
-    knn_keys = {"eval.dataset": "vicregl_digits", "eval.split": "test", "eval.image_size": 64,
-                "eval.resize_size": 64, "eval.batch_size": 128}
+    knn_keys = {
+        "eval.dataset": "vicregl_digits",
+        "eval.split": "test",
+        "eval.image_size": 64,
+        "eval.resize_size": 64,
+        "eval.batch_size": 128,
+    }
     # 76 photos / batch 16 = 4 steps per epoch: a kNN every 2 steps.
     config = tiny_config(data_dir, {"knn_every_epochs": 0.5, **knn_keys})
     train.train_and_evaluate(config, tmp_path, stop_after_steps=2)
@@ -421,8 +513,9 @@ def test_knn_monitor_during_pretraining_matches_the_knn_evaluation(data_dir, tmp
     assert monitored[0]["knn_top1"] == pytest.approx(standalone["top1"], abs=0.35)  # one image of 299 at most
     assert monitored[0]["knn_top5"] == pytest.approx(standalone["top5"], abs=0.35)
     with pytest.raises(ValueError, match=r"kNN needs labels.*'vicregl_photos'.*eval\.dataset"):
-        train.train_and_evaluate(tiny_config(data_dir, {"knn_every_epochs": 1.0, "eval.split": "train"}),
-                                 tmp_path / "unlabelled")
+        train.train_and_evaluate(
+            tiny_config(data_dir, {"knn_every_epochs": 1.0, "eval.split": "train"}), tmp_path / "unlabelled"
+        )
 
 
 STEPS = {"checkpoint.every_steps": 1}  # a checkpoint at every step
@@ -438,9 +531,11 @@ def test_update_to_nan_with_a_finite_loss_is_not_kept(data_dir, trained, tmp_pat
     The run stops at step 4 and every checkpoint it keeps is finite."""
     workdir = copy_of(trained, tmp_path)
     config = tiny_config(data_dir, {**STEPS, "optim.base_lr": 1e41, "allow_config_change": True})
-    with pytest.raises(train.NonFiniteLossError,
-                       match=r"update gave NaN or Inf parameters.*\(loss [0-9.]+\) at step 4: stopping.*"
-                             r"last good checkpoint is step 3"):
+    with pytest.raises(
+        train.NonFiniteLossError,
+        match=r"update gave NaN or Inf parameters.*\(loss [0-9.]+\) at step 4: stopping.*"
+        r"last good checkpoint is step 3",
+    ):
         train.train_and_evaluate(config, workdir, stop_after_steps=2)
     assert steps_on_disk(workdir) == [1, 2, 3]
     for step in (1, 2, 3):
@@ -448,6 +543,7 @@ def test_update_to_nan_with_a_finite_loss_is_not_kept(data_dir, trained, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------
+
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
     """Rows written before an interruption for steps past the checkpoint are replayed after

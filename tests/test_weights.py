@@ -4,6 +4,7 @@ The release's folder is played by a loopback HTTP server (http.server in a threa
 requests) serving files written by torch in the release's layouts from tiny architectures:
 a plain backbone state_dict and a full checkpoint {"epoch", "model": module.*, "optimizer"}.
 """
+
 import hashlib
 import http.server
 import io
@@ -24,14 +25,8 @@ import torch
 from flax import nnx
 from PIL import Image
 from tiny import tiny_config
-from torch_reference import (
-    TORCH_BACKBONES,
-    DataParallelLike,
-    TorchVICRegL,
-    nchw,
-    randomize_torch_,
-)
 
+from references.torch_modules import TORCH_BACKBONES, DataParallelLike, TorchVICRegL, nchw, randomize_torch_
 from vicregl_jax import build, download, models, sharding
 from vicregl_jax import extract as features_lib
 from vicregl_jax import weights as weights_lib
@@ -98,17 +93,23 @@ def release():
     references = {}
     with torch.no_grad():
         for seed, (name, (arch, alpha)) in enumerate(NAMES.items()):
-            net = DataParallelLike(TorchVICRegL(TORCH_BACKBONES[arch](), models.feature_dim(arch),
-                                                models.backbone_norm(arch), alpha=alpha, **HEADS))
+            net = DataParallelLike(
+                TorchVICRegL(
+                    TORCH_BACKBONES[arch](), models.feature_dim(arch), models.backbone_norm(arch), alpha=alpha, **HEADS
+                )
+            )
             randomize_torch_(net, seed=seed + 3)
             net.eval()
             references[name] = net.module
             server.files[f"{name}.pth"] = _pth_bytes(net.module.backbone.state_dict())
             server.files[f"{name}_fullckpt.pth"] = _pth_bytes(
-                {"epoch": 100, "model": net.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}})
+                {"epoch": 100, "model": net.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}
+            )
     base = "https://dl.fbaipublicfiles.com/vicregl/"
-    entries = {name: weights_lib.Release(name, arch, alpha, f"{base}{name}.pth", f"{base}{name}_fullckpt.pth")
-               for name, (arch, alpha) in NAMES.items()}
+    entries = {
+        name: weights_lib.Release(name, arch, alpha, f"{base}{name}.pth", f"{base}{name}_fullckpt.pth")
+        for name, (arch, alpha) in NAMES.items()
+    }
     saved = dict(weights_lib.RELEASES)
     weights_lib.RELEASES.update(entries)
     yield server, references
@@ -137,8 +138,10 @@ def loaded(release, tmp_path_factory):
     server, _ = release
     folder = str(tmp_path_factory.mktemp("shared_cache"))
     server.requests.clear()
-    out = {name: weights_lib.load(name, cache=folder, base_url=server.url, progress=False)
-           for name in ("resnet_test_alpha0.9", "convnext_test_alpha0.75_fullckpt")}
+    out = {
+        name: weights_lib.load(name, cache=folder, base_url=server.url, progress=False)
+        for name in ("resnet_test_alpha0.9", "convnext_test_alpha0.75_fullckpt")
+    }
     return folder, out, list(server.requests)
 
 
@@ -190,16 +193,21 @@ def test_first_download_is_recorded_then_the_cache_serves_without_a_request(rele
     assert isinstance(backbone, models.ResNet)  # a backbone file holds the backbone alone
     assert (config.model.arch, config.loss.alpha) == ("resnet_test", 0.9)
     model, config = out["convnext_test_alpha0.75_fullckpt"]
-    assert (model.arch, model.alpha, config.model.mlp, config.model.maps_mlp) == ("convnext_test", 0.75, "32-32-16",
-                                                                                   "24-24-8")
+    assert (model.arch, model.alpha, config.model.mlp, config.model.maps_mlp) == (
+        "convnext_test",
+        0.75,
+        "32-32-16",
+        "24-24-8",
+    )
     assert os.path.exists(os.path.join(folder, "converted", "convnext_test_alpha0.75_fullckpt", "config.json"))
 
     # Cached and converted: no request, the same weights (torch.hub's spelling of the name too).
     again, _ = weights_lib.load("release:resnet_test_alpha0p9", cache=folder, base_url=server.url)
     assert server.requests == []
     images = _images(0)
-    np.testing.assert_array_equal(np.asarray(features_lib.features(again, images).maps),
-                                  np.asarray(features_lib.features(backbone, images).maps))
+    np.testing.assert_array_equal(
+        np.asarray(features_lib.features(again, images).maps), np.asarray(features_lib.features(backbone, images).maps)
+    )
 
 
 def test_a_truncated_download_resumes_with_a_range_request(release, cache):
@@ -292,13 +300,15 @@ def _read_only(folder, on: bool):
     """Makes a folder tree read-only (or writable again); as root, where modes do not bind, with
     the immutable attribute. Returns whether it worked."""
     if os.geteuid() != 0:
-        for root, dirs, files in os.walk(folder):
+        for root, _, files in os.walk(folder):
             for entry in [root] + [os.path.join(root, f) for f in files]:
                 os.chmod(entry, (0o555 if os.path.isdir(entry) else 0o444) if on else 0o755)
         return True
     flag = "+i" if on else "-i"
-    return shutil.which("chattr") is not None and subprocess.run(
-        ["chattr", "-R", flag, str(folder)], capture_output=True, check=False).returncode == 0
+    return (
+        shutil.which("chattr") is not None
+        and subprocess.run(["chattr", "-R", flag, str(folder)], capture_output=True, check=False).returncode == 0
+    )
 
 
 def test_a_read_only_cache_loads_what_it_holds_and_names_what_it_cannot_write(release, loaded, tmp_path):
@@ -314,8 +324,10 @@ def test_a_read_only_cache_loads_what_it_holds_and_names_what_it_cannot_write(re
         backbone, _ = weights_lib.load("resnet_test_alpha0.9", cache=folder, base_url=server.url)
         assert server.requests == []
         images = _images(1)
-        np.testing.assert_array_equal(np.asarray(features_lib.features(backbone, images).pooled),
-                                      np.asarray(features_lib.features(out["resnet_test_alpha0.9"][0], images).pooled))
+        np.testing.assert_array_equal(
+            np.asarray(features_lib.features(backbone, images).pooled),
+            np.asarray(features_lib.features(out["resnet_test_alpha0.9"][0], images).pooled),
+        )
         with pytest.raises(download.DownloadError) as error:
             weights_lib.load("convnext_test_alpha0.75", cache=str(empty), base_url=server.url)
         assert "\n" not in str(error.value) and f"cannot create the cache folder {empty / 'files'}" in str(error.value)
@@ -355,8 +367,9 @@ def test_features_equal_the_release_networks_and_the_evaluations(release, shared
         # The evaluations' feature function, on the images their input pipeline normalises.
         normalised = augment.normalise(tf.cast(images, tf.float32) / 255.0, EVAL.mean, EVAL.std).numpy()
         batch = jax.device_put(np.concatenate([normalised] * 8)[:8], sharding.batch_sharding(sharding.make_mesh()))
-        backbone, _ = common.load_backbone(tiny_config("unused", {"model.arch": model.arch if heads else
-                                                                  "resnet_test"}), None, f"release:{name}")
+        backbone, _ = common.load_backbone(
+            tiny_config("unused", {"model.arch": model.arch if heads else "resnet_test"}), None, f"release:{name}"
+        )
         eval_maps, eval_pooled = common.make_feature_fn(backbone, sharding.make_mesh())(batch)
         # TensorFlow's normalisation and XLA's differ by an ulp here and there: the same
         # function of the same weights, within float32 rounding.
@@ -366,7 +379,10 @@ def test_features_equal_the_release_networks_and_the_evaluations(release, shared
         _close(np.asarray(eval_maps)[:5].reshape(got.maps.shape), np.asarray(got.maps), tol=1e-5)
     assert server.requests == []
     assert (features_lib.EVAL_MEAN, features_lib.EVAL_STD, features_lib.EVAL_INTERPOLATION) == (
-        EVAL.mean, EVAL.std, EVAL.interpolation)
+        EVAL.mean,
+        EVAL.std,
+        EVAL.interpolation,
+    )
 
 
 def test_resize_crop_and_cell_locations(loaded):
@@ -383,7 +399,7 @@ def test_resize_crop_and_cell_locations(loaded):
         size = (64, int(64 * w / h)) if h <= w else (int(64 * h / w), 64)
         resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
         top, left = round((size[0] - 64) / 2), round((size[1] - 64) / 2)
-        np.testing.assert_array_equal(got, resized[top:top + 64, left:left + 64])
+        np.testing.assert_array_equal(got, resized[top : top + 64, left : left + 64])
     result = features_lib.features(backbone, [wide, tall], resize=64, crop=64)
     # wide: resized to 64 x 96, crop from column 16 = 25 original pixels, 100 x 100 of them
     np.testing.assert_allclose(result.locations[0], [[[25, 50], [25, 100]], [[75, 50], [75, 100]]], rtol=1e-6)
@@ -430,7 +446,8 @@ def test_release_names_as_init_weights_and_evaluation_weights(release, shared):
         build.check_init_weights(tiny_config("unused", {"model.init_weights": "release:resnet50_alpha0.9"}))
     build.check_init_weights(config)  # downloads the full checkpoint
     assert weights_lib.resolve("release:resnet_test_alpha0.9_fullckpt", as_file=True) == os.path.join(
-        folder, "files", "resnet_test_alpha0.9_fullckpt.pth")
+        folder, "files", "resnet_test_alpha0.9_fullckpt.pth"
+    )
     assert weights_lib.resolve("runs/x") == "runs/x"
     backbone, description = common.load_backbone(config, None, "release:convnext_test_alpha0.75_fullckpt")
     assert description == "convnext_test from the release's convnext_test_alpha0.75_fullckpt.pth"

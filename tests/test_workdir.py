@@ -18,8 +18,16 @@ from vicregl_jax import workdir as workdir_lib
 
 def write_lock(workdir, **fields):
     os.makedirs(workdir, exist_ok=True)
-    info = {"host": socket.gethostname(), "boot_id": workdir_lib._boot_id(), "pid": os.getpid(), "token": "other",
-            "started": time.time(), "beat": 0, "heartbeat": time.time(), **fields}
+    info = {
+        "host": socket.gethostname(),
+        "boot_id": workdir_lib._boot_id(),
+        "pid": os.getpid(),
+        "token": "other",
+        "started": time.time(),
+        "beat": 0,
+        "heartbeat": time.time(),
+        **fields,
+    }
     (workdir / workdir_lib.LOCK_NAME).write_text(json.dumps(info))
     return info
 
@@ -27,8 +35,11 @@ def write_lock(workdir, **fields):
 def test_workdir_lock(data_dir, tmp_path, monkeypatch, caplog):
     # A live run on this host holds it: refused at once, naming the holder.
     write_lock(tmp_path / "live")
-    with pytest.raises(workdir_lib.WorkdirLockedError, match=rf"live is in use by another run \(host "
-                       rf"{socket.gethostname()}, pid {os.getpid()} .*delete .*run.lock"):
+    with pytest.raises(
+        workdir_lib.WorkdirLockedError,
+        match=rf"live is in use by another run \(host "
+        rf"{socket.gethostname()}, pid {os.getpid()} .*delete .*run.lock",
+    ):
         train.train_and_evaluate(tiny_config(data_dir), tmp_path / "live")
     assert not (tmp_path / "live" / "config.json").exists()
     # Its pid is gone: stale, taken over with a warning, removed on release.
@@ -76,8 +87,6 @@ def test_workdir_lock(data_dir, tmp_path, monkeypatch, caplog):
     # Processes other than 0 do not take it.
     workdir_lib.WorkdirLock(tmp_path / "other", holder_only=False).acquire().release()
     assert not (tmp_path / "other" / "run.lock").exists()
-
-
 
 
 def test_workdir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Runs the tiny pre-training config in its own process (multi-host and signal tests).
 
-    python tests/train_worker.py WORKDIR DATA_DIR --devices 4 --process_id 0 --num_processes 2 --port 12345
+python tests/train_worker.py WORKDIR DATA_DIR --devices 4 --process_id 0 --num_processes 2 --port 12345
 """
+
 import argparse
 import json
 import os
@@ -30,6 +31,7 @@ if args.num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
 from tiny import tiny_config  # noqa: E402
+
 from vicregl_jax import train  # noqa: E402
 
 if args.fail_reads:  # faked at the boundary: the storage under this host times out on every read

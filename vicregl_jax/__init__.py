@@ -1,7 +1,7 @@
 """vicregl_jax: VICRegL (Bardes, Ponce, LeCun 2022) in JAX/Flax.
 
-    model, config = vicregl_jax.load("resnet50_alpha0.9")   # the release's weights, by name
-    out = vicregl_jax.features(model, images)               # global and dense features
+model, config = vicregl_jax.load("resnet50_alpha0.9")   # the release's weights, by name
+out = vicregl_jax.features(model, images)               # global and dense features
 """
 
 import importlib

@@ -32,8 +32,15 @@ from vicregl_jax.evaluate import segment_settings
 from vicregl_jax.model_config import MODEL_KEYS, abstract_model, create_model, model_meta, split_model
 
 # What each mode of main.py runs, for the checks: the demo pre-trains and evaluates.
-MODES = {"pretrain": ("pretrain",), "knn": ("knn",), "linear": ("linear",), "segment": ("segment",),
-         "correspond": ("correspond",), "export": (), "demo": ("pretrain", "knn", "linear", "correspond")}
+MODES = {
+    "pretrain": ("pretrain",),
+    "knn": ("knn",),
+    "linear": ("linear",),
+    "segment": ("segment",),
+    "correspond": ("correspond",),
+    "export": (),
+    "demo": ("pretrain", "knn", "linear", "correspond"),
+}
 
 
 def loss_config(config) -> losses.LossConfig:
@@ -43,22 +50,30 @@ def loss_config(config) -> losses.LossConfig:
 
 def crop_groups(config) -> list:
     """Returns the pipeline's crop groups (data.CropGroup validates each) from config.data.crops."""
-    return [data_lib.CropGroup(size=int(s), count=int(n), scale=(float(lo), float(hi)))
-            for s, n, lo, hi in config.data.crops]
+    return [
+        data_lib.CropGroup(size=int(s), count=int(n), scale=(float(lo), float(hi)))
+        for s, n, lo, hi in config.data.crops
+    ]
 
 
-def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+def make_optimizer(
+    config, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
     """Returns (learning-rate schedule, optax optimiser) of the release's recipe."""
     warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
     schedule = optim.learning_rate_schedule(
-        base_lr=config.optim.base_lr, batch_size=config.batch_size, total_steps=total_steps,
-        warmup_steps=warmup, end_lr_ratio=config.optim.end_lr_ratio,
+        base_lr=config.optim.base_lr,
+        batch_size=config.batch_size,
+        total_steps=total_steps,
+        warmup_steps=warmup,
+        end_lr_ratio=config.optim.end_lr_ratio,
     )
     return schedule, optim.make_optimizer(config.optim.name, schedule, weight_decay=config.optim.weight_decay)
 
 
-def check_config(config, *modes: str, workdir=None, num_devices: int | None = None,
-                 process_count: int | None = None) -> None:
+def check_config(
+    config, *modes: str, workdir=None, num_devices: int | None = None, process_count: int | None = None
+) -> None:
     """Raises ValueError (FileNotFoundError for a missing file), naming the key and the fix,
     for any value the modes (main.py's; "pretrain" when none is given) cannot use, and for a
     workdir that cannot be written: the one check of a run, before anything is touched."""
@@ -72,7 +87,9 @@ def check_config(config, *modes: str, workdir=None, num_devices: int | None = No
     if "pretrain" in parts:
         num_devices = num_devices or sharding.make_mesh(config.mesh.num_devices).size
         _check_pretraining(config, num_devices, jax.process_count() if process_count is None else process_count)
-    abstract_model(config.model, config.loss.alpha, config.seed)  # the model's own checks: heads, dtype, ConvNeXt options
+    abstract_model(
+        config.model, config.loss.alpha, config.seed
+    )  # the model's own checks: heads, dtype, ConvNeXt options
     try:
         read = data_lib.ReadOptions.from_config(config.data)
     except ValueError as e:
@@ -80,12 +97,14 @@ def check_config(config, *modes: str, workdir=None, num_devices: int | None = No
     if "pretrain" in parts and config.data.service and read.resize != "tensorflow":
         raise ValueError(
             f"config.data.resize={read.resize!r} with config.data.service={config.data.service!r}: the tf.data "
-            "service's workers run TensorFlow ops only; set --config.data.resize=tensorflow with the service.")
+            "service's workers run TensorFlow ops only; set --config.data.resize=tensorflow with the service."
+        )
     if "linear" in parts and config.eval.linear.mode not in ("protocol", "fast"):
         raise ValueError(f"config.eval.linear.mode={config.eval.linear.mode!r}; use 'protocol' or 'fast'.")
     if "segment" in parts:
-        segment_settings.settings_from_config(config.eval.segment, segment_settings.arch_family(config.model.arch),
-                                              arch=config.model.arch)
+        segment_settings.settings_from_config(
+            config.eval.segment, segment_settings.arch_family(config.model.arch), arch=config.model.arch
+        )
     knn = "knn" in parts or ("pretrain" in parts and config.knn_every_epochs)
     if knn or "linear" in parts:  # the same dataset and splits for both
         _check_labelled(config, "kNN" if knn else "Linear evaluation")
@@ -107,7 +126,8 @@ def _check_labelled(config, task: str) -> None:
         if source.num_classes == 0:
             raise ValueError(
                 f"{task} needs labels, and the dataset {dataset!r} ({split}) has none: set --config.eval.dataset "
-                "to a labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo).")
+                "to a labelled dataset (e.g. imagenet2012, or vicregl_digits for the demo)."
+            )
 
 
 def schedule_length(config, num_examples: int) -> tuple[int, int]:
@@ -121,9 +141,16 @@ def pretrain_iterator(config, start_step: int):
     """Returns this host's pre-training batches from start_step on (a seek, not a replay),
     made by the tf.data service at config.data.service when one is given."""
     return data_lib.make_pretrain_iterator(
-        config.data.dataset, config.data.split, groups=crop_groups(config), global_batch_size=config.batch_size,
-        seed=config.seed, stride=models.backbone_stride(config.model.arch), flip_grid=config.data.flip_grid,
-        with_labels=True, start_step=start_step, read=data_lib.ReadOptions.from_config(config.data),
+        config.data.dataset,
+        config.data.split,
+        groups=crop_groups(config),
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        stride=models.backbone_stride(config.model.arch),
+        flip_grid=config.data.flip_grid,
+        with_labels=True,
+        start_step=start_step,
+        read=data_lib.ReadOptions.from_config(config.data),
         service=config.data.service,
     )
 
@@ -177,12 +204,15 @@ def _check_init_weights(config) -> None:
         return
     if release.is_release_file(path):
         if not workdir_lib.absolute(path).exists():
-            raise FileNotFoundError(f"config.model.init_weights={path!r} does not exist: give an existing "
-                                    f"{' / '.join(torch_io.TORCH_SUFFIXES)} file or a workdir.")
+            raise FileNotFoundError(
+                f"config.model.init_weights={path!r} does not exist: give an existing "
+                f"{' / '.join(torch_io.TORCH_SUFFIXES)} file or a workdir."
+            )
     elif not workdir_lib.is_workdir(path):
         raise FileNotFoundError(
             f"config.model.init_weights={path!r} is neither a weights file ({', '.join(torch_io.TORCH_SUFFIXES)}) "
-            "nor a workdir with a config.json: check the path.")
+            "nor a workdir with a config.json: check the path."
+        )
 
 
 def check_resume(config, workdir, step: int) -> None:
@@ -190,13 +220,14 @@ def check_resume(config, workdir, step: int) -> None:
     computes (config.RESUME_KEYS) and config.allow_config_change is off; with it on, logs the
     changes and writes config as config.<step>.json beside the earlier ones."""
     if config.total_steps is not None and config.total_steps < step:
-        raise ValueError(f"config.total_steps={config.total_steps} is below the step {workdir_lib.absolute(workdir)} "
-                         f"is at ({step}): give a total of {step} or more, or use another --workdir.")
+        raise ValueError(
+            f"config.total_steps={config.total_steps} is below the step {workdir_lib.absolute(workdir)} "
+            f"is at ({step}): give a total of {step} or more, or use another --workdir."
+        )
     if not workdir_lib.is_workdir(workdir):
         return  # checkpoints without config.json: nothing to compare with
     # The keys that define the state's shapes are the checkpoint's to refuse, with its own message.
-    changes = config_lib.resume_changes(workdir_lib.load_config(workdir, step), config,
-                                        ignore=MODEL_KEYS)
+    changes = config_lib.resume_changes(workdir_lib.load_config(workdir, step), config, ignore=MODEL_KEYS)
     if not changes:
         return
     listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
@@ -204,7 +235,8 @@ def check_resume(config, workdir, step: int) -> None:
         raise ValueError(
             f"Resuming {workdir_lib.absolute(workdir)} at step {step} with another config ({listed}) would change "
             "what the run computes: run with the config it was started with (config.json), use another "
-            "--workdir, or pass --config.allow_config_change=True to go on with the new one.")
+            "--workdir, or pass --config.allow_config_change=True to go on with the new one."
+        )
     path = workdir_lib.save_resume_config(workdir, config, step)
     logging.warning("Resuming at step %d with config changes (%s); the new config is %s.", step, listed, path)
     print(f"Config changed on resume at step {step}: {listed} (written to {path}).", flush=True)
@@ -217,7 +249,8 @@ def _check_classes(config, iterator) -> None:
         raise ValueError(
             f"config.model.num_classes={config.model.num_classes} but the dataset {config.data.dataset!r} has "
             f"{iterator.num_classes} classes (labels 0..{iterator.num_classes - 1}): set "
-            f"--config.model.num_classes={iterator.num_classes}.")
+            f"--config.model.num_classes={iterator.num_classes}."
+        )
 
 
 def build_run(config, workdir) -> Run:
@@ -245,8 +278,10 @@ def _build(config, workdir, mesh, checkpointer, latest) -> Run:
         _check_classes(config, iterator)
         steps_per_epoch, total = schedule_length(config, config.data.num_examples or iterator.num_examples)
         if total < start:
-            raise ValueError(f"config.epochs={config.epochs} gives {total} steps, below the step "
-                             f"{workdir_lib.absolute(workdir)} is at ({start}): give more epochs or another --workdir.")
+            raise ValueError(
+                f"config.epochs={config.epochs} gives {total} steps, below the step "
+                f"{workdir_lib.absolute(workdir)} is at ({start}): give more epochs or another --workdir."
+            )
         schedule, tx = make_optimizer(config, steps_per_epoch, total)
         graphdef, rest, state, shardings = init_train_state(config, tx, mesh)
         skipped = []
@@ -258,14 +293,31 @@ def _build(config, workdir, mesh, checkpointer, latest) -> Run:
         else:
             if config.model.init_weights:
                 params, batch_stats, description = release.initial_weights(
-                    weights_lib.resolve(config.model.init_weights, as_file=True), config, state.params, state.batch_stats)
+                    weights_lib.resolve(config.model.init_weights, as_file=True),
+                    config,
+                    state.params,
+                    state.batch_stats,
+                )
                 state = TrainState(state.step, params, batch_stats, state.opt_state)
                 logging.info("Initial weights from %s", description)
             workdir_lib.save_config(workdir, config)
     except BaseException:
         iterator.close()
         raise
-    return Run(mesh=mesh, iterator=iterator, loss=loss_config(config), schedule=schedule, tx=tx,
-               graphdef=graphdef, random_streams=rest, state=state, shardings=shardings,
-               checkpointer=checkpointer, start_step=start, total_steps=total,
-               steps_per_epoch=steps_per_epoch, resumed=latest is not None, skipped=skipped)
+    return Run(
+        mesh=mesh,
+        iterator=iterator,
+        loss=loss_config(config),
+        schedule=schedule,
+        tx=tx,
+        graphdef=graphdef,
+        random_streams=rest,
+        state=state,
+        shardings=shardings,
+        checkpointer=checkpointer,
+        start_step=start,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        resumed=latest is not None,
+        skipped=skipped,
+    )

@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 
 from vicregl_jax.workdir import absolute
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -131,8 +132,10 @@ def checksums(tree) -> tuple[dict[str, str], list[str]]:
         return {}, []
     names = [_leaf_name(path) for path, _ in flat]
     sums, finite = jax.device_get(_digest_leaves([leaf for _, leaf in flat]))
-    return ({name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(names, sums)},
-            [name for name, ok in zip(names, finite) if not ok])
+    return (
+        {name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(names, sums)},
+        [name for name, ok in zip(names, finite) if not ok],
+    )
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -141,7 +144,7 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     if isinstance(error, DamagedCheckpointError):
         return text
     text = text.split(" See full TensorStore details")[0]  # a repr of a bound method follows
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -165,9 +168,9 @@ class _KeepVerified:
 # The error of a checkpoint written under other settings, by the kind of its folder.
 MISMATCH = {
     "checkpoints": "The checkpoint at {where} was written for another model ({listed}). Use a new --workdir "
-                   "for this config, or run with the config that wrote it.",
+    "for this config, or run with the config that wrote it.",
     "head": "The head checkpoint at {where} was written by another evaluation ({listed}): delete that folder "
-            "or evaluate under another name.",
+    "or evaluate under another name.",
 }
 
 
@@ -182,8 +185,17 @@ class Checkpointer:
     whose meta differs in one of these keys is refused, naming the key.
     """
 
-    def __init__(self, workdir, meta: dict, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
-                 folder: str = "checkpoints", items: Sequence[str] = ("model", "train")):
+    def __init__(
+        self,
+        workdir,
+        meta: dict,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+        folder: str = "checkpoints",
+        items: Sequence[str] = ("model", "train"),
+    ):
         self.workdir = absolute(workdir)
         self.directory = self.workdir / folder
         self.damaged = self.workdir / DAMAGED_DIR / ("" if folder == "checkpoints" else folder)
@@ -191,11 +203,17 @@ class Checkpointer:
         self.meta = json.loads(json.dumps(meta))  # as JSON gives it back: tuples -> lists
         self.read_only = read_only
         self.verified = _KeepVerified()
-        policy = None if read_only else ocp.checkpoint_managers.AnyPreservationPolicy(
-            [ocp.checkpoint_managers.LatestN(n=keep), self.verified])
+        policy = (
+            None
+            if read_only
+            else ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(n=keep), self.verified])
+        )
         options = ocp.CheckpointManagerOptions(
-            create=not read_only, enable_async_checkpointing=async_save, read_only=read_only,
-            preservation_policy=policy, **({"save_interval_steps": 0} if read_only else {}),
+            create=not read_only,
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            preservation_policy=policy,
+            **({"save_interval_steps": 0} if read_only else {}),
         )
         handlers = {**{name: ocp.StandardCheckpointHandler() for name in items}, "meta": ocp.JsonCheckpointHandler()}
         # Orbax warns that a read-only directory is read only, on every evaluation: asked for, not news.
@@ -224,18 +242,29 @@ class Checkpointer:
         for name, tree in items.items():
             digests[name], bad = checksums(tree)
             if bad:
-                raise CheckpointError(f"Not saving step {step} to {self.directory}: {', '.join(bad[:3])} hold NaN "
-                                      "or Inf; the earlier checkpoints are kept.")
+                raise CheckpointError(
+                    f"Not saving step {step} to {self.directory}: {', '.join(bad[:3])} hold NaN "
+                    "or Inf; the earlier checkpoints are kept."
+                )
         meta[CHECKSUMS] = digests
-        self.manager.save(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}, meta=ocp.args.JsonSave(meta),
-        ), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}, meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
 
     def save(self, step: int, state: TrainState) -> None:
         """Starts an asynchronous save of state at step (returns before the write ends), its
         checksums computed first on the devices (one pass over the state)."""
-        self.save_items(step, {"model": {"params": state.params, "batch_stats": state.batch_stats},
-                          "train": {"step": state.step, "opt_state": state.opt_state}})
+        self.save_items(
+            step,
+            {
+                "model": {"params": state.params, "batch_stats": state.batch_stats},
+                "train": {"step": state.step, "opt_state": state.opt_state},
+            },
+        )
 
     def save_model(self, step: int, params, batch_stats) -> None:
         """Saves the model item alone (weights without a training state) at step."""
@@ -273,7 +302,8 @@ class Checkpointer:
         for name, tree in targets.items():  # one at a time, to name the one that fails
             try:
                 restored[name] = self.manager.restore(
-                    step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)}))[name]
+                    step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)})
+                )[name]
             except Exception as error:
                 raise DamagedCheckpointError(f"its {name!r} item does not read ({_first_line(error, 120)})") from error
         return meta, restored
@@ -292,11 +322,14 @@ class Checkpointer:
                 more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
                 return f"the data of {name}/{differ[0]} does not match its checksum{more}"
             if bad:
-                return f"{name}/{bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else "")
+                return f"{name}/{bad[0]} holds NaN or Inf" + (
+                    f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+                )
         return None
 
-    def _newest_verified(self, targets, step: int | None = None, verify: bool = True
-                         ) -> tuple[int, dict, list[tuple[int, str]], dict]:
+    def _newest_verified(
+        self, targets, step: int | None = None, verify: bool = True
+    ) -> tuple[int, dict, list[tuple[int, str]], dict]:
         """Returns (step, {item: tree}, [(skipped step, why)], meta) of the newest checkpoint
         (or of `step`) that restores and verifies (unless not verify); raises CheckpointError
         when none does."""
@@ -317,8 +350,11 @@ class Checkpointer:
                 reason = self._verify(meta, restored)
             if reason is None:
                 if skipped:
-                    logging.warning("Restored %s after skipping %s.", self.directory / str(candidate),
-                                    "; ".join(f"step {s} ({why})" for s, why in skipped))
+                    logging.warning(
+                        "Restored %s after skipping %s.",
+                        self.directory / str(candidate),
+                        "; ".join(f"step {s} ({why})" for s, why in skipped),
+                    )
                 return candidate, restored, skipped, meta
             logging.warning("Skipping the checkpoint %s: %s.", self.directory / str(candidate), reason)
             skipped.append((candidate, reason))
@@ -327,7 +363,8 @@ class Checkpointer:
         listed = "; ".join(f"step {s}: {why}" for s, why in skipped)
         raise CheckpointError(
             f"No checkpoint in {self.directory} restores and verifies ({listed}). Nothing was changed: start "
-            f"a new run with another --workdir, or move {self.directory} aside to start this one again.")
+            f"a new run with another --workdir, or move {self.directory} aside to start this one again."
+        )
 
     def _move_aside(self, steps) -> None:
         """Moves skipped (damaged) step folders to workdir/damaged_checkpoints (process 0), so
@@ -359,9 +396,12 @@ class Checkpointer:
         if steps and not any((self.directory / str(s) / "train").exists() for s in steps):
             raise ValueError(
                 f"{self.directory} holds weights without a training state (converted or exported weights): "
-                f"start a new run from them with --config.model.init_weights={self.workdir} and another --workdir.")
-        targets = {"model": abstract_like({"params": like.params, "batch_stats": like.batch_stats}),
-                   "train": abstract_like({"step": like.step, "opt_state": like.opt_state})}
+                f"start a new run from them with --config.model.init_weights={self.workdir} and another --workdir."
+            )
+        targets = {
+            "model": abstract_like({"params": like.params, "batch_stats": like.batch_stats}),
+            "train": abstract_like({"step": like.step, "opt_state": like.opt_state}),
+        }
         found, restored, skipped, _ = self.restore_items(targets, step)
         model, train = restored["model"], restored["train"]
         return found, TrainState(train["step"], model["params"], model["batch_stats"], train["opt_state"]), skipped
@@ -398,4 +438,3 @@ class Checkpointer:
 def describe_skipped(skipped) -> str:
     """Returns "skipped step 5 (why); ..." for the checkpoints a restore passed over, or ""."""
     return "; ".join(f"skipped step {s} ({why})" for s, why in skipped)
-

@@ -15,16 +15,10 @@ validates the subtree it owns (LossConfig its alpha and matches, the model its a
 and heads, the optimiser its name); `check_values` checks single values no run can use and
 `validate` only the facts that span parts (batch vs devices, crop size vs the backbone's
 stride, matches vs locations). build.check_config runs them, once per run, before anything
-starts.
+starts. Reading a config file and checking `--config.` names: `vicregl_jax.config_files`.
 """
 
 from __future__ import annotations
-
-import ast
-import difflib
-import importlib.util
-import os
-import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -153,7 +147,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.segment.scale = config_dict.placeholder(tuple)  # (long, short) bounds of the test rescale
     c.eval.segment.inference = config_dict.placeholder(str)  # "whole" | "slide"
     c.eval.segment.slide_stride = config_dict.placeholder(tuple)
-    c.eval.segment.eval_batch_size = config_dict.placeholder(int)  # images per evaluation step (a multiple of the devices)
+    c.eval.segment.eval_batch_size = config_dict.placeholder(
+        int
+    )  # images per evaluation step (a multiple of the devices)
     c.eval.segment.checkpoint_every = config_dict.placeholder(int)  # head checkpoints under WORKDIR/segment_head
     c.eval.segment.fast_image_size = config_dict.placeholder(int)
     c.eval.correspond = ml_collections.ConfigDict()
@@ -161,38 +157,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.correspond.crop_size = 224
     c.eval.correspond.scale = (0.3, 1.0)
     return c
-
-
-# Keys of the flat config before it was nested: given on the command line they fail with
-# their new name.
-RENAMED = {
-    "dataset": "data.dataset", "train_split": "data.split", "data_dir": "data.data_dir",
-    "manual_dir": "data.manual_dir", "crops": "data.crops", "flip_grid": "data.flip_grid",
-    "num_train_examples": "data.num_examples",
-    "arch": "model.arch", "mlp": "model.mlp", "maps_mlp": "model.maps_mlp",
-    "num_classes": "model.num_classes", "drop_path_rate": "model.drop_path_rate",
-    "layer_scale_init": "model.layer_scale_init", "compute_dtype": "model.dtype",
-    "init_weights": "model.init_weights",
-    "alpha": "loss.alpha", "inv_coeff": "loss.inv_coeff", "var_coeff": "loss.var_coeff",
-    "cov_coeff": "loss.cov_coeff", "num_matches": "loss.num_matches",
-    "l2_all_matches": "loss.l2_all_matches", "fast_vc_reg": "loss.fast_vc_reg",
-    "optimizer": "optim.name", "base_lr": "optim.base_lr", "end_lr_ratio": "optim.end_lr_ratio",
-    "weight_decay": "optim.weight_decay", "warmup_epochs": "optim.warmup_epochs",
-    "num_devices": "mesh.num_devices", "param_sharding": "mesh.param_sharding",
-    "sharding_rules": "mesh.rules",
-    "checkpoint_every_steps": "checkpoint.every_steps", "keep_checkpoints": "checkpoint.keep",
-    "eval_dataset": "eval.dataset", "eval_train_split": "eval.train_split",
-    "eval_split": "eval.split", "eval_batch_size": "eval.batch_size",
-    "eval_image_size": "eval.image_size", "eval_resize_size": "eval.resize_size",
-    "knn_k": "eval.knn.k", "knn_temperature": "eval.knn.temperature",
-    "linear_mode": "eval.linear.mode", "linear_epochs": "eval.linear.epochs",
-    "linear_lr": "eval.linear.lr", "linear_weight_decay": "eval.linear.weight_decay",
-    "seg_dataset": "eval.segment.dataset", "seg_train_split": "eval.segment.train_split",
-    "seg_eval_split": "eval.segment.split", "seg_steps": "eval.segment.steps",
-    "seg_batch_size": "eval.segment.batch_size", "correspond_pairs": "eval.correspond.pairs",
-    "correspond_crop_size": "eval.correspond.crop_size",
-    "correspond_scale": "eval.correspond.scale",
-}
 
 
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -204,76 +168,6 @@ def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + key)
     return out
-
-
-def unknown_key_message(key: str, config: ml_collections.ConfigDict) -> str:
-    """Returns the one-line error for `--config.<key>` that the config does not have: its new
-    name if it is a key of the flat config of earlier versions, else the closest keys."""
-    if key in RENAMED:
-        return f"config.{key} is now config.{RENAMED[key]}: write --config.{RENAMED[key]}=..."
-    keys = all_keys(config)
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-    close += [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and k not in close]
-    hint = f"did you mean {', '.join('config.' + k for k in close[:3])}?" if close else (
-        f"the sections are {', '.join(sorted(k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)))}")
-    return f"config.{key} is not a config key: {hint}"
-
-
-def check_override_names(argv, config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for the first `--config.<key>=...` in argv that config lacks."""
-    for arg in argv:
-        match = re.match(r"--config\.([\w.]+)(=|$)", arg)
-        if match is None:
-            continue
-        node, key = config, match.group(1)
-        for part in key.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(unknown_key_message(key, config))
-            node = node[part]
-
-
-# --------------------------------------------------------------------------------------------
-# Config files
-# --------------------------------------------------------------------------------------------
-
-
-def parse_variant(arg: str | None, **defaults):
-    """Returns a ConfigDict of a config file's variant argument ("size=b,alpha=0.9") over its
-    defaults; values are Python literals or bare strings, of the default's type."""
-    out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in defaults:
-            raise ValueError(f"config argument {item!r}: write key=value with key one of {sorted(defaults)}")
-        try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            value = text.strip()
-        kind = type(defaults[key])
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config argument {item!r}: {key} takes a {kind.__name__}") from None
-    return out
-
-
-def config_module(path: str):
-    """Returns the module of a config file (configs/*.py): `config_module(path).get_config(arg)`
-    is the config that main.py's `--config=path:arg` gives."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"vicregl_config_{name}", path)
-    if spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is not a config file: pass e.g. configs/r50.py.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load(path_and_arg: str) -> ml_collections.ConfigDict:
-    """Returns the config of "configs/x.py[:arg]", as main.py's --config gives it."""
-    path, _, arg = path_and_arg.partition(":")
-    return config_module(path).get_config(arg or None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,19 +190,30 @@ def check_values(config) -> None:
     """Raises ValueError naming the key for a value that no run can use (a count below 1, a
     negative rate, decay or coefficient); checks nothing that depends on the machine."""
     if config.total_steps is not None and config.total_steps < 1:
-        raise _error("total_steps", config.total_steps,
-                     "must be 1 or more; leave it unset (None) to train for config.epochs.")
+        raise _error(
+            "total_steps", config.total_steps, "must be 1 or more; leave it unset (None) to train for config.epochs."
+        )
     if config.total_steps is None and not config.epochs > 0:
         raise _error("epochs", config.epochs, "must be above 0 (or set config.total_steps).")
     if config.batch_size < 1:
         raise _error("batch_size", config.batch_size, "must be 1 or more (the global batch over all devices).")
     if config.data.num_examples is not None and config.data.num_examples < 1:
-        raise _error("data.num_examples", config.data.num_examples, "must be 1 or more; leave it unset to read it "
-                     "from the dataset.")
+        raise _error(
+            "data.num_examples",
+            config.data.num_examples,
+            "must be 1 or more; leave it unset to read it from the dataset.",
+        )
     if config.mesh.num_devices is not None and config.mesh.num_devices < 1:
         raise _error("mesh.num_devices", config.mesh.num_devices, "must be 1 or more; leave it unset for every device.")
-    for key in ("optim.base_lr", "optim.weight_decay", "optim.end_lr_ratio", "optim.warmup_epochs",
-                "loss.inv_coeff", "loss.var_coeff", "loss.cov_coeff"):
+    for key in (
+        "optim.base_lr",
+        "optim.weight_decay",
+        "optim.end_lr_ratio",
+        "optim.warmup_epochs",
+        "loss.inv_coeff",
+        "loss.var_coeff",
+        "loss.cov_coeff",
+    ):
         value = _get(config, key)
         if value is None or not value >= 0:  # also NaN
             raise _error(key, value, "must be 0 or more.")
@@ -325,38 +230,50 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     """
     check_values(config)
     if not config.data.dataset:
-        raise _error("data.dataset", config.data.dataset,
-                     "give the pre-training data: a TFDS name, or a folder as --config.data.dataset=folder:PATH "
-                     "(e.g. folder:gs://BUCKET/imagenet22k).")
+        raise _error(
+            "data.dataset",
+            config.data.dataset,
+            "give the pre-training data: a TFDS name, or a folder as --config.data.dataset=folder:PATH "
+            "(e.g. folder:gs://BUCKET/imagenet22k).",
+        )
     if config.model.arch not in models.ARCHITECTURES:
-        raise _error("model.arch", config.model.arch,
-                     f"unknown architecture; use one of {', '.join(models.ARCHITECTURES)}.")
+        raise _error(
+            "model.arch", config.model.arch, f"unknown architecture; use one of {', '.join(models.ARCHITECTURES)}."
+        )
     accum = config.grad_accum_steps
     if accum < 1:
         raise _error("grad_accum_steps", accum, "must be 1 or more.")
     if config.batch_size % (num_devices * accum):
         raise _error(
-            "batch_size", config.batch_size,
+            "batch_size",
+            config.batch_size,
             f"must be divisible by the number of devices ({num_devices}) times grad_accum_steps ({accum}); "
             f"use a multiple of {num_devices * accum}.",
         )
     if config.batch_size % process_count:
         raise _error("batch_size", config.batch_size, f"must be divisible by the number of hosts ({process_count}).")
     if config.batch_size // accum < 2:
-        raise _error("batch_size", config.batch_size,
-                     "the variance over a batch of 1 is undefined; use 2 or more per micro-batch.")
+        raise _error(
+            "batch_size",
+            config.batch_size,
+            "the variance over a batch of 1 is undefined; use 2 or more per micro-batch.",
+        )
 
     crops = [tuple(g) for g in config.data.crops]
     if not crops or any(len(g) != 4 for g in crops):
-        raise _error("data.crops", config.data.crops,
-                     "give (size, count, min_scale, max_scale) per group, e.g. ((224, 2, 0.08, 1.0),).")
+        raise _error(
+            "data.crops",
+            config.data.crops,
+            "give (size, count, min_scale, max_scale) per group, e.g. ((224, 2, 0.08, 1.0),).",
+        )
     if crops[0][1] < 2:
         raise _error("data.crops", config.data.crops, "the first group needs at least 2 views (the two large crops).")
     stride = models.backbone_stride(config.model.arch)
-    for size, count, lo, hi in crops:
+    for size, _count, _lo, _hi in crops:
         if size % stride or size < stride:
             raise _error(
-                "data.crops", config.data.crops,
+                "data.crops",
+                config.data.crops,
                 f"crop size {size} does not give a whole grid for {config.model.arch} (stride {stride}); "
                 f"use a multiple of {stride}, e.g. {max(stride, round(size / stride) * stride)}.",
             )
@@ -366,14 +283,17 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         nm = tuple(config.loss.num_matches)
         if len(nm) != 2 or min(nm) < 1 or nm[0] > large or nm[1] > smallest:
             raise _error(
-                "loss.num_matches", nm,
+                "loss.num_matches",
+                nm,
                 f"the large views have {large} locations and the smallest {smallest}: use two positive "
                 f"counts of at most ({large}, {smallest}).",
             )
     if config.total_steps is None and config.epochs <= config.optim.warmup_epochs:
         raise _error("optim.warmup_epochs", config.optim.warmup_epochs, f"must be below epochs ({config.epochs}).")
     if config.knn_every_epochs < 0:
-        raise _error("knn_every_epochs", config.knn_every_epochs, "use 0 (no kNN monitor) or a positive number of epochs.")
+        raise _error(
+            "knn_every_epochs", config.knn_every_epochs, "use 0 (no kNN monitor) or a positive number of epochs."
+        )
     for key in ("log_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
         value = _get(config, key)
         if value < 1:
@@ -389,8 +309,21 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
 # the state's shapes are refused by the checkpoint itself, whatever this flag says.
 # Everything else (logging, checkpoint cadence, devices and sharding, data locations, the
 # evaluations) may change between a run and its resumption.
-RESUME_KEYS = ("seed", "batch_size", "epochs", "total_steps", "grad_accum_steps", "data.dataset", "data.split",
-               "data.crops", "data.flip_grid", "data.num_examples", "model", "loss", "optim")
+RESUME_KEYS = (
+    "seed",
+    "batch_size",
+    "epochs",
+    "total_steps",
+    "grad_accum_steps",
+    "data.dataset",
+    "data.split",
+    "data.crops",
+    "data.flip_grid",
+    "data.num_examples",
+    "model",
+    "loss",
+    "optim",
+)
 RESUME_FREE_KEYS = ("model.init_weights",)  # read only when a run starts
 
 
@@ -400,13 +333,18 @@ def _normalised(value):
     return value
 
 
-def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                   ignore: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+def resume_changes(
+    saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, ignore: tuple[str, ...] = ()
+) -> list[tuple[str, object, object]]:
     """Returns (key, saved value, new value) for every key of RESUME_KEYS (but not of ignore)
     that differs."""
     changes = []
     for key in all_keys(config):
-        if key in RESUME_FREE_KEYS or key in ignore or not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS):
+        if (
+            key in RESUME_FREE_KEYS
+            or key in ignore
+            or not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
+        ):
             continue
         try:
             old = _get(saved, key)

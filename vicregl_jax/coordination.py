@@ -14,7 +14,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 from etils import epath
@@ -80,8 +81,11 @@ def peer_failures(wait_s: float = 0.0) -> dict[int, str]:
             entries = client.key_value_dir_get(FAILURE_PREFIX)
         except Exception:  # noqa: BLE001 - the service itself is unreachable
             return {}
-        found = {int(key.rsplit("/", 1)[-1]): value for key, value in entries
-                 if key.rsplit("/", 1)[-1].isdigit() and int(key.rsplit("/", 1)[-1]) != jax.process_index()}
+        found = {
+            int(key.rsplit("/", 1)[-1]): value
+            for key, value in entries
+            if key.rsplit("/", 1)[-1].isdigit() and int(key.rsplit("/", 1)[-1]) != jax.process_index()
+        }
         if found or time.monotonic() >= deadline:
             return found
         time.sleep(1.0)

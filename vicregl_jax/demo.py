@@ -36,8 +36,10 @@ def _photo_batch(num: int = 3) -> tuple[list[str], np.ndarray, np.ndarray]:
     for name, image in natural_photos()[:num]:
         image = Image.fromarray(np.asarray(image)).convert("RGB")
         scale = PICTURE_SIZE / min(image.size)
-        image = image.resize((max(PICTURE_SIZE, round(image.width * scale)), max(PICTURE_SIZE, round(image.height * scale))),
-                             Image.BICUBIC)
+        image = image.resize(
+            (max(PICTURE_SIZE, round(image.width * scale)), max(PICTURE_SIZE, round(image.height * scale))),
+            Image.BICUBIC,
+        )
         left, top = (image.width - PICTURE_SIZE) // 2, (image.height - PICTURE_SIZE) // 2
         raw.append(np.asarray(image.crop((left, top, left + PICTURE_SIZE, top + PICTURE_SIZE))))
         names.append(name)
@@ -75,8 +77,15 @@ def draw_pictures(config, workdir: str, backbones: dict) -> list[str]:
         maps = np.asarray(maps)
         path = os.path.join(workdir, f"correspondences_{label}.png")
         accuracy = viz.save_correspondence_picture(
-            path, views[0], views[1], maps[0], maps[1], np.asarray(grids[0]), np.asarray(grids[1]),
-            title=f"{label} (B is flipped): green = within one cell")
+            path,
+            views[0],
+            views[1],
+            maps[0],
+            maps[1],
+            np.asarray(grids[0]),
+            np.asarray(grids[1]),
+            title=f"{label} (B is flipped): green = within one cell",
+        )
         paths.append(path)
         print(f"[picture] {path}: {100 * accuracy:.0f}% of the lines correct", flush=True)
     return paths
@@ -113,10 +122,14 @@ def run_demo(config, workdir: str, *, check: bool = True) -> dict:
     beats = {key: results["trained"][key] > results["random"][key] for _, key in rows}
     lines = ["| evaluation | trained | random init | trained better |", "|---|---|---|---|"]
     for title, key in rows:
-        lines.append(f"| {title} | {results['trained'][key]:.1f} | {results['random'][key]:.1f} | "
-                     f"{'yes' if beats[key] else 'NO'} |")
-    lines.append(f"| (correspondence by chance) | {results['trained']['correspond_chance']:.1f} | "
-                 f"{results['random']['correspond_chance']:.1f} | |")
+        lines.append(
+            f"| {title} | {results['trained'][key]:.1f} | {results['random'][key]:.1f} | "
+            f"{'yes' if beats[key] else 'NO'} |"
+        )
+    lines.append(
+        f"| (correspondence by chance) | {results['trained']['correspond_chance']:.1f} | "
+        f"{results['random']['correspond_chance']:.1f} | |"
+    )
     table = "\n".join(lines)
     summary = {"results": results, "trained_beats_random": beats, "pictures": pictures, "exported": exported}
     if jax.process_index() == 0:

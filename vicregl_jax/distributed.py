@@ -50,8 +50,15 @@ _TPU_ACCELERATOR = re.compile(r"^(v\d+[a-z]*|v5litepod)-(\d+)$")
 # JAX devices per unit of the accelerator-type suffix: v2/v3 name TensorCores, one device
 # each; v4/v5p name TensorCores, two per chip joined into one device (megacore); v5e (v5litepod)
 # and v6e name chips, one TensorCore each.
-_TPU_DEVICES_PER_UNIT = {"v2": (1, 1), "v3": (1, 1), "v4": (1, 2), "v5p": (1, 2), "v5litepod": (1, 1),
-                         "v5e": (1, 1), "v6e": (1, 1)}
+_TPU_DEVICES_PER_UNIT = {
+    "v2": (1, 1),
+    "v3": (1, 1),
+    "v4": (1, 2),
+    "v5p": (1, 2),
+    "v5litepod": (1, 1),
+    "v5e": (1, 1),
+    "v6e": (1, 1),
+}
 
 
 class LaunchError(RuntimeError):
@@ -151,7 +158,10 @@ def slurm_local_device_ids() -> tuple[int, ...] | None:
     if node < len(per_node):
         tasks_here = per_node[node]
     else:
-        ntasks, nnodes = _int_env("SLURM_NTASKS") or 1, _int_env("SLURM_STEP_NUM_NODES") or _int_env("SLURM_NNODES") or 1
+        ntasks, nnodes = (
+            _int_env("SLURM_NTASKS") or 1,
+            _int_env("SLURM_STEP_NUM_NODES") or _int_env("SLURM_NNODES") or 1,
+        )
         tasks_here = max(1, ntasks // nnodes)
     if tasks_here == 1:
         return tuple(range(gpus))
@@ -173,7 +183,9 @@ def slurm_expected_devices() -> tuple[int | None, str]:
     if "SLURM_JOB_ID" not in os.environ:
         return None, ""
     nodes = _int_env("SLURM_STEP_NUM_NODES") or _int_env("SLURM_JOB_NUM_NODES") or _int_env("SLURM_NNODES")
-    per_node = _trailing_int(os.environ.get("SLURM_GPUS_PER_NODE")) or _trailing_int(os.environ.get("SLURM_GPUS_ON_NODE"))
+    per_node = _trailing_int(os.environ.get("SLURM_GPUS_PER_NODE")) or _trailing_int(
+        os.environ.get("SLURM_GPUS_ON_NODE")
+    )
     if not nodes or not per_node:
         return None, ""
     return nodes * per_node, f"SLURM: {nodes} node{'s' if nodes > 1 else ''} x {per_node} GPUs"
@@ -208,8 +220,12 @@ def tpu_expected_devices(cluster) -> tuple[int | None, str]:
     return per_slice, f"TPU: {accelerator}"
 
 
-def plan_launch(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
-                process_id: int | None = None) -> Launch:
+def plan_launch(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> Launch:
     """Returns how this process should start (see Launch), from the mode, the flags, the
     JAX_* environment variables and JAX's cluster detection; touches no device.
 
@@ -287,8 +303,9 @@ def plan_launch(mode: str = "auto", coordinator_address: str | None = None, num_
     initialize = mode == "on" or num_processes > 1
     if not initialize:
         return Launch(False, "single", None, 1, 0, local_device_ids, expected, expected_from)
-    return Launch(True, source, coordinator_address, num_processes, process_id, local_device_ids,
-                  expected, expected_from)
+    return Launch(
+        True, source, coordinator_address, num_processes, process_id, local_device_ids, expected, expected_from
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,8 +329,10 @@ def check_device_count(launch: Launch, global_devices: int, local_devices: int, 
     if launch.expected_devices is not None and global_devices != launch.expected_devices:
         hint = ""
         if launch.expected_from.startswith("SLURM"):
-            hint = (" Start one task per node (srun --ntasks-per-node=1, every GPU visible to it) or one "
-                    "task per GPU, and run python under srun, as launch/slurm.sbatch does.")
+            hint = (
+                " Start one task per node (srun --ntasks-per-node=1, every GPU visible to it) or one "
+                "task per GPU, and run python under srun, as launch/slurm.sbatch does."
+            )
         elif launch.expected_from.startswith("TPU"):
             hint = " Start main.py on every worker of the slice (launch/tpu_pod.sh run)."
         raise LaunchError(
@@ -327,13 +346,19 @@ def describe(launch: Launch) -> str:
     """Returns one line saying how this process runs: process, devices, source."""
     ids = "" if launch.local_device_ids is None else f", GPUs {list(launch.local_device_ids)}"
     expected = f"; launcher: {launch.expected_from}" if launch.expected_from else ""
-    return (f"process {jax.process_index()} of {jax.process_count()} ({launch.source}): "
-            f"{jax.local_device_count()} local / {jax.device_count()} global {jax.default_backend()} "
-            f"devices{ids}{expected}")
+    return (
+        f"process {jax.process_index()} of {jax.process_count()} ({launch.source}): "
+        f"{jax.local_device_count()} local / {jax.device_count()} global {jax.default_backend()} "
+        f"devices{ids}{expected}"
+    )
 
 
-def start(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
-          process_id: int | None = None) -> Launch:
+def start(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> Launch:
     """Initialises jax.distributed when this run spans several processes (see plan_launch),
     prints what it found, checks the device count, and returns the Launch."""
     launch = plan_launch(mode, coordinator_address, num_processes, process_id)

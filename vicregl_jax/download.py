@@ -12,6 +12,7 @@ download whose sha256 differs from the record (the file changed on the server si
 refused with nothing in the cache replaced. Every failure is one line that names the
 address and where to put the file by hand.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,16 @@ def _attempt(url: str, part: str, *, progress: bool, timeout: float) -> tuple[in
         if response.status != 206:
             have = 0  # the server ignored the Range: start again
         total = _total_size(response, have)
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=os.path.basename(part[:-len(".part")]), disable=not progress, leave=False)
+        bar = tqdm(
+            total=total,
+            initial=have,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=os.path.basename(part[: -len(".part")]),
+            disable=not progress,
+            leave=False,
+        )
         with open(part, "ab" if have else "wb") as f, bar:
             while chunk := response.read(CHUNK):
                 f.write(chunk)
@@ -115,8 +124,10 @@ def download(url: str, part: str, *, progress: bool = True, timeout: float = 60.
             size, total = _attempt(url, part, progress=progress, timeout=timeout)
         except urllib.error.HTTPError as error:
             if error.code < 500:  # 404, 403...: trying again cannot help
-                raise DownloadError(f"could not download {url} (HTTP {error.code} {error.reason}): "
-                                    f"{_by_hand(url, part[:-len('.part')])}.") from None
+                raise DownloadError(
+                    f"could not download {url} (HTTP {error.code} {error.reason}): "
+                    f"{_by_hand(url, part[: -len('.part')])}."
+                ) from None
             reason = f"HTTP {error.code} {error.reason}"
             continue
         except (OSError, http.client.HTTPException) as error:
@@ -129,9 +140,12 @@ def download(url: str, part: str, *, progress: bool = True, timeout: float = 60.
         reason = f"the connection closed after {size} of {total} bytes"
         if size > total:
             os.remove(part)  # more than announced: not a prefix of the file
-    kept = f"; the {os.path.getsize(part)} bytes received are kept in {part} and the next try resumes" \
-        if os.path.exists(part) and os.path.getsize(part) else ""
-    raise DownloadError(f"could not download {url} ({reason}){kept}; or {_by_hand(url, part[:-len('.part')])}.")
+    kept = (
+        f"; the {os.path.getsize(part)} bytes received are kept in {part} and the next try resumes"
+        if os.path.exists(part) and os.path.getsize(part)
+        else ""
+    )
+    raise DownloadError(f"could not download {url} ({reason}){kept}; or {_by_hand(url, part[: -len('.part')])}.")
 
 
 def check(path: str, record: dict) -> None:
@@ -141,7 +155,8 @@ def check(path: str, record: dict) -> None:
         what = f"{size} bytes, not {record['size']}" if size != record["size"] else "its sha256 differs"
         raise DownloadError(
             f"{path} is not the file downloaded from {record['url']} on {record['downloaded']} ({what}): it was "
-            f"changed or damaged since; delete it to download it again.")
+            f"changed or damaged since; delete it to download it again."
+        )
 
 
 @contextlib.contextmanager
@@ -162,7 +177,7 @@ def _locked(path: str):
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def fetch(url: str, path: str, *, progress: bool = True, timeout: float = 60.0) -> str:
@@ -172,20 +187,28 @@ def fetch(url: str, path: str, *, progress: bool = True, timeout: float = 60.0) 
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise DownloadError(f"cannot create the cache folder {folder} ({error.strerror}): make it writable or "
-                            "choose another cache folder.") from None
+        raise DownloadError(
+            f"cannot create the cache folder {folder} ({error.strerror}): make it writable or "
+            "choose another cache folder."
+        ) from None
     with _locked(path):
         record = read_record(path)
         if os.path.exists(path):
             if record is None:  # put there by hand: trusted on first use, checked from then on
-                record = {"url": url, "size": os.path.getsize(path), "sha256": sha256_of(path),
-                          "downloaded": f"{_now()} (put there by hand)"}
+                record = {
+                    "url": url,
+                    "size": os.path.getsize(path),
+                    "sha256": sha256_of(path),
+                    "downloaded": f"{_now()} (put there by hand)",
+                }
                 _write_or_explain(path, record, folder)
             check(path, record)
             return path
         if not os.access(folder, os.W_OK):
-            raise DownloadError(f"cannot download {url} into the read-only cache folder {folder}: make it "
-                                f"writable, choose another cache folder, or {_by_hand(url, path)}.")
+            raise DownloadError(
+                f"cannot download {url} into the read-only cache folder {folder}: make it "
+                f"writable, choose another cache folder, or {_by_hand(url, path)}."
+            )
         part = path + ".part"
         size = download(url, part, progress=progress, timeout=timeout)
         digest = sha256_of(part)
@@ -195,7 +218,8 @@ def fetch(url: str, path: str, *, progress: bool = True, timeout: float = 60.0) 
                 f"refused {url}: it is not the file first downloaded on {record['downloaded']} "
                 f"(sha256 {digest[:12]}... of {size} bytes, recorded {record['sha256'][:12]}... of {record['size']}); "
                 f"nothing in the cache was changed. If the file was replaced on purpose, delete {record_path(path)} "
-                "to accept the new one.")
+                "to accept the new one."
+            )
         os.replace(part, path)
         if record is None:
             _write_or_explain(path, {"url": url, "size": size, "sha256": digest, "downloaded": _now()}, folder)
@@ -206,5 +230,7 @@ def _write_or_explain(path: str, record: dict, folder: str) -> None:
     try:
         _write_record(path, record)
     except OSError as error:
-        raise DownloadError(f"cannot write {record_path(path)} in the cache folder {folder} ({error.strerror}): "
-                            "make it writable or choose another cache folder.") from None
+        raise DownloadError(
+            f"cannot write {record_path(path)} in the cache folder {folder} ({error.strerror}): "
+            "make it writable or choose another cache folder."
+        ) from None

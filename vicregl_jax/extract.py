@@ -21,6 +21,7 @@ of every device, each batch sharded over it (`extractor(images)` gives device ar
 (kNN, linear, correspondence) take their features from `Extractor.normalised`: the same
 jitted function on the images their input pipeline has already normalised.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,10 @@ def preprocess(images, *, resize: int | None = None, crop: int | None = None) ->
         raise ValueError("images is empty: pass uint8 (B, H, W, 3) images, B >= 1.")
     for k, image in enumerate(batch):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"images[{k}] is {image.dtype} {image.shape}: pass uint8 RGB images (B, H, W, 3) "
-                             "(e.g. np.asarray(PIL.Image.open(path).convert('RGB'))).")
+            raise ValueError(
+                f"images[{k}] is {image.dtype} {image.shape}: pass uint8 RGB images (B, H, W, 3) "
+                "(e.g. np.asarray(PIL.Image.open(path).convert('RGB')))."
+            )
     if resize is not None and crop is not None and crop > resize:
         raise ValueError(f"crop={crop} is larger than resize={resize}: the crop must fit (e.g. 256 and 224).")
     out, boxes = [], []
@@ -93,13 +96,15 @@ def preprocess(images, *, resize: int | None = None, crop: int | None = None) ->
         if (rh, rw) != (h, w):
             image = resample.resize(image, rh, rw, EVAL_INTERPOLATION, window=(top, left, ch, cw))
         else:
-            image = image[top:top + ch, left:left + cw]
+            image = image[top : top + ch, left : left + cw]
         out.append(image)
         sy, sx = h / rh, w / rw
         boxes.append((top * sy, left * sx, ch * sy, cw * sx))
     if len({image.shape for image in out}) > 1:
-        raise ValueError(f"the images have different sizes ({sorted({i.shape[:2] for i in out})}): pass crop=SIZE "
-                         "(and resize=) to bring them to one size, or pass them one at a time.")
+        raise ValueError(
+            f"the images have different sizes ({sorted({i.shape[:2] for i in out})}): pass crop=SIZE "
+            "(and resize=) to bring them to one size, or pass them one at a time."
+        )
     return np.stack(out), np.asarray(boxes, np.float64)
 
 
@@ -129,8 +134,7 @@ def _forward(graphdef, state, images, mean, std, *, normalise: bool, heads: bool
     out = {"maps": maps.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
     if heads:
         out["embeddings"] = None if net.expander is None else net.expander(pooled).astype(jnp.float32)
-        out["local_embeddings"] = (None if net.local_projector is None
-                                   else net.local_projector(maps).astype(jnp.float32))
+        out["local_embeddings"] = None if net.local_projector is None else net.local_projector(maps).astype(jnp.float32)
     if grid is not None:
         for key in ("maps", "local_embeddings"):
             if out.get(key) is not None:
@@ -146,11 +150,20 @@ class Extractor:
     release backbone file; heads=True needs a VICRegLModel (a full checkpoint or a workdir).
     """
 
-    def __init__(self, model: nnx.Module, *, mesh=None, heads: bool = False,
-                 mean: Sequence[float] = EVAL_MEAN, std: Sequence[float] = EVAL_STD):
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        mesh=None,
+        heads: bool = False,
+        mean: Sequence[float] = EVAL_MEAN,
+        std: Sequence[float] = EVAL_STD,
+    ):
         if heads and not isinstance(model, VICRegLModel):
-            raise ValueError(f"heads=True needs the whole model (backbone, expander, local projector), not a "
-                             f"{type(model).__name__}: load a full checkpoint (NAME_fullckpt) or a workdir.")
+            raise ValueError(
+                f"heads=True needs the whole model (backbone, expander, local projector), not a "
+                f"{type(model).__name__}: load a full checkpoint (NAME_fullckpt) or a workdir."
+            )
         net = model if heads else getattr(model, "backbone", model)
         self.mesh = mesh or sharding.make_mesh()
         self.heads = heads
@@ -161,8 +174,9 @@ class Extractor:
         self._grids: dict[tuple, tuple[int, int]] = {}
 
     def _run(self, images, *, normalise: bool, grid):
-        return _forward(self.graphdef, self.state, images, self.mean, self.std, normalise=normalise,
-                        heads=self.heads, grid=grid)
+        return _forward(
+            self.graphdef, self.state, images, self.mean, self.std, normalise=normalise, heads=self.heads, grid=grid
+        )
 
     def normalised(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (maps (B, h*w, C), pooled (B, C)) float32 of already-normalised images
@@ -173,14 +187,19 @@ class Extractor:
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Returns the (h, w) of the feature map of an image of height x width."""
         if (height, width) not in self._grids:
+
             def last_stage(state, x):  # the module is rebuilt inside the trace: its scans update it there
                 net = nnx.merge(self.graphdef, state)
                 return (net.backbone if self.heads else net).stage_maps(x)[-1]
 
-            shape = jax.eval_shape(last_stage, self.state, jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)).shape
+            shape = jax.eval_shape(
+                last_stage, self.state, jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+            ).shape
             if shape[1] < 1 or shape[2] < 1:
-                raise ValueError(f"images of {height} x {width} are too small for this backbone (no feature map "
-                                 "cell): pass at least 32 x 32 pixels.")
+                raise ValueError(
+                    f"images of {height} x {width} are too small for this backbone (no feature map "
+                    "cell): pass at least 32 x 32 pixels."
+                )
             self._grids[(height, width)] = (shape[1], shape[2])
         return self._grids[(height, width)]
 
@@ -195,15 +214,19 @@ class Extractor:
         grid = self.grid(height, width)
         pad = -b % self.mesh.size
         if pad:  # every device gets rows; the padding's features are dropped
-            images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)]) if isinstance(
-                images, jax.Array) else np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+            images = (
+                jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+                if isinstance(images, jax.Array)
+                else np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+            )
         images = jax.device_put(images, sharding.batch_sharding(self.mesh))
         out = self._run(images, normalise=True, grid=grid)
         if pad:
             out = {k: None if v is None else v[:b] for k, v in out.items()}
         boxes = np.tile([0.0, 0.0, height, width], (b, 1)) if boxes is None else boxes
-        return Features(out["pooled"], out["maps"], cell_centres(boxes, *grid),
-                        out.get("embeddings"), out.get("local_embeddings"))
+        return Features(
+            out["pooled"], out["maps"], cell_centres(boxes, *grid), out.get("embeddings"), out.get("local_embeddings")
+        )
 
     def all(self, images, *, batch_size: int = 256, resize: int | None = None, crop: int | None = None) -> Features:
         """Returns the Features (numpy arrays) of a whole set of images (an array (N, H, W, 3)
@@ -211,15 +234,16 @@ class Extractor:
         batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
         parts = []
         for start in range(0, len(images), batch_size):
-            chunk, boxes = preprocess(images[start:start + batch_size], resize=resize, crop=crop)
+            chunk, boxes = preprocess(images[start : start + batch_size], resize=resize, crop=crop)
             parts.append(jax.device_get(self(chunk, boxes)))
         if not parts:
             raise ValueError("images is empty: pass at least one image.")
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
-def features(model: nnx.Module, images, *, resize: int | None = None, crop: int | None = None,
-             heads: bool = False, mesh=None) -> Features:
+def features(
+    model: nnx.Module, images, *, resize: int | None = None, crop: int | None = None, heads: bool = False, mesh=None
+) -> Features:
     """Returns the Features of uint8 images (B, H, W, 3), or of a list of uint8 (H, W, 3)
     images brought to one size by resize / crop; device arrays (np.asarray to fetch them).
     See the module's docstring for the shapes and the preprocessing."""

@@ -6,23 +6,23 @@ functions of arrays (no file I/O, no torch).
   infer_model_kwargs(state_dict) -> dict                         (of a full checkpoint)
   guess_architecture(shapes) -> str | None
 
-Layouts. Backbone files hold a plain state_dict with the torchvision
-ResNet names (without fc) or the release's ConvNeXt names. Full checkpoints hold
-``{"epoch": int, "model": {...}, "optimizer": ...}`` with model keys ``module.backbone.*``,
-``module.projector.{0,1,3,4,6}.*`` (the expander), ``module.maps_projector.*`` (the local
-projector) and ``module.classifier.*``. Flax conv kernels are (kh, kw, in, out) and
-PyTorch's (out, in, kh, kw); Dense kernels (in, out) and Linear weights (out, in).
-BatchNorm's ``num_batches_tracked`` is written as 0 (PyTorch only reads it when
-momentum=None) and ignored, or allowed to be absent, when reading. Blocks that run as one
-scan keep their parameters stacked (``stages.2.0.stacked.dwconv.kernel`` of shape
-(27, 7, 7, 1, C), models/stack.py): block j of the stack at list index i of its stage is the
-release's block i + j, so the release's names are the same whether or not a model scans.
+Backbone files hold a plain state_dict with the torchvision ResNet names (without fc) or the
+release's ConvNeXt names. Full checkpoints hold ``{"epoch", "model", "optimizer"}`` with model
+keys ``module.backbone.*``, ``module.projector.{0,1,3,4,6}.*`` (the expander),
+``module.maps_projector.*`` (the local projector) and ``module.classifier.*``. Conv kernels are
+(kh, kw, in, out) in Flax, (out, in, kh, kw) in PyTorch; Dense (in, out), Linear (out, in).
+BatchNorm's ``num_batches_tracked`` is written as 0 (PyTorch reads it only when momentum=None)
+and ignored, or may be absent, when reading. Blocks that run as one scan keep their parameters
+stacked (``stages.2.0.stacked.dwconv.kernel``, (27, 7, 7, 1, C)): block j of the stack at list
+index i of its stage is the release's block i + j, whether or not a model scans.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,8 @@ from vicregl_jax.models import ARCHITECTURES, abstract_backbone, backbone_norm
 from vicregl_jax.sharding import STACKED
 
 # Flax attribute of VICRegLModel -> the release's attribute of its VICRegL module.
-PARTS = {"backbone": "backbone", "expander": "projector",
-          "local_projector": "maps_projector", "classifier": "classifier"}
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-           "var": "running_var", "gamma": "gamma"}
+PARTS = dict(backbone="backbone", expander="projector", local_projector="maps_projector", classifier="classifier")
+_LEAVES = dict(kernel="weight", scale="weight", bias="bias", mean="running_mean", var="running_var", gamma="gamma")
 DDP_PREFIX = "module."
 _MAX_LISTED = 12
 
@@ -44,12 +42,14 @@ _MAX_LISTED = 12
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     """One PyTorch tensor: its name, its Flax path (None: num_batches_tracked), kind."""
+
     name: str
     path: tuple | None
     kind: str  # "conv" | "linear" | "copy" | "counter"
 
 
 # ----------------------------------------------------------------------------- layout
+
 
 def _flat_weights(model_or_state: Any) -> dict[tuple, Any]:
     """Returns {path: array} of the parameters and batch statistics (no RNG state)."""
@@ -60,8 +60,9 @@ def _flat_weights(model_or_state: Any) -> dict[tuple, Any]:
     elif isinstance(model_or_state, Mapping):
         tree = model_or_state
     else:
-        raise ValueError(f"cannot convert a {type(model_or_state).__name__}: pass an nnx "
-                         "Module, an nnx.State or its pure dict")
+        raise ValueError(
+            f"cannot convert a {type(model_or_state).__name__}: pass an nnx Module, an nnx.State or its pure dict"
+        )
     flat = {}
 
     def visit(node, path):
@@ -69,8 +70,8 @@ def _flat_weights(model_or_state: Any) -> dict[tuple, Any]:
             for key, value in node.items():
                 visit(value, path + (key,))
         elif "rngs" not in path:  # drop path RNG streams are not weights
-            flat[tuple(int(p) if isinstance(p, str) and p.isdigit() else p
-                       for p in path)] = node
+            flat[tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path)] = node
+
     visit(tree, ())
     return flat
 
@@ -93,7 +94,7 @@ def _unstack(flat: Mapping[tuple, Any]) -> tuple[dict[tuple, Any], dict[tuple, t
         at = path.index(STACKED)
         first = path[at - 1]  # the stack's index in its stage's list: its first block's number
         for j in range(value.shape[0]):
-            block_path = path[:at - 1] + (first + j,) + path[at + 1:]
+            block_path = path[: at - 1] + (first + j,) + path[at + 1 :]
             out[block_path] = _block_of(value, j)
             origins[block_path] = (path, j)
     return out, origins
@@ -103,8 +104,7 @@ def _torch_entry(path: tuple, ndim: int, *, full: bool) -> _Entry:
     """Returns the PyTorch name and conversion kind of the Flax leaf at path."""
     leaf = path[-1]
     if leaf not in _LEAVES:
-        raise ValueError(f"unexpected leaf {'.'.join(map(str, path))!r}: not a weight of "
-                         "a vicregl_jax model")
+        raise ValueError(f"unexpected leaf {'.'.join(map(str, path))!r}: not a weight of a vicregl_jax model")
     parts = list(path[:-1])
     if full:
         if parts[0] not in PARTS:
@@ -165,7 +165,7 @@ def _torch_shape(shape: tuple, kind: str) -> tuple:
     return tuple(shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backbone_torch_shapes(arch: str, layer_scale: bool = False) -> dict[str, tuple]:
     """Returns {name: shape} of arch's backbone state_dict in the release's layout.
 
@@ -173,22 +173,26 @@ def backbone_torch_shapes(arch: str, layer_scale: bool = False) -> dict[str, tup
     models. layer_scale: ConvNeXt with layer scale (a ``gamma`` per block).
     """
     flat = _unstack(_flat_weights(abstract_backbone(arch, 1e-6 if layer_scale else 0.0)))[0]
-    return {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else ()
-            for e in _layout(flat, full=False)}
+    return {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else () for e in _layout(flat, full=False)}
 
 
 def _signature(shapes: Mapping[str, tuple]) -> dict | None:
     """Returns the constructor keywords that the names and shapes of a backbone imply."""
+
     def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+        return len({k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)})
+
     if "conv1.weight" in shapes:
-        return {"block": "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic",
-                "stage_sizes": tuple(count(f"layer{i}.") for i in range(1, 5)),
-                "width": shapes["conv1.weight"][0]}
+        return {
+            "block": "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic",
+            "stage_sizes": tuple(count(f"layer{i}.") for i in range(1, 5)),
+            "width": shapes["conv1.weight"][0],
+        }
     if "downsample_layers.0.0.weight" in shapes:
-        return {"depths": tuple(count(f"stages.{i}.") for i in range(4)),
-                "dims": tuple(shapes.get(f"downsample_layers.{i}.{min(i, 1)}.weight", (0,))[0]
-                              for i in range(4))}
+        return {
+            "depths": tuple(count(f"stages.{i}.") for i in range(4)),
+            "dims": tuple(shapes.get(f"downsample_layers.{i}.{min(i, 1)}.weight", (0,))[0] for i in range(4)),
+        }
     return None
 
 
@@ -198,13 +202,13 @@ def guess_architecture(shapes: Mapping[str, tuple]) -> str | None:
     signature = _signature(shapes)
     layer_scale = any(k.endswith(".gamma") for k in shapes)
     for arch, constructor in ARCHITECTURES.items():
-        if signature is None or any(constructor.keywords.get(k) != v
-                                    for k, v in signature.items()):
+        if signature is None or any(constructor.keywords.get(k) != v for k, v in signature.items()):
             continue
         if layer_scale and backbone_norm(arch) != "layer":
             continue
-        expected = {k: v for k, v in backbone_torch_shapes(arch, layer_scale).items()
-                    if not k.endswith("num_batches_tracked")}
+        expected = {
+            k: v for k, v in backbone_torch_shapes(arch, layer_scale).items() if not k.endswith("num_batches_tracked")
+        }
         if expected == shapes:
             return arch
     return None
@@ -231,19 +235,20 @@ def _mismatch_error(what: str, missing, unexpected, wrong_shapes, hint: str = ""
 
 def _compare(given: Mapping[str, tuple], expected: Mapping[str, tuple]):
     """Returns (missing, unexpected, wrong shapes); num_batches_tracked may be absent."""
-    missing = [k for k in expected if k not in given
-               and not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in given if k not in expected]
-    wrong = [(k, tuple(given[k]), tuple(expected[k])) for k in given
-             if k in expected and tuple(given[k]) != tuple(expected[k])]
+    wrong = [
+        (k, tuple(given[k]), tuple(expected[k]))
+        for k in given
+        if k in expected and tuple(given[k]) != tuple(expected[k])
+    ]
     return missing, unexpected, wrong
 
 
 def _architecture_hint(backbone_shapes: Mapping[str, tuple], arch: str | None) -> str:
     guess = guess_architecture(backbone_shapes)
     if guess is not None and guess != arch:
-        return f"these are the weights of {guess!r}" + (f", not {arch!r}: use arch={guess!r}"
-                                                         if arch else "")
+        return f"these are the weights of {guess!r}" + (f", not {arch!r}: use arch={guess!r}" if arch else "")
     if arch is None or guess == arch:
         return ""
     return f"check that the weights are those of {arch!r} (known: {', '.join(ARCHITECTURES)})"
@@ -258,8 +263,8 @@ def _split_full(flat: Mapping[tuple, Any]) -> tuple[dict, bool]:
 
 # ------------------------------------------------------------------------- Flax -> torch
 
-def to_torch_state_dict(model_or_state: Any, arch: str, *, full: bool = False
-                        ) -> dict[str, np.ndarray]:
+
+def to_torch_state_dict(model_or_state: Any, arch: str, *, full: bool = False) -> dict[str, np.ndarray]:
     """Returns the release's state_dict (numpy arrays) of a Flax model or its state.
 
     model_or_state: a VICRegLModel or a backbone, an nnx.State of one, or its pure dict
@@ -277,19 +282,20 @@ def to_torch_state_dict(model_or_state: Any, arch: str, *, full: bool = False
     flat = _unstack(flat)[0]
     backbone_flat, is_full = _split_full(flat)
     if full and not is_full:
-        raise ValueError("full=True needs the state of a whole VICRegLModel (backbone and "
-                         "heads); this is a backbone's: use full=False")
+        raise ValueError(
+            "full=True needs the state of a whole VICRegLModel (backbone and "
+            "heads); this is a backbone's: use full=False"
+        )
     # Check the backbone against the architecture before writing anything.
     entries = _layout(backbone_flat, full=False)
-    shapes = {e.name: _torch_shape(backbone_flat[e.path].shape, e.kind) if e.path else ()
-              for e in entries}
-    layer_scale = (backbone_norm(arch) == "layer"
-                   and any(e.name.endswith(".gamma") for e in entries))
+    shapes = {e.name: _torch_shape(backbone_flat[e.path].shape, e.kind) if e.path else () for e in entries}
+    layer_scale = backbone_norm(arch) == "layer" and any(e.name.endswith(".gamma") for e in entries)
     expected = backbone_torch_shapes(arch, layer_scale)
     missing, unexpected, wrong = _compare(shapes, expected)
     if missing or unexpected or wrong:
-        raise _mismatch_error(f"the Flax state and architecture {arch!r}", missing,
-                              unexpected, wrong, _architecture_hint(shapes, arch))
+        raise _mismatch_error(
+            f"the Flax state and architecture {arch!r}", missing, unexpected, wrong, _architecture_hint(shapes, arch)
+        )
     if full:
         entries, source, prefix = _layout(flat, full=True), flat, DDP_PREFIX
     else:
@@ -305,6 +311,7 @@ def to_torch_state_dict(model_or_state: Any, arch: str, *, full: bool = False
 
 # ------------------------------------------------------------------------- torch -> Flax
 
+
 def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Returns state_dict without DistributedDataParallel's ``module.`` prefix."""
     prefixed = [k for k in state_dict if k.startswith(DDP_PREFIX)]
@@ -312,9 +319,10 @@ def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         return dict(state_dict)
     if len(prefixed) != len(state_dict):
         others = [k for k in state_dict if not k.startswith(DDP_PREFIX)]
-        raise ValueError(f"some keys have the {DDP_PREFIX!r} prefix and some not "
-                         f"({_listing(others)}): pass one model's state_dict")
-    return {k[len(DDP_PREFIX):]: v for k, v in state_dict.items()}
+        raise ValueError(
+            f"some keys have the {DDP_PREFIX!r} prefix and some not ({_listing(others)}): pass one model's state_dict"
+        )
+    return {k[len(DDP_PREFIX) :]: v for k, v in state_dict.items()}
 
 
 def is_full_layout(state_dict: Mapping[str, Any]) -> bool:
@@ -341,33 +349,33 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> t
     if target_full and given_full:
         entries, parts = _layout(flat, full=True), None
     elif target_full:
-        entries = [dataclasses.replace(e, path=("backbone", *e.path) if e.path else None)
-                   for e in _layout(target_backbone, full=False)]
+        entries = [
+            dataclasses.replace(e, path=("backbone", *e.path) if e.path else None)
+            for e in _layout(target_backbone, full=False)
+        ]
         parts = ("backbone",)
     else:
         if given_full:
-            given = {k[len("backbone."):]: v for k, v in given.items()
-                     if k.startswith("backbone.")}
+            given = {k[len("backbone.") :]: v for k, v in given.items() if k.startswith("backbone.")}
         entries, parts = _layout(flat, full=False), ("backbone",)
-    expected = {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else ()
-                for e in entries}
+    expected = {e.name: _torch_shape(flat[e.path].shape, e.kind) if e.path else () for e in entries}
     given_shapes = {k: tuple(np.shape(v)) for k, v in given.items()}
     missing, unexpected, wrong = _compare(given_shapes, expected)
     if missing or unexpected or wrong:
         arch = getattr(model, "arch", None)
-        backbone_given = {k[len("backbone."):] if given_full and k.startswith("backbone.") else k: s
-                          for k, s in given_shapes.items()
-                          if not given_full or k.startswith("backbone.")}
+        backbone_given = {
+            k[len("backbone.") :] if given_full and k.startswith("backbone.") else k: s
+            for k, s in given_shapes.items()
+            if not given_full or k.startswith("backbone.")
+        }
         hint = _architecture_hint(backbone_given, arch)
         if given_full and target_full:
             try:
                 inferred = infer_model_kwargs(given)
-                hint += ("; the file's model is " +
-                         ", ".join(f"{k}={v!r}" for k, v in inferred.items()))
+                hint += "; the file's model is " + ", ".join(f"{k}={v!r}" for k, v in inferred.items())
             except ValueError:
                 pass
-        raise _mismatch_error("the PyTorch state_dict and the Flax model", missing,
-                              unexpected, wrong, hint)
+        raise _mismatch_error("the PyTorch state_dict and the Flax model", missing, unexpected, wrong, hint)
     state = nnx.state(model, (nnx.Param, nnx.BatchStat))
     tree = nnx.to_pure_dict(state)
     stacks = {}  # stacked path -> its blocks, all of which the entries fill
@@ -411,17 +419,21 @@ def infer_model_kwargs(state_dict: Mapping[str, Any]) -> dict:
     (0.75 is returned for the latter: the release's default)."""
     sd = strip_ddp_prefix(state_dict)
     if not is_full_layout(sd):
-        raise ValueError("this is a backbone state_dict: its heads cannot be inferred; "
-                         "pass mlp, maps_mlp, alpha and num_classes yourself")
-    backbone = {k[len("backbone."):]: tuple(np.shape(v)) for k, v in sd.items()
-                if k.startswith("backbone.")}
+        raise ValueError(
+            "this is a backbone state_dict: its heads cannot be inferred; "
+            "pass mlp, maps_mlp, alpha and num_classes yourself"
+        )
+    backbone = {k[len("backbone.") :]: tuple(np.shape(v)) for k, v in sd.items() if k.startswith("backbone.")}
     mlp, maps_mlp = _mlp_spec(sd, "projector"), _mlp_spec(sd, "maps_projector")
     if "classifier.weight" not in sd:
         raise ValueError("no classifier.weight: not a full VICRegL checkpoint")
-    kwargs = {"arch": guess_architecture(backbone),
-              "mlp": mlp or "8192-8192-8192", "maps_mlp": maps_mlp or "512-512-512",
-              "alpha": 0.75 if (mlp and maps_mlp) else (1.0 if mlp else 0.0),
-              "num_classes": int(np.shape(sd["classifier.weight"])[0])}
+    kwargs = {
+        "arch": guess_architecture(backbone),
+        "mlp": mlp or "8192-8192-8192",
+        "maps_mlp": maps_mlp or "512-512-512",
+        "alpha": 0.75 if (mlp and maps_mlp) else (1.0 if mlp else 0.0),
+        "num_classes": int(np.shape(sd["classifier.weight"])[0]),
+    }
     if any(k.endswith(".gamma") for k in backbone):
         kwargs["layer_scale_init"] = 1e-6  # any value > 0: it is overwritten by the load
     return kwargs

@@ -10,12 +10,9 @@ global batch, so the variance and covariance statistics need no `pmean`. Inside 
 one all-to-all of the matched batches rather than XLA's all-reduce of (K, D, D) partial
 covariances), and the matching runs where each device's examples are; the values are the same.
 
-Matching is per example and `jax.vmap`-ed over the batch; the ordered view pairs whose second
-view lies in one group are `jax.vmap`-ed over that group's view axis, so there is no Python
-loop over the batch, over locations, or over the views of a group.
-
-Ties are broken towards the lower index everywhere (the nearest candidate of a location and
-the ranking of the kept locations); the release leaves tie order to `torch.topk` / `torch.sort`.
+Matching (`vicregl_jax.matching`) is per example and `jax.vmap`-ed over the batch; the ordered
+view pairs whose second view lies in one group are `jax.vmap`-ed over that group's view axis:
+no Python loop over the batch, over locations, or over the views of a group.
 
 This module knows nothing of models or data: it takes sequences of arrays.
 """
@@ -29,10 +26,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vicregl_jax import sharding
+from vicregl_jax.matching import match_by_embedding, match_by_location
+from vicregl_jax.metrics import classifier_terms
 
 # Statistics are float32 and their matmuls run at full float32 precision: on TPU the default
 # precision would take bfloat16 passes and the covariance sums would lose their digits.
@@ -127,8 +125,9 @@ def _by_locations(x: jax.Array, devices: int) -> tuple[jax.Array, jax.Array]:
         return _statistics(whole)
 
     spec = PartitionSpec(sharding.DATA_AXIS)
-    var_sum, offdiag = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec,
-                                     out_specs=(spec, spec))(x)
+    var_sum, offdiag = jax.shard_map(
+        local, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec, out_specs=(spec, spec)
+    )(x)
     return var_sum[:k], offdiag[:k]
 
 
@@ -147,8 +146,12 @@ def _by_channels(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         diagonal = jax.lax.psum(jnp.sum(jnp.square(var), axis=1), axis)
         return var_sum, jnp.sum(jnp.square(gram), axis=(1, 2)) - diagonal
 
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=PartitionSpec(axis),
-                         out_specs=(PartitionSpec(), PartitionSpec()))(x)
+    return jax.shard_map(
+        local,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=PartitionSpec(axis),
+        out_specs=(PartitionSpec(), PartitionSpec()),
+    )(x)
 
 
 def batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -253,58 +256,6 @@ def global_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# Matching (per example, vmapped over the batch)
-# --------------------------------------------------------------------------------------------
-
-
-def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Returns the squared Euclidean distances (N_a, N_b) between the rows of a and b."""
-    if a.shape[-1] <= 4:  # grid coordinates: exact differences keep ties exact
-        return jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1)
-    cross = jnp.einsum("nd,md->nm", a, b, precision=_HIGHEST)
-    sq = jnp.sum(jnp.square(a), -1)[:, None] + jnp.sum(jnp.square(b), -1)[None, :] - 2 * cross
-    return jnp.maximum(sq, 0.0)
-
-
-def nearest_matches(distances: jax.Array, num_matches: int) -> tuple[jax.Array, jax.Array]:
-    """Returns (kept, partner) index arrays (num_matches,) for one example's distances (N_a, N_b).
-
-    Every location a has its nearest candidate partner[a] = argmin_b distances[a, b]; the
-    num_matches locations with the smallest such distance are kept, in their original order.
-    """
-    nearest = jnp.argmin(distances, axis=1)
-    nearest_dist = jnp.min(distances, axis=1)
-    if num_matches == distances.shape[0]:
-        kept = jnp.arange(num_matches)
-    else:
-        _, kept = jax.lax.top_k(-nearest_dist, num_matches)  # ties: lower index first
-        kept = jnp.sort(kept)
-    return kept, nearest[kept]
-
-
-def _gather_matches(src, dst, distances, num_matches):
-    """Returns (x, y) of shape (B, K, D): kept vectors of src and their matches in dst."""
-    nearest = jax.vmap(functools.partial(nearest_matches, num_matches=num_matches))
-    kept, partner = sharding.per_example(nearest)(distances)
-    take = jax.vmap(lambda m, idx: jnp.take(m, idx, axis=0))
-    return take(src, kept), take(dst, partner)
-
-
-def match_by_embedding(src: jax.Array, dst: jax.Array, num_matches: int):
-    """Returns (x, y): the num_matches locations of src (B, N_a, D) closest to dst in embedding
-    space and their nearest embeddings in dst (B, N_b, D)."""
-    dist = jax.vmap(squared_distances)(jax.lax.stop_gradient(src), jax.lax.stop_gradient(dst))
-    return _gather_matches(src, dst, dist, num_matches)
-
-
-def match_by_location(src, dst, src_grid, dst_grid, num_matches: int):
-    """Returns (x, y): the num_matches locations of src whose grid points (B, N_a, 2) lie
-    closest to a grid point of dst (B, N_b, 2), and the embeddings at those nearest points."""
-    dist = jax.vmap(squared_distances)(jax.lax.stop_gradient(src_grid), jax.lax.stop_gradient(dst_grid))
-    return _gather_matches(src, dst, dist, num_matches)
-
-
-# --------------------------------------------------------------------------------------------
 # Local criterion
 # --------------------------------------------------------------------------------------------
 
@@ -333,9 +284,7 @@ def _piece_means(per_k: jax.Array, sizes: Sequence[int]) -> jax.Array:
 
 
 def local_loss(
-    local_embeddings: Sequence[jax.Array],
-    grids: Sequence[jax.Array],
-    cfg: LossConfig = LossConfig(),
+    local_embeddings: Sequence[jax.Array], grids: Sequence[jax.Array], cfg: LossConfig = LossConfig()
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns the weighted local (inv, var, cov), averaged over the ordered view pairs.
 
@@ -375,8 +324,7 @@ def local_loss(
         # then adds the per-location vector to its own mean); we implement the evident intent:
         # var and cov of each view's whole local map, averaged over the views.
         sizes = [n for m in maps for n in [m.shape[2]] * m.shape[1]]  # one piece per view
-        var_sum, offdiag = batch_statistics(
-            jnp.concatenate([m.reshape(m.shape[0], -1, dim) for m in maps], axis=1))
+        var_sum, offdiag = batch_statistics(jnp.concatenate([m.reshape(m.shape[0], -1, dim) for m in maps], axis=1))
         var = cfg.var_coeff * _piece_means(var_sum, sizes) / (dim * len(sizes))
         cov = cfg.cov_coeff * _piece_means(offdiag, sizes) / (dim * len(sizes))
     return inv, var, cov
@@ -454,62 +402,8 @@ def check_batch(groups: Sequence[jax.Array], what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Total, classifier and collapse metrics
+# The total
 # --------------------------------------------------------------------------------------------
-
-
-def classifier_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """Returns the online classifier's cross-entropy and top-1 / top-5 accuracy in percent.
-
-    Examples whose label is negative (unlabelled data) are left out of all three.
-    """
-    logits = _as_f32(logits)
-    valid = labels >= 0
-    count = jnp.maximum(jnp.sum(valid), 1)
-    safe = jnp.where(valid, labels, 0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-    top1 = jnp.sum(topk_hits(logits, safe, 1) & valid) / count * 100.0
-    top5 = jnp.sum(topk_hits(logits, safe, 5) & valid) / count * 100.0
-    return {"cls_loss": jnp.sum(jnp.where(valid, ce, 0.0)) / count, "top1": top1, "top5": top5}
-
-
-def topk_hits(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """Returns, per row of scores (B, C), whether its label is among its k highest scores
-    (k at most C; of equal scores the lower class index ranks first)."""
-    def hits(scores, labels):
-        _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
-        return jnp.any(top == labels[:, None], axis=-1)
-
-    return sharding.per_example(hits)(scores, labels)
-
-
-def _std_metric(x: jax.Array) -> jax.Array:
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return jnp.mean(jnp.std(x, axis=0, ddof=1))
-
-
-def _correlation_metric(x: jax.Array) -> jax.Array:
-    """Mean off-diagonal entry of the correlation matrix, in O(B * D): the sum of all entries of
-    Z^T Z is ||Z 1||^2 and its trace is ||Z||_F^2, so the D x D matrix is never formed."""
-    b, d = x.shape
-    z = _center(x) / (jnp.std(x, axis=0, ddof=1) + 1e-5)
-    total = jnp.sum(jnp.square(jnp.sum(z, axis=1)))
-    trace = jnp.sum(jnp.square(z))
-    return (total - trace) / (b - 1) / (d * (d - 1))
-
-
-def collapse_metrics(representation: jax.Array, embedding: jax.Array | None = None) -> dict:
-    """Returns stdr / corr of the representation and stde / core of the embedding (view 0).
-
-    std: mean over dimensions of the batch std of the L2-normalised vectors (collapse -> 0;
-    1/sqrt(D) for isotropic vectors). corr: mean off-diagonal correlation.
-    """
-    r = jax.lax.stop_gradient(_as_f32(representation))
-    out = {"stdr": _std_metric(r), "corr": _correlation_metric(r)}
-    if embedding is not None:
-        e = jax.lax.stop_gradient(_as_f32(embedding))
-        out.update(stde=_std_metric(e), core=_correlation_metric(e))
-    return out
 
 
 def vicregl_loss(

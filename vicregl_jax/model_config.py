@@ -16,8 +16,15 @@ from vicregl_jax.models.vicregl import VICRegLModel
 
 # The config keys that define the shapes of the state: a checkpoint written under other
 # values cannot be restored into this run.
-MODEL_KEYS = ("model.arch", "model.mlp", "model.maps_mlp", "model.num_classes", "model.layer_scale_init",
-              "loss.alpha", "optim.name")
+MODEL_KEYS = (
+    "model.arch",
+    "model.mlp",
+    "model.maps_mlp",
+    "model.num_classes",
+    "model.layer_scale_init",
+    "loss.alpha",
+    "optim.name",
+)
 # The keys of config.model that change how the model computes, not what it holds: an
 # evaluation takes them from its own config whatever wrote the weights.
 COMPUTE_KEYS = ("dtype", "remat", "unroll_blocks")
@@ -35,14 +42,23 @@ def compute_dtype(name: str) -> jnp.dtype:
 
 def model_kwargs(model: ml_collections.ConfigDict, alpha: float) -> dict:
     """Returns the VICRegLModel keyword arguments of a config's model section and loss.alpha."""
-    return dict(arch=model.arch, mlp=model.mlp, maps_mlp=model.maps_mlp, alpha=alpha,
-                num_classes=model.num_classes, dtype=compute_dtype(model.dtype),
-                drop_path_rate=model.drop_path_rate, layer_scale_init=model.layer_scale_init, remat=model.remat,
-                unroll_blocks=model.unroll_blocks)
+    return dict(
+        arch=model.arch,
+        mlp=model.mlp,
+        maps_mlp=model.maps_mlp,
+        alpha=alpha,
+        num_classes=model.num_classes,
+        dtype=compute_dtype(model.dtype),
+        drop_path_rate=model.drop_path_rate,
+        layer_scale_init=model.layer_scale_init,
+        remat=model.remat,
+        unroll_blocks=model.unroll_blocks,
+    )
 
 
-def with_compute(model: ml_collections.ConfigDict, compute: ml_collections.ConfigDict | None
-                 ) -> ml_collections.ConfigDict:
+def with_compute(
+    model: ml_collections.ConfigDict, compute: ml_collections.ConfigDict | None
+) -> ml_collections.ConfigDict:
     """Returns a copy of the model section with COMPUTE_KEYS taken from `compute` (another
     config's model section; None keeps them)."""
     out = ml_collections.ConfigDict(model.to_dict())

@@ -19,17 +19,24 @@ from vicregl_jax import config as config_lib
 from vicregl_jax import layout, torch_io
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import Checkpointer, abstract_like, describe_skipped
-from vicregl_jax.model_config import (abstract_model, create_model, model_meta, seed_random_streams, split_model,
-                                      with_compute)
+from vicregl_jax.model_config import (
+    abstract_model,
+    create_model,
+    model_meta,
+    seed_random_streams,
+    split_model,
+    with_compute,
+)
 from vicregl_jax.models.vicregl import VICRegLModel
+
 
 def _on(sharding):
     return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-
-def load_workdir_model(workdir, step: int | None = None, *, sharding=None,
-                       compute: ml_collections.ConfigDict | None = None) -> tuple[VICRegLModel, Any, int]:
+def load_workdir_model(
+    workdir, step: int | None = None, *, sharding=None, compute: ml_collections.ConfigDict | None = None
+) -> tuple[VICRegLModel, Any, int]:
     """Returns (model in eval mode, config, step) of a workdir's checkpoint: the newest that
     restores and verifies by default (damaged newer ones are skipped with a warning), its
     arrays on `sharding` (this process's first device by default).
@@ -51,7 +58,8 @@ def load_workdir_model(workdir, step: int | None = None, *, sharding=None,
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         step, params, batch_stats, skipped = checkpointer.restore_model(
-            jax.tree.map(_on(sharding), params), jax.tree.map(_on(sharding), batch_stats), step)
+            jax.tree.map(_on(sharding), params), jax.tree.map(_on(sharding), batch_stats), step
+        )
     finally:
         checkpointer.close()
     if skipped:
@@ -127,8 +135,9 @@ def write_workdir(model: VICRegLModel, config, workdir, *, step: int = 0) -> Non
     checkpointer.close()
 
 
-def export_release_files(model: VICRegLModel, out: str, *, full: bool, epoch: int = 0,
-                         safetensors: bool = False) -> list[str]:
+def export_release_files(
+    model: VICRegLModel, out: str, *, full: bool, epoch: int = 0, safetensors: bool = False
+) -> list[str]:
     """Writes the model as the release's backbone file (full=False, loads with strict=True
     into its resnet / convnext) or full checkpoint {"epoch", "model": module.*}; returns the
     paths written."""
@@ -160,24 +169,36 @@ def initial_weights(path, config, params, batch_stats) -> tuple[Any, Any, str]:
         parts = layout.load_torch_state_dict(model, torch_io.read_torch_weights(path))
         _, loaded_params, loaded_stats, _ = split_model(model)
         keep = lambda new, old: old if isinstance(new, jax.ShapeDtypeStruct) else _place(new, old)  # noqa: E731
-        return (jax.tree.map(keep, loaded_params, params), jax.tree.map(keep, loaded_stats, batch_stats),
-                f"{path} ({', '.join(parts)})")
+        return (
+            jax.tree.map(keep, loaded_params, params),
+            jax.tree.map(keep, loaded_stats, batch_stats),
+            f"{path} ({', '.join(parts)})",
+        )
     if not workdir_lib.is_workdir(path):
-        raise FileNotFoundError(f"config.model.init_weights={path!r} is neither a weights file "
-                                f"({', '.join(torch_io.TORCH_SUFFIXES)}) nor a workdir with a config.json.")
+        raise FileNotFoundError(
+            f"config.model.init_weights={path!r} is neither a weights file "
+            f"({', '.join(torch_io.TORCH_SUFFIXES)}) nor a workdir with a config.json."
+        )
     source = workdir_lib.load_config(path)
-    mismatch = {k: (v, model_meta(config)[k]) for k, v in model_meta(source).items()
-                if k != "optim.name" and model_meta(config)[k] != v}
+    mismatch = {
+        k: (v, model_meta(config)[k])
+        for k, v in model_meta(source).items()
+        if k != "optim.name" and model_meta(config)[k] != v
+    }
     if mismatch:
         listed = ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in mismatch.items())
-        raise ValueError(f"config.model.init_weights={path!r} holds another model ({listed}); "
-                         "use a workdir of the same arch and heads.")
+        raise ValueError(
+            f"config.model.init_weights={path!r} holds another model ({listed}); "
+            "use a workdir of the same arch and heads."
+        )
     checkpointer = Checkpointer(path, model_meta(source), read_only=True)
     if not checkpointer.all_steps():
         checkpointer.close()
         raise FileNotFoundError(f"config.model.init_weights={path!r} holds no checkpoint.")
     try:
-        step, params, batch_stats, skipped = checkpointer.restore_model(abstract_like(params), abstract_like(batch_stats))
+        step, params, batch_stats, skipped = checkpointer.restore_model(
+            abstract_like(params), abstract_like(batch_stats)
+        )
     finally:
         checkpointer.close()
     skipped_text = f"; {describe_skipped(skipped)}" if skipped else ""

@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # Blocks run by a scan keep their parameters stacked under an attribute of this name
@@ -74,8 +75,7 @@ def is_stacked(path) -> bool:
     return any(_key_name(key) == STACKED for key in path)
 
 
-def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int = FSDP_MIN_SIZE, *,
-              stacked: bool = False) -> P:
+def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int = FSDP_MIN_SIZE, *, stacked: bool = False) -> P:
     """Returns the PartitionSpec that splits the largest dimension divisible by axis_size, or
     replicates arrays smaller than min_size elements (biases, norms, small kernels).
 
@@ -94,8 +94,9 @@ def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int = FSDP_MIN_SIZ
     return P()
 
 
-def param_shardings(tree, mesh, mode: str = "replicated", rules: Sequence[tuple[str, str]] = (), *,
-                    min_size: int = FSDP_MIN_SIZE):
+def param_shardings(
+    tree, mesh, mode: str = "replicated", rules: Sequence[tuple[str, str]] = (), *, min_size: int = FSDP_MIN_SIZE
+):
     """Returns a pytree of NamedShardings for the parameter / optimiser-state tree.
 
     mode "replicated": every array whole on every device. mode "fsdp": arrays of min_size+
@@ -130,7 +131,7 @@ def param_shardings(tree, mesh, mode: str = "replicated", rules: Sequence[tuple[
 # --------------------------------------------------------------------------------------------
 
 # {weight shape: PartitionSpec} of the FSDP-sharded weights of the step being traced.
-_GATHERED = contextvars.ContextVar("vicregl_jax_gathered_weights", default={})
+_GATHERED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vicregl_jax_gathered_weights", default=None)
 
 
 def weight_specs(params, shardings) -> dict[tuple, P]:
@@ -169,10 +170,12 @@ def step_context(mesh, params=None, shardings=None):
         _GATHERED.reset(token)
 
 
-def on_mesh(fn: Callable, mesh, param_shardings=None, params_argnum: int = 0,
-            params_field: str | None = "params") -> Callable:
+def on_mesh(
+    fn: Callable, mesh, param_shardings=None, params_argnum: int = 0, params_field: str | None = "params"
+) -> Callable:
     """Returns fn traced under step_context(mesh, ...), for jax.jit: the parameters are
     argument params_argnum (its attribute params_field, e.g. a TrainState's params)."""
+
     def traced(*args, **kwargs):
         params = None
         if param_shardings is not None:
@@ -180,6 +183,7 @@ def on_mesh(fn: Callable, mesh, param_shardings=None, params_argnum: int = 0,
             params = getattr(params, params_field) if params_field else params
         with step_context(mesh, params, param_shardings):
             return fn(*args, **kwargs)
+
     return traced
 
 
@@ -204,17 +208,20 @@ def per_example(fn: Callable) -> Callable:
     """Returns fn, a function of batch-first arrays that treats every example alone, run
     where each device's examples are (a shard_map over the batch) inside step_context, so that
     XLA cannot gather the batch for it (it does for top_k); fn itself elsewhere."""
+
     def mapped(*args):
         size = data_axis_size()
         if size == 1 or any(a.shape[0] % size for a in jax.tree.leaves(args)):
             return fn(*args)
-        return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=P(DATA_AXIS),
-                             out_specs=P(DATA_AXIS))(*args)
+        return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS))(
+            *args
+        )
+
     return mapped
 
 
 def _gathered_spec(lhs: jax.Array, rhs: jax.Array) -> P | None:
-    spec = _GATHERED.get().get(tuple(rhs.shape))
+    spec = (_GATHERED.get() or {}).get(tuple(rhs.shape))
     size = data_axis_size()
     if spec is None or size == 1 or lhs.shape[0] % size:
         return None
@@ -230,8 +237,7 @@ def _gather(w_local: jax.Array, spec: P) -> jax.Array:
     return checkpoint_name(w_local, "fsdp_gathered_weight")
 
 
-def with_gathered_weight(op: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array,
-                         rhs: jax.Array) -> jax.Array:
+def with_gathered_weight(op: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """Returns op(lhs, rhs) for an activation lhs (batch first) and a weight rhs; when rhs is
     an FSDP-sharded weight of the step being traced, as a shard_map over the batch that
     all-gathers rhs (in its dtype, the compute dtype) and reduce-scatters its gradient."""
@@ -245,28 +251,53 @@ def with_gathered_weight(op: Callable[[jax.Array, jax.Array], jax.Array], lhs: j
     # The gathered weight is recomputed (gathered again) for the backward pass, not saved.
     policy = jax.checkpoint_policies.save_anything_except_these_names("fsdp_gathered_weight")
     local = jax.checkpoint(local, policy=policy)
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(DATA_AXIS), spec),
-                         out_specs=P(DATA_AXIS))(lhs, rhs)
+    return jax.shard_map(
+        local, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(DATA_AXIS), spec), out_specs=P(DATA_AXIS)
+    )(lhs, rhs)
 
 
-def gathered_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                         **_: Any) -> jax.Array:
+def gathered_dot_general(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_: Any
+) -> jax.Array:
     """Returns jax.lax.dot_general(lhs, rhs, ...) with an FSDP-sharded rhs gathered just in
     time (the `dot_general` of nnx.Linear)."""
     return with_gathered_weight(
-        lambda x, w: jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
-                                         preferred_element_type=preferred_element_type),
-        lhs, rhs)
+        lambda x, w: jax.lax.dot_general(
+            x, w, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+        ),
+        lhs,
+        rhs,
+    )
 
 
-def gathered_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                  rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                                  precision=None, preferred_element_type=None, **_: Any) -> jax.Array:
+def gathered_conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    **_: Any,
+) -> jax.Array:
     """Returns jax.lax.conv_general_dilated(lhs, rhs, ...) with an FSDP-sharded kernel rhs
     gathered just in time (the `conv_general_dilated` of nnx.Conv)."""
     return with_gathered_weight(
         lambda x, w: jax.lax.conv_general_dilated(
-            x, w, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-            precision=precision, preferred_element_type=preferred_element_type),
-        lhs, rhs)
+            x,
+            w,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        ),
+        lhs,
+        rhs,
+    )

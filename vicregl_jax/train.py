@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, coordination, losses, sharding
+from vicregl_jax import build, coordination, losses, metrics, sharding
 from vicregl_jax import data as data_lib
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import DAMAGED_DIR, TrainState, describe_skipped
@@ -49,8 +49,9 @@ def coloured_views(batch) -> tuple:
     return tuple(data_lib.augment_views(v, d) for v, d in zip(batch["views"], batch["draws"]))
 
 
-def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.LossConfig, *, seed: int = 0,
-                    grad_accum_steps: int = 1):
+def make_train_step(
+    graphdef, random_streams, tx, schedule, loss_cfg: losses.LossConfig, *, seed: int = 0, grad_accum_steps: int = 1
+):
     """Returns train_step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
     The drop-path streams are reseeded every step from (seed, step, micro-batch): the
@@ -71,11 +72,15 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
             views = coloured_views(micro)
         out = model(views)
         total, terms = losses.vicregl_loss(
-            out["embeddings"], out["local_embeddings"], micro["grids"], loss_cfg,
-            logits=out["logits"], labels=micro["label"],
+            out["embeddings"],
+            out["local_embeddings"],
+            micro["grids"],
+            loss_cfg,
+            logits=out["logits"],
+            labels=micro["label"],
         )
         embedding0 = out["embeddings"][0][:, 0] if out["embeddings"] is not None else None
-        terms.update(losses.collapse_metrics(out["representations"][0][:, 0], embedding0))
+        terms.update(metrics.collapse_metrics(out["representations"][0][:, 0], embedding0))
         return total, (split_model(model)[2], terms)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -86,17 +91,22 @@ def make_train_step(graphdef, random_streams, tx, schedule, loss_cfg: losses.Los
             (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key)
         else:
             k = grad_accum_steps
-            micro_batches = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+            micro_batches = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch
+            )
 
             def body(carry, micro_and_index):
                 batch_stats, grad_sum = carry
                 micro, i = micro_and_index
-                (_, (batch_stats, metrics)), grads = grad_fn(state.params, batch_stats, micro, jax.random.fold_in(key, i))
+                (_, (batch_stats, metrics)), grads = grad_fn(
+                    state.params, batch_stats, micro, jax.random.fold_in(key, i)
+                )
                 return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads)), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (batch_stats, grad_sum), metrics = jax.lax.scan(
-                body, (state.batch_stats, zeros), (micro_batches, jnp.arange(k)))
+                body, (state.batch_stats, zeros), (micro_batches, jnp.arange(k))
+            )
             grads = jax.tree.map(lambda g: g / k, grad_sum)
             metrics = jax.tree.map(jnp.mean, metrics)
 
@@ -167,8 +177,11 @@ class MetricsLog:
             path = epath.Path(workdir) / "metrics.jsonl"
             kept = []
             if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step
+                ]
             path.write_text("".join(line + "\n" for line in kept))
             # Opened by TensorFlow's file API: epath opens a gs:// file only as a context manager.
             import tensorflow as tf
@@ -226,11 +239,17 @@ def check_finite(step: int, metrics, checkpointer) -> None:
     """Raises NonFiniteLossError when the step's loss or its updated state was not finite."""
     if not bool(metrics["finite"]):
         loss = float(metrics["loss"])
-        what = (f"The loss is {loss} at step {step}" if not np.isfinite(loss) else
-                f"The update gave NaN or Inf parameters or optimiser state (loss {loss:.4g}) at step {step}")
+        what = (
+            f"The loss is {loss} at step {step}"
+            if not np.isfinite(loss)
+            else f"The update gave NaN or Inf parameters or optimiser state (loss {loss:.4g}) at step {step}"
+        )
         kept = checkpointer.latest_step()
-        kept = (f"the last good checkpoint is step {kept} in {checkpointer.directory}" if kept is not None
-                else "no checkpoint was saved before it")
+        kept = (
+            f"the last good checkpoint is step {kept} in {checkpointer.directory}"
+            if kept is not None
+            else "no checkpoint was saved before it"
+        )
         raise NonFiniteLossError(
             f"{what}: stopping. The state of that step was not applied and not saved; {kept}. "
             f"Lower config.optim.base_lr (now {float(metrics['learning_rate']):.3g} at that step), use "
@@ -274,16 +293,34 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
     run = build.build_run(config, workdir)
     if run.resumed and jax.process_index() == 0:
         skipped = f" ({describe_skipped(run.skipped)}; moved to {workdir / DAMAGED_DIR})" if run.skipped else ""
-        print(f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}{skipped}.",
-              flush=True)
+        print(
+            f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}{skipped}.",
+            flush=True,
+        )
     knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
-    step_fn = jit_train_step(make_train_step(run.graphdef, run.random_streams, run.tx, run.schedule, run.loss,
-                                             seed=config.seed, grad_accum_steps=config.grad_accum_steps),
-                             run.shardings, run.mesh)
+    step_fn = jit_train_step(
+        make_train_step(
+            run.graphdef,
+            run.random_streams,
+            run.tx,
+            run.schedule,
+            run.loss,
+            seed=config.seed,
+            grad_accum_steps=config.grad_accum_steps,
+        ),
+        run.shardings,
+        run.mesh,
+    )
     log = MetricsLog(workdir, run.start_step)
     watcher = PreemptionWatcher(run.checkpointer.manager)
-    bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step", dynamic_ncols=True,
-               desc="pretrain", disable=jax.process_index() != 0)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.start_step,
+        unit="step",
+        dynamic_ncols=True,
+        desc="pretrain",
+        disable=jax.process_index() != 0,
+    )
     batches = data_lib.prefetch_to_mesh(run.iterator, run.mesh)  # two batches on the devices ahead
     state, step, total = run.state, run.start_step, run.total_steps
     last_saved, last_metrics, stopped_early = run.start_step, {}, False
@@ -309,9 +346,11 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
             if log_now:
                 elapsed = time.perf_counter() - window_start
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-                last_metrics.update(step_time_s=elapsed / window_steps,
-                                    images_per_s=config.batch_size * window_steps / elapsed,
-                                    skipped_images=float(batches.num_skipped))
+                last_metrics.update(
+                    step_time_s=elapsed / window_steps,
+                    images_per_s=config.batch_size * window_steps / elapsed,
+                    skipped_images=float(batches.num_skipped),
+                )
                 log.write(step, last_metrics)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -339,8 +378,9 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
         if isinstance(error, jax.errors.JaxRuntimeError):
             peers = coordination.peer_failures(wait_s=coordination.PEER_FAILURE_WAIT_S)
             if peers:
-                raise coordination.PeerFailureError("; ".join(
-                    f"process {i} stopped the run: {message}" for i, message in sorted(peers.items()))) from error
+                raise coordination.PeerFailureError(
+                    "; ".join(f"process {i} stopped the run: {message}" for i, message in sorted(peers.items()))
+                ) from error
         raise
     finally:
         batches.close()

@@ -37,8 +37,17 @@ def save_pca_picture(path: str, rows: list[tuple[str, np.ndarray, np.ndarray]], 
     canvas.save(path)
 
 
-def save_correspondence_picture(path: str, view_a: np.ndarray, view_b: np.ndarray, feat_a: np.ndarray,
-                                feat_b: np.ndarray, grid_a: np.ndarray, grid_b: np.ndarray, *, title: str = "") -> float:
+def save_correspondence_picture(
+    path: str,
+    view_a: np.ndarray,
+    view_b: np.ndarray,
+    feat_a: np.ndarray,
+    feat_b: np.ndarray,
+    grid_a: np.ndarray,
+    grid_b: np.ndarray,
+    *,
+    title: str = "",
+) -> float:
     """Saves two crops side by side with a line from every cell of A to its nearest neighbour
     (by feature distance) in B: green when within one cell of the truth, red otherwise.
     Returns the fraction of correct lines among cells of A that B shows."""
@@ -81,9 +90,18 @@ def mutual_matches(feat_a: np.ndarray, feat_b: np.ndarray) -> tuple[np.ndarray, 
     return rows, best_b[rows], sims[rows, best_b[rows]]
 
 
-def save_matches_picture(path: str, image_a: np.ndarray, image_b: np.ndarray, feat_a: np.ndarray,
-                         feat_b: np.ndarray, loc_a: np.ndarray, loc_b: np.ndarray, *, count: int = 40,
-                         height: int = 320) -> int:
+def save_matches_picture(
+    path: str,
+    image_a: np.ndarray,
+    image_b: np.ndarray,
+    feat_a: np.ndarray,
+    feat_b: np.ndarray,
+    loc_a: np.ndarray,
+    loc_b: np.ndarray,
+    *,
+    count: int = 40,
+    height: int = 320,
+) -> int:
     """Saves two images side by side with lines between the `count` most similar mutual nearest
     neighbours of their dense features (maps (h, w, C), cell centres (h, w, 2) in each image's
     pixels), brighter for more similar; returns the number of mutual neighbours."""
@@ -92,8 +110,7 @@ def save_matches_picture(path: str, image_a: np.ndarray, image_b: np.ndarray, fe
     width_a = round(image_a.shape[1] * scale_a)
     canvas = Image.new("RGB", (width_a + 8 + round(image_b.shape[1] * scale_b), height), "white")
     canvas.paste(Image.fromarray(image_a).resize((width_a, height), Image.BICUBIC), (0, 0))
-    canvas.paste(Image.fromarray(image_b).resize((canvas.width - width_a - 8, height), Image.BICUBIC),
-                 (width_a + 8, 0))
+    canvas.paste(Image.fromarray(image_b).resize((canvas.width - width_a - 8, height), Image.BICUBIC), (width_a + 8, 0))
     draw = ImageDraw.Draw(canvas)
     points_a, points_b = loc_a.reshape(-1, 2), loc_b.reshape(-1, 2)
     low, high = (sims[:count].min(), sims[:count].max()) if len(sims) else (0.0, 1.0)

@@ -17,6 +17,7 @@ checksummed) after checking the file's sha256, with no network request.
 `--weights=release:NAME` and `--config.model.init_weights=release:NAME` name the same files
 (`resolve`). Set $VICREGL_JAX_RELEASE_URL to fetch from a mirror of the release's folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from vicregl_jax import checkpoint, download, layout, model_config, models, torch_io
 from vicregl_jax import config as config_lib
-from vicregl_jax import download, layout, models, torch_io
-from vicregl_jax import checkpoint, model_config
 from vicregl_jax import release as release_lib
 from vicregl_jax import workdir as workdir_lib
 
@@ -54,30 +54,61 @@ class Release:
     pretrained_on: str = "ImageNet-1k"
 
 
-RELEASES = {r.name: r for r in (
-    Release("resnet50_alpha0.9", "resnet50", 0.9,
+RELEASES = {
+    r.name: r
+    for r in (
+        Release(
+            "resnet50_alpha0.9",
+            "resnet50",
+            0.9,
             "https://dl.fbaipublicfiles.com/vicregl/resnet50_alpha0.9.pth",
-            "https://dl.fbaipublicfiles.com/vicregl/resnet50_alpha0.9_fullckpt.pth"),
-    Release("resnet50_alpha0.75", "resnet50", 0.75,
+            "https://dl.fbaipublicfiles.com/vicregl/resnet50_alpha0.9_fullckpt.pth",
+        ),
+        Release(
+            "resnet50_alpha0.75",
+            "resnet50",
+            0.75,
             "https://dl.fbaipublicfiles.com/vicregl/resnet50_alpha0.75.pth",
-            "https://dl.fbaipublicfiles.com/vicregl/resnet50_alpha0.75_fullckpt.pth"),
-    Release("convnext_small_alpha0.9", "convnext_small", 0.9,
+            "https://dl.fbaipublicfiles.com/vicregl/resnet50_alpha0.75_fullckpt.pth",
+        ),
+        Release(
+            "convnext_small_alpha0.9",
+            "convnext_small",
+            0.9,
             "https://dl.fbaipublicfiles.com/vicregl/convnext_small_alpha0.9.pth",
-            "https://dl.fbaipublicfiles.com/vicregl/convnext_small_alpha0.9_fullckpt.pth"),
-    Release("convnext_small_alpha0.75", "convnext_small", 0.75,
+            "https://dl.fbaipublicfiles.com/vicregl/convnext_small_alpha0.9_fullckpt.pth",
+        ),
+        Release(
+            "convnext_small_alpha0.75",
+            "convnext_small",
+            0.75,
             "https://dl.fbaipublicfiles.com/vicregl/convnext_small_alpha0.75.pth",
-            "https://dl.fbaipublicfiles.com/vicregl/convnext_small_alpha0.75_fullckpt.pth"),
-    Release("convnext_base_alpha0.9", "convnext_base", 0.9,
+            "https://dl.fbaipublicfiles.com/vicregl/convnext_small_alpha0.75_fullckpt.pth",
+        ),
+        Release(
+            "convnext_base_alpha0.9",
+            "convnext_base",
+            0.9,
             "https://dl.fbaipublicfiles.com/vicregl/convnext_base_alpha0.9.pth",
-            "https://dl.fbaipublicfiles.com/vicregl/convnext_base_alpha0.9_fullckpt.pth"),
-    Release("convnext_base_alpha0.75", "convnext_base", 0.75,
+            "https://dl.fbaipublicfiles.com/vicregl/convnext_base_alpha0.9_fullckpt.pth",
+        ),
+        Release(
+            "convnext_base_alpha0.75",
+            "convnext_base",
+            0.75,
             "https://dl.fbaipublicfiles.com/vicregl/convnext_base_alpha0.75.pth",
-            "https://dl.fbaipublicfiles.com/vicregl/convnext_base_alpha0.75_fullckpt.pth"),
-    Release("convnext_xlarge_alpha0.75", "convnext_xlarge", 0.75,
+            "https://dl.fbaipublicfiles.com/vicregl/convnext_base_alpha0.75_fullckpt.pth",
+        ),
+        Release(
+            "convnext_xlarge_alpha0.75",
+            "convnext_xlarge",
+            0.75,
             "https://dl.fbaipublicfiles.com/vicregl/convnext_xlarge_alpha0.75.pth",
             "https://dl.fbaipublicfiles.com/vicregl/convnext_xlarge_alpha0.75_fullckpt.pth",
-            pretrained_on="ImageNet-22k"),
-)}
+            pretrained_on="ImageNet-22k",
+        ),
+    )
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +135,7 @@ def release_file(name: str) -> ReleaseFile | None:
     "0p9" spelling accepted), or None when it names none."""
     stem = name.removeprefix(PREFIX)
     full = stem.endswith(FULL_SUFFIX)
-    stem = stem[:-len(FULL_SUFFIX)] if full else stem
+    stem = stem[: -len(FULL_SUFFIX)] if full else stem
     for release in RELEASES.values():
         if stem in (release.name, release.name.replace(".", "p")):
             return ReleaseFile(release, full)
@@ -115,8 +146,10 @@ def _named(name: str) -> ReleaseFile:
     found = release_file(name)
     if found is None:
         listed = ", ".join(RELEASES)
-        raise ValueError(f"{name!r} names no published VICRegL weights: use one of {listed} "
-                         f"(add {FULL_SUFFIX} for the full checkpoint with the heads).")
+        raise ValueError(
+            f"{name!r} names no published VICRegL weights: use one of {listed} "
+            f"(add {FULL_SUFFIX} for the full checkpoint with the heads)."
+        )
     return found
 
 
@@ -146,8 +179,9 @@ def fetch_file(name: str, *, cache: str | None = None, base_url: str | None = No
 # --------------------------------------------------------------------------------------------
 
 
-def release_config(arch: str, state_dict, *, alpha: float | None = None,
-                   dtype: str = "auto") -> ml_collections.ConfigDict:
+def release_config(
+    arch: str, state_dict, *, alpha: float | None = None, dtype: str = "auto"
+) -> ml_collections.ConfigDict:
     """Returns the config of a model holding a release state_dict (heads read off a full
     checkpoint; layer scale when the file has it)."""
     config = release_lib.converted_config(state_dict, arch, **{"loss.alpha": alpha, "model.dtype": dtype})
@@ -186,9 +220,15 @@ def _convert(item: ReleaseFile, path: str, folder: str, sha256: str) -> None:
     else:
         backbone, parts = _backbone_of(state_dict, config), ("backbone",)
         _save_backbone(backbone, config, temporary)
-    marker = {"name": item.stem, "arch": item.release.arch, "alpha": item.release.alpha, "parts": list(parts),
-              "layer_scale_init": config.model.layer_scale_init, "sha256": sha256,
-              "files": _file_digests(temporary)}
+    marker = {
+        "name": item.stem,
+        "arch": item.release.arch,
+        "alpha": item.release.alpha,
+        "parts": list(parts),
+        "layer_scale_init": config.model.layer_scale_init,
+        "sha256": sha256,
+        "files": _file_digests(temporary),
+    }
     with open(os.path.join(temporary, MARKER), "w") as f:
         json.dump(marker, f, indent=2)
     shutil.rmtree(folder, ignore_errors=True)
@@ -198,8 +238,14 @@ def _convert(item: ReleaseFile, path: str, folder: str, sha256: str) -> None:
 def _abstract_backbone(config):
     """Returns config's backbone built with nnx.eval_shape (shapes only, no heads)."""
     kwargs = {"layer_scale_init": config.model.layer_scale_init} if config.model.layer_scale_init else {}
-    return nnx.eval_shape(lambda: models.create_backbone(
-        config.model.arch, rngs=nnx.Rngs(config.seed), dtype=model_config.compute_dtype(config.model.dtype), **kwargs))
+    return nnx.eval_shape(
+        lambda: models.create_backbone(
+            config.model.arch,
+            rngs=nnx.Rngs(config.seed),
+            dtype=model_config.compute_dtype(config.model.dtype),
+            **kwargs,
+        )
+    )
 
 
 def _backbone_of(state_dict, config):
@@ -226,7 +272,8 @@ def converted(name: str, *, cache: str | None = None, base_url: str | None = Non
         except OSError as error:
             raise download.DownloadError(
                 f"cannot write the converted weights of {path} to {folder} ({error.strerror or error}): make the "
-                f"cache folder writable or set ${CACHE_ENV} to another folder.") from None
+                f"cache folder writable or set ${CACHE_ENV} to another folder."
+            ) from None
     return folder
 
 
@@ -269,8 +316,10 @@ def _restore_converted(folder: str, marker: dict, dtype: str):
     checked against their sha256 (which stands for the checksums of a workdir's restore)."""
     damaged = _damaged(folder, marker)
     if damaged:
-        raise ValueError(f"{os.path.join(folder, damaged)} does not match the sha256 recorded when {folder} was "
-                         f"converted: delete {folder} and load the release file again.")
+        raise ValueError(
+            f"{os.path.join(folder, damaged)} does not match the sha256 recorded when {folder} was "
+            f"converted: delete {folder} and load the release file again."
+        )
     if marker["parts"] == ["backbone"]:
         config = config_lib.default_config()
         config.model.arch, config.loss.alpha = marker["arch"], marker["alpha"]
@@ -278,14 +327,22 @@ def _restore_converted(folder: str, marker: dict, dtype: str):
     else:
         config = workdir_lib.load_config(folder)
     config.model.dtype = dtype
-    model = _abstract_backbone(config) if marker["parts"] == ["backbone"] else model_config.abstract_model(config.model, config.loss.alpha, config.seed)
+    model = (
+        _abstract_backbone(config)
+        if marker["parts"] == ["backbone"]
+        else model_config.abstract_model(config.model, config.loss.alpha, config.seed)
+    )
     graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    on = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    def on(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
     checkpointer = checkpoint.Checkpointer(folder, model_config.model_meta(config), read_only=True)
     try:
         _, params, batch_stats, _ = checkpointer.restore_model(
-            jax.tree.map(on, params), jax.tree.map(on, batch_stats), 0, verify=False)
+            jax.tree.map(on, params), jax.tree.map(on, batch_stats), 0, verify=False
+        )
     finally:
         checkpointer.close()
     model = nnx.merge(graphdef, params, batch_stats, rest)
@@ -299,8 +356,11 @@ def _load_file(path: str, arch: str | None, dtype: str):
     state_dict = torch_io.read_torch_weights(path)
     stripped = layout.strip_ddp_prefix(state_dict)
     full = layout.is_full_layout(stripped)
-    backbone_shapes = {k[len("backbone."):] if full else k: v.shape for k, v in stripped.items()
-                       if not full or k.startswith("backbone.")}
+    backbone_shapes = {
+        k[len("backbone.") :] if full else k: v.shape
+        for k, v in stripped.items()
+        if not full or k.startswith("backbone.")
+    }
     arch = arch or layout.guess_architecture(backbone_shapes)
     if arch is None:
         raise ValueError(f"{path}: its backbone is none of the known architectures: pass arch=NAME.")
@@ -310,8 +370,15 @@ def _load_file(path: str, arch: str | None, dtype: str):
     return _backbone_of(state_dict, config), config
 
 
-def load(source: str, *, arch: str | None = None, dtype: str = "auto", cache: str | None = None,
-         base_url: str | None = None, progress: bool = True):
+def load(
+    source: str,
+    *,
+    arch: str | None = None,
+    dtype: str = "auto",
+    cache: str | None = None,
+    base_url: str | None = None,
+    progress: bool = True,
+):
     """Returns (model, config) in eval mode: a VICRegLModel (backbone and heads) for a full
     checkpoint or a workdir, the backbone alone for a backbone file.
 
@@ -324,8 +391,9 @@ def load(source: str, *, arch: str | None = None, dtype: str = "auto", cache: st
     if not os.path.exists(source) and release_file(source) is not None:
         source = converted(source, cache=cache, base_url=base_url, progress=progress)
     elif not os.path.exists(source):
-        raise FileNotFoundError(f"{source!r} is neither a file, a folder, nor a released model "
-                                f"({', '.join(RELEASES)}).")
+        raise FileNotFoundError(
+            f"{source!r} is neither a file, a folder, nor a released model ({', '.join(RELEASES)})."
+        )
     if release_lib.is_release_file(source):
         return _load_file(source, arch, dtype)
     marker = _read_marker(source)

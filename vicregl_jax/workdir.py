@@ -89,7 +89,7 @@ def config_history(workdir) -> list[tuple[int, epath.Path]]:
     found = [(0, root / "config.json")]
     if root.exists():
         for path in root.glob("config.*.json"):
-            middle = path.name[len("config."):-len(".json")]
+            middle = path.name[len("config.") : -len(".json")]
             if middle.isdigit():
                 found.append((int(middle), path))
     return sorted(found, key=lambda item: item[0])
@@ -104,13 +104,17 @@ def load_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
         if step is None or at <= step:
             path = candidate
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a vicregl_jax workdir "
-                                "(pre-train there first, or convert release weights with `convert from-torch`).")
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a vicregl_jax workdir "
+            "(pre-train there first, or convert release weights with `convert from-torch`)."
+        )
     saved = json.loads(path.read_text())
     if "model" not in saved:
-        raise ValueError(f"{path} is the config of an earlier version of vicregl_jax (flat keys, no 'model' "
-                         "section): its checkpoints do not load in this version; retrain, or export the weights "
-                         "to PyTorch with the earlier version and convert them back with `convert from-torch`.")
+        raise ValueError(
+            f"{path} is the config of an earlier version of vicregl_jax (flat keys, no 'model' "
+            "section): its checkpoints do not load in this version; retrain, or export the weights "
+            "to PyTorch with the earlier version and convert them back with `convert from-torch`."
+        )
     config = config_lib.default_config()
     config.update_from_flattened_dict(_flatten(saved))
     return config
@@ -155,12 +159,14 @@ def check_workdir(path) -> None:
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ValueError(f"--workdir={text}: {probe} is a file, not a folder: give the path of a folder "
-                         "(it is created if missing).")
+        raise ValueError(
+            f"--workdir={text}: {probe} is a file, not a folder: give the path of a folder (it is created if missing)."
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "is" if probe == os.path.abspath(text) else f"would be created in {probe}, which is"
-        raise ValueError(f"--workdir={text} {where} not writable (read-only or another user's): give a "
-                         "folder you can write to.")
+        raise ValueError(
+            f"--workdir={text} {where} not writable (read-only or another user's): give a folder you can write to."
+        )
 
 
 def _boot_id() -> str:
@@ -215,8 +221,14 @@ class WorkdirLock:
         # Only process 0 of a multi-process run holds the lock.
         self.holder = jax.process_index() == 0 if holder_only is None else holder_only
         self.token = uuid.uuid4().hex
-        self.identity = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
-                         "pid_start": _process_start(os.getpid()), "token": self.token, "started": time.time()}
+        self.identity = {
+            "host": socket.gethostname(),
+            "boot_id": _boot_id(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "token": self.token,
+            "started": time.time(),
+        }
         self.beat = 0
         self._stop = threading.Event()
         self._thread = None
@@ -332,8 +344,10 @@ class WorkdirLock:
                 continue  # released meanwhile
             reason = self._why_stale(info)
             if reason is None:
-                return (f"{self.workdir} is in use by another run ({describe_holder(info)}): wait for it to "
-                        f"finish or stop it, or use another --workdir. If no run is using it, delete {self.path}.")
+                return (
+                    f"{self.workdir} is in use by another run ({describe_holder(info)}): wait for it to "
+                    f"finish or stop it, or use another --workdir. If no run is using it, delete {self.path}."
+                )
             logging.warning("Taking over the lock of %s from %s: %s.", self.workdir, describe_holder(info), reason)
             self._remove_stale(info)
         return f"{self.workdir}: could not take the lock {self.path} (other runs keep taking it); try again."

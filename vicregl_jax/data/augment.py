@@ -5,6 +5,7 @@ the view's seed) and sends them with the uint8 views to the accelerator, where `
 (JAX) applies them inside the train step. `normalise` turns uint8 evaluation images (and the
 views of colour="none") into the float32 inputs of the model.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf

@@ -28,6 +28,7 @@ sharded along its first axis stays sharded with no communication. The views are 
 (..., 3, S, S) planes: the last axis is a row of pixels, not 3 channels, which TPUs lay out
 without padding. Importable without TensorFlow.
 """
+
 from __future__ import annotations
 
 import jax
@@ -60,8 +61,7 @@ SOLARIZE_THRESHOLD = SOLARIZE_LEVEL / 255.0
 BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP, NO_OP = range(5)
 
 # The draws of one view and their dtypes: "order" is (..., 4), the others (...).
-DRAW_KEYS = ("order", "brightness", "contrast", "saturation", "hue", "grayscale", "blur",
-             "sigma", "solarize")
+DRAW_KEYS = ("order", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma", "solarize")
 _FACTORS = ("brightness", "contrast", "saturation", "hue", "sigma")  # the float draws
 
 
@@ -74,9 +74,11 @@ def _hsv_tables():
     spread = np.maximum(d1, d2).astype(np.float32)
     safe = np.where(spread > 0, spread, np.float32(1))
     c1, c2 = d1.astype(np.float32) / safe, d2.astype(np.float32) / safe  # float32 quotients, as PIL
-    cases = (c2 - c1,  # red maximal: distances (green, blue), h = bc - gc in float
-             (2.0 + c1.astype(np.float64) - c2).astype(np.float32),  # green: (red, blue), in double
-             (4.0 + c1.astype(np.float64) - c2).astype(np.float32))  # blue: (green, red)
+    cases = (
+        c2 - c1,  # red maximal: distances (green, blue), h = bc - gc in float
+        (2.0 + c1.astype(np.float64) - c2).astype(np.float32),  # green: (red, blue), in double
+        (4.0 + c1.astype(np.float64) - c2).astype(np.float32),
+    )  # blue: (green, red)
     hue = []
     for h in cases:
         h = np.fmod(h.astype(np.float64) / 6.0 + 1.0, 1.0).astype(np.float32)
@@ -197,8 +199,11 @@ def adjust_hue(x, delta):
     r, g, b = x[..., 0, :, :], x[..., 1, :, :], x[..., 2, :, :]
     top = jnp.maximum(jnp.maximum(r, g), b)
     spread = top - jnp.minimum(jnp.minimum(r, g), b)
-    index = jnp.where(r == top, (top - g) * 256 + (top - b),
-                      jnp.where(g == top, 65536 + (top - r) * 256 + (top - b), 131072 + (top - g) * 256 + (top - r)))
+    index = jnp.where(
+        r == top,
+        (top - g) * 256 + (top - b),
+        jnp.where(g == top, 65536 + (top - r) * 256 + (top - b), 131072 + (top - g) * 256 + (top - r)),
+    )
     hue = jnp.take(jnp.asarray(HUE_TABLE), index, mode="clip").astype(jnp.int32)
     sat = jnp.take(jnp.asarray(SATURATION_TABLE), spread * 256 + top, mode="clip").astype(jnp.int32)
     hue = (hue + _per_view(hue_shift(delta), 2)) & 255
@@ -292,8 +297,11 @@ def solarize(x):
 def _blend_slot(x, op, draws):
     """Returns the planes after the blend op `op` (per view: brightness, contrast, saturation,
     or NO_OP). The three are one blend with another anchor and factor: one pass, not three."""
-    anchor = jnp.where(_per_view(op == CONTRAST_OP), mean_luma(x),
-                       jnp.where(_per_view(op == SATURATION_OP), luma(x)[..., None, :, :], 0))
+    anchor = jnp.where(
+        _per_view(op == CONTRAST_OP),
+        mean_luma(x),
+        jnp.where(_per_view(op == SATURATION_OP), luma(x)[..., None, :, :], 0),
+    )
     factor = jnp.select(
         [op == BRIGHTNESS_OP, op == CONTRAST_OP, op == SATURATION_OP],
         [jnp.asarray(draws[k], jnp.float32) for k in ("brightness", "contrast", "saturation")],
@@ -313,6 +321,7 @@ def colour_jitter(x, draws):
         def body(slot, y):  # a loop: each blend reads its input three times, unfused it is computed once
             op = jnp.take(order, slot, axis=-1)
             return _blend_slot(y, jnp.where((slot > hue_slot) if after else (slot < hue_slot), op, NO_OP), draws)
+
         return body
 
     x = jax.lax.fori_loop(0, 4, blends(after=False), x)

@@ -6,6 +6,7 @@ of each crop, so everything here stays in those coordinates.
 
 Randomness is stateless (`tf.random.stateless_*`): a crop is a pure function of its seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ class CropGroup:
         lo, hi = (float(s) for s in self.scale)
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(
-                f"CropGroup scale={self.scale!r}: give (min, max) with 0 < min <= max <= 1, "
-                "e.g. (0.08, 1.0)."
+                f"CropGroup scale={self.scale!r}: give (min, max) with 0 < min <= max <= 1, e.g. (0.08, 1.0)."
             )
         object.__setattr__(self, "scale", (lo, hi))
 
@@ -96,11 +96,7 @@ def sample_crop_boxes(
 
     # Fallback: the whole image, clipped to the ratio range, centred.
     in_ratio = width / height
-    fb_w = tf.where(
-        in_ratio < ratio[0],
-        width,
-        tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width),
-    )
+    fb_w = tf.where(in_ratio < ratio[0], width, tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
     fb_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
     fb_top = tf.floor((height - fb_h) / 2.0)
     fb_left = tf.floor((width - fb_w) / 2.0)

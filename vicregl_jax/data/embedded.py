@@ -14,6 +14,7 @@
 Both build in seconds from the installed packages, as ArrayRecord (random access), into
 `data_dir` (default ~/tensorflow_datasets). The pipeline builds them on first use.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,15 +23,7 @@ from PIL import Image
 
 NAMES = ("vicregl_photos", "vicregl_digits")
 
-_COLOUR_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-)
+_COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 _GREY_PHOTOS = ("camera", "coins", "moon", "clock", "grass", "gravel", "brick", "cell")
 MAX_PHOTO_SIDE = 512
 CROP_FRACTION = 0.7
@@ -72,14 +65,15 @@ def photo_variants(image: np.ndarray) -> list[tuple[str, np.ndarray]]:
         "bottom_right": (height - ch, width - cw),
         "centre": ((height - ch) // 2, (width - cw) // 2),
     }
-    crops = [(k, image[t : t + ch, l : l + cw]) for k, (t, l) in corners.items()]
+    crops = [(k, image[t : t + ch, left : left + cw]) for k, (t, left) in corners.items()]
     return [("whole", image)] + crops
 
 
 def _dataset_info(builder, features: dict, supervised_keys: tuple[str, str] | None = None):
     """Returns the DatasetInfo of an embedded builder: this module's description and the features."""
-    return builder.dataset_info_from_configs(description=__doc__, features=tfds.features.FeaturesDict(features),
-                                             supervised_keys=supervised_keys)
+    return builder.dataset_info_from_configs(
+        description=__doc__, features=tfds.features.FeaturesDict(features), supervised_keys=supervised_keys
+    )
 
 
 class VicreglPhotos(tfds.core.GeneratorBasedBuilder):
@@ -89,8 +83,10 @@ class VicreglPhotos(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "19 photos, each whole and in three fixed crops."}
 
     def _info(self):
-        return _dataset_info(self, {"image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                                    "name": tfds.features.Text()})
+        return _dataset_info(
+            self,
+            {"image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"), "name": tfds.features.Text()},
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything ships with the installed packages
@@ -112,9 +108,7 @@ def digit_images(size: int = DIGIT_SIZE) -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     grey = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    resized = np.stack(
-        [np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in grey]
-    )
+    resized = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in grey])
     return np.repeat(resized[..., None], 3, axis=-1), digits.target.astype(np.int64)
 
 
@@ -126,15 +120,13 @@ class VicreglDigits(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         image = tfds.features.Image(shape=(DIGIT_SIZE, DIGIT_SIZE, 3), encoding_format="png")
-        return _dataset_info(self, {"image": image, "label": tfds.features.ClassLabel(num_classes=10)},
-                             ("image", "label"))
+        return _dataset_info(
+            self, {"image": image, "label": tfds.features.ClassLabel(num_classes=10)}, ("image", "label")
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {
-            "train": self._generate_examples(test=False),
-            "test": self._generate_examples(test=True),
-        }
+        return {"train": self._generate_examples(test=False), "test": self._generate_examples(test=True)}
 
     def _generate_examples(self, test: bool):
         images, labels = digit_images()

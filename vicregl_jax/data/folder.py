@@ -4,6 +4,7 @@ A folder is listed from its manifest when it has one (MANIFEST_NAME inside it, w
 `python -m vicregl_jax.data.manifest DIR`): one read, however many files, instead of a walk
 that costs a metadata request per entry (14M of them for ImageNet-22k on gs:// or Lustre).
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,9 @@ def list_image_folder(directory: str) -> tuple[list[str], list[int], list[str]]:
             logging.warning(
                 "Listed %d images in %s by walking it; write its manifest once (`python -m "
                 "vicregl_jax.data.manifest %s`) and every later run lists it with one read.",
-                len(listed[0]), directory, directory,
+                len(listed[0]),
+                directory,
+                directory,
             )
     if not listed[0]:
         raise _no_images_error(directory)
@@ -108,7 +111,10 @@ class _LocalWalk:
             logging.warning(
                 "Listing %s: skipped %d folder links already walked (links back up the tree or second links to a "
                 "folder) and %d entries that are not regular files (FIFOs, sockets, devices, dangling links).",
-                directory, self.skipped_links, self.skipped_files)
+                directory,
+                self.skipped_links,
+                self.skipped_files,
+            )
 
 
 def walk_image_folder(directory: str) -> tuple[list[str], list[int], list[str]]:
@@ -123,8 +129,12 @@ def walk_image_folder(directory: str) -> tuple[list[str], list[int], list[str]]:
     if class_names:
         for label, name in enumerate(class_names):
             if remote:  # object stores have neither links nor special files
-                found = sorted(os.path.join(folder, f) for folder, _, files
-                               in tf.io.gfile.walk(os.path.join(directory, name)) for f in files if _is_image(f))
+                found = sorted(
+                    os.path.join(folder, f)
+                    for folder, _, files in tf.io.gfile.walk(os.path.join(directory, name))
+                    for f in files
+                    if _is_image(f)
+                )
             else:
                 found = walk.images(os.path.join(directory, name))
             paths.extend(found)
@@ -148,7 +158,7 @@ def manifest_text(directory: str, paths: list[str], labels: list[int], class_nam
     for path, label in zip(paths, labels):
         if not path.startswith(prefix):
             raise ValueError(f"{path!r} is not inside {directory!r}")
-        relative = path[len(prefix):]
+        relative = path[len(prefix) :]
         if any(c in relative for c in "\n\r\t"):
             raise ValueError(f"{path!r}: a file name with a tab or a line break cannot go in a manifest; rename it.")
         expected = index.get(relative.split("/", 1)[0]) if class_names else -1
@@ -164,15 +174,23 @@ def parse_manifest(directory: str, text: str) -> tuple[list[str], list[int], lis
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    if len(lines) < 3 or lines[0] != MANIFEST_HEADER or not lines[1].startswith("# classes") \
-            or not lines[2].startswith("# images\t"):
-        raise ValueError(f"{where} is not a vicregl_jax manifest: delete it, or write it again with "
-                         f"`python -m vicregl_jax.data.manifest {directory}`.")
+    if (
+        len(lines) < 3
+        or lines[0] != MANIFEST_HEADER
+        or not lines[1].startswith("# classes")
+        or not lines[2].startswith("# images\t")
+    ):
+        raise ValueError(
+            f"{where} is not a vicregl_jax manifest: delete it, or write it again with "
+            f"`python -m vicregl_jax.data.manifest {directory}`."
+        )
     class_names = [c for c in lines[1].split("\t")[1:] if c]
     relative = lines[3:]
     if len(relative) != int(lines[2].split("\t")[1]):
-        raise ValueError(f"{where} lists {len(relative)} images but says {lines[2].split(chr(9))[1]}: it was cut "
-                         f"short; write it again with `python -m vicregl_jax.data.manifest {directory}`.")
+        raise ValueError(
+            f"{where} lists {len(relative)} images but says {lines[2].split(chr(9))[1]}: it was cut "
+            f"short; write it again with `python -m vicregl_jax.data.manifest {directory}`."
+        )
     base = directory.rstrip("/")
     paths = [f"{base}/{r}" for r in relative]
     if class_names:
@@ -203,13 +221,13 @@ def listing_to_images(directory: str, urls) -> tuple[list[str], list[int], list[
     prefix = directory.rstrip("/") + "/"
     files = sorted({u.strip() for u in urls if u.strip() and not u.strip().endswith(("/", ":"))})
     files = [f for f in files if f.startswith(prefix)]
-    class_names = sorted({f[len(prefix):].split("/", 1)[0] for f in files if "/" in f[len(prefix):]})
+    class_names = sorted({f[len(prefix) :].split("/", 1)[0] for f in files if "/" in f[len(prefix) :]})
     if class_names:
         index = {name: k for k, name in enumerate(class_names)}
-        images = [f for f in files if "/" in f[len(prefix):] and _is_image(f)]
+        images = [f for f in files if "/" in f[len(prefix) :] and _is_image(f)]
         by_class: dict[int, list[str]] = {}
         for f in images:
-            by_class.setdefault(index[f[len(prefix):].split("/", 1)[0]], []).append(f)
+            by_class.setdefault(index[f[len(prefix) :].split("/", 1)[0]], []).append(f)
         paths, labels = [], []
         for label in range(len(class_names)):
             found = sorted(by_class.get(label, []))

@@ -1,5 +1,6 @@
 """Per-host numpy batches -> global jax.Arrays sharded over the batch axis of a mesh, put
 there ahead of the step by a background thread."""
+
 from __future__ import annotations
 
 import queue
@@ -20,8 +21,7 @@ def to_global_batch(batch: Any, mesh: jax.sharding.Mesh, data_axis: str = "data"
     """
     if data_axis not in mesh.axis_names:
         raise ValueError(
-            f"mesh has no axis {data_axis!r} (axes: {mesh.axis_names}): pass the name of the "
-            "batch axis as data_axis="
+            f"mesh has no axis {data_axis!r} (axes: {mesh.axis_names}): pass the name of the batch axis as data_axis="
         )
 
     def to_global(local):

@@ -3,6 +3,7 @@
 Imports neither TensorFlow nor JAX: pass the array namespace of your arrays as `xp`
 (`numpy`, `jax.numpy`, or `tensorflow.experimental.numpy` inside tf.data).
 """
+
 from __future__ import annotations
 
 import numpy as np

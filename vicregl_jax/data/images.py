@@ -7,9 +7,10 @@ view is cropped, resized and flipped by one compiled call per crop group (`resam
 bytes of Pillow's bicubic resize, as the release makes them). Evaluation images are resized
 and centre-cropped the same way (`centre_view`).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -91,8 +92,9 @@ def resize_views(region, boxes, flips, size: int, method: str = "bicubic", impl:
     count = boxes.shape[0]
     if impl == "pillow":
         kind = resample.FILTERS[method]
-        views = tf.numpy_function(lambda r, b, f: resample.crop_resize(r, b, f, size, kind),
-                                  [region, boxes, flips], tf.uint8, stateful=False)
+        views = tf.numpy_function(
+            lambda r, b, f: resample.crop_resize(r, b, f, size, kind), [region, boxes, flips], tf.uint8, stateful=False
+        )
         return tf.ensure_shape(views, [count, size, size, 3])
     views = []
     for v in range(count):
@@ -109,6 +111,7 @@ def centre_view(image: tf.Tensor, size: int, resize_size: int, method: str = "bi
     shape = crops.resized_shape(tf.shape(image)[0], tf.shape(image)[1], resize_size)
     offsets = crops.centre_crop_offsets(shape, size)
     if impl == "pillow":
+
         def window(image, shape, offsets):
             return resample.resize(image, shape[0], shape[1], method, window=(*offsets, size, size))
 

@@ -6,13 +6,15 @@ undecodable, the first few named), and stops with `PipelineError` when more than
 example failed. Batches that a tf.data service delivers out of order are put back in step
 order. Every open iterator is closed at interpreter exit (one registry for all of them).
 """
+
 from __future__ import annotations
 
 import atexit
 import collections
 import threading
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import tensorflow as tf
 from absl import logging
@@ -29,7 +31,7 @@ class PipelineError(RuntimeError):
 # Open iterators, closed before the interpreter shuts down: tf.data's iterator destructor
 # waits for its Python (numpy_function) calls, which cannot run any more once finalisation
 # has begun: the process would hang after an error instead of exiting.
-_OPEN_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+_OPEN_ITERATORS: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
 
 
 @atexit.register
@@ -51,10 +53,19 @@ class BatchIterator:
 
     MAX_NAMED_FAILURES = 5
 
-    def __init__(self, dataset: tf.data.Dataset, start_step: int, source: sources.ImageSource,
-                 steps: int | None = None, *, read: ReadOptions = ReadOptions(),
-                 give_up: bool = True, process_index: int = 0, global_batch: int = 0,
-                 reorder: bool = False):
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        start_step: int,
+        source: sources.ImageSource,
+        steps: int | None = None,
+        *,
+        read: ReadOptions = ReadOptions(),
+        give_up: bool = True,
+        process_index: int = 0,
+        global_batch: int = 0,
+        reorder: bool = False,
+    ):
         self.dataset = dataset
         self.step = start_step
         self.num_unreadable = self.num_undecodable = 0
@@ -108,7 +119,8 @@ class BatchIterator:
                 raise PipelineError(
                     f"batch {self.step} never came from the tf.data service while "
                     f"{len(self._waiting)} later ones did (a worker lost?): restart the run, "
-                    "which resumes from its last checkpoint.")
+                    "which resumes from its last checkpoint."
+                )
         return self._waiting.pop(self.step)
 
     def __next__(self) -> dict[str, Any]:
@@ -140,9 +152,15 @@ class BatchIterator:
                     kind = "unreadable" if was_read else "undecodable"
                     self.failed_examples.append(f"{self._source.describe(int(index))} ({kind})")
             logging.log_every_n_seconds(
-                logging.WARNING, "Host %d: %d unreadable and %d undecodable images skipped so far "
-                "in %s (first: %s).", 30, self._process_index, self.num_unreadable,
-                self.num_undecodable, self._source.name, ", ".join(self.failed_examples))
+                logging.WARNING,
+                "Host %d: %d unreadable and %d undecodable images skipped so far in %s (first: %s).",
+                30,
+                self._process_index,
+                self.num_unreadable,
+                self.num_undecodable,
+                self._source.name,
+                ", ".join(self.failed_examples),
+            )
         if not self._give_up:
             return
         exhausted = (read_failures + decode_failures) >= MAX_ATTEMPTS
@@ -150,7 +168,8 @@ class BatchIterator:
             raise PipelineError(
                 f"all {MAX_ATTEMPTS} images tried for one example of {self._source.name} failed "
                 f"to decode or to read (e.g. {', '.join(self.failed_examples)}): is the dataset "
-                "corrupt, not images, or its storage unreachable?")
+                "corrupt, not images, or its storage unreachable?"
+            )
         self._window.append((len(read_failures) + failures, failures))
         self._window_tried += len(read_failures) + failures
         self._window_failed += failures
@@ -167,7 +186,8 @@ class BatchIterator:
                 f"{self.num_undecodable} undecodable so far on host {self._process_index}), more than "
                 f"max_failure_share={self._read.max_failure_share} of {window}: first failing: "
                 f"{', '.join(self.failed_examples)}. Remove or repair these files, or raise "
-                "max_failure_share.")
+                "max_failure_share."
+            )
 
     def __len__(self) -> int:
         if self.steps is None:

@@ -1,4 +1,5 @@
 """How a host reads a dataset: the options every iterator shares, and this host's share of a batch."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,15 @@ class ReadOptions:
     def from_config(cls, data_config) -> ReadOptions:
         """Returns the options of a run's config.data section (data_dir, manual_dir, num_threads,
         jpeg_dct_method, max_failure_share, failure_window, resize; absent keys keep their defaults)."""
-        fields = ("data_dir", "manual_dir", "num_threads", "jpeg_dct_method", "max_failure_share", "failure_window",
-                  "resize")
+        fields = (
+            "data_dir",
+            "manual_dir",
+            "num_threads",
+            "jpeg_dct_method",
+            "max_failure_share",
+            "failure_window",
+            "resize",
+        )
         return cls(**{f: data_config[f] for f in fields if f in data_config})
 
     def threads(self) -> int:
@@ -64,8 +72,13 @@ class ReadOptions:
 
     def open(self, dataset: str, split: str) -> sources.ImageSource:
         """Returns the random-access source of a dataset's split, read as these options say."""
-        return sources.open_source(dataset, split, data_dir=self.data_dir, manual_dir=self.manual_dir,
-                                   max_in_memory_bytes=self.max_in_memory_bytes)
+        return sources.open_source(
+            dataset,
+            split,
+            data_dir=self.data_dir,
+            manual_dir=self.manual_dir,
+            max_in_memory_bytes=self.max_in_memory_bytes,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +95,7 @@ class Hosts:
         return self.global_batch // self.count
 
 
-def resolve_hosts(global_batch_size: int, process_index: int | None = None,
-                  process_count: int | None = None) -> Hosts:
+def resolve_hosts(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> Hosts:
     """Returns this host's Hosts, checked; process index and count are JAX's when None."""
     if process_index is None or process_count is None:
         import jax  # only here: the iterators run without JAX when given both

@@ -6,10 +6,11 @@ per-example processing (`views.py`, `images.py`) and batch finishing.
                                 global_batch_size=32, seed=0)
     batch = next(it)  # this host's rows of global batch it.step - 1
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -50,8 +51,9 @@ class EvalImages:
     def __post_init__(self):
         CropGroup(self.image_size, 1, (1.0, 1.0))  # validates image_size
         if self.interpolation not in resample.FILTERS:
-            raise ValueError(f"interpolation={self.interpolation!r}: use one of {tuple(resample.FILTERS)} "
-                             "(the release's filters).")
+            raise ValueError(
+                f"interpolation={self.interpolation!r}: use one of {tuple(resample.FILTERS)} (the release's filters)."
+            )
         if self.resize_size < self.image_size:
             raise ValueError(
                 f"resize_size={self.resize_size} is smaller than image_size={self.image_size}: the "
@@ -74,12 +76,14 @@ def _check_service(service: str, source, read: ReadOptions) -> None:
     if source.tf_read is None:
         raise ValueError(
             f"service={service!r}: the tf.data service reads with TensorFlow ops only, and "
-            f"{source.name} is read in Python; use a folder dataset ('folder:/path') with the service.")
+            f"{source.name} is read in Python; use a folder dataset ('folder:/path') with the service."
+        )
     if read.resize != "tensorflow":
         raise ValueError(
             f"service={service!r} with resize={read.resize!r}: the tf.data service's workers run TensorFlow "
             "ops only, and the Pillow resize is compiled Python; set resize='tensorflow' "
-            "(--config.data.resize=tensorflow) with the service.")
+            "(--config.data.resize=tensorflow) with the service."
+        )
 
 
 def make_pretrain_iterator(
@@ -114,9 +118,7 @@ def make_pretrain_iterator(
     """
     groups = tuple(groups)
     if not groups:
-        raise ValueError(
-            "groups is empty: give at least one CropGroup, e.g. CropGroup(224, 2, (0.08, 1.0))."
-        )
+        raise ValueError("groups is empty: give at least one CropGroup, e.g. CropGroup(224, 2, (0.08, 1.0)).")
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour={colour!r}: use one of {COLOUR_MODES} (device: draws with uint8 views).")
     grid_sizes = [crops.grid_size(g, stride) for g in groups]
@@ -125,8 +127,15 @@ def make_pretrain_iterator(
     source = read.open(dataset, split)
     if service:
         _check_service(service, source, read)
-    process = views.pretrain_example(groups, grid_sizes, seed=seed, flip_grid=flip_grid, with_labels=with_labels,
-                                     dct_method=read.jpeg_dct_method, impl=read.resize)
+    process = views.pretrain_example(
+        groups,
+        grid_sizes,
+        seed=seed,
+        flip_grid=flip_grid,
+        with_labels=with_labels,
+        dct_method=read.jpeg_dct_method,
+        impl=read.resize,
+    )
 
     def finish_batch(batch):
         if colour == "none":
@@ -134,14 +143,32 @@ def make_pretrain_iterator(
             del batch["draws"]
         return batch
 
-    ds = stream.shuffled_batches(source, start_step, StreamKeys.of_seed(seed), process, finish_batch,
-                                 hosts=hosts, read=read, python_reads=not service)
+    ds = stream.shuffled_batches(
+        source,
+        start_step,
+        StreamKeys.of_seed(seed),
+        process,
+        finish_batch,
+        hosts=hosts,
+        read=read,
+        python_reads=not service,
+    )
     if service:
-        ds = ds.apply(tf.data.experimental.service.distribute(
-            processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=service))
+        ds = ds.apply(
+            tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=service
+            )
+        )
     ds = ds.prefetch(read.prefetch)
-    return BatchIterator(ds, start_step, source, read=read, process_index=hosts.index,
-                         global_batch=global_batch_size, reorder=bool(service))
+    return BatchIterator(
+        ds,
+        start_step,
+        source,
+        read=read,
+        process_index=hosts.index,
+        global_batch=global_batch_size,
+        reorder=bool(service),
+    )
 
 
 def make_eval_iterator(
@@ -170,8 +197,13 @@ def make_eval_iterator(
         raise ValueError(f"start_step={start_step} is outside the {steps} batches of one pass.")
 
     def process(encoded, label, position):
-        view = centre_view(decode_rgb(encoded, read.jpeg_dct_method), images.image_size,
-                           images.resize_size, images.interpolation, read.resize)
+        view = centre_view(
+            decode_rgb(encoded, read.jpeg_dct_method),
+            images.image_size,
+            images.resize_size,
+            images.interpolation,
+            read.resize,
+        )
         return {"image": view, "label": tf.cast(label, tf.int32), "position": position}
 
     def finish_batch(batch):
@@ -184,8 +216,16 @@ def make_eval_iterator(
         return batch
 
     ds = stream.pass_batches(source, start_step, steps, process, finish_batch, hosts=hosts, read=read)
-    return BatchIterator(ds.prefetch(read.prefetch), start_step, source, steps - start_step, read=read,
-                         give_up=False, process_index=hosts.index, global_batch=global_batch_size)
+    return BatchIterator(
+        ds.prefetch(read.prefetch),
+        start_step,
+        source,
+        steps - start_step,
+        read=read,
+        give_up=False,
+        process_index=hosts.index,
+        global_batch=global_batch_size,
+    )
 
 
 def make_linear_train_iterator(
@@ -212,16 +252,35 @@ def make_linear_train_iterator(
     source = read.open(dataset, split)
 
     def process(encoded, label, position):
-        per_group = views.make_views(encoded, position_seed(position, seed), (group,), (1,), False,
-                                     read.jpeg_dct_method, images.interpolation, impl=read.resize)
-        return {"image": per_group[0][0][0], "label": tf.cast(label, tf.int32),
-                "mask": tf.constant(True), "position": position}
+        per_group = views.make_views(
+            encoded,
+            position_seed(position, seed),
+            (group,),
+            (1,),
+            False,
+            read.jpeg_dct_method,
+            images.interpolation,
+            impl=read.resize,
+        )
+        return {
+            "image": per_group[0][0][0],
+            "label": tf.cast(label, tf.int32),
+            "mask": tf.constant(True),
+            "position": position,
+        }
 
     def finish_batch(batch):
         batch["image"] = images.normalise(batch["image"])
         return batch
 
-    ds = stream.shuffled_batches(source, start_step, StreamKeys.of_seed(seed), process, finish_batch,
-                                 hosts=hosts, read=read)
-    return BatchIterator(ds.prefetch(read.prefetch), start_step, source, read=read, process_index=hosts.index,
-                         global_batch=global_batch_size)
+    ds = stream.shuffled_batches(
+        source, start_step, StreamKeys.of_seed(seed), process, finish_batch, hosts=hosts, read=read
+    )
+    return BatchIterator(
+        ds.prefetch(read.prefetch),
+        start_step,
+        source,
+        read=read,
+        process_index=hosts.index,
+        global_batch=global_batch_size,
+    )

@@ -86,8 +86,7 @@ def prepared_builder(builder):
 
 def default_staging_dir() -> str:
     """Returns $VICREGL_JAX_STAGING_DIR, else ~/.cache/vicregl_jax/tfds_staging."""
-    return os.environ.get(STAGING_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vicregl_jax",
-                                                       "tfds_staging")
+    return os.environ.get(STAGING_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vicregl_jax", "tfds_staging")
 
 
 def tree_size(path: str | None) -> int:
@@ -96,8 +95,9 @@ def tree_size(path: str | None) -> int:
         return 0
     if not tf.io.gfile.isdir(path):
         return tf.io.gfile.stat(path).length
-    return sum(tf.io.gfile.stat(os.path.join(top, name)).length
-               for top, _, files in tf.io.gfile.walk(path) for name in files)
+    return sum(
+        tf.io.gfile.stat(os.path.join(top, name)).length for top, _, files in tf.io.gfile.walk(path) for name in files
+    )
 
 
 def staging_space_needed(builder, manual_dir: str | None) -> int:
@@ -115,7 +115,8 @@ def check_staging_space(staging_dir: str, needed: int) -> None:
         raise NotEnoughSpaceError(
             f"preparing needs {needed / 2**30:.1f} GiB in the staging folder {staging_dir}, which has "
             f"{free / 2**30:.1f} GiB free: give a folder on a larger disk with --staging_dir=DIR "
-            f"(in a run: ${STAGING_ENV}=DIR).")
+            f"(in a run: ${STAGING_ENV}=DIR)."
+        )
 
 
 @contextlib.contextmanager
@@ -151,8 +152,10 @@ def _with_retries(action, what: str, tries: int, backoff_s: float):
         try:
             return action()
         except (tf.errors.OpError, OSError) as error:
-            if isinstance(error, (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, FileNotFoundError)) \
-                    or attempt == tries - 1:
+            if (
+                isinstance(error, (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, FileNotFoundError))
+                or attempt == tries - 1
+            ):
                 raise OSError(f"{what} failed after {attempt + 1} tries: {error}") from error
             logging.warning("%s failed (%s); retrying in %.1f s.", what, error, backoff_s * 2**attempt)
             time.sleep(backoff_s * 2**attempt)
@@ -167,8 +170,14 @@ def _remote_sizes(remote_dir: str) -> dict[str, int]:
     return {n: tf.io.gfile.stat(os.path.join(remote_dir, n)).length for n in names}
 
 
-def upload_prepared(local_dir: str, remote_dir: str, *, workers: int = UPLOAD_WORKERS, tries: int = UPLOAD_TRIES,
-                    backoff_s: float = UPLOAD_BACKOFF_S) -> UploadReport:
+def upload_prepared(
+    local_dir: str,
+    remote_dir: str,
+    *,
+    workers: int = UPLOAD_WORKERS,
+    tries: int = UPLOAD_TRIES,
+    backoff_s: float = UPLOAD_BACKOFF_S,
+) -> UploadReport:
     """Uploads a prepared TFDS dataset folder to remote_dir: the shards in parallel (each one
     not already there with the right size), checked, then the other files, features.json and
     dataset_info.json last. Returns what it did; raises OSError when a shard stays missing."""
@@ -182,8 +191,12 @@ def upload_prepared(local_dir: str, remote_dir: str, *, workers: int = UPLOAD_WO
     tf.io.gfile.makedirs(remote_dir)
 
     def upload(name):
-        _with_retries(lambda: tf.io.gfile.copy(os.path.join(local_dir, name), os.path.join(remote_dir, name),
-                                               overwrite=True), f"uploading {name}", tries, backoff_s)
+        _with_retries(
+            lambda: tf.io.gfile.copy(os.path.join(local_dir, name), os.path.join(remote_dir, name), overwrite=True),
+            f"uploading {name}",
+            tries,
+            backoff_s,
+        )
         return name
 
     started = time.monotonic()
@@ -193,8 +206,10 @@ def upload_prepared(local_dir: str, remote_dir: str, *, workers: int = UPLOAD_WO
     uploaded = _remote_sizes(remote_dir)
     wrong = [n for n in shards if uploaded.get(n) != local_size[n]]
     if wrong:
-        raise OSError(f"{len(wrong)} of {len(shards)} shards are missing in {remote_dir} or differ in size after "
-                      f"the upload (e.g. {wrong[0]}); run the same command again to finish it.")
+        raise OSError(
+            f"{len(wrong)} of {len(shards)} shards are missing in {remote_dir} or differ in size after "
+            f"the upload (e.g. {wrong[0]}); run the same command again to finish it."
+        )
     others = [n for n in names if n not in shards and n not in METADATA_LAST]
     last = [n for n in METADATA_LAST if n in local_size]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -217,8 +232,15 @@ def _upload_dataset_files(local_root: str, remote_root: str, variant: str, **kwa
     return upload_prepared(os.path.join(local_root, variant), os.path.join(remote_root, variant), **kwargs)
 
 
-def prepare_to_bucket(dataset: str, data_dir: str, manual_dir: str | None = None, *, staging_dir: str | None = None,
-                      workers: int = UPLOAD_WORKERS, num_shards: int | None = None):
+def prepare_to_bucket(
+    dataset: str,
+    data_dir: str,
+    manual_dir: str | None = None,
+    *,
+    staging_dir: str | None = None,
+    workers: int = UPLOAD_WORKERS,
+    num_shards: int | None = None,
+):
     """Returns the builder of `dataset` ('name[/config][:version]') prepared in data_dir
     (gs://...), preparing it in staging_dir and uploading it unless it is there already."""
     remote = tfds.builder(dataset, data_dir=data_dir)
@@ -233,10 +255,19 @@ def prepare_to_bucket(dataset: str, data_dir: str, manual_dir: str | None = None
         variant = os.path.relpath(os.fspath(local.data_path), local_root)
         remote_root = os.path.join(str(remote.data_dir_root), remote.name)
         report = _upload_dataset_files(local_root, remote_root, variant, workers=workers)
-    logging.info("%s: uploaded %d shards (%d were there already) and %d metadata files to %s.", dataset,
-                 len(report.uploaded), len(report.skipped), len(report.metadata), remote.data_path)
-    print(f"vicregl_jax: {dataset} is prepared in {remote.data_path} ({len(report.uploaded)} shards uploaded, "
-          f"{len(report.skipped)} already there).", flush=True)
+    logging.info(
+        "%s: uploaded %d shards (%d were there already) and %d metadata files to %s.",
+        dataset,
+        len(report.uploaded),
+        len(report.skipped),
+        len(report.metadata),
+        remote.data_path,
+    )
+    print(
+        f"vicregl_jax: {dataset} is prepared in {remote.data_path} ({len(report.uploaded)} shards uploaded, "
+        f"{len(report.skipped)} already there).",
+        flush=True,
+    )
     return tfds.builder(dataset, data_dir=data_dir)
 
 
@@ -246,15 +277,24 @@ def main(argv=None) -> None:
     parser.add_argument("dataset", help="TFDS name, e.g. imagenet2012 or imagenette/full-size-v2")
     parser.add_argument("--data_dir", required=True, help="where the prepared dataset goes (gs://BUCKET/tfds or local)")
     parser.add_argument("--manual_dir", help="the files downloaded by hand (local or gs://), if the dataset needs them")
-    parser.add_argument("--staging_dir", help=f"local folder to prepare in before the upload (default: ${STAGING_ENV} "
-                                              "or ~/.cache/vicregl_jax/tfds_staging)")
+    parser.add_argument(
+        "--staging_dir",
+        help=f"local folder to prepare in before the upload (default: ${STAGING_ENV} "
+        "or ~/.cache/vicregl_jax/tfds_staging)",
+    )
     parser.add_argument("--upload_workers", type=int, default=UPLOAD_WORKERS, help="shards uploaded at once")
     parser.add_argument("--num_shards", type=int, help="shards per split (default: TFDS's choice by size)")
     args = parser.parse_args(argv)
     try:
         if is_remote(args.data_dir):
-            prepare_to_bucket(args.dataset, args.data_dir, args.manual_dir, staging_dir=args.staging_dir,
-                              workers=args.upload_workers, num_shards=args.num_shards)
+            prepare_to_bucket(
+                args.dataset,
+                args.data_dir,
+                args.manual_dir,
+                staging_dir=args.staging_dir,
+                workers=args.upload_workers,
+                num_shards=args.num_shards,
+            )
         else:
             with _staging_lock(args.data_dir, args.dataset):
                 stage(args.dataset, args.data_dir, args.manual_dir, args.num_shards)

@@ -21,6 +21,7 @@ Both passes run as a sum of whole rows times a scalar (vectorised over a row's p
 horizontal pass on a transposed copy of the rows. All functions release the GIL, so tf.data's
 threads run them in parallel (`tf.numpy_function` in the pipeline, one call per crop group).
 """
+
 from __future__ import annotations
 
 import math

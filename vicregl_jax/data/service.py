@@ -12,6 +12,7 @@ batch loses it (the service hands each step out once), and the iterator then sto
 error after 64 later batches arrived (the run resumes from its last checkpoint); read errors
 are not retried and count as undecodable images (a service graph cannot call Python).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,21 +26,24 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     dispatcher = sub.add_parser("dispatcher", help="start the dispatcher (one per deployment)")
     dispatcher.add_argument("--port", type=int, default=5050)
-    dispatcher.add_argument("--work_dir", default=None,
-                            help="where the dispatcher keeps its state to survive restarts (e.g. gs://...)")
+    dispatcher.add_argument(
+        "--work_dir", default=None, help="where the dispatcher keeps its state to survive restarts (e.g. gs://...)"
+    )
     worker = sub.add_parser("worker", help="start a worker (one per CPU machine)")
     worker.add_argument("--dispatcher", required=True, help="HOST:PORT of the dispatcher")
     worker.add_argument("--port", type=int, default=0, help="0: any free port")
-    worker.add_argument("--worker_address", default=None,
-                        help="HOST:%%port the dispatcher gives to clients (default: this host's name)")
+    worker.add_argument(
+        "--worker_address", default=None, help="HOST:%%port the dispatcher gives to clients (default: this host's name)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     service = tf.data.experimental.service
     if args.role == "dispatcher":
-        server = service.DispatchServer(service.DispatcherConfig(
-            port=args.port, work_dir=args.work_dir, fault_tolerant_mode=bool(args.work_dir)))
+        server = service.DispatchServer(
+            service.DispatcherConfig(port=args.port, work_dir=args.work_dir, fault_tolerant_mode=bool(args.work_dir))
+        )
         print(f"tf.data dispatcher serving at {server.target}", flush=True)
     else:
         address = args.dispatcher.split("://")[-1]

@@ -10,6 +10,7 @@ so every source here reads by index:
 - `folder:/path`: image files, read by path (a batch of files at once, by a pool of threads);
 - the embedded datasets (`vicregl_photos`, `vicregl_digits`): built on first use.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -46,17 +47,30 @@ class NotARegularFileError(OSError):
 # Read errors worth retrying (throttling, timeouts, a flaky network file system); a missing
 # or forbidden file is not retried, nor any other error (a reader that fails for another
 # reason, e.g. at interpreter shutdown, would fail again).
-_PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, NotARegularFileError,
-                     tf.errors.NotFoundError, tf.errors.PermissionDeniedError)
-_TRANSIENT_ERRORS = (OSError, tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                     tf.errors.ResourceExhaustedError, tf.errors.AbortedError,
-                     tf.errors.InternalError, tf.errors.UnknownError)
+_PERMANENT_ERRORS = (
+    FileNotFoundError,
+    IsADirectoryError,
+    PermissionError,
+    NotARegularFileError,
+    tf.errors.NotFoundError,
+    tf.errors.PermissionDeniedError,
+)
+_TRANSIENT_ERRORS = (
+    OSError,
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.ResourceExhaustedError,
+    tf.errors.AbortedError,
+    tf.errors.InternalError,
+    tf.errors.UnknownError,
+)
 READ_TRIES = 5
 READ_BACKOFF_S = 0.2  # doubled after each failed try: 0.2 + 0.4 + 0.8 + 1.6 s of waiting in all
 
 
-def read_with_retries(read: Callable[[], Any], what: str, tries: int | None = None,
-                      backoff_s: float | None = None) -> tuple[Any, str | None]:
+def read_with_retries(
+    read: Callable[[], Any], what: str, tries: int | None = None, backoff_s: float | None = None
+) -> tuple[Any, str | None]:
     """Returns (read(), None), or (None, the error) once `tries` tries failed or the error is
     permanent (missing file). Transient errors are retried with exponential backoff."""
     tries = READ_TRIES if tries is None else tries
@@ -69,8 +83,7 @@ def read_with_retries(read: Callable[[], Any], what: str, tries: int | None = No
         except _TRANSIENT_ERRORS as error:
             if attempt == tries - 1:
                 return None, f"{what}: {type(error).__name__} after {tries} tries: {error}"
-            logging.warning("Reading %s failed (%s); retrying in %.1f s.", what, error,
-                            backoff_s * 2**attempt)
+            logging.warning("Reading %s failed (%s); retrying in %.1f s.", what, error, backoff_s * 2**attempt)
             time.sleep(backoff_s * 2**attempt)
         except Exception as error:  # noqa: BLE001 - reported with the example, not lost
             return None, f"{what}: {type(error).__name__}: {error}"
@@ -108,12 +121,13 @@ class ImageSource:
             for error in errors:
                 if error is not None:
                     logging.warning("Could not read %s", error)
-            return (np.asarray([r if r is not None else b"" for r in records], dtype=object),
-                    np.asarray(labels, np.int64), np.asarray([e is None for e in errors]))
+            return (
+                np.asarray([r if r is not None else b"" for r in records], dtype=object),
+                np.asarray(labels, np.int64),
+                np.asarray([e is None for e in errors]),
+            )
 
-        records, labels, ok = tf.numpy_function(
-            read, [indices], [tf.string, tf.int64, tf.bool], stateful=False
-        )
+        records, labels, ok = tf.numpy_function(read, [indices], [tf.string, tf.int64, tf.bool], stateful=False)
         for t in (records, labels, ok):
             t.set_shape(indices.shape)
         return records, labels, ok
@@ -266,9 +280,7 @@ def _in_memory_source(builder, split, image_key, label_key, num_classes, max_byt
             f"convert_format --dataset_dir={builder.data_dir} --out_file_format=array_record`"
             ", or raise max_in_memory_bytes."
         )
-    dataset = builder.as_dataset(
-        split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False
-    )
+    dataset = builder.as_dataset(split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False)
     images, labels = [], []
     for example in dataset.as_numpy_iterator():
         images.append(example[image_key])
@@ -277,8 +289,11 @@ def _in_memory_source(builder, split, image_key, label_key, num_classes, max_byt
         name=f"{builder.name}:{split}",
         num_examples=len(images),
         num_classes=num_classes,
-        read_records=lambda indices: ([images[i] for i in indices], [labels[i] for i in indices],
-                                      [None] * len(indices)),
+        read_records=lambda indices: (
+            [images[i] for i in indices],
+            [labels[i] for i in indices],
+            [None] * len(indices),
+        ),
         parse=_identity,
         describe=lambda i: f"example {i} of {builder.name}:{split}",
     )
@@ -311,13 +326,9 @@ def tfds_source(
         )
     image_key, label_key, num_classes = _image_and_label_keys(builder)
     try:
-        records = builder.as_data_source(
-            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-        )
+        records = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     except NotImplementedError:
-        return _in_memory_source(
-            builder, split, image_key, label_key, num_classes, max_in_memory_bytes
-        )
+        return _in_memory_source(builder, split, image_key, label_key, num_classes, max_in_memory_bytes)
     features = builder.info.features
     decoders = {image_key: tfds.decode.SkipDecoding()}
 
@@ -332,8 +343,7 @@ def tfds_source(
         batch, error = read_with_retries(lambda: records.__getitems__(list(indices)), f"{name}:{split}")
         if error is None:
             return list(batch), [-1] * len(indices), [None] * len(indices)
-        results = [read_with_retries(lambda i=i: records[i], f"example {i} of {name}:{split}")
-                   for i in indices]
+        results = [read_with_retries(lambda i=i: records[i], f"example {i} of {name}:{split}") for i in indices]
         return [r for r, _ in results], [-1] * len(indices), [e for _, e in results]
 
     return ImageSource(

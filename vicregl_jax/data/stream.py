@@ -20,10 +20,11 @@ Each task supplies only `process(*parsed record, position) -> dict` (one example
 `finish_batch(batch) -> batch` (the whole batch); the reading, ordering and failure handling
 are the same for all of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -60,8 +61,7 @@ def fold(key: tf.Tensor, data) -> tf.Tensor:
 def epoch_index(position: tf.Tensor, num_examples: int, shuffle_key) -> tf.Tensor:
     """Returns the example at a global position: a permutation of the dataset per epoch."""
     key = fold(tf.constant(shuffle_key, tf.int64), position // num_examples)
-    return tf.random.experimental.index_shuffle(position % num_examples, key,
-                                                tf.constant(num_examples - 1, tf.int64))
+    return tf.random.experimental.index_shuffle(position % num_examples, key, tf.constant(num_examples - 1, tf.int64))
 
 
 def position_key(position: tf.Tensor, example_key) -> tf.Tensor:
@@ -103,9 +103,19 @@ def _reader(source: sources.ImageSource, python_reads: bool):
     return read_step, read_one
 
 
-def examples(source: sources.ImageSource, steps: tf.data.Dataset, *, positions_of: Callable,
-             index_of: Callable, attempts_of: Callable, process: Callable, example_key, parallel: int,
-             python_reads: bool = True, read_calls: int = 2) -> tf.data.Dataset:
+def examples(
+    source: sources.ImageSource,
+    steps: tf.data.Dataset,
+    *,
+    positions_of: Callable,
+    index_of: Callable,
+    attempts_of: Callable,
+    process: Callable,
+    example_key,
+    parallel: int,
+    python_reads: bool = True,
+    read_calls: int = 2,
+) -> tf.data.Dataset:
     """Returns the dataset of processed examples of the given steps, in order: per position of
     `positions_of(step)`, `process(*source.parse(record, label), position)` of the first of its
     example (`index_of(position)`) and substitutes that reads and processes, trying
@@ -139,15 +149,21 @@ def examples(source: sources.ImageSource, steps: tf.data.Dataset, *, positions_o
             out = process(*source.parse(record, label), position)
             a = tf.cast(a, tf.int32)
             out.update(
-                read_failures=read_failures, decode_failures=a - read_failures,
-                failed_index=tf.where(a > 0, index0, -1), failed_read=(a > 0) & ~ok0,
+                read_failures=read_failures,
+                decode_failures=a - read_failures,
+                failed_index=tf.where(a > 0, index0, -1),
+                failed_read=(a > 0) & ~ok0,
             )
             return out
 
         def placeholder(_):
             out = process(*(tf.constant(part) for part in source.placeholder), position)
-            out.update(read_failures=tf.constant(0), decode_failures=tf.cast(attempts, tf.int32),
-                       failed_index=tf.where(attempts > 0, index0, -1), failed_read=~ok0)
+            out.update(
+                read_failures=tf.constant(0),
+                decode_failures=tf.cast(attempts, tf.int32),
+                failed_index=tf.where(attempts > 0, index0, -1),
+                failed_read=~ok0,
+            )
             return out
 
         tried = tf.data.Dataset.range(tf.cast(attempts, tf.int64)).map(attempt)
@@ -156,8 +172,9 @@ def examples(source: sources.ImageSource, steps: tf.data.Dataset, *, positions_o
         return tried.concatenate(tf.data.Dataset.range(1).map(placeholder)).take(1)
 
     ds = steps.map(read_step, num_parallel_calls=read_calls, deterministic=True).unbatch()
-    return ds.interleave(example, cycle_length=parallel, block_length=1,
-                         num_parallel_calls=parallel, deterministic=True)
+    return ds.interleave(
+        example, cycle_length=parallel, block_length=1, num_parallel_calls=parallel, deterministic=True
+    )
 
 
 def tf_options(num_threads: int) -> tf.data.Options:
@@ -177,24 +194,46 @@ def batched(ds: tf.data.Dataset, local_batch: int, finish_batch: Callable, paral
     return ds.with_options(tf_options(parallel))
 
 
-def shuffled_batches(source: sources.ImageSource, start_step: int, keys: StreamKeys, process: Callable,
-                     finish_batch: Callable, *, hosts: Hosts, read: ReadOptions,
-                     python_reads: bool = True) -> tf.data.Dataset:
+def shuffled_batches(
+    source: sources.ImageSource,
+    start_step: int,
+    keys: StreamKeys,
+    process: Callable,
+    finish_batch: Callable,
+    *,
+    hosts: Hosts,
+    read: ReadOptions,
+    python_reads: bool = True,
+) -> tf.data.Dataset:
     """Returns this host's endless batches of steps start_step, start_step + 1, ...: the
     examples of each step drawn from a shuffled epoch order, processed (substituted where they
     fail), batched and finished (finish_batch on the whole batch), without the final prefetch."""
     parallel = read.threads()
     ds = examples(
-        source, tf.data.Dataset.counter(start_step), positions_of=lambda step: host_positions(step, hosts),
+        source,
+        tf.data.Dataset.counter(start_step),
+        positions_of=lambda step: host_positions(step, hosts),
         index_of=lambda position: epoch_index(position, source.num_examples, keys.shuffle),
-        attempts_of=lambda position: MAX_ATTEMPTS, process=process, example_key=keys.example,
-        parallel=parallel, python_reads=python_reads)
+        attempts_of=lambda position: MAX_ATTEMPTS,
+        process=process,
+        example_key=keys.example,
+        parallel=parallel,
+        python_reads=python_reads,
+    )
     return batched(ds, hosts.local_batch, finish_batch, parallel)
 
 
-def pass_batches(source: sources.ImageSource, start_step: int, steps: int, process: Callable,
-                 finish_batch: Callable, *, hosts: Hosts, read: ReadOptions,
-                 read_padding: bool = False) -> tf.data.Dataset:
+def pass_batches(
+    source: sources.ImageSource,
+    start_step: int,
+    steps: int,
+    process: Callable,
+    finish_batch: Callable,
+    *,
+    hosts: Hosts,
+    read: ReadOptions,
+    read_padding: bool = False,
+) -> tf.data.Dataset:
     """Returns this host's batches of steps start_step .. steps - 1 of one pass over the dataset
     in its order, without the final prefetch. Positions past the end (the last batch's padding)
     read the last example with read_padding, else try none (the placeholder); a failed example
@@ -205,7 +244,13 @@ def pass_batches(source: sources.ImageSource, start_step: int, steps: int, proce
         return 1 if read_padding else tf.where(position < num, 1, 0)
 
     ds = examples(
-        source, tf.data.Dataset.range(start_step, steps), positions_of=lambda step: host_positions(step, hosts),
-        index_of=lambda position: tf.minimum(position, num - 1), attempts_of=attempts_of, process=process,
-        example_key=(0, 0), parallel=parallel)
+        source,
+        tf.data.Dataset.range(start_step, steps),
+        positions_of=lambda step: host_positions(step, hosts),
+        index_of=lambda position: tf.minimum(position, num - 1),
+        attempts_of=attempts_of,
+        process=process,
+        example_key=(0, 0),
+        parallel=parallel,
+    )
     return batched(ds, hosts.local_batch, finish_batch, parallel)

@@ -5,9 +5,10 @@ k folds in k, then the crop boxes, the flips and the colour decisions each fold 
 salt, so a group's views do not depend on the other groups. The colour draws travel with the
 uint8 views; `colour.augment_views` applies them on the accelerator.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
@@ -34,8 +35,9 @@ def position_seed(position: tf.Tensor, seed: int) -> tf.Tensor:
     return stream.position_key(position, stream.StreamKeys.of_seed(seed).example)
 
 
-def make_views(encoded, seed, groups: Sequence[CropGroup], grid_sizes, flip_grid, dct_method, method="bicubic",
-               impl="pillow"):
+def make_views(
+    encoded, seed, groups: Sequence[CropGroup], grid_sizes, flip_grid, dct_method, method="bicubic", impl="pillow"
+):
     """Returns the views of one image for each crop group: uint8 (count, S, S, 3) flipped
     where drawn, grids (count, n, n, 2) and colour draws.
 
@@ -45,10 +47,13 @@ def make_views(encoded, seed, groups: Sequence[CropGroup], grid_sizes, flip_grid
     group_seeds = [stream.fold(seed, k) for k in range(len(groups))]
 
     def draw_boxes(height, width):
-        return tf.concat([
-            crops.sample_crop_boxes(stream.fold(s, CROP_SALT), height, width, g.count, g.scale)
-            for g, s in zip(groups, group_seeds)
-        ], axis=0)
+        return tf.concat(
+            [
+                crops.sample_crop_boxes(stream.fold(s, CROP_SALT), height, width, g.count, g.scale)
+                for g, s in zip(groups, group_seeds)
+            ],
+            axis=0,
+        )
 
     boxes, region, region_top, region_left = decode_covering(encoded, draw_boxes, dct_method)
     out, first = [], 0
@@ -58,21 +63,29 @@ def make_views(encoded, seed, groups: Sequence[CropGroup], grid_sizes, flip_grid
         flips = crops.sample_flips(stream.fold(group_seed, FLIP_SALT), group.count)
         in_region = group_boxes - tf.stack([region_top, region_left, 0, 0])
         views = resize_views(region, in_region, flips, group.size, method, impl)
-        grids = location_grid(*tf.unstack(tf.cast(group_boxes, tf.float64), axis=1), n,
-                              flip=flips & flip_grid, xp=tnp)
+        grids = location_grid(*tf.unstack(tf.cast(group_boxes, tf.float64), axis=1), n, flip=flips & flip_grid, xp=tnp)
         draws = augment.sample_colour_params(stream.fold(group_seed, COLOUR_SALT), group.count)
         out.append((views, grids, draws))
     return out
 
 
-def pretrain_example(groups: Sequence[CropGroup], grid_sizes: Sequence[int], *, seed: int, flip_grid: bool,
-                     with_labels: bool, dct_method: str, impl: str):
+def pretrain_example(
+    groups: Sequence[CropGroup],
+    grid_sizes: Sequence[int],
+    *,
+    seed: int,
+    flip_grid: bool,
+    with_labels: bool,
+    dct_method: str,
+    impl: str,
+):
     """Returns process(encoded, label, position) -> the pre-training example of one image:
     per group its views, grids and colour draws, and its label (-1 without labels)."""
 
     def process(encoded, label, position):
-        per_group = make_views(encoded, position_seed(position, seed), groups, grid_sizes, flip_grid,
-                               dct_method, impl=impl)
+        per_group = make_views(
+            encoded, position_seed(position, seed), groups, grid_sizes, flip_grid, dct_method, impl=impl
+        )
         return {
             "position": position,
             "views": tuple(g[0] for g in per_group),

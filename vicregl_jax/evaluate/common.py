@@ -43,8 +43,9 @@ def start(config, workdir, weights, mode: str, *, random_init: bool, check: bool
         build.check_config(config, mode, workdir=workdir)
     mesh = sharding.make_mesh(config.mesh.num_devices)
     loaded = load_backbone(config, workdir, weights, random_init=random_init)
-    return Evaluation(mesh, loaded, make_feature_fn(loaded.backbone, mesh),
-                      eval_batch_size(config.eval.batch_size, mesh))
+    return Evaluation(
+        mesh, loaded, make_feature_fn(loaded.backbone, mesh), eval_batch_size(config.eval.batch_size, mesh)
+    )
 
 
 class LoadedBackbone(NamedTuple):
@@ -55,8 +56,9 @@ class LoadedBackbone(NamedTuple):
     arch: str
 
 
-def load_backbone(config, workdir: str | None, weights: str | None = None, *,
-                  random_init: bool = False) -> LoadedBackbone:
+def load_backbone(
+    config, workdir: str | None, weights: str | None = None, *, random_init: bool = False
+) -> LoadedBackbone:
     """Returns the backbone to evaluate, its description and its architecture.
 
     weights: None (the newest checkpoint of workdir), another workdir, a PyTorch file of the
@@ -68,8 +70,13 @@ def load_backbone(config, workdir: str | None, weights: str | None = None, *,
     """
     model, arch = config.model, config.model.arch
     if random_init:
-        backbone = create_backbone(arch, rngs=nnx.Rngs(config.seed), dtype=compute_dtype(model.dtype),
-                                   remat=model.remat, unroll=model.unroll_blocks)
+        backbone = create_backbone(
+            arch,
+            rngs=nnx.Rngs(config.seed),
+            dtype=compute_dtype(model.dtype),
+            remat=model.remat,
+            unroll=model.unroll_blocks,
+        )
         backbone.eval()
         return LoadedBackbone(backbone, f"{arch} at random initialisation (seed {config.seed})", arch)
     source = weights or workdir
@@ -79,13 +86,15 @@ def load_backbone(config, workdir: str | None, weights: str | None = None, *,
         backbone, saved, description = weights_lib.load_backbone(source, config)
         return LoadedBackbone(backbone, description, saved.model.arch)
     if release.is_release_file(source):
-        return LoadedBackbone(release.load_release_backbone(source, model, config.seed),
-                              f"{arch} from the PyTorch file {source}", arch)
+        return LoadedBackbone(
+            release.load_release_backbone(source, model, config.seed), f"{arch} from the PyTorch file {source}", arch
+        )
     loaded, saved_config, step = release.load_workdir_model(source, compute=model)
     saved_arch = saved_config.model.arch
     if saved_arch != arch:
-        logging.warning("Evaluating %s (arch %s from its config.json), not config.model.arch=%s.",
-                        source, saved_arch, arch)
+        logging.warning(
+            "Evaluating %s (arch %s from its config.json), not config.model.arch=%s.", source, saved_arch, arch
+        )
     return LoadedBackbone(loaded.backbone, f"{saved_arch} pre-trained in {source} (step {step})", saved_arch)
 
 
@@ -136,8 +145,15 @@ def eval_dataset(config) -> str:
 def write_results(workdir, name: str, results: dict[str, Any]) -> None:
     """Writes results as JSON to workdir/eval_<name>.json (host 0) and logs them."""
     logging.info("%s: %s", name, json.dumps(results))
-    print(f"[{name}] " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in results.items() if not isinstance(v, (list, dict))), flush=True)
+    print(
+        f"[{name}] "
+        + ", ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in results.items()
+            if not isinstance(v, (list, dict))
+        ),
+        flush=True,
+    )
     if jax.process_index() != 0 or workdir is None:
         return
     path = epath.Path(workdir)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from vicregl_jax import data as data_lib
 from vicregl_jax import models
 from vicregl_jax.evaluate import common
-from vicregl_jax.losses import squared_distances
+from vicregl_jax.matching import squared_distances
 
 
 def true_cells(points: jax.Array, grid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -61,18 +61,27 @@ def correspondence_counts(feat_a, feat_b, grid_a, grid_b) -> tuple[jax.Array, ja
     return jnp.sum(correct & inside), jnp.sum(inside), jnp.sum(jnp.where(inside, near, 0.0))
 
 
-def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "correspond",
-        check: bool = True) -> dict:
+def run(
+    config, workdir, weights=None, *, random_init: bool = False, name: str = "correspond", check: bool = True
+) -> dict:
     """Measures correspondence accuracy of the frozen backbone's maps on pairs of random crops
     of config.data.dataset (no colour augmentation, flips with corrected grids). check: run
     the config check first (main.py has run it)."""
     settings = config.eval.correspond
-    mesh, loaded, feature_fn, batch_size = common.start(config, workdir, weights, "correspond",
-                                                        random_init=random_init, check=check)
+    mesh, loaded, feature_fn, batch_size = common.start(
+        config, workdir, weights, "correspond", random_init=random_init, check=check
+    )
     group = data_lib.CropGroup(settings.crop_size, 2, tuple(settings.scale))
     iterator = data_lib.make_pretrain_iterator(
-        config.data.dataset, config.data.split, groups=[group], global_batch_size=batch_size, seed=config.seed + 1,
-        stride=models.backbone_stride(loaded.arch), flip_grid=True, with_labels=False, colour="none",
+        config.data.dataset,
+        config.data.split,
+        groups=[group],
+        global_batch_size=batch_size,
+        seed=config.seed + 1,
+        stride=models.backbone_stride(loaded.arch),
+        flip_grid=True,
+        with_labels=False,
+        colour="none",
         read=data_lib.ReadOptions.from_config(config.data),
     )
     counts = jax.jit(correspondence_counts)
@@ -89,8 +98,11 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     results = {
         "accuracy": 100.0 * correct / max(valid, 1.0),
         "chance": 100.0 * chance / max(valid, 1.0),
-        "pairs": pairs, "matched_locations": int(valid), "crop_size": settings.crop_size,
-        "weights": loaded.description, "dataset": f"{config.data.dataset} ({config.data.split})",
+        "pairs": pairs,
+        "matched_locations": int(valid),
+        "crop_size": settings.crop_size,
+        "weights": loaded.description,
+        "dataset": f"{config.data.dataset} ({config.data.split})",
     }
     common.write_results(workdir, name, results)
     return results

@@ -94,9 +94,16 @@ def _set_head(head: nnx.Module, state) -> None:
     nnx.update(head, state["params"], *state.get("rest", ()))
 
 
-def train_head(head: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable,
-               batches: Callable[[int], Iterator], how: HeadTraining, mesh, *,
-               checkpointer: Checkpointer | None = None) -> tuple[int, list[dict]]:
+def train_head(
+    head: nnx.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    batches: Callable[[int], Iterator],
+    how: HeadTraining,
+    mesh,
+    *,
+    checkpointer: Checkpointer | None = None,
+) -> tuple[int, list[dict]]:
     """Trains head in place for how.steps steps, resuming from the checkpointer's newest
     verified checkpoint; returns (the step reached, the records of how.evaluate).
 
@@ -111,8 +118,9 @@ def train_head(head: nnx.Module, tx: optax.GradientTransformation, loss_fn: Call
         state, records = restored["head"], list(notes.get("records", []))
     step_fn = make_head_step(graph, tx, loss_fn, how.seed, mesh)
     end = how.steps if how.stop_after_steps is None else min(how.steps, how.stop_after_steps)
-    bar = tqdm(total=how.steps, initial=start, desc=how.desc, unit="step",
-               disable=not how.progress or jax.process_index() != 0)
+    bar = tqdm(
+        total=how.steps, initial=start, desc=how.desc, unit="step", disable=not how.progress or jax.process_index() != 0
+    )
     iterator, losses, step = batches(start), [], start
     try:
         for step in range(start, end):

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vicregl_jax import sharding
 from vicregl_jax import data as data_lib
+from vicregl_jax import sharding
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
-from vicregl_jax.losses import topk_hits
+from vicregl_jax.metrics import topk_hits
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -50,8 +50,17 @@ def knn_scores(train_features, train_labels, test_features, *, k: int, temperatu
     return weighted_votes(top_sims, top_labels, temperature=temperature, num_classes=num_classes)
 
 
-def knn_classify(train_features, train_labels, test_features, test_labels, *, k: int = 20,
-                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> dict:
+def knn_classify(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> dict:
     """Returns {"top1", "top5"} in percent of weighted kNN over test_features, in test chunks
     (arrays on one device; evaluate_backbone keeps them sharded over a mesh instead)."""
     train_features = np.asarray(train_features)
@@ -63,9 +72,15 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, k:
     k = min(k, len(train_features))
     hits1 = hits5 = 0
     for start in range(0, len(test_labels), chunk):
-        scores = knn_scores(train_features, train_labels, np.asarray(test_features[start:start + chunk]),
-                            k=k, temperature=temperature, num_classes=num_classes)
-        labels = jnp.asarray(test_labels[start:start + chunk])
+        scores = knn_scores(
+            train_features,
+            train_labels,
+            np.asarray(test_features[start : start + chunk]),
+            k=k,
+            temperature=temperature,
+            num_classes=num_classes,
+        )
+        labels = jnp.asarray(test_labels[start : start + chunk])
         hits1 += int(jnp.sum(topk_hits(scores, labels, 1)))
         hits5 += int(jnp.sum(topk_hits(scores, labels, 5)))
     n = len(test_labels)
@@ -113,15 +128,17 @@ def make_sharded_hits(mesh, *, k: int, temperature: float, num_classes: int):
         gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
         return gather(top_sims), gather(top_labels)
 
-    candidates = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()), out_specs=P(),
-                               check_vma=False)
+    candidates = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()), out_specs=P(), check_vma=False
+    )
 
     @jax.jit
     def hits(features, labels, queries, query_labels):
         top_sims, top_labels = candidates(features, labels, queries)  # (B, D * k'), replicated
         best, order = jax.lax.top_k(top_sims, min(k, top_sims.shape[1]))
-        votes = weighted_votes(best, jnp.take_along_axis(top_labels, order, axis=1),
-                               temperature=temperature, num_classes=num_classes)
+        votes = weighted_votes(
+            best, jnp.take_along_axis(top_labels, order, axis=1), temperature=temperature, num_classes=num_classes
+        )
         valid = query_labels >= 0
         return (jnp.sum(topk_hits(votes, query_labels, 1) & valid), jnp.sum(topk_hits(votes, query_labels, 5) & valid))
 
@@ -140,7 +157,9 @@ def evaluate_backbone(backbone, evaluation, mesh, *, dataset: str, read) -> dict
     splits, num_classes = {}, 0
     for split in (evaluation.train_split, evaluation.split):
         iterator = data_lib.make_eval_iterator(
-            dataset, split, global_batch_size=common.eval_batch_size(evaluation.batch_size, mesh),
+            dataset,
+            split,
+            global_batch_size=common.eval_batch_size(evaluation.batch_size, mesh),
             images=data_lib.EvalImages(image_size=evaluation.image_size, resize_size=evaluation.resize_size),
             read=read,
         )
@@ -155,15 +174,26 @@ def evaluate_backbone(backbone, evaluation, mesh, *, dataset: str, read) -> dict
         h1, h5 = hits(train.features, train.labels, test.features[t], test.labels[t])
         hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
     n = test.count
-    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "k": k, "temperature": temperature,
-            "dataset": f"{dataset} ({evaluation.train_split} -> {evaluation.split})",
-            "train_examples": train.count, "test_examples": n}
+    return {
+        "top1": 100.0 * hits1 / n,
+        "top5": 100.0 * hits5 / n,
+        "k": k,
+        "temperature": temperature,
+        "dataset": f"{dataset} ({evaluation.train_split} -> {evaluation.split})",
+        "train_examples": train.count,
+        "test_examples": n,
+    }
 
 
 def evaluate_config(backbone, config, mesh) -> dict:
     """Returns kNN results of a backbone on the dataset and splits config.eval names."""
-    return evaluate_backbone(backbone, config.eval, mesh, dataset=common.eval_dataset(config),
-                             read=data_lib.ReadOptions.from_config(config.data))
+    return evaluate_backbone(
+        backbone,
+        config.eval,
+        mesh,
+        dataset=common.eval_dataset(config),
+        read=data_lib.ReadOptions.from_config(config.data),
+    )
 
 
 def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "knn", check: bool = True) -> dict:

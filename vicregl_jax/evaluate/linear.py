@@ -24,28 +24,36 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vicregl_jax import sharding
 from vicregl_jax import data as data_lib
+from vicregl_jax import sharding
 from vicregl_jax.checkpoint import Checkpointer
 from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.evaluate.head_training import HeadTraining, head_checkpointer, train_head
-from vicregl_jax.losses import topk_hits
+from vicregl_jax.metrics import topk_hits
 
 
 def linear_head(dim: int, num_classes: int, seed: int = 0) -> nnx.Linear:
     """Returns the head: nnx.Linear(dim, num_classes), kernel ~ N(0, 0.01), bias 0 (the release's)."""
-    return nnx.Linear(dim, num_classes, kernel_init=nnx.initializers.normal(0.01),
-                      bias_init=nnx.initializers.zeros, rngs=nnx.Rngs(seed))
+    return nnx.Linear(
+        dim,
+        num_classes,
+        kernel_init=nnx.initializers.normal(0.01),
+        bias_init=nnx.initializers.zeros,
+        rngs=nnx.Rngs(seed),
+    )
 
 
-def head_optimizer(lr: float, epochs: int, steps_per_epoch: int, weight_decay: float = 1e-6,
-                   momentum: float = 0.9) -> optax.GradientTransformation:
+def head_optimizer(
+    lr: float, epochs: int, steps_per_epoch: int, weight_decay: float = 1e-6, momentum: float = 0.9
+) -> optax.GradientTransformation:
     """Returns torch's SGD (decay added to the gradient, then momentum) with torch's
     CosineAnnealingLR stepped once per epoch (from lr down to 0 over epochs)."""
     per_epoch = optax.cosine_decay_schedule(lr, epochs)
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(lambda count: per_epoch(count // steps_per_epoch), momentum=momentum))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(lambda count: per_epoch(count // steps_per_epoch), momentum=momentum),
+    )
 
 
 def masked_cross_entropy(head: nnx.Module, batch, key=None) -> jax.Array:
@@ -78,6 +86,7 @@ def evaluate_head(head: nnx.Linear, val_batches: Callable[[], Iterator]) -> dict
 def epoch_batches(train_batches: Callable[[int], Iterator], steps_per_epoch: int) -> Callable[[int], Iterator]:
     """Returns batches(start): the batches of train_batches(epoch), epoch after epoch, from
     step start on (the epoch of start is asked for, its earlier batches skipped)."""
+
     def batches(start):
         epoch, skip = divmod(start, steps_per_epoch)
         for e in itertools.count(epoch):
@@ -117,17 +126,34 @@ def train_linear_head(
     after every epoch.
     """
     head = linear_head(dim, num_classes, seed)
-    how = HeadTraining(steps=epochs * steps_per_epoch, seed=seed,
-                       checkpoint_every=checkpoint_every_epochs * steps_per_epoch,
-                       evaluate=lambda trained: evaluate_head(trained, val_batches), evaluate_every=steps_per_epoch,
-                       progress=progress, desc="linear head")
-    _, records = train_head(head, head_optimizer(lr, epochs, steps_per_epoch, weight_decay), masked_cross_entropy,
-                            epoch_batches(train_batches, steps_per_epoch), how, mesh or _this_device(),
-                            checkpointer=checkpointer)
+    how = HeadTraining(
+        steps=epochs * steps_per_epoch,
+        seed=seed,
+        checkpoint_every=checkpoint_every_epochs * steps_per_epoch,
+        evaluate=lambda trained: evaluate_head(trained, val_batches),
+        evaluate_every=steps_per_epoch,
+        progress=progress,
+        desc="linear head",
+    )
+    _, records = train_head(
+        head,
+        head_optimizer(lr, epochs, steps_per_epoch, weight_decay),
+        masked_cross_entropy,
+        epoch_batches(train_batches, steps_per_epoch),
+        how,
+        mesh or _this_device(),
+        checkpointer=checkpointer,
+    )
     last = records[-1]
-    return {"top1": last["top1"], "top5": last["top5"], "best_top1": max(r["top1"] for r in records),
-            "best_top5": max(r["top5"] for r in records), "epochs": last["step"] // steps_per_epoch,
-            "train_loss": last["train_loss"], "head": head}
+    return {
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "best_top1": max(r["top1"] for r in records),
+        "best_top5": max(r["top5"] for r in records),
+        "epochs": last["step"] // steps_per_epoch,
+        "train_loss": last["train_loss"],
+        "head": head,
+    }
 
 
 def default_lr(arch: str) -> float:
@@ -145,7 +171,7 @@ def _fast_train_batches(train: dict, batch_size: int, seed: int) -> Callable[[in
             orders.append(rng.permutation(count))
         order = orders[epoch]
         for start in range(0, count, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             yield train["features"][idx], train["labels"][idx], np.ones(len(idx), bool)
 
     return train_batches
@@ -182,10 +208,13 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     fast); the head is checkpointed under workdir/<name>_head and a rerun resumes there.
     check: run the config check first (main.py has run it)."""
     settings, dataset = config.eval.linear, common.eval_dataset(config)
-    mesh, loaded, features, batch_size = common.start(config, workdir, weights, "linear", random_init=random_init,
-                                                      check=check)
-    size = dict(images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
-                read=data_lib.ReadOptions.from_config(config.data))
+    mesh, loaded, features, batch_size = common.start(
+        config, workdir, weights, "linear", random_init=random_init, check=check
+    )
+    size = dict(
+        images=data_lib.EvalImages(image_size=config.eval.image_size, resize_size=config.eval.resize_size),
+        read=data_lib.ReadOptions.from_config(config.data),
+    )
 
     def centre_features(split):
         iterator = data_lib.make_eval_iterator(dataset, split, global_batch_size=batch_size, **size)
@@ -196,7 +225,7 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
 
     def val_batches():
         for start in range(0, len(val["labels"]), batch_size):
-            f, y = val["features"][start:start + batch_size], val["labels"][start:start + batch_size]
+            f, y = val["features"][start : start + batch_size], val["labels"][start : start + batch_size]
             yield f, y, np.ones(len(y), bool)
 
     if settings.mode == "fast":
@@ -205,25 +234,55 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
         num_train = len(train["labels"])
         train_batches = _fast_train_batches(train, batch_size, config.seed)
     else:
-        train_batches = _ProtocolBatches(lambda start: data_lib.make_linear_train_iterator(
-            dataset, config.eval.train_split, global_batch_size=batch_size, seed=config.seed, start_step=start,
-            **size), features, mesh, batch_size)
+        train_batches = _ProtocolBatches(
+            lambda start: data_lib.make_linear_train_iterator(
+                dataset,
+                config.eval.train_split,
+                global_batch_size=batch_size,
+                seed=config.seed,
+                start_step=start,
+                **size,
+            ),
+            features,
+            mesh,
+            batch_size,
+        )
         num_train, num_classes = train_batches.num_examples, max(num_classes, train_batches.num_classes)
     lr = settings.lr or default_lr(loaded.arch)
-    head = dict(dim=val["features"].shape[1], num_classes=num_classes, steps_per_epoch=-(-num_train // batch_size),
-                epochs=settings.epochs, lr=lr, weight_decay=settings.weight_decay, seed=config.seed)
-    checkpointer = head_checkpointer(workdir, name, {**head, "dataset": dataset, "mode": settings.mode,
-                                                    "batch_size": batch_size, "weights": loaded.description})
+    head = dict(
+        dim=val["features"].shape[1],
+        num_classes=num_classes,
+        steps_per_epoch=-(-num_train // batch_size),
+        epochs=settings.epochs,
+        lr=lr,
+        weight_decay=settings.weight_decay,
+        seed=config.seed,
+    )
+    checkpointer = head_checkpointer(
+        workdir,
+        name,
+        {**head, "dataset": dataset, "mode": settings.mode, "batch_size": batch_size, "weights": loaded.description},
+    )
     try:
-        result = train_linear_head(train_batches, val_batches, **head, checkpointer=checkpointer,
-                                   checkpoint_every_epochs=settings.checkpoint_every_epochs)
+        result = train_linear_head(
+            train_batches,
+            val_batches,
+            **head,
+            checkpointer=checkpointer,
+            checkpoint_every_epochs=settings.checkpoint_every_epochs,
+        )
     finally:
         for part in (checkpointer, train_batches):
             if hasattr(part, "close"):
                 part.close()
     result.pop("head")
-    result.update(weights=loaded.description, mode=settings.mode, lr_head=lr, train_examples=num_train,
-                  val_examples=len(val["labels"]),
-                  dataset=f"{dataset} ({config.eval.train_split} -> {config.eval.split})")
+    result.update(
+        weights=loaded.description,
+        mode=settings.mode,
+        lr_head=lr,
+        train_examples=num_train,
+        val_examples=len(val["labels"]),
+        dataset=f"{dataset} ({config.eval.train_split} -> {config.eval.split})",
+    )
     common.write_results(workdir, name, result)
     return result

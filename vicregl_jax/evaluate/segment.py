@@ -34,9 +34,6 @@ sliding-window scoring, the fast protocol's cache), segment_metrics.py (mIoU and
 
 from __future__ import annotations
 
-
-from __future__ import annotations
-
 import dataclasses
 import itertools
 from collections.abc import Callable
@@ -54,26 +51,70 @@ from vicregl_jax.data import to_global_batch
 from vicregl_jax.evaluate import common
 from vicregl_jax.evaluate.head_training import HeadTraining, head_checkpointer
 from vicregl_jax.evaluate.head_training import train_head as train_any_head
-from vicregl_jax.evaluate.segment_head import (LinearHead, dense_features, make_optimizer, poly_schedule,
-                                               resize_bilinear, segmentation_loss)
-from vicregl_jax.evaluate.segment_inference import (cache_features, evaluate_cached, evaluate_chunks, jitted_features,
-                                                    make_logits_fn, make_scorer, release_confusion)
+from vicregl_jax.evaluate.segment_head import (
+    LinearHead,
+    dense_features,
+    make_optimizer,
+    poly_schedule,
+    resize_bilinear,
+    segmentation_loss,
+)
+from vicregl_jax.evaluate.segment_inference import (
+    cache_features,
+    evaluate_cached,
+    evaluate_chunks,
+    jitted_features,
+    make_logits_fn,
+    make_scorer,
+    release_confusion,
+)
 from vicregl_jax.evaluate.segment_metrics import confusion_matrix, format_table, segmentation_metrics
-from vicregl_jax.evaluate.segment_settings import (IGNORE_LABEL, PROTOCOLS, SegmentSettings, backbone_family,
-                                                   segment_settings, settings_from_config)
+from vicregl_jax.evaluate.segment_settings import (
+    IGNORE_LABEL,
+    PROTOCOLS,
+    SegmentSettings,
+    backbone_family,
+    segment_settings,
+    settings_from_config,
+)
 from vicregl_jax.models import with_output_stride
 
 __all__ = [
-    "IGNORE_LABEL", "PROTOCOLS", "LinearHead", "SegmentSettings", "backbone_family", "confusion_matrix",
-    "dense_features", "evaluate_chunks", "evaluate_segmentation", "format_table", "make_logits_fn",
-    "make_optimizer", "make_scorer", "poly_schedule", "resize_bilinear", "run", "segment_settings",
-    "segmentation_loss", "segmentation_metrics", "train_head",
+    "IGNORE_LABEL",
+    "PROTOCOLS",
+    "LinearHead",
+    "SegmentSettings",
+    "backbone_family",
+    "confusion_matrix",
+    "dense_features",
+    "evaluate_chunks",
+    "evaluate_segmentation",
+    "format_table",
+    "make_logits_fn",
+    "make_optimizer",
+    "make_scorer",
+    "poly_schedule",
+    "resize_bilinear",
+    "run",
+    "segment_settings",
+    "segmentation_loss",
+    "segmentation_metrics",
+    "train_head",
 ]
 
 
-def train_head(head: LinearHead, featurize: Callable, next_batch: Callable[[int], dict],
-               settings: SegmentSettings, mesh, *, seed: int, checkpointer: Checkpointer | None = None,
-               stop_after_steps: int | None = None, progress: bool = True) -> int:
+def train_head(
+    head: LinearHead,
+    featurize: Callable,
+    next_batch: Callable[[int], dict],
+    settings: SegmentSettings,
+    mesh,
+    *,
+    seed: int,
+    checkpointer: Checkpointer | None = None,
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+) -> int:
     """Trains the segmentation head in place for settings.steps steps (resuming from the
     checkpointer); returns the step reached (settings.steps unless stop_after_steps stopped
     it earlier).
@@ -82,28 +123,51 @@ def train_head(head: LinearHead, featurize: Callable, next_batch: Callable[[int]
     -> the global batch {"input", "mask"} of step t. Dropout keys are fold_in(seed, t), so
     step t does the same whatever run it is in.
     """
-    return _train(head, featurize, lambda start: map(next_batch, itertools.count(start)), settings, mesh,
-                  seed=seed, checkpointer=checkpointer, stop_after_steps=stop_after_steps, progress=progress)
+    return _train(
+        head,
+        featurize,
+        lambda start: map(next_batch, itertools.count(start)),
+        settings,
+        mesh,
+        seed=seed,
+        checkpointer=checkpointer,
+        stop_after_steps=stop_after_steps,
+        progress=progress,
+    )
 
 
 def _train(head, featurize, batches, settings, mesh, *, seed, checkpointer, stop_after_steps, progress) -> int:
     """train_head over batches(start), an iterator of the batches from step start on."""
+
     def loss_fn(net, batch, key):
         features = jax.lax.stop_gradient(featurize(batch["input"]))
         return segmentation_loss(net(features, dropout_key=key), batch["mask"])
 
-    how = HeadTraining(steps=settings.steps, seed=seed, checkpoint_every=settings.checkpoint_every,
-                       stop_after_steps=stop_after_steps, progress=progress, desc="segment head")
-    reached, _ = train_any_head(head, make_optimizer(settings), loss_fn, batches, how, mesh,
-                                checkpointer=checkpointer)
+    how = HeadTraining(
+        steps=settings.steps,
+        seed=seed,
+        checkpoint_every=settings.checkpoint_every,
+        stop_after_steps=stop_after_steps,
+        progress=progress,
+        desc="segment head",
+    )
+    reached, _ = train_any_head(head, make_optimizer(settings), loss_fn, batches, how, mesh, checkpointer=checkpointer)
     return reached
 
 
-def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
-                          settings: SegmentSettings | None = None, workdir: str | None = None,
-                          seed: int = 0, name: str = "segment", arch: str = "",
-                          stop_after_steps: int | None = None, progress: bool = True
-                          ) -> dict[str, Any]:
+def evaluate_segmentation(
+    backbone: nnx.Module,
+    dataset: str,
+    *,
+    mesh,
+    settings: SegmentSettings | None = None,
+    workdir: str | None = None,
+    seed: int = 0,
+    name: str = "segment",
+    arch: str = "",
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Trains a linear head on the frozen backbone and returns its metrics on dataset.
 
     dataset: "voc:PATH", "ade20k:PATH" or "cityscapes:PATH". settings: None for the release's
@@ -127,18 +191,35 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
         batches = _release_batches(train_split, settings, mesh, process, seed)
     else:
         feature_fn = jitted_features(backbone, kind, mesh)
-        cached = {split_name: cache_features(feature_fn, split, settings, mesh, process)
-                  for split_name, split in (("train", train_split), ("eval", val_split))}
+        cached = {
+            split_name: cache_features(feature_fn, split, settings, mesh, process)
+            for split_name, split in (("train", train_split), ("eval", val_split))
+        }
         channels = cached["train"]["features"].shape[-1]
         featurize = lambda features: features.astype(jnp.float32)  # noqa: E731
         batches = _cached_batches(cached["train"], settings, seed, mesh, process)
     head = LinearHead(channels, layout.num_classes, dropout=settings.dropout, rngs=nnx.Rngs(params=seed))
-    meta = {"dataset": dataset, "arch": arch, "num_classes": layout.num_classes,
-            "channels": int(channels), "seed": seed, **dataclasses.asdict(settings)}
+    meta = {
+        "dataset": dataset,
+        "arch": arch,
+        "num_classes": layout.num_classes,
+        "channels": int(channels),
+        "seed": seed,
+        **dataclasses.asdict(settings),
+    }
     checkpointer = head_checkpointer(workdir, name, meta)
     try:
-        reached = _train(head, featurize, batches, settings, mesh, seed=seed, checkpointer=checkpointer,
-                         stop_after_steps=stop_after_steps, progress=progress)
+        reached = _train(
+            head,
+            featurize,
+            batches,
+            settings,
+            mesh,
+            seed=seed,
+            checkpointer=checkpointer,
+            stop_after_steps=stop_after_steps,
+            progress=progress,
+        )
     finally:
         if checkpointer is not None:
             checkpointer.close()
@@ -150,10 +231,16 @@ def evaluate_segmentation(backbone: nnx.Module, dataset: str, *, mesh,
     else:
         confusion = evaluate_cached(head, cached["eval"], settings, layout.num_classes, mesh)
         resolution = f"{settings.fast_image_size}x{settings.fast_image_size}"
-    return {**segmentation_metrics(confusion, layout.class_names), "protocol": settings.protocol,
-            "dataset": dataset, "train_split": f"{settings.train_split} ({len(train_split)} images)",
-            "split": f"{settings.split} ({len(val_split)} images)", "scored_at": resolution,
-            "steps": settings.steps, "settings": dataclasses.asdict(settings)}
+    return {
+        **segmentation_metrics(confusion, layout.class_names),
+        "protocol": settings.protocol,
+        "dataset": dataset,
+        "train_split": f"{settings.train_split} ({len(train_split)} images)",
+        "split": f"{settings.split} ({len(val_split)} images)",
+        "scored_at": resolution,
+        "steps": settings.steps,
+        "settings": dataclasses.asdict(settings),
+    }
 
 
 def _prepared_backbone(backbone, family, settings, mesh) -> tuple[nnx.Module, str]:
@@ -167,8 +254,7 @@ def _prepared_backbone(backbone, family, settings, mesh) -> tuple[nnx.Module, st
         raise ValueError(f"output_stride={settings.output_stride} needs a ResNet backbone")
     for key in ("batch_size", "eval_batch_size"):
         if getattr(settings, key) % mesh.size:
-            raise ValueError(f"segment {key}={getattr(settings, key)} must be a multiple of "
-                             f"the {mesh.size} devices")
+            raise ValueError(f"segment {key}={getattr(settings, key)} must be a multiple of the {mesh.size} devices")
     return backbone, kind
 
 
@@ -182,12 +268,22 @@ def _featurizer(backbone, kind, mesh) -> Callable:
 def _release_batches(train_split, settings, mesh, process, seed) -> Callable:
     """Returns batches(start): the release protocol's augmented batches from step start on,
     put on the mesh by a thread ahead of the step (close the iterator when done)."""
+
     def batches(start):
-        iterator = data_lib.prefetch_to_mesh(data_lib.segmentation.make_train_iterator(
-            train_split, global_batch_size=settings.batch_size, seed=seed,
-            start_step=start, scale=settings.scale, crop_size=settings.crop_size,
-            ratio_range=settings.ratio_range, cat_max_ratio=settings.cat_max_ratio,
-            **process), mesh)
+        iterator = data_lib.prefetch_to_mesh(
+            data_lib.segmentation.make_train_iterator(
+                train_split,
+                global_batch_size=settings.batch_size,
+                seed=seed,
+                start_step=start,
+                scale=settings.scale,
+                crop_size=settings.crop_size,
+                ratio_range=settings.ratio_range,
+                cat_max_ratio=settings.cat_max_ratio,
+                **process,
+            ),
+            mesh,
+        )
         return _Renamed(iterator)
 
     return batches
@@ -221,16 +317,17 @@ def _cached_batches(cached, settings, seed, mesh, process) -> Callable:
     def batch(step):
         positions = step * size + first + np.arange(local)
         epochs = positions // count
-        index = np.array([np.random.default_rng([seed, e]).permutation(count)[p % count]
-                          for p, e in zip(positions, epochs)])
-        return to_global_batch({"input": cached["features"][index],
-                                "mask": cached["mask"][index]}, mesh)
+        index = np.array(
+            [np.random.default_rng([seed, e]).permutation(count)[p % count] for p, e in zip(positions, epochs)]
+        )
+        return to_global_batch({"input": cached["features"][index], "mask": cached["mask"][index]}, mesh)
 
     return lambda start: map(batch, itertools.count(start))
 
 
-def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "segment",
-        check: bool = True) -> dict[str, Any]:
+def run(
+    config, workdir, weights=None, *, random_init: bool = False, name: str = "segment", check: bool = True
+) -> dict[str, Any]:
     """Runs config.eval.segment on the backbone to evaluate; writes workdir/eval_<name>.json.
 
     Reads config.model (the architecture for random_init and release files, the compute
@@ -244,8 +341,16 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
     mesh = sharding.make_mesh(config.mesh.num_devices)
     loaded = common.load_backbone(config, workdir, weights, random_init=random_init)
     settings = settings_from_config(config.eval.segment, backbone_family(loaded.backbone), arch=loaded.arch)
-    results = evaluate_segmentation(loaded.backbone, config.eval.segment.dataset, mesh=mesh, settings=settings,
-                                    workdir=workdir, seed=config.seed, name=name, arch=loaded.arch)
+    results = evaluate_segmentation(
+        loaded.backbone,
+        config.eval.segment.dataset,
+        mesh=mesh,
+        settings=settings,
+        workdir=workdir,
+        seed=config.seed,
+        name=name,
+        arch=loaded.arch,
+    )
     results["weights"] = loaded.description
     if jax.process_index() == 0:
         print(format_table(results), flush=True)

@@ -24,13 +24,17 @@ class LinearHead(nnx.Module):
     synchronised BatchNorm). The conv starts at N(0, 0.01) weights and zero bias.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, dropout: float = 0.0,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, num_classes: int, *, dropout: float = 0.0, rngs: nnx.Rngs):
         self.norm = BatchNorm(in_channels)
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2)) if dropout > 0 else None
         self.classifier = nnx.Linear(
-            in_channels, num_classes, kernel_init=nnx.initializers.normal(0.01),
-            bias_init=nnx.initializers.zeros, param_dtype=jnp.float32, rngs=rngs)
+            in_channels,
+            num_classes,
+            kernel_init=nnx.initializers.normal(0.01),
+            bias_init=nnx.initializers.zeros,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         x = self.norm(x.astype(jnp.float32))
@@ -57,7 +61,7 @@ def dense_features(backbone: nnx.Module, images: jax.Array, kind: str) -> jax.Ar
     if kind == "map":
         maps, _ = backbone(images)
         b, n, c = maps.shape
-        side = int(round(n ** 0.5))
+        side = int(round(n**0.5))
         return maps.reshape(b, side, n // side, c).astype(jnp.float32)
     stages = backbone.stage_maps(images)
     if kind == "last":
@@ -71,13 +75,13 @@ def segmentation_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
     and divided by all pixels (mmsegmentation's default reduction; 255 contributes 0)."""
     logits = resize_bilinear(logits, masks.shape[1:3])
     valid = masks != IGNORE_LABEL
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.where(valid, masks, 0).astype(jnp.int32))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, masks, 0).astype(jnp.int32))
     return jnp.sum(jnp.where(valid, ce, 0.0)) / masks.size
 
 
-def poly_schedule(lr: float, steps: int, *, power: float, min_lr: float, warmup_steps: int = 0,
-                  warmup_ratio: float = 1e-6) -> optax.Schedule:
+def poly_schedule(
+    lr: float, steps: int, *, power: float, min_lr: float, warmup_steps: int = 0, warmup_ratio: float = 1e-6
+) -> optax.Schedule:
     """Returns mmcv's poly schedule: (lr - min_lr)(1 - t/steps)^power + min_lr, times
     1 - (1 - t/warmup_steps)(1 - warmup_ratio) during a linear warm-up."""
     poly = optax.polynomial_schedule(lr, min_lr, power, steps)
@@ -94,10 +98,14 @@ def poly_schedule(lr: float, steps: int, *, power: float, min_lr: float, warmup_
 def make_optimizer(settings: SegmentSettings) -> optax.GradientTransformation:
     """Returns the head's optimiser: torch's SGD (decay added to the gradient, momentum 0.9) or
     AdamW (betas 0.9 / 0.999, decoupled decay), decaying every head parameter as mmcv does."""
-    schedule = poly_schedule(settings.lr, settings.steps, power=settings.power,
-                             min_lr=settings.min_lr, warmup_steps=settings.warmup_steps,
-                             warmup_ratio=settings.warmup_ratio)
+    schedule = poly_schedule(
+        settings.lr,
+        settings.steps,
+        power=settings.power,
+        min_lr=settings.min_lr,
+        warmup_steps=settings.warmup_steps,
+        warmup_ratio=settings.warmup_ratio,
+    )
     if settings.optimizer == "sgd":
-        return optax.chain(optax.add_decayed_weights(settings.weight_decay),
-                           optax.sgd(schedule, momentum=0.9))
+        return optax.chain(optax.add_decayed_weights(settings.weight_decay), optax.sgd(schedule, momentum=0.9))
     return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=settings.weight_decay)

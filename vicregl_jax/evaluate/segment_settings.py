@@ -60,12 +60,10 @@ def backbone_family(backbone: nnx.Module) -> str:
         return "resnet"
     if isinstance(backbone, ConvNeXt):
         return "convnext"
-    raise ValueError(f"no segmentation protocol for a {type(backbone).__name__}: use a ResNet "
-                     "or a ConvNeXt backbone")
+    raise ValueError(f"no segmentation protocol for a {type(backbone).__name__}: use a ResNet or a ConvNeXt backbone")
 
 
-def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides
-                     ) -> SegmentSettings:
+def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides) -> SegmentSettings:
     """Returns the release's settings for a backbone family ("resnet" | "convnext") on the
     dataset "LAYOUT:PATH", with overrides (None values keep the default).
 
@@ -74,20 +72,50 @@ def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides
     """
     layout, _ = data_lib.segmentation.parse_dataset(dataset)
     if family == "resnet":
-        base = dict(features="last", output_stride=8, dropout=0.1, optimizer="sgd", lr=0.01,
-                    weight_decay=5e-4, power=0.9, min_lr=1e-4, warmup_steps=0,
-                    inference="whole")
+        base = dict(
+            features="last",
+            output_stride=8,
+            dropout=0.1,
+            optimizer="sgd",
+            lr=0.01,
+            weight_decay=5e-4,
+            power=0.9,
+            min_lr=1e-4,
+            warmup_steps=0,
+            inference="whole",
+        )
     elif family == "convnext":
-        base = dict(features="concat", output_stride=32, dropout=0.0, optimizer="adamw",
-                    lr=8e-5 if arch == "convnext_xlarge" else 1e-4, weight_decay=0.05,
-                    power=1.0, min_lr=0.0, warmup_steps=1500, inference="slide")
+        base = dict(
+            features="concat",
+            output_stride=32,
+            dropout=0.0,
+            optimizer="adamw",
+            lr=8e-5 if arch == "convnext_xlarge" else 1e-4,
+            weight_decay=0.05,
+            power=1.0,
+            min_lr=0.0,
+            warmup_steps=1500,
+            inference="slide",
+        )
     else:
         raise ValueError(f"backbone family {family!r}: use 'resnet' or 'convnext'")
-    values = dict(protocol="release", warmup_ratio=1e-6, steps=layout.steps,
-                  batch_size=layout.batch_size, crop_size=layout.crop_size, scale=layout.scale,
-                  ratio_range=(0.5, 2.0), cat_max_ratio=0.75, slide_stride=(341, 341),
-                  eval_batch_size=16, checkpoint_every=4000, fast_image_size=320,
-                  train_split=layout.train_split, split=layout.eval_split, **base)
+    values = dict(
+        protocol="release",
+        warmup_ratio=1e-6,
+        steps=layout.steps,
+        batch_size=layout.batch_size,
+        crop_size=layout.crop_size,
+        scale=layout.scale,
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        slide_stride=(341, 341),
+        eval_batch_size=16,
+        checkpoint_every=4000,
+        fast_image_size=320,
+        train_split=layout.train_split,
+        split=layout.eval_split,
+        **base,
+    )
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise ValueError(f"unknown segmentation settings {unknown}: use some of {sorted(values)}")
@@ -100,9 +128,13 @@ def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides
 
 
 def _check(s: SegmentSettings, layout) -> None:
-    choices = {"protocol": PROTOCOLS, "features": ("last", "concat"),
-               "optimizer": ("sgd", "adamw"), "inference": ("whole", "slide"),
-               "output_stride": (8, 16, 32)}
+    choices = {
+        "protocol": PROTOCOLS,
+        "features": ("last", "concat"),
+        "optimizer": ("sgd", "adamw"),
+        "inference": ("whole", "slide"),
+        "output_stride": (8, 16, 32),
+    }
     for key, allowed in choices.items():
         if getattr(s, key) not in allowed:
             raise ValueError(f"segment {key}={getattr(s, key)!r}: use one of {allowed}")
@@ -114,11 +146,9 @@ def _check(s: SegmentSettings, layout) -> None:
             raise ValueError(f"segment {key}={getattr(s, key)}: give two positive sizes")
     for key in ("train_split", "split"):
         if getattr(s, key) not in layout.splits:
-            raise ValueError(f"segment {key}={getattr(s, key)!r}: {layout.name} has splits "
-                             f"{layout.splits}")
+            raise ValueError(f"segment {key}={getattr(s, key)!r}: {layout.name} has splits {layout.splits}")
     if not 0.0 <= s.dropout < 1.0:
         raise ValueError(f"segment dropout={s.dropout}: use a value in [0, 1)")
-
 
 
 def arch_family(arch: str) -> str:
@@ -130,13 +160,17 @@ def settings_from_config(section: ml_collections.ConfigDict, family: str, *, arc
     """Returns the settings config.eval.segment (`section`) asks for, for a backbone of that
     family and arch: its dataset, and every setting it gives over the release's values."""
     if not section.get("dataset"):
-        raise ValueError("set config.eval.segment.dataset, e.g. "
-                         "--config.eval.segment.dataset=voc:/data/VOCdevkit (see docs/segmentation.md)")
+        raise ValueError(
+            "set config.eval.segment.dataset, e.g. "
+            "--config.eval.segment.dataset=voc:/data/VOCdevkit (see docs/segmentation.md)"
+        )
     fields = {f.name for f in dataclasses.fields(SegmentSettings)}
     unknown = sorted(set(section.keys()) - fields - {"dataset"})
     if unknown:
-        raise ValueError(f"config.eval.segment.{unknown[0]} is not a segmentation setting (the "
-                         "class count comes from the dataset's layout); use "
-                         f"{', '.join(sorted(fields | {'dataset'}))}")
+        raise ValueError(
+            f"config.eval.segment.{unknown[0]} is not a segmentation setting (the "
+            "class count comes from the dataset's layout); use "
+            f"{', '.join(sorted(fields | {'dataset'}))}"
+        )
     overrides = {k: v for k, v in section.items() if k in fields}
     return segment_settings(family, section.dataset, arch=arch, **overrides)

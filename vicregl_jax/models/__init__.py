@@ -8,10 +8,11 @@ parameters; ``with_output_stride`` makes one from a loaded ResNet). Train / eval
 ``model.train()`` / ``model.eval()`` (in place) or
 ``nnx.view(model, use_running_average=..., deterministic=...)``.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,11 @@ _CONVNEXTS = {
 }
 
 ARCHITECTURES: dict[str, Callable[..., nnx.Module]] = {
-    **{name: functools.partial(ResNet, block=block, stage_sizes=sizes, width=width)
-       for name, (block, sizes, width) in _RESNETS.items()},
-    **{name: functools.partial(ConvNeXt, depths=depths, dims=dims)
-       for name, (depths, dims) in _CONVNEXTS.items()},
+    **{
+        name: functools.partial(ResNet, block=block, stage_sizes=sizes, width=width)
+        for name, (block, sizes, width) in _RESNETS.items()
+    },
+    **{name: functools.partial(ConvNeXt, depths=depths, dims=dims) for name, (depths, dims) in _CONVNEXTS.items()},
 }
 
 
@@ -57,8 +59,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def create_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, output_stride: int = 32,
-                    **kwargs) -> nnx.Module:
+def create_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, output_stride: int = 32, **kwargs) -> nnx.Module:
     """Returns the backbone `name`; kwargs go to its constructor (e.g. drop_path_rate, remat).
 
     output_stride: 32, or 16 / 8 for a dilated ResNet (ConvNeXts have only 32).
@@ -66,8 +67,10 @@ def create_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, output_stri
     if _check_name(name) in _RESNETS:
         kwargs["output_stride"] = output_stride
     elif output_stride != 32:
-        raise ValueError(f"output_stride={output_stride} for {name}: only ResNets have dilated "
-                         "variants; use output_stride=32 (the default)")
+        raise ValueError(
+            f"output_stride={output_stride} for {name}: only ResNets have dilated "
+            "variants; use output_stride=32 (the default)"
+        )
     return ARCHITECTURES[name](rngs=rngs, dtype=dtype, **kwargs)
 
 
@@ -78,16 +81,26 @@ def with_output_stride(backbone: ResNet, output_stride: int) -> ResNet:
     same parameter tree), so weights loaded or trained at one output stride serve at another.
     """
     if not isinstance(backbone, ResNet):
-        raise TypeError(f"with_output_stride needs a ResNet, got {type(backbone).__name__}: "
-                         "only ResNets have dilated variants")
+        raise TypeError(
+            f"with_output_stride needs a ResNet, got {type(backbone).__name__}: only ResNets have dilated variants"
+        )
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride={output_stride}: use one of {OUTPUT_STRIDES}")
     if backbone.output_stride == output_stride:
         return backbone
-    dilated = nnx.eval_shape(lambda: ResNet(
-        block=backbone.block, stage_sizes=backbone.stage_sizes, width=backbone.width,
-        output_stride=output_stride, dtype=backbone.dtype, remat=backbone.remat,
-        scan=backbone.scan, unroll=backbone.unroll, rngs=nnx.Rngs(0)))
+    dilated = nnx.eval_shape(
+        lambda: ResNet(
+            block=backbone.block,
+            stage_sizes=backbone.stage_sizes,
+            width=backbone.width,
+            output_stride=output_stride,
+            dtype=backbone.dtype,
+            remat=backbone.remat,
+            scan=backbone.scan,
+            unroll=backbone.unroll,
+            rngs=nnx.Rngs(0),
+        )
+    )
     nnx.update(dilated, nnx.state(backbone))
     if backbone.bn1.use_running_average:
         dilated.eval()
@@ -102,7 +115,7 @@ def abstract_backbone(name: str, layer_scale_init: float = 0.0) -> nnx.Module:
     return _abstract_backbone(_check_name(name), float(layer_scale_init))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_backbone(name: str, layer_scale_init: float) -> nnx.Module:
     kwargs = {"layer_scale_init": layer_scale_init} if layer_scale_init else {}
     return nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(0), **kwargs))
@@ -137,6 +150,16 @@ def feature_dim(name: str) -> int:
     return stage_channels(name)[-1]
 
 
-__all__ = ["ARCHITECTURES", "create_backbone", "with_output_stride", "abstract_backbone",
-           "parameter_count", "backbone_stride", "backbone_norm", "feature_dim",
-           "stage_channels", "ResNet", "ConvNeXt"]
+__all__ = [
+    "ARCHITECTURES",
+    "create_backbone",
+    "with_output_stride",
+    "abstract_backbone",
+    "parameter_count",
+    "backbone_stride",
+    "backbone_norm",
+    "feature_dim",
+    "stage_channels",
+    "ResNet",
+    "ConvNeXt",
+]

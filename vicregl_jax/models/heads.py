@@ -6,6 +6,7 @@ with torch.nn.Linear's default initialisation. Norm is BatchNorm1d after ResNets
 torch.nn.LayerNorm after ConvNeXts, both with PyTorch's default eps 1e-5 (the ConvNeXt
 backbone's own LayerNorms use 1e-6; the heads' do not).
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,8 +25,7 @@ def parse_mlp_spec(spec: str) -> tuple[int, ...]:
     except ValueError:
         dims = ()
     if not dims or any(d <= 0 for d in dims):
-        raise ValueError(f"MLP spec {spec!r}: use positive widths joined by '-', "
-                         "e.g. '8192-8192-8192'")
+        raise ValueError(f"MLP spec {spec!r}: use positive widths joined by '-', e.g. '8192-8192-8192'")
     return dims
 
 
@@ -37,18 +37,22 @@ class MLP(nnx.Module):
     indices 3*i / 3*i + 1.
     """
 
-    def __init__(self, in_features: int, spec: str, *, norm: str, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_features: int, spec: str, *, norm: str, dtype=jnp.float32, rngs: nnx.Rngs):
         if norm not in ("batch", "layer"):
             raise ValueError(f"norm={norm!r}: use 'batch' (ResNet) or 'layer' (ConvNeXt)")
         dims = (in_features, *parse_mlp_spec(spec))
         last = len(dims) - 2
-        self.linears = nnx.List([
-            torch_linear(dims[i], dims[i + 1], use_bias=i < last, dtype=dtype, rngs=rngs)
-            for i in range(len(dims) - 1)])
-        make_norm = ((lambda d: BatchNorm(d, epsilon=HEAD_NORM_EPS, dtype=dtype))
-                     if norm == "batch" else
-                     (lambda d: LayerNorm(d, epsilon=HEAD_NORM_EPS, dtype=dtype)))
+        self.linears = nnx.List(
+            [
+                torch_linear(dims[i], dims[i + 1], use_bias=i < last, dtype=dtype, rngs=rngs)
+                for i in range(len(dims) - 1)
+            ]
+        )
+        make_norm = (
+            (lambda d: BatchNorm(d, epsilon=HEAD_NORM_EPS, dtype=dtype))
+            if norm == "batch"
+            else (lambda d: LayerNorm(d, epsilon=HEAD_NORM_EPS, dtype=dtype))
+        )
         self.norms = nnx.List([make_norm(d) for d in dims[1:-1]])
         self.dtype = dtype
 
@@ -59,8 +63,7 @@ class MLP(nnx.Module):
         return self.linears[-1](x)
 
 
-def linear_classifier(in_features: int, num_classes: int, *, dtype=jnp.float32,
-                      rngs: nnx.Rngs) -> nnx.Linear:
+def linear_classifier(in_features: int, num_classes: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
     """Returns the online classifier: torch.nn.Linear(in_features, num_classes)."""
     if num_classes <= 0:
         raise ValueError(f"num_classes={num_classes}: use a positive number of classes")

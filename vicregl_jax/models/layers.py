@@ -18,6 +18,7 @@ arrays) both work.
 Linear and conv layers made here compute through vicregl_jax.sharding's gathered operations:
 the plain ones, except when a train step traces them with FSDP-sharded weights.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ BATCHNORM_EPS = 1e-5
 # Initialisers. Each draws its values as a flat vector and reshapes it: the result is the
 # same distribution, and XLA:CPU compiles threefry on N-d shapes (the default
 # jax_threefry_partitionable) orders of magnitude more slowly than on 1-d ones.
+
 
 def _fans(shape) -> tuple[int, int]:
     """Returns (fan_in, fan_out) of a Dense (in, out) or conv (kh, kw, in, out) kernel."""
@@ -72,20 +74,28 @@ def torch_linear_kernel_init(key, shape, dtype=jnp.float32):
 
 def torch_linear_bias_init(fan_in: int):
     """Returns an initialiser drawing a bias like torch.nn.Linear: U(+-1/sqrt(fan_in))."""
+
     def init(key, shape, dtype=jnp.float32):
         return _uniform(key, shape, dtype, 1.0 / math.sqrt(fan_in))
+
     return init
 
 
-def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+def torch_linear(
+    in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs
+) -> nnx.Linear:
     """Returns an nnx.Linear initialised as torch.nn.Linear's default, float32 params."""
     return nnx.Linear(
-        in_features, out_features, use_bias=use_bias,
+        in_features,
+        out_features,
+        use_bias=use_bias,
         kernel_init=torch_linear_kernel_init,
         bias_init=torch_linear_bias_init(in_features),
-        dtype=dtype, param_dtype=jnp.float32, dot_general=sharding.gathered_dot_general,
-        rngs=rngs)
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        dot_general=sharding.gathered_dot_general,
+        rngs=rngs,
+    )
 
 
 def _mean_and_variance(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -105,11 +115,17 @@ class BatchNorm(nnx.Module):
     variance (n / (n - 1)) while the normalisation uses the biased one.
     """
 
-    def __init__(self, num_features: int, *, momentum: float = BATCHNORM_MOMENTUM,
-                 epsilon: float = BATCHNORM_EPS, zero_init_scale: bool = False,
-                 use_running_average: bool = False, dtype=jnp.float32):
-        self.scale = nnx.Param(
-            (jnp.zeros if zero_init_scale else jnp.ones)((num_features,), jnp.float32))
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = BATCHNORM_MOMENTUM,
+        epsilon: float = BATCHNORM_EPS,
+        zero_init_scale: bool = False,
+        use_running_average: bool = False,
+        dtype=jnp.float32,
+    ):
+        self.scale = nnx.Param((jnp.zeros if zero_init_scale else jnp.ones)((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
@@ -173,8 +189,9 @@ def _layer_norm_bwd(epsilon, dtype, residuals, grad):
     g = grad * scale
     # d/dx of (x - mean) * rstd: g minus its row mean, minus the normalised row times the row
     # mean of g * normalised, all times rstd.
-    grad_x = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
-                     - normalised * jnp.mean(g * normalised, axis=-1, keepdims=True))
+    grad_x = rstd * (
+        g - jnp.mean(g, axis=-1, keepdims=True) - normalised * jnp.mean(g * normalised, axis=-1, keepdims=True)
+    )
     return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(scale.dtype)
 
 
@@ -236,6 +253,4 @@ def drop_path(rate: float, *, rngs: nnx.Rngs) -> DropPath | None:
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """Returns the 3x3 / stride 2 max-pool with PyTorch's symmetric padding of 1."""
     # A Python -inf with lax.max is recognised as the max monoid (differentiable).
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-        ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))

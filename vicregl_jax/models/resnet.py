@@ -6,9 +6,10 @@ from the release (vicregl_jax/layout.py) is a renaming of leaves plus transposes
 blocks after the first of a stage, when there are 2 or more, are one BlockStack
 (``layer{i}.1.stacked.*`` with a leading block axis, run by a scan).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,23 +20,31 @@ from vicregl_jax.models.layers import BatchNorm, kaiming_normal_fan_out, max_poo
 from vicregl_jax.models.stack import check_remat, run_stage, stage_blocks
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dtype,
-          rngs: nnx.Rngs, dilation: int = 1) -> nnx.Conv:
+def _conv(
+    in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dtype, rngs: nnx.Rngs, dilation: int = 1
+) -> nnx.Conv:
     """Returns a bias-free conv with explicit symmetric padding, as PyTorch pads."""
     return nnx.Conv(
-        in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)), kernel_dilation=(dilation, dilation),
-        use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
-        param_dtype=jnp.float32, conv_general_dilated=sharding.gathered_conv_general_dilated,
-        rngs=rngs)
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=False,
+        kernel_init=kaiming_normal_fan_out,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        conv_general_dilated=sharding.gathered_conv_general_dilated,
+        rngs=rngs,
+    )
 
 
 def _downsample(in_ch: int, out_ch: int, stride: int, *, dtype, rngs) -> nnx.List | None:
     """Returns the projection shortcut [1x1 conv, BatchNorm], or None for identity."""
     if stride == 1 and in_ch == out_ch:
         return None
-    return nnx.List([_conv(in_ch, out_ch, 1, stride, 0, dtype=dtype, rngs=rngs),
-                     BatchNorm(out_ch, dtype=dtype)])
+    return nnx.List([_conv(in_ch, out_ch, 1, stride, 0, dtype=dtype, rngs=rngs), BatchNorm(out_ch, dtype=dtype)])
 
 
 def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
@@ -54,10 +63,8 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype,
-                 rngs: nnx.Rngs):
-        self.conv1 = _conv(in_ch, planes, 3, stride, dilation, dilation=dilation, dtype=dtype,
-                           rngs=rngs)
+    def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype, rngs: nnx.Rngs):
+        self.conv1 = _conv(in_ch, planes, 3, stride, dilation, dilation=dilation, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(planes, dtype=dtype)
         self.conv2 = _conv(planes, planes, 3, 1, 1, dtype=dtype, rngs=rngs)
         self.bn2 = BatchNorm(planes, zero_init_scale=True, dtype=dtype)
@@ -75,13 +82,11 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype, rngs: nnx.Rngs):
         out_ch = planes * self.expansion
         self.conv1 = _conv(in_ch, planes, 1, 1, 0, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(planes, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, dilation, dilation=dilation, dtype=dtype,
-                           rngs=rngs)
+        self.conv2 = _conv(planes, planes, 3, stride, dilation, dilation=dilation, dtype=dtype, rngs=rngs)
         self.bn2 = BatchNorm(planes, dtype=dtype)
         self.conv3 = _conv(planes, out_ch, 1, 1, 0, dtype=dtype, rngs=rngs)
         self.bn3 = BatchNorm(out_ch, zero_init_scale=True, dtype=dtype)
@@ -140,9 +145,19 @@ class ResNet(nnx.Module):
       unroll: run the scans unrolled (same parameters); None: on CPU only (models/stack.py).
     """
 
-    def __init__(self, *, block: str, stage_sizes: Sequence[int], width: int = 64,
-                 output_stride: int = 32, dtype=jnp.float32, remat: str = "dots",
-                 scan: bool = True, unroll: bool | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        block: str,
+        stage_sizes: Sequence[int],
+        width: int = 64,
+        output_stride: int = 32,
+        dtype=jnp.float32,
+        remat: str = "dots",
+        scan: bool = True,
+        unroll: bool | None = None,
+        rngs: nnx.Rngs,
+    ):
         if block not in BLOCKS:
             raise ValueError(f"block={block!r}: use one of {sorted(BLOCKS)}")
         if len(stage_sizes) != 4:
@@ -161,17 +176,15 @@ class ResNet(nnx.Module):
         self.bn1 = BatchNorm(width, dtype=dtype)
         in_ch = width
         stage_channels = []
-        for i, (num_blocks, (stride, first_dilation, dilation)) in enumerate(
-                zip(stage_sizes, schedule)):
+        for i, (num_blocks, (stride, first_dilation, dilation)) in enumerate(zip(stage_sizes, schedule)):
             planes = width * 2**i
-            blocks = [block_cls(in_ch, planes, stride, dilation=first_dilation, dtype=dtype,
-                                rngs=rngs)]
+            blocks = [block_cls(in_ch, planes, stride, dilation=first_dilation, dtype=dtype, rngs=rngs)]
             in_ch = planes * block_cls.expansion
 
             def make_block(rngs, rate, in_ch=in_ch, planes=planes, dilation=dilation):
                 return block_cls(in_ch, planes, 1, dilation=dilation, dtype=dtype, rngs=rngs)
-            blocks += stage_blocks(make_block, num_blocks, first=1, rngs=rngs, scan=scan,
-                                   remat=remat, unroll=unroll)
+
+            blocks += stage_blocks(make_block, num_blocks, first=1, rngs=rngs, scan=scan, remat=remat, unroll=unroll)
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
             stage_channels.append(in_ch)
         self.stage_channels = tuple(stage_channels)

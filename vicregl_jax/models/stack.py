@@ -23,10 +23,11 @@ unrolled 3.7 GiB, scanned "none" 5.0 GiB, "dots" 2.1 GiB, "block" 1.0 GiB). "dot
 recomputation made explicit, so it applies to stacks only; a block outside a stack is left to
 XLA under "dots" (and "none").
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,9 @@ REMAT_POLICIES = {
 def check_remat(remat: str) -> str:
     """Returns remat if it names a policy, else raises ValueError naming the choices."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r}: use one of {', '.join(repr(k) for k in REMAT_POLICIES)} "
-                         "(config.model.remat)")
+        raise ValueError(
+            f"remat={remat!r}: use one of {', '.join(repr(k) for k in REMAT_POLICIES)} (config.model.remat)"
+        )
     return remat
 
 
@@ -91,9 +93,16 @@ class BlockStack(nnx.Module):
         (see the module's docstring). The parameters are the same either way.
     """
 
-    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], count: int, *,
-                 rngs: nnx.Rngs, drop_path_rates: Sequence[float] = (), remat: str = "none",
-                 unroll: bool | None = None):
+    def __init__(
+        self,
+        make_block: Callable[[nnx.Rngs], nnx.Module],
+        count: int,
+        *,
+        rngs: nnx.Rngs,
+        drop_path_rates: Sequence[float] = (),
+        remat: str = "none",
+        unroll: bool | None = None,
+    ):
         if count < 1:
             raise ValueError(f"count={count}: a BlockStack needs at least one block")
         rates = tuple(float(r) for r in drop_path_rates)
@@ -108,8 +117,7 @@ class BlockStack(nnx.Module):
         self.stacked = nnx.merge(graphdef, states)  # the attribute name is sharding.STACKED
         self.rates = rates if any(rates) else ()
         # One stream for the whole stack: each call draws one key and splits it per block.
-        self.drop_path = (DropPath(max(self.rates), rngs=rngs) if self.rates
-                          else nnx.data(None))
+        self.drop_path = DropPath(max(self.rates), rngs=rngs) if self.rates else nnx.data(None)
 
     def __len__(self) -> int:
         return self.count
@@ -134,9 +142,17 @@ class BlockStack(nnx.Module):
         return x
 
 
-def stage_blocks(make_block: Callable[..., nnx.Module], count: int, *, first: int = 0,
-                 rngs: nnx.Rngs, scan: bool = True, drop_path_rates: Sequence[float] = (),
-                 remat: str = "none", unroll: bool | None = None) -> list[nnx.Module]:
+def stage_blocks(
+    make_block: Callable[..., nnx.Module],
+    count: int,
+    *,
+    first: int = 0,
+    rngs: nnx.Rngs,
+    scan: bool = True,
+    drop_path_rates: Sequence[float] = (),
+    remat: str = "none",
+    unroll: bool | None = None,
+) -> list[nnx.Module]:
     """Returns the blocks first..count-1 of a stage: one BlockStack when scan and there are 2
     or more of them, else separate blocks (with their own drop path).
 
@@ -145,9 +161,16 @@ def stage_blocks(make_block: Callable[..., nnx.Module], count: int, *, first: in
     """
     rates = list(drop_path_rates) or [0.0] * count
     if scan and count - first >= 2:
-        return [BlockStack(lambda r: make_block(r, 0.0), count - first, rngs=rngs,
-                           drop_path_rates=rates[first:] if any(rates[first:]) else (), remat=remat,
-                           unroll=unroll)]
+        return [
+            BlockStack(
+                lambda r: make_block(r, 0.0),
+                count - first,
+                rngs=rngs,
+                drop_path_rates=rates[first:] if any(rates[first:]) else (),
+                remat=remat,
+                unroll=unroll,
+            )
+        ]
     return [make_block(rngs, rates[b]) for b in range(first, count)]
 
 

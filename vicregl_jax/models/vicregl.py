@@ -1,8 +1,9 @@
 """VICRegL's networks: backbone + expander + local projector + online classifier."""
+
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,21 @@ class VICRegLModel(nnx.Module):
     per crop size, ``heads``) that profiles and HLO metadata show.
     """
 
-    def __init__(self, *, arch: str, mlp: str = "8192-8192-8192",
-                 maps_mlp: str = "512-512-512", alpha: float = 0.75,
-                 num_classes: int = 1000, dtype=jnp.float32,
-                 drop_path_rate: float | None = None, layer_scale_init: float | None = None,
-                 remat: str = "dots", unroll_blocks: bool | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        arch: str,
+        mlp: str = "8192-8192-8192",
+        maps_mlp: str = "512-512-512",
+        alpha: float = 0.75,
+        num_classes: int = 1000,
+        dtype=jnp.float32,
+        drop_path_rate: float | None = None,
+        layer_scale_init: float | None = None,
+        remat: str = "dots",
+        unroll_blocks: bool | None = None,
+        rngs: nnx.Rngs,
+    ):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha}: use a value in [0, 1]")
         norm = backbone_norm(arch)
@@ -62,16 +73,15 @@ class VICRegLModel(nnx.Module):
         elif drop_path_rate or layer_scale_init:
             raise ValueError(
                 f"drop_path_rate={drop_path_rate}, layer_scale_init={layer_scale_init} with "
-                f"arch={arch!r}: these are ConvNeXt options; leave them None for ResNets")
+                f"arch={arch!r}: these are ConvNeXt options; leave them None for ResNets"
+            )
         self.arch = arch
         self.alpha = float(alpha)
         self.norm = norm
         self.backbone = create_backbone(arch, rngs=rngs, dtype=dtype, **backbone_kwargs)
         dim = feature_dim(arch)
-        self.expander = (MLP(dim, mlp, norm=norm, dtype=dtype, rngs=rngs)
-                         if alpha > 0.0 else None)
-        self.local_projector = (MLP(dim, maps_mlp, norm=norm, dtype=dtype, rngs=rngs)
-                                if alpha < 1.0 else None)
+        self.expander = MLP(dim, mlp, norm=norm, dtype=dtype, rngs=rngs) if alpha > 0.0 else None
+        self.local_projector = MLP(dim, maps_mlp, norm=norm, dtype=dtype, rngs=rngs) if alpha < 1.0 else None
         self.classifier = linear_classifier(dim, num_classes, dtype=dtype, rngs=rngs)
 
     def _backbone(self, group: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -96,8 +106,9 @@ class VICRegLModel(nnx.Module):
         all groups joined along a non-batch axis.
         """
         if self.norm == "batch":
-            return tuple(jnp.stack([head(g[:, i]) for i in range(g.shape[1])], axis=1).astype(jnp.float32)
-                         for g in groups)
+            return tuple(
+                jnp.stack([head(g[:, i]) for i in range(g.shape[1])], axis=1).astype(jnp.float32) for g in groups
+            )
         flat = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in groups]
         out = head(jnp.concatenate(flat, axis=1)).astype(jnp.float32)
         pieces = _split(out, [f.shape[1] for f in flat], axis=1)
@@ -117,8 +128,10 @@ class VICRegLModel(nnx.Module):
             raise ValueError("views is empty: pass one (B, V, H, W, 3) array per crop group")
         for k, group in enumerate(views):
             if group.ndim != 5 or group.shape[-1] != 3:
-                raise ValueError(f"views[{k}] has shape {group.shape}: pass one (B, V, H, W, 3) array "
-                                 "per crop group (add a view axis with x[:, None] for a single view)")
+                raise ValueError(
+                    f"views[{k}] has shape {group.shape}: pass one (B, V, H, W, 3) array "
+                    "per crop group (add a view axis with x[:, None] for a single view)"
+                )
         features = []
         for group in views:
             with jax.named_scope(f"backbone_{group.shape[2]}"):
@@ -126,10 +139,8 @@ class VICRegLModel(nnx.Module):
         maps = tuple(m for m, _ in features)
         representations = tuple(p for _, p in features)
         with jax.named_scope("heads"):
-            embeddings = (self._head(self.expander, representations)
-                          if self.expander is not None else None)
-            local_embeddings = (self._head(self.local_projector, maps)
-                                if self.local_projector is not None else None)
+            embeddings = self._head(self.expander, representations) if self.expander is not None else None
+            local_embeddings = self._head(self.local_projector, maps) if self.local_projector is not None else None
             logits = self.classifier(jax.lax.stop_gradient(representations[0][:, 0]))
         return {
             "representations": representations,

@@ -81,9 +81,14 @@ def split_source(split: SegmentationSplit) -> sources.ImageSource:
         return records, [-1] * count, failures
 
     return sources.ImageSource(
-        name=f"{split.layout.name}:{split.root} ({split.split})", num_examples=len(split),
-        num_classes=split.layout.num_classes, read_records=read_records, parse=_unpack,
-        describe=lambda i: f"{images[i]} / {masks[i]}", placeholder=_PLACEHOLDER)
+        name=f"{split.layout.name}:{split.root} ({split.split})",
+        num_examples=len(split),
+        num_classes=split.layout.num_classes,
+        read_records=read_records,
+        parse=_unpack,
+        describe=lambda i: f"{images[i]} / {masks[i]}",
+        placeholder=_PLACEHOLDER,
+    )
 
 
 def _pair_decoder(split: SegmentationSplit):
@@ -95,8 +100,9 @@ def _pair_decoder(split: SegmentationSplit):
     def mask_from_bytes(data, image_shape):
         mask = decode_mask(bytes(data), num_classes=num_classes, reduce_zero_label=reduce_zero)
         if mask.shape != tuple(image_shape[:2]):
-            raise ValueError(f"the mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                             f"{image_shape[0]}x{image_shape[1]}")
+            raise ValueError(
+                f"the mask is {mask.shape[0]}x{mask.shape[1]} but its image is {image_shape[0]}x{image_shape[1]}"
+            )
         return mask
 
     def decode(image_bytes, mask_bytes):
@@ -115,11 +121,19 @@ def _failed(batch) -> tf.Tensor:
     return batch["read_failures"] + batch["decode_failures"] > 0
 
 
-def make_train_iterator(split: SegmentationSplit, *, global_batch_size: int, seed: int,
-                        start_step: int = 0, scale: Sequence[int] | None = None,
-                        crop_size: Sequence[int] | None = None,
-                        ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
-                        process_index: int = 0, process_count: int = 1) -> BatchIterator:
+def make_train_iterator(
+    split: SegmentationSplit,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    scale: Sequence[int] | None = None,
+    crop_size: Sequence[int] | None = None,
+    ratio_range: Sequence[float] = (0.5, 2.0),
+    cat_max_ratio: float = 0.75,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> BatchIterator:
     """Returns the endless iterator of this host's training batches {"image" (b, ch, cw, 3)
     float32 normalised, "mask" (b, ch, cw) uint8}, b = global_batch_size / process_count, from
     step start_step on.
@@ -140,8 +154,9 @@ def make_train_iterator(split: SegmentationSplit, *, global_batch_size: int, see
         draws = tf.random.stateless_uniform([slots.NUM_DRAWS], stream.position_key(position, keys.example))
         image, mask = decode(image_bytes, mask_bytes)
         ratio = tf.cast(low + (high - low) * draws[slots.RATIO], tf.float64)
-        height, width = rescale_size_tf(tf.shape(mask)[0], tf.shape(mask)[1],
-                                        tf.floor(long_edge * ratio), tf.floor(short_edge * ratio))
+        height, width = rescale_size_tf(
+            tf.shape(mask)[0], tf.shape(mask)[1], tf.floor(long_edge * ratio), tf.floor(short_edge * ratio)
+        )
         image = resize_image(image, height, width)
         mask = resize_mask(mask, height, width)
         image, mask = random_crop(image, mask, draws, (crop_h, crop_w), cat_max_ratio)
@@ -152,13 +167,22 @@ def make_train_iterator(split: SegmentationSplit, *, global_batch_size: int, see
         pad_h, pad_w = crop_h - tf.shape(mask)[0], crop_w - tf.shape(mask)[1]
         image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
         mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_LABEL)
-        return {"image": tf.ensure_shape(image, [crop_h, crop_w, 3]),
-                "mask": tf.ensure_shape(mask, [crop_h, crop_w]), "position": position}
+        return {
+            "image": tf.ensure_shape(image, [crop_h, crop_w, 3]),
+            "mask": tf.ensure_shape(mask, [crop_h, crop_w]),
+            "position": position,
+        }
 
     source = split_source(split)
     ds = stream.shuffled_batches(source, start_step, keys, process, lambda batch: batch, hosts=hosts, read=_READ)
-    return BatchIterator(ds.prefetch(_READ.prefetch), start_step, source, read=_READ, process_index=hosts.index,
-                         global_batch=global_batch_size)
+    return BatchIterator(
+        ds.prefetch(_READ.prefetch),
+        start_step,
+        source,
+        read=_READ,
+        process_index=hosts.index,
+        global_batch=global_batch_size,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +203,9 @@ class EvalChunk:
         return np.arange(len(self.indices)) < self.count
 
 
-def eval_chunks(sizes: Sequence[tuple[int, int]], *, scale: Sequence[int],
-                images_per_chunk: int, row_multiple: int) -> list[EvalChunk]:
+def eval_chunks(
+    sizes: Sequence[tuple[int, int]], *, scale: Sequence[int], images_per_chunk: int, row_multiple: int
+) -> list[EvalChunk]:
     """Returns the evaluation schedule: images grouped by original size (sorted), in chunks of
     at most images_per_chunk, each padded to a multiple of row_multiple rows.
 
@@ -188,8 +213,7 @@ def eval_chunks(sizes: Sequence[tuple[int, int]], *, scale: Sequence[int],
     sequence of programs.
     """
     if images_per_chunk % row_multiple:
-        raise ValueError(f"images_per_chunk={images_per_chunk} must be a multiple of "
-                         f"{row_multiple} (the devices)")
+        raise ValueError(f"images_per_chunk={images_per_chunk} must be a multiple of {row_multiple} (the devices)")
     groups = collections.defaultdict(list)
     for index, size in enumerate(sizes):
         groups[tuple(size)].append(index)
@@ -198,10 +222,9 @@ def eval_chunks(sizes: Sequence[tuple[int, int]], *, scale: Sequence[int],
         indices = groups[size]
         resized = rescale_size(size[0], size[1], scale)
         for start in range(0, len(indices), images_per_chunk):
-            part = indices[start:start + images_per_chunk]
+            part = indices[start : start + images_per_chunk]
             rows = -(-len(part) // row_multiple) * row_multiple
-            chunks.append(EvalChunk(size, resized, tuple(part + [part[0]] * (rows - len(part))),
-                                    len(part)))
+            chunks.append(EvalChunk(size, resized, tuple(part + [part[0]] * (rows - len(part))), len(part)))
     return chunks
 
 
@@ -211,8 +234,7 @@ def _host_rows(chunks: Sequence[EvalChunk], process_index: int, process_count: i
     rows = collections.defaultdict(list)
     for chunk in chunks:
         if len(chunk.indices) % process_count:
-            raise ValueError(f"a chunk of {len(chunk.indices)} rows does not split over "
-                             f"{process_count} hosts")
+            raise ValueError(f"a chunk of {len(chunk.indices)} rows does not split over {process_count} hosts")
         local = len(chunk.indices) // process_count
         mine = slice(process_index * local, (process_index + 1) * local)
         rows["index"] += chunk.indices[mine]
@@ -233,10 +255,14 @@ def _chunk_rows(split: SegmentationSplit, rows: dict[str, np.ndarray]) -> BatchI
         image, mask = decode(image_bytes, mask_bytes)
         height, width = original[position][0], original[position][1]
         # Only a placeholder's mask differs from its row's original size.
-        mask = tf.cond(tf.reduce_all(tf.shape(mask) == original[position]), lambda: mask,
-                       lambda: resize_mask(mask, height, width))
-        return {"image": normalise(resize_image(image, resized[position][0], resized[position][1])),
-                "mask": mask, "position": position}
+        mask = tf.cond(
+            tf.reduce_all(tf.shape(mask) == original[position]), lambda: mask, lambda: resize_mask(mask, height, width)
+        )
+        return {
+            "image": normalise(resize_image(image, resized[position][0], resized[position][1])),
+            "mask": mask,
+            "position": position,
+        }
 
     def finish_batch(batch):
         batch["valid"] = tf.gather(valid, batch["position"]) & ~_failed(batch)
@@ -250,16 +276,24 @@ def _chunk_rows(split: SegmentationSplit, rows: dict[str, np.ndarray]) -> BatchI
 
     # One row a step: the rows of a chunk share a shape, those of consecutive chunks may not.
     source, parallel = split_source(split), _READ.threads()
-    ds = stream.examples(source, tf.data.Dataset.range(len(rows["index"])), positions_of=lambda step: step[None],
-                         index_of=row_index, attempts_of=one_try, process=process, example_key=(0, 0),
-                         parallel=parallel, read_calls=parallel)
+    ds = stream.examples(
+        source,
+        tf.data.Dataset.range(len(rows["index"])),
+        positions_of=lambda step: step[None],
+        index_of=row_index,
+        attempts_of=one_try,
+        process=process,
+        example_key=(0, 0),
+        parallel=parallel,
+        read_calls=parallel,
+    )
     ds = stream.batched(ds, 1, finish_batch, parallel).prefetch(_READ.prefetch)
     return BatchIterator(ds, 0, source, len(rows["index"]), read=_READ, give_up=False)
 
 
-def make_eval_iterator(split: SegmentationSplit, chunks: Sequence[EvalChunk], *,
-                       process_index: int = 0, process_count: int = 1
-                       ) -> Iterator[dict[str, np.ndarray]]:
+def make_eval_iterator(
+    split: SegmentationSplit, chunks: Sequence[EvalChunk], *, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """Yields this host's rows of every chunk: {"image" (b, Hs, Ws, 3) float32 normalised at
     the chunk's resized size, "mask" (b, H, W) uint8 at the original size, "valid" (b,)};
     an image that cannot be read or decoded is not valid (and counted)."""
@@ -275,8 +309,9 @@ def make_eval_iterator(split: SegmentationSplit, chunks: Sequence[EvalChunk], *,
         examples.close()
 
 
-def make_resized_iterator(split: SegmentationSplit, *, image_size: int, global_batch_size: int,
-                          process_index: int = 0, process_count: int = 1) -> BatchIterator:
+def make_resized_iterator(
+    split: SegmentationSplit, *, image_size: int, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> BatchIterator:
     """Returns the iterator of one pass of this host's batches of square-resized pairs, the
     "fast" protocol's input: {"image" (b, S, S, 3) normalised, "mask" (b, S, S) uint8 (nearest),
     "valid" (b,)}; the last batch is padded (mask 255, valid False), every host yields as many
@@ -289,10 +324,12 @@ def make_resized_iterator(split: SegmentationSplit, *, image_size: int, global_b
     def process(image_bytes, mask_bytes, position):
         valid = position < count
         image, mask = decode(image_bytes, mask_bytes)
-        return {"image": normalise(resize_image(image, image_size, image_size)),
-                "mask": tf.where(valid, resize_mask(mask, image_size, image_size),
-                                 tf.constant(IGNORE_LABEL, tf.uint8)),
-                "valid": valid, "position": position}
+        return {
+            "image": normalise(resize_image(image, image_size, image_size)),
+            "mask": tf.where(valid, resize_mask(mask, image_size, image_size), tf.constant(IGNORE_LABEL, tf.uint8)),
+            "valid": valid,
+            "position": position,
+        }
 
     def finish_batch(batch):
         batch["valid"] = batch["valid"] & ~_failed(batch)
@@ -300,5 +337,13 @@ def make_resized_iterator(split: SegmentationSplit, *, image_size: int, global_b
 
     source = split_source(split)
     ds = stream.pass_batches(source, 0, steps, process, finish_batch, hosts=hosts, read=_READ, read_padding=True)
-    return BatchIterator(ds.prefetch(_READ.prefetch), 0, source, steps, read=_READ, give_up=False,
-                         process_index=hosts.index, global_batch=global_batch_size)
+    return BatchIterator(
+        ds.prefetch(_READ.prefetch),
+        0,
+        source,
+        steps,
+        read=_READ,
+        give_up=False,
+        process_index=hosts.index,
+        global_batch=global_batch_size,
+    )

@@ -28,35 +28,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-IGNORE_LABEL = 255
+from vicregl_jax.data.segmentation.classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor")
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle")
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
-    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
-    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug",
-    "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
-    "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
-    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
-    "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
-    "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning",
-    "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
-    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van",
-    "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool",
-    "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle",
-    "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase",
-    "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
-    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+IGNORE_LABEL = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +58,45 @@ class Layout:
 
 
 LAYOUTS = {
-    "voc": Layout("voc", VOC_CLASSES, ("trainaug", "train", "val"), "trainaug", "val",
-                  (2048, 512), (512, 512), False, 40_000, 16, "/data/VOCdevkit"),
-    "ade20k": Layout("ade20k", ADE20K_CLASSES, ("training", "validation"), "training",
-                     "validation", (2048, 512), (512, 512), True, 160_000, 16,
-                     "/data/ADEChallengeData2016"),
-    "cityscapes": Layout("cityscapes", CITYSCAPES_CLASSES, ("train", "val"), "train", "val",
-                         (2048, 1024), (512, 1024), False, 40_000, 8, "/data/cityscapes"),
+    "voc": Layout(
+        "voc",
+        VOC_CLASSES,
+        ("trainaug", "train", "val"),
+        "trainaug",
+        "val",
+        (2048, 512),
+        (512, 512),
+        False,
+        40_000,
+        16,
+        "/data/VOCdevkit",
+    ),
+    "ade20k": Layout(
+        "ade20k",
+        ADE20K_CLASSES,
+        ("training", "validation"),
+        "training",
+        "validation",
+        (2048, 512),
+        (512, 512),
+        True,
+        160_000,
+        16,
+        "/data/ADEChallengeData2016",
+    ),
+    "cityscapes": Layout(
+        "cityscapes",
+        CITYSCAPES_CLASSES,
+        ("train", "val"),
+        "train",
+        "val",
+        (2048, 1024),
+        (512, 1024),
+        False,
+        40_000,
+        8,
+        "/data/cityscapes",
+    ),
 }
 
 
@@ -113,12 +119,12 @@ def parse_dataset(spec: str) -> tuple[Layout, str]:
     name, sep, path = str(spec).partition(":")
     if not sep or name not in LAYOUTS or not path:
         examples = ", ".join(f"{k}:{v.example_path}" for k, v in LAYOUTS.items())
-        raise ValueError(f"segmentation dataset {spec!r}: name a layout and its folder, one of "
-                         f"{examples}")
+        raise ValueError(f"segmentation dataset {spec!r}: name a layout and its folder, one of {examples}")
     return LAYOUTS[name], path
 
 
 # ------------------------------------------------------------------------------ listing
+
 
 def _join(*parts: str) -> str:
     return os.path.join(*parts)
@@ -126,8 +132,10 @@ def _join(*parts: str) -> str:
 
 def _require_dir(path: str, what: str, layout: Layout) -> None:
     if not tf.io.gfile.isdir(path):
-        raise FileNotFoundError(f"{path} does not exist: the {layout.name} layout needs {what} "
-                                f"there (see the README's segmentation section)")
+        raise FileNotFoundError(
+            f"{path} does not exist: the {layout.name} layout needs {what} "
+            f"there (see the README's segmentation section)"
+        )
 
 
 def _files(directory: str) -> set[str]:
@@ -136,9 +144,11 @@ def _files(directory: str) -> set[str]:
 
 
 def _missing_error(what: str, missing: list[str], total: int, where: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{len(missing)} of {total} {what} are missing from {where}, e.g. "
-                             f"{', '.join(missing[:3])}: the download is incomplete or in "
-                             "another layout")
+    return FileNotFoundError(
+        f"{len(missing)} of {total} {what} are missing from {where}, e.g. "
+        f"{', '.join(missing[:3])}: the download is incomplete or in "
+        "another layout"
+    )
 
 
 def _voc_root(root: str) -> str:
@@ -147,7 +157,8 @@ def _voc_root(root: str) -> str:
             return candidate
     raise FileNotFoundError(
         f"{root} holds neither VOC2012/JPEGImages nor JPEGImages: pass the VOCdevkit folder of "
-        "Pascal VOC 2012 (VOCtrainval_11-May-2012.tar), e.g. voc:/data/VOCdevkit")
+        "Pascal VOC 2012 (VOCtrainval_11-May-2012.tar), e.g. voc:/data/VOCdevkit"
+    )
 
 
 def _read_ids(path: str, layout: Layout, hint: str) -> list[str]:
@@ -160,12 +171,16 @@ def _read_ids(path: str, layout: Layout, hint: str) -> list[str]:
 def _list_voc(root: str, split: str, layout: Layout) -> tuple[list[str], list[str]]:
     base = _voc_root(root)
     sets = _join(base, "ImageSets", "Segmentation")
-    parts = {"train": [("train.txt", "SegmentationClass")],
-             "val": [("val.txt", "SegmentationClass")],
-             "trainaug": [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]}
-    aug_hint = ("make SegmentationClassAug/ and ImageSets/Segmentation/aug.txt from the SBD "
-                "download (benchmark.tgz) with mmsegmentation's tools/convert_datasets/voc_aug.py, "
-                "or use split 'train' (1,464 images, no SBD)")
+    parts = {
+        "train": [("train.txt", "SegmentationClass")],
+        "val": [("val.txt", "SegmentationClass")],
+        "trainaug": [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")],
+    }
+    aug_hint = (
+        "make SegmentationClassAug/ and ImageSets/Segmentation/aug.txt from the SBD "
+        "download (benchmark.tgz) with mmsegmentation's tools/convert_datasets/voc_aug.py, "
+        "or use split 'train' (1,464 images, no SBD)"
+    )
     images_dir = _join(base, "JPEGImages")
     # Every list and folder first, so that a missing download is named before any file is.
     wanted = []
@@ -204,22 +219,18 @@ def _list_ade20k(root: str, split: str, layout: Layout) -> tuple[list[str], list
     missing = [s + ".png" for s in stems if s + ".png" not in pngs]
     if missing:
         raise _missing_error("annotations", missing, len(stems), masks_dir)
-    return ([_join(images_dir, s + ".jpg") for s in stems],
-            [_join(masks_dir, s + ".png") for s in stems])
+    return ([_join(images_dir, s + ".jpg") for s in stems], [_join(masks_dir, s + ".png") for s in stems])
 
 
 def _list_cityscapes(root: str, split: str, layout: Layout) -> tuple[list[str], list[str]]:
     images_root = _join(root, "leftImg8bit", split)
     masks_root = _join(root, "gtFine", split)
-    _require_dir(images_root, f"leftImg8bit/{split}/CITY/*_leftImg8bit.png "
-                 "(leftImg8bit_trainvaltest.zip)", layout)
-    _require_dir(masks_root, f"gtFine/{split}/CITY/*_gtFine_labelTrainIds.png "
-                 "(gtFine_trainvaltest.zip)", layout)
+    _require_dir(images_root, f"leftImg8bit/{split}/CITY/*_leftImg8bit.png (leftImg8bit_trainvaltest.zip)", layout)
+    _require_dir(masks_root, f"gtFine/{split}/CITY/*_gtFine_labelTrainIds.png (gtFine_trainvaltest.zip)", layout)
     images, masks, missing, total = [], [], [], 0
     for city in sorted(tf.io.gfile.listdir(images_root)):
         city = city.rstrip("/")
-        names = sorted(n for n in _files(_join(images_root, city))
-                       if n.endswith("_leftImg8bit.png"))
+        names = sorted(n for n in _files(_join(images_root, city)) if n.endswith("_leftImg8bit.png"))
         city_masks = _join(masks_root, city)
         labels = _files(city_masks) if tf.io.gfile.isdir(city_masks) else set()
         for name in names:
@@ -234,7 +245,8 @@ def _list_cityscapes(root: str, split: str, layout: Layout) -> tuple[list[str], 
         raise FileNotFoundError(
             f"{len(missing)} of {total} images have no gtFine/{split}/{missing[0]}: make the "
             "*_labelTrainIds.png files with cityscapesscripts' createTrainIdLabelImgs (or "
-            "mmsegmentation's tools/convert_datasets/cityscapes.py)")
+            "mmsegmentation's tools/convert_datasets/cityscapes.py)"
+        )
     return images, masks
 
 
@@ -253,8 +265,10 @@ def open_split(spec: str, split: str | None = None, *, train: bool = True) -> Se
     if split not in layout.splits:
         raise ValueError(f"split {split!r} of {layout.name}: use one of {layout.splits}")
     if not tf.io.gfile.isdir(root):
-        raise FileNotFoundError(f"{root} does not exist: pass the folder of the {layout.name} "
-                                f"download, e.g. {layout.name}:{layout.example_path}")
+        raise FileNotFoundError(
+            f"{root} does not exist: pass the folder of the {layout.name} "
+            f"download, e.g. {layout.name}:{layout.example_path}"
+        )
     images, masks = _LISTERS[layout.name](root, split, layout)
     if not images:
         raise FileNotFoundError(f"no images in split {split!r} of {spec}")
@@ -263,8 +277,8 @@ def open_split(spec: str, split: str | None = None, *, train: bool = True) -> Se
 
 # -------------------------------------------------------------------------------- masks
 
-def decode_mask(data: bytes, *, num_classes: int, reduce_zero_label: bool = False,
-                name: str = "mask") -> np.ndarray:
+
+def decode_mask(data: bytes, *, num_classes: int, reduce_zero_label: bool = False, name: str = "mask") -> np.ndarray:
     """Returns the class indices (H, W) uint8 of a PNG mask (255 = ignore).
 
     Palette PNGs give their palette indices and grey-level ones their values (PIL), never
@@ -274,8 +288,10 @@ def decode_mask(data: bytes, *, num_classes: int, reduce_zero_label: bool = Fals
     """
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{name} is a {image.mode} image: masks must hold class indices "
-                             "(palette or grey-level PNG), not colours")
+            raise ValueError(
+                f"{name} is a {image.mode} image: masks must hold class indices "
+                "(palette or grey-level PNG), not colours"
+            )
         mask = np.asarray(image)
     if mask.ndim != 2 or mask.max(initial=0) > 255:
         raise ValueError(f"{name}: expected one channel of class indices 0-255")
@@ -285,17 +301,18 @@ def decode_mask(data: bytes, *, num_classes: int, reduce_zero_label: bool = Fals
         mask = np.where(mask == IGNORE_LABEL, IGNORE_LABEL, mask - np.uint8(1)).astype(np.uint8)
     bad = (mask >= num_classes) & (mask != IGNORE_LABEL)
     if bad.any():
-        raise ValueError(f"{name} holds label {int(mask[bad][0])} but the dataset has "
-                         f"{num_classes} classes (0-{num_classes - 1}, 255 ignored): is it a "
-                         "colour-coded mask, or a mask of another dataset?")
+        raise ValueError(
+            f"{name} holds label {int(mask[bad][0])} but the dataset has "
+            f"{num_classes} classes (0-{num_classes - 1}, 255 ignored): is it a "
+            "colour-coded mask, or a mask of another dataset?"
+        )
     return mask
 
 
 def read_mask(path: str, *, num_classes: int, reduce_zero_label: bool = False) -> np.ndarray:
     """Returns the class indices (H, W) uint8 of the PNG mask at path (see decode_mask)."""
     with tf.io.gfile.GFile(path, "rb") as f:
-        return decode_mask(f.read(), num_classes=num_classes,
-                           reduce_zero_label=reduce_zero_label, name=path)
+        return decode_mask(f.read(), num_classes=num_classes, reduce_zero_label=reduce_zero_label, name=path)
 
 
 def image_size(path: str) -> tuple[int, int]:

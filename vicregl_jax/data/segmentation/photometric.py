@@ -91,8 +91,6 @@ def _scale_clip_truncate(x, alpha=1.0, beta=0.0):
     return tf.floor(tf.clip_by_value(x * alpha + beta, 0.0, 255.0))
 
 
-
-
 def photometric_distortion(image, draws):
     """mmsegmentation's PhotoMetricDistortion on a uint8-valued float32 RGB image.
 
@@ -100,31 +98,32 @@ def photometric_distortion(image, draws):
     x U(0.5, 1.5) and hue + randint(-18, 18) (mod 180) in OpenCV's 8-bit HSV; each step with
     p 0.5 and rounded to uint8 as mmsegmentation does. draws: the example's uniform draws.
     """
+
     def contrast(x):
-        return tf.cond(draws[CONTRAST] < 0.5,
-                       lambda: _scale_clip_truncate(x, alpha=0.5 + draws[CONTRAST_ALPHA]),
-                       lambda: x)
+        return tf.cond(
+            draws[CONTRAST] < 0.5, lambda: _scale_clip_truncate(x, alpha=0.5 + draws[CONTRAST_ALPHA]), lambda: x
+        )
 
     def saturation(x):
         def apply():
             hsv = rgb_to_hsv_uint8(x)
-            s = _scale_clip_truncate(tf.cast(hsv[..., 1], tf.float32),
-                                     alpha=0.5 + draws[SATURATE_ALPHA])
+            s = _scale_clip_truncate(tf.cast(hsv[..., 1], tf.float32), alpha=0.5 + draws[SATURATE_ALPHA])
             return hsv_uint8_to_rgb(tf.stack([hsv[..., 0], tf.cast(s, tf.int32), hsv[..., 2]], -1))
+
         return tf.cond(draws[SATURATE] < 0.5, apply, lambda: x)
 
     def hue(x):
         def apply():
             hsv = rgb_to_hsv_uint8(x)
             delta = tf.cast(tf.floor(draws[HUE_DELTA] * 36.0), tf.int32) - 18  # -18..17
-            return hsv_uint8_to_rgb(tf.stack([(hsv[..., 0] + delta) % 180, hsv[..., 1],
-                                              hsv[..., 2]], -1))
+            return hsv_uint8_to_rgb(tf.stack([(hsv[..., 0] + delta) % 180, hsv[..., 1], hsv[..., 2]], -1))
+
         return tf.cond(draws[HUE] < 0.5, apply, lambda: x)
 
     contrast_last = draws[CONTRAST_LAST] < 0.5
-    x = tf.cond(draws[BRIGHT] < 0.5,
-                lambda: _scale_clip_truncate(image, beta=64.0 * draws[BRIGHT_DELTA] - 32.0),
-                lambda: image)
+    x = tf.cond(
+        draws[BRIGHT] < 0.5, lambda: _scale_clip_truncate(image, beta=64.0 * draws[BRIGHT_DELTA] - 32.0), lambda: image
+    )
     x = tf.cond(contrast_last, lambda: x, lambda: contrast(x))
     x = hue(saturation(x))
     return tf.cond(contrast_last, lambda: contrast(x), lambda: x)

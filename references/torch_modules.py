@@ -6,9 +6,10 @@ the yardstick the Flax models and the weight conversion are checked against.
 Each backbone's forward returns (maps (B, h*w, C), pooled (B, C)) from NCHW images.
 
 `torch_vicregl_loss` is the criterion in PyTorch (written from the paper's definition and
-checked against tests/reference_loss.py) and `TorchLARS` the release's LARS: with them,
+checked against references/loss.py) and `TorchLARS` the release's LARS: with them,
 benchmarks/torch_step_bench.py times the release's whole training step.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # ---------------------------------------------------------------------------- ResNet
+
 
 class TorchBasicBlock(nn.Module):
     expansion = 1
@@ -68,8 +69,9 @@ class TorchResNet(nn.Module):
     and (1, 1, 2, 4) for output stride 8); with contract_dilation the first block of a
     dilated stage uses half the stage's dilation."""
 
-    def __init__(self, block, stage_sizes, width=64, strides=(1, 2, 2, 2),
-                 dilations=(1, 1, 1, 1), contract_dilation=True):
+    def __init__(
+        self, block, stage_sizes, width=64, strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1), contract_dilation=True
+    ):
         super().__init__()
         block_cls = {"basic": TorchBasicBlock, "bottleneck": TorchBottleneck}[block]
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -81,8 +83,9 @@ class TorchResNet(nn.Module):
             first = dilation // 2 if contract_dilation and dilation > 1 else dilation
             blocks = []
             for b in range(n):
-                blocks.append(block_cls(in_ch, width * 2**i, strides[i] if b == 0 else 1,
-                                        first if b == 0 else dilation))
+                blocks.append(
+                    block_cls(in_ch, width * 2**i, strides[i] if b == 0 else 1, first if b == 0 else dilation)
+                )
                 in_ch = width * 2**i * block_cls.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
 
@@ -101,6 +104,7 @@ class TorchResNet(nn.Module):
 
 
 # -------------------------------------------------------------------------- ConvNeXt
+
 
 class ChannelsFirstLayerNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -140,15 +144,16 @@ class TorchConvNeXt(nn.Module):
     def __init__(self, depths, dims, drop_path_rate=0.0, layer_scale=0.0):
         super().__init__()
         self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), ChannelsFirstLayerNorm(dims[0]))] +
-            [nn.Sequential(ChannelsFirstLayerNorm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2))
-             for i in range(3)])
+            [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), ChannelsFirstLayerNorm(dims[0]))]
+            + [nn.Sequential(ChannelsFirstLayerNorm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2)) for i in range(3)]
+        )
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         k = 0
         for depth, dim in zip(depths, dims):
-            self.stages.append(nn.Sequential(*[
-                TorchConvNeXtBlock(dim, rates[k + j], layer_scale) for j in range(depth)]))
+            self.stages.append(
+                nn.Sequential(*[TorchConvNeXtBlock(dim, rates[k + j], layer_scale) for j in range(depth)])
+            )
             k += depth
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
 
@@ -166,6 +171,7 @@ class TorchConvNeXt(nn.Module):
 
 
 # ------------------------------------------------------------------------------ heads
+
 
 def torch_mlp(in_features, spec, norm):
     dims = [in_features] + [int(d) for d in spec.split("-")]
@@ -201,8 +207,7 @@ class TorchVICRegL(nn.Module):
                 out["embeddings"].append(self.projector(pooled))
             if self.alpha < 1.0:
                 b, n, c = maps.shape
-                out["local_embeddings"].append(self.maps_projector(maps.reshape(b * n, c))
-                                               .reshape(b, n, -1))
+                out["local_embeddings"].append(self.maps_projector(maps.reshape(b * n, c)).reshape(b, n, -1))
         out["logits"] = self.classifier(out["representations"][0].detach())
         return out
 
@@ -239,6 +244,7 @@ TORCH_BACKBONES = {
 
 # ------------------------------------------------------------------- random weights
 
+
 def nchw(x) -> torch.Tensor:
     """Returns a NHWC numpy batch as the NCHW torch tensor the reference modules take."""
     return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
@@ -274,7 +280,7 @@ def randomize_torch_(model: nn.Module, seed: int, *, small_layernorm_inputs: boo
             new[name] = 0.1 * torch.randn(shape, generator=g)
         elif leaf == "weight" and len(shape) >= 2:
             fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
-            new[name] = torch.randn(shape, generator=g) / fan_in ** 0.5
+            new[name] = torch.randn(shape, generator=g) / fan_in**0.5
         elif leaf in ("weight", "gamma"):
             new[name] = 0.5 + torch.rand(shape, generator=g)
         elif leaf == "bias":
@@ -308,6 +314,7 @@ def _layernorm_inputs(model: nn.Module) -> set[str]:
 
 # ------------------------------------------------------------------------ criterion
 
+
 def _at_least_f32(x):
     return x if x.dtype == torch.float64 else x.float()
 
@@ -336,15 +343,26 @@ def _torch_matches(src_keys, dst_keys, src, dst, k):
     """Kept vectors of src (B, K, D) and their nearest (by keys) vectors of dst."""
     with torch.no_grad():
         nearest_dist, nearest = torch.cdist(_at_least_f32(src_keys), _at_least_f32(dst_keys)).min(dim=2)
-        kept = (torch.arange(src.shape[1], device=src.device).expand(src.shape[0], -1) if k == src.shape[1]
-                else torch.topk(-nearest_dist, k, dim=1).indices.sort(dim=1).values)
+        kept = (
+            torch.arange(src.shape[1], device=src.device).expand(src.shape[0], -1)
+            if k == src.shape[1]
+            else torch.topk(-nearest_dist, k, dim=1).indices.sort(dim=1).values
+        )
         partner = torch.gather(nearest, 1, kept)
     take = lambda m, idx: torch.gather(m, 1, idx[..., None].expand(-1, -1, m.shape[-1]))  # noqa: E731
     return take(src, kept), take(dst, partner)
 
 
-def torch_vicregl_loss(embeddings, local_embeddings, grids, *, alpha=0.75, num_matches=(20, 4),
-                       l2_all_matches=True, coeffs=(25.0, 25.0, 1.0)):
+def torch_vicregl_loss(
+    embeddings,
+    local_embeddings,
+    grids,
+    *,
+    alpha=0.75,
+    num_matches=(20, 4),
+    l2_all_matches=True,
+    coeffs=(25.0, 25.0, 1.0),
+):
     """Returns (total, terms) of the VICRegL criterion over per-view lists: embeddings (B, D),
     local_embeddings (B, N, D), grids (B, N, 2); float32 statistics whatever the inputs."""
     terms, total = {}, 0.0
@@ -396,8 +414,11 @@ class TorchLARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     update = update.add(p, alpha=group["weight_decay"])
                     param_norm, update_norm = torch.norm(p), torch.norm(update)
-                    trust = torch.where((param_norm > 0) & (update_norm > 0),
-                                        group["eta"] * param_norm / update_norm, torch.ones_like(param_norm))
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        group["eta"] * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
                     update = update * trust
                 state = self.state[p]
                 if "mu" not in state:

@@ -70,8 +70,7 @@ def matches(src_keys, dst_keys, src, dst, k):
     return np.stack(xs), np.stack(ys)
 
 
-def local_terms(maps, grids, num_matches=(20, 4), l2_all_matches=True, fast_vc_reg=False,
-                ci=25.0, cv=25.0, cc=1.0):
+def local_terms(maps, grids, num_matches=(20, 4), l2_all_matches=True, fast_vc_reg=False, ci=25.0, cv=25.0, cc=1.0):
     maps = [np.asarray(m, np.float64) for m in maps]
     grids = [np.asarray(g, np.float64).reshape(g.shape[0], -1, 2) for g in grids]
     p = pairs(len(maps))

@@ -15,11 +15,12 @@ does, with the columns swapped for flipped views only when the grid is flipped.
 It is the yardstick of benchmarks/pipeline_bench.py, and its single ops (`pil_*`) the PIL
 references of the numerics tests. torch is imported only by `ReleaseMultiCrop`.
 """
+
 from __future__ import annotations
 
 import io
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -28,8 +29,14 @@ from vicregl_jax.data import colour
 from vicregl_jax.data.crops import CROP_RATIO, CROP_TRIES, CropGroup, grid_size
 
 
-def crop_box(uniform: Callable[[float, float], float], randint: Callable[[int], int], height: int,
-             width: int, scale, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+def crop_box(
+    uniform: Callable[[float, float], float],
+    randint: Callable[[int], int],
+    height: int,
+    width: int,
+    scale,
+    ratio=CROP_RATIO,
+) -> tuple[int, int, int, int]:
     """Returns a random resized crop box (top, left, h, w), one try at a time as torchvision:
     `uniform(lo, hi)` draws a float, `randint(n)` an integer in [0, n)."""
     area = height * width
@@ -148,10 +155,12 @@ class ReleaseMultiCrop:
         torch = self._torch
         if self._applies(colour.JITTER_PROBABILITY):
             order = torch.randperm(4)
-            factors = (self._uniform(1 - colour.BRIGHTNESS, 1 + colour.BRIGHTNESS),
-                       self._uniform(1 - colour.CONTRAST, 1 + colour.CONTRAST),
-                       self._uniform(1 - colour.SATURATION, 1 + colour.SATURATION),
-                       self._uniform(-colour.HUE, colour.HUE))
+            factors = (
+                self._uniform(1 - colour.BRIGHTNESS, 1 + colour.BRIGHTNESS),
+                self._uniform(1 - colour.CONTRAST, 1 + colour.CONTRAST),
+                self._uniform(1 - colour.SATURATION, 1 + colour.SATURATION),
+                self._uniform(-colour.HUE, colour.HUE),
+            )
             for op in order.tolist():
                 img = _JITTER[op](img, factors[op])
         if self._chance(colour.GRAYSCALE_PROBABILITY):
