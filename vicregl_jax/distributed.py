@@ -220,6 +220,26 @@ def tpu_expected_devices(cluster) -> tuple[int | None, str]:
     return per_slice, f"TPU: {accelerator}"
 
 
+def _check_processes(
+    mode: str, source: str, coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Raises LaunchError when the process count or id is missing or out of range, or mode "off" has several."""
+    if num_processes is None or process_id is None:
+        missing = "--num_processes" if num_processes is None else "--process_id"
+        raise LaunchError(
+            f"--coordinator_address={coordinator_address} but {missing} is not given: pass both "
+            "--num_processes=N and --process_id=I (or JAX_NUM_PROCESSES, JAX_PROCESS_ID)."
+        )
+    if not 0 <= process_id < num_processes:
+        raise LaunchError(f"--process_id={process_id} is outside [0, --num_processes={num_processes}).")
+    if mode == "off" and num_processes > 1:
+        raise LaunchError(
+            f"--distributed=off but this is process {process_id} of {num_processes} ({source}): each "
+            "would train alone into the same workdir (and a TPU pod slice cannot run one host alone). "
+            "Use --distributed=auto, or start a single process."
+        )
+
+
 def plan_launch(
     mode: str = "auto",
     coordinator_address: str | None = None,
@@ -284,23 +304,8 @@ def plan_launch(
             )
         return Launch(False, "single", None, 1, 0, local_device_ids, expected, expected_from)
 
-    if num_processes is None or process_id is None:
-        missing = "--num_processes" if num_processes is None else "--process_id"
-        raise LaunchError(
-            f"--coordinator_address={coordinator_address} but {missing} is not given: pass both "
-            "--num_processes=N and --process_id=I (or JAX_NUM_PROCESSES, JAX_PROCESS_ID)."
-        )
-    if not 0 <= process_id < num_processes:
-        raise LaunchError(f"--process_id={process_id} is outside [0, --num_processes={num_processes}).")
-    if mode == "off":
-        if num_processes > 1:
-            raise LaunchError(
-                f"--distributed=off but this is process {process_id} of {num_processes} ({source}): each "
-                "would train alone into the same workdir (and a TPU pod slice cannot run one host alone). "
-                "Use --distributed=auto, or start a single process."
-            )
-        return Launch(False, "single", None, 1, 0, local_device_ids, expected, expected_from)
-    initialize = mode == "on" or num_processes > 1
+    _check_processes(mode, source, coordinator_address, num_processes, process_id)
+    initialize = mode == "on" or num_processes > 1  # mode "off" has one process here
     if not initialize:
         return Launch(False, "single", None, 1, 0, local_device_ids, expected, expected_from)
     return Launch(

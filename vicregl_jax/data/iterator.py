@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from vicregl_jax.data import sources
-from vicregl_jax.data.options import ReadOptions
+from vicregl_jax.data.options import Hosts, ReadOptions
 from vicregl_jax.data.stream import MAX_ATTEMPTS
 
 
@@ -204,3 +204,25 @@ class BatchIterator:
             "num_undecodable": self.num_undecodable,
             "num_examples": self.num_examples,
         }
+
+
+def endless_iterator(
+    ds: tf.data.Dataset,
+    start_step: int,
+    source: sources.ImageSource,
+    *,
+    read: ReadOptions,
+    hosts: Hosts,
+    global_batch: int,
+    reorder: bool = False,
+) -> BatchIterator:
+    """Returns a BatchIterator over this host's endless batches ds from start_step, prefetched by read.prefetch."""
+    return BatchIterator(
+        ds.prefetch(read.prefetch),
+        start_step,
+        source,
+        read=read,
+        process_index=hosts.index,
+        global_batch=global_batch,
+        reorder=reorder,
+    )

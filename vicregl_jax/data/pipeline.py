@@ -23,7 +23,7 @@ from vicregl_jax.data.images import (  # noqa: F401  (re-exported: the per-image
     resize,
     to_uint8,
 )
-from vicregl_jax.data.iterator import BatchIterator, PipelineError  # noqa: F401  (re-exported)
+from vicregl_jax.data.iterator import BatchIterator, PipelineError, endless_iterator  # noqa: F401  (re-exported)
 from vicregl_jax.data.options import JPEG_DCT_METHODS, RESIZE_METHODS, ReadOptions, resolve_hosts  # noqa: F401
 from vicregl_jax.data.stream import MAX_ATTEMPTS, StreamKeys  # noqa: F401  (re-exported)
 from vicregl_jax.data.views import example_index, position_seed  # noqa: F401  (re-exported)
@@ -86,6 +86,23 @@ def _check_service(service: str, source, read: ReadOptions) -> None:
         )
 
 
+def _check_pretrain_args(groups: tuple[CropGroup, ...], colour: str) -> None:
+    """Raises ValueError when there are no crop groups or colour is not one of COLOUR_MODES."""
+    if not groups:
+        raise ValueError("groups is empty: give at least one CropGroup, e.g. CropGroup(224, 2, (0.08, 1.0)).")
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"colour={colour!r}: use one of {COLOUR_MODES} (device: draws with uint8 views).")
+
+
+def _distribute(ds: tf.data.Dataset, service: str) -> tf.data.Dataset:
+    """Returns ds made by the workers of the tf.data service dispatcher at `service` (dynamic sharding)."""
+    return ds.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=service
+        )
+    )
+
+
 def make_pretrain_iterator(
     dataset: str,
     split: str,
@@ -117,10 +134,7 @@ def make_pretrain_iterator(
     batches on its workers; folder datasets only, with read.resize="tensorflow".
     """
     groups = tuple(groups)
-    if not groups:
-        raise ValueError("groups is empty: give at least one CropGroup, e.g. CropGroup(224, 2, (0.08, 1.0)).")
-    if colour not in COLOUR_MODES:
-        raise ValueError(f"colour={colour!r}: use one of {COLOUR_MODES} (device: draws with uint8 views).")
+    _check_pretrain_args(groups, colour)
     grid_sizes = [crops.grid_size(g, stride) for g in groups]
     _check_start_step(start_step)
     hosts = resolve_hosts(global_batch_size, read.process_index, read.process_count)
@@ -154,20 +168,9 @@ def make_pretrain_iterator(
         python_reads=not service,
     )
     if service:
-        ds = ds.apply(
-            tf.data.experimental.service.distribute(
-                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=service
-            )
-        )
-    ds = ds.prefetch(read.prefetch)
-    return BatchIterator(
-        ds,
-        start_step,
-        source,
-        read=read,
-        process_index=hosts.index,
-        global_batch=global_batch_size,
-        reorder=bool(service),
+        ds = _distribute(ds, service)
+    return endless_iterator(
+        ds, start_step, source, read=read, hosts=hosts, global_batch=global_batch_size, reorder=bool(service)
     )
 
 
@@ -276,11 +279,4 @@ def make_linear_train_iterator(
     ds = stream.shuffled_batches(
         source, start_step, StreamKeys.of_seed(seed), process, finish_batch, hosts=hosts, read=read
     )
-    return BatchIterator(
-        ds.prefetch(read.prefetch),
-        start_step,
-        source,
-        read=read,
-        process_index=hosts.index,
-        global_batch=global_batch_size,
-    )
+    return endless_iterator(ds, start_step, source, read=read, hosts=hosts, global_batch=global_batch_size)

@@ -120,15 +120,20 @@ def check_staging_space(staging_dir: str, needed: int) -> None:
 
 
 @contextlib.contextmanager
-def _staging_lock(staging_dir: str, name: str):
-    """Holds an exclusive lock on one dataset's staging (two preparations on one machine)."""
-    os.makedirs(staging_dir, exist_ok=True)
-    with open(os.path.join(staging_dir, f".{name.replace('/', '_')}.staging.lock"), "w") as lock:
+def file_lock(folder: str, filename: str):
+    """Holds an exclusive flock on the file `filename` in `folder` (created), for processes of one machine."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, filename), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _staging_lock(staging_dir: str, name: str):
+    """Returns an exclusive lock on one dataset's staging (two preparations on one machine)."""
+    return file_lock(staging_dir, f".{name.replace('/', '_')}.staging.lock")
 
 
 def stage(dataset: str, staging_dir: str, manual_dir: str | None, num_shards: int | None = None):

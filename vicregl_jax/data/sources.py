@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import os
 import stat
 import time
@@ -214,13 +213,8 @@ def preparation_lock(builder):
     if "://" in root:
         yield
         return
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f".{builder.name}.prepare.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with prepare.file_lock(root, f".{builder.name}.prepare.lock"):
+        yield
 
 
 def _prepare(builder, manual_dir: str | None):

@@ -24,6 +24,11 @@ from vicregl_jax.models.stack import check_remat, run_stage, stage_blocks
 LAYERNORM_EPS = 1e-6
 
 
+def _init_and_dtypes(dtype) -> dict:
+    """Returns the keyword arguments shared by ConvNeXt's convs and linears: its init, float32 params."""
+    return dict(kernel_init=convnext_normal, bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32)
+
+
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
     """Returns a non-overlapping (kernel == stride, no padding) conv with ConvNeXt init."""
     return nnx.Conv(
@@ -33,25 +38,20 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, dtype, rngs: nnx
         strides=(stride, stride),
         padding="VALID",
         use_bias=True,
-        kernel_init=convnext_normal,
-        bias_init=nnx.initializers.zeros,
-        dtype=dtype,
-        param_dtype=jnp.float32,
         conv_general_dilated=sharding.gathered_conv_general_dilated,
         rngs=rngs,
+        **_init_and_dtypes(dtype),
     )
 
 
 def _linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """Returns a linear layer with ConvNeXt init and an FSDP-gathered kernel."""
     return nnx.Linear(
         in_features,
         out_features,
-        kernel_init=convnext_normal,
-        bias_init=nnx.initializers.zeros,
-        dtype=dtype,
-        param_dtype=jnp.float32,
         dot_general=sharding.gathered_dot_general,
         rngs=rngs,
+        **_init_and_dtypes(dtype),
     )
 
 

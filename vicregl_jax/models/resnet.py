@@ -40,6 +40,14 @@ def _conv(
     )
 
 
+def _conv_bn(
+    in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *, dtype, rngs, dilation: int = 1, zero_init=False
+) -> tuple[nnx.Conv, BatchNorm]:
+    """Returns a bias-free conv (see _conv) and the BatchNorm after it (scale starting at 0 with zero_init)."""
+    conv = _conv(in_ch, out_ch, kernel, stride, padding, dilation=dilation, dtype=dtype, rngs=rngs)
+    return conv, BatchNorm(out_ch, zero_init_scale=zero_init, dtype=dtype)
+
+
 def _downsample(in_ch: int, out_ch: int, stride: int, *, dtype, rngs) -> nnx.List | None:
     """Returns the projection shortcut [1x1 conv, BatchNorm], or None for identity."""
     if stride == 1 and in_ch == out_ch:
@@ -64,10 +72,8 @@ class BasicBlock(nnx.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype, rngs: nnx.Rngs):
-        self.conv1 = _conv(in_ch, planes, 3, stride, dilation, dilation=dilation, dtype=dtype, rngs=rngs)
-        self.bn1 = BatchNorm(planes, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, 1, 1, dtype=dtype, rngs=rngs)
-        self.bn2 = BatchNorm(planes, zero_init_scale=True, dtype=dtype)
+        self.conv1, self.bn1 = _conv_bn(in_ch, planes, 3, stride, dilation, dilation=dilation, dtype=dtype, rngs=rngs)
+        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, 1, 1, zero_init=True, dtype=dtype, rngs=rngs)
         self.downsample = _downsample(in_ch, planes, stride, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,12 +90,9 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, in_ch: int, planes: int, stride: int, *, dilation: int = 1, dtype, rngs: nnx.Rngs):
         out_ch = planes * self.expansion
-        self.conv1 = _conv(in_ch, planes, 1, 1, 0, dtype=dtype, rngs=rngs)
-        self.bn1 = BatchNorm(planes, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, dilation, dilation=dilation, dtype=dtype, rngs=rngs)
-        self.bn2 = BatchNorm(planes, dtype=dtype)
-        self.conv3 = _conv(planes, out_ch, 1, 1, 0, dtype=dtype, rngs=rngs)
-        self.bn3 = BatchNorm(out_ch, zero_init_scale=True, dtype=dtype)
+        self.conv1, self.bn1 = _conv_bn(in_ch, planes, 1, 1, 0, dtype=dtype, rngs=rngs)
+        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, stride, dilation, dilation=dilation, dtype=dtype, rngs=rngs)
+        self.conv3, self.bn3 = _conv_bn(planes, out_ch, 1, 1, 0, zero_init=True, dtype=dtype, rngs=rngs)
         self.downsample = _downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vicregl_jax.data import sources, stream
-from vicregl_jax.data.iterator import BatchIterator
+from vicregl_jax.data.iterator import BatchIterator, endless_iterator
 from vicregl_jax.data.options import ReadOptions, resolve_hosts
 from vicregl_jax.data.segmentation import draws as slots
 from vicregl_jax.data.segmentation.crops import (
@@ -175,14 +175,7 @@ def make_train_iterator(
 
     source = split_source(split)
     ds = stream.shuffled_batches(source, start_step, keys, process, lambda batch: batch, hosts=hosts, read=_READ)
-    return BatchIterator(
-        ds.prefetch(_READ.prefetch),
-        start_step,
-        source,
-        read=_READ,
-        process_index=hosts.index,
-        global_batch=global_batch_size,
-    )
+    return endless_iterator(ds, start_step, source, read=_READ, hosts=hosts, global_batch=global_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
