@@ -15,11 +15,13 @@ import sys
 import urllib.parse
 import urllib.request
 
+import chex
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 from etils import epath
+from flax import nnx
 from PIL import Image
 from storage_fixture import BUCKET
 from tiny import tiny_config
@@ -132,9 +134,8 @@ def test_a_training_run_on_a_gs_workdir_checkpoints_logs_and_resumes_there(
     model, _, step = release.load_workdir_model(workdir)
     local, _, _ = release.load_workdir_model(tmp_path / "local")
     assert step == 2
-    jax.tree.map(
-        np.testing.assert_array_equal, jax.device_get(jax.tree.leaves(model)), jax.device_get(jax.tree.leaves(local))
-    )
+    weights = (nnx.Param, nnx.BatchStat)
+    chex.assert_trees_all_equal(jax.device_get(nnx.state(model, weights)), jax.device_get(nnx.state(local, weights)))
 
     # Resumed from the bucket; metrics.jsonl and the TensorBoard events hold one row per step.
     result = train.train_and_evaluate(config, workdir, stop_after_steps=1)

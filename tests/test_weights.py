@@ -17,6 +17,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -367,9 +368,9 @@ def test_features_equal_the_release_networks_and_the_evaluations(release, shared
         # The evaluations' feature function, on the images their input pipeline normalises.
         normalised = augment.normalise(tf.cast(images, tf.float32) / 255.0, EVAL.mean, EVAL.std).numpy()
         batch = jax.device_put(np.concatenate([normalised] * 8)[:8], sharding.batch_sharding(sharding.make_mesh()))
-        backbone, _ = common.load_backbone(
+        backbone = common.load_backbone(
             tiny_config("unused", {"model.arch": model.arch if heads else "resnet_test"}), None, f"release:{name}"
-        )
+        ).backbone
         eval_maps, eval_pooled = common.make_feature_fn(backbone, sharding.make_mesh())(batch)
         # TensorFlow's normalisation and XLA's differ by an ulp here and there: the same
         # function of the same weights, within float32 rounding.
@@ -443,14 +444,18 @@ def test_release_names_as_init_weights_and_evaluation_weights(release, shared):
     folder, out, _ = shared
     config = tiny_config("unused", {"model.init_weights": "release:resnet_test_alpha0.9_fullckpt"})
     with pytest.raises(download.DownloadError, match="HTTP 404"):  # checked (downloaded) before any data
-        build.check_init_weights(tiny_config("unused", {"model.init_weights": "release:resnet50_alpha0.9"}))
-    build.check_init_weights(config)  # downloads the full checkpoint
+        build._check_init_weights(tiny_config("unused", {"model.init_weights": "release:resnet50_alpha0.9"}))
+    build._check_init_weights(config)  # downloads the full checkpoint (build_run's check)
     assert weights_lib.resolve("release:resnet_test_alpha0.9_fullckpt", as_file=True) == os.path.join(
         folder, "files", "resnet_test_alpha0.9_fullckpt.pth"
     )
     assert weights_lib.resolve("runs/x") == "runs/x"
-    backbone, description = common.load_backbone(config, None, "release:convnext_test_alpha0.75_fullckpt")
-    assert description == "convnext_test from the release's convnext_test_alpha0.75_fullckpt.pth"
+    name = "release:convnext_test_alpha0.75_fullckpt"
+    backbone, description, arch = common.load_backbone(config, None, name)
+    assert (
+        arch == "convnext_test"
+        and description == "convnext_test from the release's convnext_test_alpha0.75_fullckpt.pth"
+    )
     assert [r[0] for r in server.requests] == ["resnet50_alpha0.9.pth", "resnet_test_alpha0.9_fullckpt.pth"]
     expected = nnx.state(out["convnext_test_alpha0.75_fullckpt"][0].backbone, (nnx.Param, nnx.BatchStat))
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(backbone, (nnx.Param, nnx.BatchStat)), expected)
+    chex.assert_trees_all_equal(nnx.state(backbone, (nnx.Param, nnx.BatchStat)), expected)
