@@ -289,16 +289,19 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
         return _train(config, workdir, stop_after_steps)
 
 
-def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
-    run = build.build_run(config, workdir)
+def _announce_resume(run: build.Run, workdir) -> None:
+    """Prints, on process 0, where a resumed run starts and which damaged checkpoints it skipped."""
     if run.resumed and jax.process_index() == 0:
         skipped = f" ({describe_skipped(run.skipped)}; moved to {workdir / DAMAGED_DIR})" if run.skipped else ""
         print(
             f"Resuming from {run.checkpointer.directory} at step {run.start_step} of {run.total_steps}{skipped}.",
             flush=True,
         )
-    knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
-    step_fn = jit_train_step(
+
+
+def _jitted_step(run: build.Run, config):
+    """Returns the run's train step, jitted with its state shardings on its mesh."""
+    return jit_train_step(
         make_train_step(
             run.graphdef,
             run.random_streams,
@@ -311,9 +314,11 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
         run.shardings,
         run.mesh,
     )
-    log = MetricsLog(workdir, run.start_step)
-    watcher = PreemptionWatcher(run.checkpointer.manager)
-    bar = tqdm(
+
+
+def _progress_bar(run: build.Run) -> tqdm:
+    """Returns the pre-training progress bar, shown on process 0 only."""
+    return tqdm(
         total=run.total_steps,
         initial=run.start_step,
         unit="step",
@@ -321,6 +326,30 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
         desc="pretrain",
         disable=jax.process_index() != 0,
     )
+
+
+def _peer_failure(error: Exception) -> coordination.PeerFailureError | None:
+    """Reports this host's failure; returns a PeerFailureError naming the hosts that stopped first, or None."""
+    # On several hosts: say why this one stops, and when a collective fails here because
+    # another host stopped first, name that host's error rather than the bare timeout.
+    coordination.report_failure(error)
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        peers = coordination.peer_failures(wait_s=coordination.PEER_FAILURE_WAIT_S)
+        if peers:
+            return coordination.PeerFailureError(
+                "; ".join(f"process {i} stopped the run: {message}" for i, message in sorted(peers.items()))
+            )
+    return None
+
+
+def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
+    run = build.build_run(config, workdir)
+    _announce_resume(run, workdir)
+    knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
+    step_fn = _jitted_step(run, config)
+    log = MetricsLog(workdir, run.start_step)
+    watcher = PreemptionWatcher(run.checkpointer.manager)
+    bar = _progress_bar(run)
     batches = data_lib.prefetch_to_mesh(run.iterator, run.mesh)  # two batches on the devices ahead
     state, step, total = run.state, run.start_step, run.total_steps
     last_saved, last_metrics, stopped_early = run.start_step, {}, False
@@ -372,15 +401,9 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
         if last_saved != step:
             run.checkpointer.save(step, state)
     except Exception as error:
-        # On several hosts: say why this one stops, and when a collective fails here because
-        # another host stopped first, name that host's error rather than the bare timeout.
-        coordination.report_failure(error)
-        if isinstance(error, jax.errors.JaxRuntimeError):
-            peers = coordination.peer_failures(wait_s=coordination.PEER_FAILURE_WAIT_S)
-            if peers:
-                raise coordination.PeerFailureError(
-                    "; ".join(f"process {i} stopped the run: {message}" for i, message in sorted(peers.items()))
-                ) from error
+        peer_error = _peer_failure(error)
+        if peer_error is not None:
+            raise peer_error from error
         raise
     finally:
         batches.close()

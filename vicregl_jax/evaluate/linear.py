@@ -203,6 +203,36 @@ class _ProtocolBatches:
         self.iterator.close()
 
 
+def _cached_val_batches(val: dict, batch_size: int) -> Callable[[], Iterator]:
+    """Returns val_batches() over cached features: (features, labels, all-true mask) in order."""
+
+    def val_batches():
+        for start in range(0, len(val["labels"]), batch_size):
+            f, y = val["features"][start : start + batch_size], val["labels"][start : start + batch_size]
+            yield f, y, np.ones(len(y), bool)
+
+    return val_batches
+
+
+def _protocol_train_batches(
+    config, dataset: str, features: Callable, mesh, batch_size: int, size: dict
+) -> _ProtocolBatches:
+    """Returns the protocol's _ProtocolBatches over config.eval.train_split of dataset."""
+    return _ProtocolBatches(
+        lambda start: data_lib.make_linear_train_iterator(
+            dataset,
+            config.eval.train_split,
+            global_batch_size=batch_size,
+            seed=config.seed,
+            start_step=start,
+            **size,
+        ),
+        features,
+        mesh,
+        batch_size,
+    )
+
+
 def run(config, workdir, weights=None, *, random_init: bool = False, name: str = "linear", check: bool = True) -> dict:
     """Runs linear classification on frozen features (config.eval.linear.mode: protocol or
     fast); the head is checkpointed under workdir/<name>_head and a rerun resumes there.
@@ -222,31 +252,14 @@ def run(config, workdir, weights=None, *, random_init: bool = False, name: str =
 
     val = centre_features(config.eval.split)
     num_classes = int(max(val["labels"].max(), 0) + 1)
-
-    def val_batches():
-        for start in range(0, len(val["labels"]), batch_size):
-            f, y = val["features"][start : start + batch_size], val["labels"][start : start + batch_size]
-            yield f, y, np.ones(len(y), bool)
-
+    val_batches = _cached_val_batches(val, batch_size)
     if settings.mode == "fast":
         train = centre_features(config.eval.train_split)
         num_classes = max(num_classes, int(train["labels"].max()) + 1)
         num_train = len(train["labels"])
         train_batches = _fast_train_batches(train, batch_size, config.seed)
     else:
-        train_batches = _ProtocolBatches(
-            lambda start: data_lib.make_linear_train_iterator(
-                dataset,
-                config.eval.train_split,
-                global_batch_size=batch_size,
-                seed=config.seed,
-                start_step=start,
-                **size,
-            ),
-            features,
-            mesh,
-            batch_size,
-        )
+        train_batches = _protocol_train_batches(config, dataset, features, mesh, batch_size, size)
         num_train, num_classes = train_batches.num_examples, max(num_classes, train_batches.num_classes)
     lr = settings.lr or default_lr(loaded.arch)
     head = dict(

@@ -123,27 +123,17 @@ def train_head(
     -> the global batch {"input", "mask"} of step t. Dropout keys are fold_in(seed, t), so
     step t does the same whatever run it is in.
     """
+    how = _head_training(settings, seed=seed, stop_after_steps=stop_after_steps, progress=progress)
     return _train(
-        head,
-        featurize,
-        lambda start: map(next_batch, itertools.count(start)),
-        settings,
-        mesh,
-        seed=seed,
-        checkpointer=checkpointer,
-        stop_after_steps=stop_after_steps,
-        progress=progress,
+        head, featurize, lambda start: map(next_batch, itertools.count(start)), settings, mesh, how, checkpointer
     )
 
 
-def _train(head, featurize, batches, settings, mesh, *, seed, checkpointer, stop_after_steps, progress) -> int:
-    """train_head over batches(start), an iterator of the batches from step start on."""
-
-    def loss_fn(net, batch, key):
-        features = jax.lax.stop_gradient(featurize(batch["input"]))
-        return segmentation_loss(net(features, dropout_key=key), batch["mask"])
-
-    how = HeadTraining(
+def _head_training(
+    settings: SegmentSettings, *, seed: int, stop_after_steps: int | None, progress: bool
+) -> HeadTraining:
+    """Returns how the segmentation head is trained: settings.steps steps, a checkpoint every checkpoint_every."""
+    return HeadTraining(
         steps=settings.steps,
         seed=seed,
         checkpoint_every=settings.checkpoint_every,
@@ -151,6 +141,15 @@ def _train(head, featurize, batches, settings, mesh, *, seed, checkpointer, stop
         progress=progress,
         desc="segment head",
     )
+
+
+def _train(head, featurize, batches, settings, mesh, how: HeadTraining, checkpointer) -> int:
+    """train_head over batches(start), an iterator of the batches from step start on."""
+
+    def loss_fn(net, batch, key):
+        features = jax.lax.stop_gradient(featurize(batch["input"]))
+        return segmentation_loss(net(features, dropout_key=key), batch["mask"])
+
     reached, _ = train_any_head(head, make_optimizer(settings), loss_fn, batches, how, mesh, checkpointer=checkpointer)
     return reached
 
@@ -184,20 +183,9 @@ def evaluate_segmentation(
     layout = train_split.layout
     backbone, kind = _prepared_backbone(backbone, family, settings, mesh)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if settings.protocol == "release":
-        probe = jax.ShapeDtypeStruct((1, *settings.crop_size, 3), jnp.float32)
-        channels = nnx.eval_shape(lambda m, x: dense_features(m, x, kind), backbone, probe).shape[-1]
-        featurize = _featurizer(backbone, kind, mesh)
-        batches = _release_batches(train_split, settings, mesh, process, seed)
-    else:
-        feature_fn = jitted_features(backbone, kind, mesh)
-        cached = {
-            split_name: cache_features(feature_fn, split, settings, mesh, process)
-            for split_name, split in (("train", train_split), ("eval", val_split))
-        }
-        channels = cached["train"]["features"].shape[-1]
-        featurize = lambda features: features.astype(jnp.float32)  # noqa: E731
-        batches = _cached_batches(cached["train"], settings, seed, mesh, process)
+    channels, featurize, batches, cached_eval = _head_inputs(
+        backbone, kind, settings, train_split, val_split, mesh, process, seed
+    )
     head = LinearHead(channels, layout.num_classes, dropout=settings.dropout, rngs=nnx.Rngs(params=seed))
     meta = {
         "dataset": dataset,
@@ -208,18 +196,9 @@ def evaluate_segmentation(
         **dataclasses.asdict(settings),
     }
     checkpointer = head_checkpointer(workdir, name, meta)
+    how = _head_training(settings, seed=seed, stop_after_steps=stop_after_steps, progress=progress)
     try:
-        reached = _train(
-            head,
-            featurize,
-            batches,
-            settings,
-            mesh,
-            seed=seed,
-            checkpointer=checkpointer,
-            stop_after_steps=stop_after_steps,
-            progress=progress,
-        )
+        reached = _train(head, featurize, batches, settings, mesh, how, checkpointer)
     finally:
         if checkpointer is not None:
             checkpointer.close()
@@ -229,7 +208,7 @@ def evaluate_segmentation(
         confusion = release_confusion(backbone, head, kind, val_split, settings, mesh, process, progress)
         resolution = "original"
     else:
-        confusion = evaluate_cached(head, cached["eval"], settings, layout.num_classes, mesh)
+        confusion = evaluate_cached(head, cached_eval, settings, layout.num_classes, mesh)
         resolution = f"{settings.fast_image_size}x{settings.fast_image_size}"
     return {
         **segmentation_metrics(confusion, layout.class_names),
@@ -241,6 +220,24 @@ def evaluate_segmentation(
         "steps": settings.steps,
         "settings": dataclasses.asdict(settings),
     }
+
+
+def _head_inputs(backbone, kind, settings, train_split, val_split, mesh, process, seed) -> tuple:
+    """Returns (the head's input channels, featurize, batches(start), the cached eval features or
+    None) for the protocol: the backbone traced in the step (release) or features cached once (fast)."""
+    if settings.protocol == "release":
+        probe = jax.ShapeDtypeStruct((1, *settings.crop_size, 3), jnp.float32)
+        channels = nnx.eval_shape(lambda m, x: dense_features(m, x, kind), backbone, probe).shape[-1]
+        featurize = _featurizer(backbone, kind, mesh)
+        return channels, featurize, _release_batches(train_split, settings, mesh, process, seed), None
+    feature_fn = jitted_features(backbone, kind, mesh)
+    cached = {
+        split_name: cache_features(feature_fn, split, settings, mesh, process)
+        for split_name, split in (("train", train_split), ("eval", val_split))
+    }
+    channels = cached["train"]["features"].shape[-1]
+    featurize = lambda features: features.astype(jnp.float32)  # noqa: E731
+    return channels, featurize, _cached_batches(cached["train"], settings, seed, mesh, process), cached["eval"]
 
 
 def _prepared_backbone(backbone, family, settings, mesh) -> tuple[nnx.Module, str]:
