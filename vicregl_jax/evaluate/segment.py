@@ -12,7 +12,7 @@ The release evaluates with mmsegmentation configs; "release" (the default) repro
   (crops of the training crop size, stride 341).
 
 Both: the frozen backbone in eval mode, BatchNorm statistics of the head over the global batch
-(synchronised), mmsegmentation's training augmentation (data/segmentation.py), logits resized
+(synchronised), mmsegmentation's training augmentation (vicregl_jax.data.segmentation), logits resized
 bilinearly to the crop and a cross-entropy that ignores label 255 but, as mmsegmentation's
 default, averages over all pixels; 40k steps of 16 images (VOC, Cityscapes with 8) or 160k
 (ADE20k). Test images are rescaled to the dataset's scale keeping their aspect ratio, the

@@ -88,7 +88,7 @@ def evaluate_chunks(
     progress: bool = True,
 ) -> np.ndarray:
     """Returns the dataset-wide (K, K) confusion of the release protocol's inference over the
-    evaluation chunks (data/segmentation.py's eval_chunks and make_eval_iterator)."""
+    evaluation chunks (vicregl_jax.data.segmentation's eval_chunks and make_eval_iterator)."""
     score = make_scorer(num_classes)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     bar = tqdm(

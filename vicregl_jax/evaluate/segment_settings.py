@@ -13,7 +13,7 @@ from flax import nnx
 from vicregl_jax import data as data_lib
 from vicregl_jax.models import ConvNeXt, ResNet
 
-IGNORE_LABEL = 255  # as data/segmentation.py's masks
+IGNORE_LABEL = 255  # as the masks of vicregl_jax.data.segmentation
 PROTOCOLS = ("release", "fast")
 
 
