@@ -7,11 +7,7 @@ import sys
 import time
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
-
-from vicregl_jax import checkpoint, model_config
-from vicregl_jax import workdir as workdir_lib
+from tiny import read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 4
@@ -37,28 +33,10 @@ def tiny_run_flags(data_dir: str) -> list[str]:
     ]
 
 
-def final_state(workdir) -> tuple[int, dict]:
-    """Returns (step, {"model": ..., "train": ...} as numpy arrays) of a workdir's newest checkpoint."""
-    config = workdir_lib.load_config(workdir)
-    checkpointer = checkpoint.Checkpointer(workdir, model_config.model_meta(config), read_only=True)
-    step = checkpointer.latest_step()
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = checkpointer.manager.item_metadata(step)
-    target = {
-        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
-        for name in ("model", "train")
-    }
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in target.items()})
-    )
-    checkpointer.close()
-    return step, jax.tree.map(np.asarray, {"model": dict(restored["model"]), "train": dict(restored["train"])})
-
-
 def assert_bitwise_equal(workdir, reference) -> None:
     """Asserts that workdir's newest checkpoint is at the reference's step with every array
     bit for bit the same (parameters, batch statistics, optimiser state)."""
-    step, tree = final_state(workdir)
+    step, tree = read_state(workdir)
     ref_step, ref_tree = reference
     assert step == ref_step == TOTAL_STEPS, (step, ref_step)
     flat, ref_flat = jax.tree_util.tree_leaves_with_path(tree), jax.tree_util.tree_leaves_with_path(ref_tree)
@@ -95,7 +73,7 @@ def run_env(devices: int) -> dict:
 
 
 def reference_run(base, data_dir: str) -> tuple[int, dict]:
-    """Returns final_state of the uninterrupted tiny run (one process, 2 CPU devices), run once
+    """Returns read_state of the uninterrupted tiny run (one process, 2 CPU devices), run once
     per test session under `base` (the pod's 2 processes x 1 device and SLURM's 1 task x 2
     devices train bit for bit as it does)."""
     folder = os.path.join(str(base), "launch_reference")
@@ -118,4 +96,4 @@ def reference_run(base, data_dir: str) -> tuple[int, dict]:
                 check=True,
             )
         open(os.path.join(folder, "done"), "w").close()
-    return final_state(os.path.join(folder, "run"))
+    return read_state(os.path.join(folder, "run"))

@@ -9,17 +9,13 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from helpers import ROOT, free_port, worker_env
-from tiny import copy_of, steps_on_disk, tiny_config
+from tiny import copy_of, read_state, steps_on_disk, tiny_config
 
 from vicregl_jax import build, release, sharding, train
 from vicregl_jax import data as data_lib
-from vicregl_jax import workdir as workdir_lib
-from vicregl_jax.checkpoint import Checkpointer
 from vicregl_jax.data import global_batch
-from vicregl_jax.model_config import model_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "train_worker.py")
@@ -27,25 +23,6 @@ WORKER = os.path.join(HERE, "train_worker.py")
 # rounding difference in a near-zero gradient into a full +-lr step, which says nothing about
 # sharding). The learning test uses AdamW, which moves a tiny model faster in a few steps.
 ADAMW = {"optim.name": "adamw", "optim.base_lr": 0.1, "optim.weight_decay": 0.05}
-
-
-def read_state(workdir, step=None):
-    """Returns (step, state as nested dicts of numpy arrays) of a workdir's checkpoint."""
-    config = workdir_lib.load_config(workdir)
-    checkpointer = Checkpointer(workdir, model_meta(config), read_only=True)
-    step = checkpointer.latest_step() if step is None else step
-    # Whatever mesh wrote it: every array onto this process's first device.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = checkpointer.manager.item_metadata(step)
-    target = {
-        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
-        for name in ("model", "train")
-    }
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in target.items()})
-    )
-    checkpointer.close()
-    return step, jax.tree.map(np.asarray, {"model": dict(restored["model"]), "train": dict(restored["train"])})
 
 
 def params_of(workdir, step=None):

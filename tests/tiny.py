@@ -1,12 +1,19 @@
-"""What the tests share: the tiny pre-training config (one compiled step shape) and view grouping."""
+"""What the tests share: the tiny pre-training config (one compiled step shape), view grouping,
+and a workdir's checkpoint read back as numpy arrays."""
 
 import itertools
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 
+from vicregl_jax import workdir as workdir_lib
+from vicregl_jax.checkpoint import Checkpointer
 from vicregl_jax.config import default_config
+from vicregl_jax.model_config import model_meta
 
 
 def grouped(views):
@@ -55,3 +62,22 @@ def copy_of(trained, tmp_path, name="run"):
 def steps_on_disk(workdir):
     """Returns the steps of a workdir's checkpoint folders, sorted."""
     return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+
+
+def read_state(workdir, step=None):
+    """Returns (step, state as nested dicts of numpy arrays) of a workdir's checkpoint."""
+    config = workdir_lib.load_config(workdir)
+    checkpointer = Checkpointer(workdir, model_meta(config), read_only=True)
+    step = checkpointer.latest_step() if step is None else step
+    # Whatever mesh wrote it: every array onto this process's first device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = checkpointer.manager.item_metadata(step)
+    target = {
+        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
+        for name in ("model", "train")
+    }
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in target.items()})
+    )
+    checkpointer.close()
+    return step, jax.tree.map(np.asarray, {"model": dict(restored["model"]), "train": dict(restored["train"])})
