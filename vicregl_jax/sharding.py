@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -256,48 +255,17 @@ def with_gathered_weight(op: Callable[[jax.Array, jax.Array], jax.Array], lhs: j
     )(lhs, rhs)
 
 
-def gathered_dot_general(
-    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_: Any
-) -> jax.Array:
-    """Returns jax.lax.dot_general(lhs, rhs, ...) with an FSDP-sharded rhs gathered just in
-    time (the `dot_general` of nnx.Linear)."""
-    return with_gathered_weight(
-        lambda x, w: jax.lax.dot_general(
-            x, w, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
-        ),
-        lhs,
-        rhs,
-    )
+def gathered_dot_general(lhs, rhs, *args, out_sharding=None, **kwargs) -> jax.Array:
+    """Returns jax.lax.dot_general(lhs, rhs, *args, **kwargs) with an FSDP-sharded rhs gathered
+    just in time (the `dot_general` of nnx.Linear). out_sharding (nnx passes None) is dropped:
+    inside the shard_map the result is per device."""
+    del out_sharding
+    return with_gathered_weight(lambda x, w: jax.lax.dot_general(x, w, *args, **kwargs), lhs, rhs)
 
 
-def gathered_conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-    **_: Any,
-) -> jax.Array:
-    """Returns jax.lax.conv_general_dilated(lhs, rhs, ...) with an FSDP-sharded kernel rhs
-    gathered just in time (the `conv_general_dilated` of nnx.Conv)."""
-    return with_gathered_weight(
-        lambda x, w: jax.lax.conv_general_dilated(
-            x,
-            w,
-            window_strides,
-            padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        ),
-        lhs,
-        rhs,
-    )
+def gathered_conv_general_dilated(lhs, rhs, *args, out_sharding=None, **kwargs) -> jax.Array:
+    """Returns jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs) with an FSDP-sharded
+    kernel rhs gathered just in time (the `conv_general_dilated` of nnx.Conv); out_sharding
+    as in gathered_dot_general."""
+    del out_sharding
+    return with_gathered_weight(lambda x, w: jax.lax.conv_general_dilated(x, w, *args, **kwargs), lhs, rhs)

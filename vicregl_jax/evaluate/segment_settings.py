@@ -15,6 +15,21 @@ from vicregl_jax.models import ConvNeXt, ResNet
 
 IGNORE_LABEL = 255  # as the masks of vicregl_jax.data.segmentation
 PROTOCOLS = ("release", "fast")
+FAMILIES = ("resnet", "convnext")
+
+# The release's protocol per backbone family: (setting, ResNet's value, ConvNeXt's value).
+_FAMILY_PROTOCOLS = (
+    ("features", "last", "concat"),
+    ("output_stride", 8, 32),
+    ("dropout", 0.1, 0.0),
+    ("optimizer", "sgd", "adamw"),
+    ("lr", 0.01, 1e-4),  # convnext_xlarge: 8e-5
+    ("weight_decay", 5e-4, 0.05),
+    ("power", 0.9, 1.0),
+    ("min_lr", 1e-4, 0.0),
+    ("warmup_steps", 0, 1500),
+    ("inference", "whole", "slide"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,34 +86,12 @@ def segment_settings(family: str, dataset: str, *, arch: str = "", **overrides) 
     release).
     """
     layout, _ = data_lib.segmentation.parse_dataset(dataset)
-    if family == "resnet":
-        base = dict(
-            features="last",
-            output_stride=8,
-            dropout=0.1,
-            optimizer="sgd",
-            lr=0.01,
-            weight_decay=5e-4,
-            power=0.9,
-            min_lr=1e-4,
-            warmup_steps=0,
-            inference="whole",
-        )
-    elif family == "convnext":
-        base = dict(
-            features="concat",
-            output_stride=32,
-            dropout=0.0,
-            optimizer="adamw",
-            lr=8e-5 if arch == "convnext_xlarge" else 1e-4,
-            weight_decay=0.05,
-            power=1.0,
-            min_lr=0.0,
-            warmup_steps=1500,
-            inference="slide",
-        )
-    else:
+    if family not in FAMILIES:
         raise ValueError(f"backbone family {family!r}: use 'resnet' or 'convnext'")
+    column = 1 + FAMILIES.index(family)
+    base = {row[0]: row[column] for row in _FAMILY_PROTOCOLS}
+    if family == "convnext" and arch == "convnext_xlarge":
+        base["lr"] = 8e-5
     values = dict(
         protocol="release",
         warmup_ratio=1e-6,
