@@ -358,15 +358,11 @@ def describe(launch: Launch) -> str:
     )
 
 
-def start(
-    mode: str = "auto",
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> Launch:
-    """Initialises jax.distributed when this run spans several processes (see plan_launch),
-    prints what it found, checks the device count, and returns the Launch."""
-    launch = plan_launch(mode, coordinator_address, num_processes, process_id)
+def start(*args, **kwargs) -> Launch:
+    """Initialises jax.distributed when this run spans several processes (plan_launch's
+    arguments, the same meaning), prints what it found, checks the device count, and returns
+    the Launch."""
+    launch = plan_launch(*args, **kwargs)
     if launch.initialize and not jax.distributed.is_initialized():
         jax.distributed.initialize(
             coordinator_address=launch.coordinator_address,
