@@ -1,12 +1,15 @@
 """tpu_pod.sh supervise on a pod in a box (tests/fake_gcloud.py: each worker a local process
-group) through a slice's bad days: the TPU API failing for a while, a preemption while the
-slice is created, installed or started, a VM that stops answering, a worker killed with
-SIGKILL, a run that crashes again and again, and a spot preemption mid-run of the real
-training, which resumes on the new slice bit for bit where an uninterrupted run ends.
+group with its own metadata server) through a slice's bad days: the TPU API failing for a
+while, a preemption while the slice is created, installed or started, a VM that stops
+answering, a worker killed with SIGKILL, a run that crashes again and again, and a spot
+preemption mid-run of the real training, which resumes on the new slice bit for bit where an
+uninterrupted run ends.
 
 The events are the fake gcloud's scenario (scenario.json); the runs are the fake python of
-pod_box (cheap: what supervise does is the same) except in the last test, which runs main.py
-on 2 workers x 1 CPU device through JAX's coordination service on 127.0.0.1."""
+pod_box (cheap: what supervise does is the same) except in the last two tests, whose VMs are
+TPU VMs to JAX (tests/fake_metadata.py): JAX's own cluster detection finds a 4-host slice (a
+probe: initialisation and one collective), and main.py trains on 2 workers x 1 CPU device
+through JAX's coordination service on 127.0.0.1."""
 
 import contextlib
 import json

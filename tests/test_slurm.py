@@ -54,7 +54,7 @@ def training_pid(workdir) -> int | None:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"main.py" in argv and f"--workdir={workdir}".encode() in argv:
+        if argv[1:2] == [b"main.py"] and f"--workdir={workdir}".encode() in argv:  # not srun's argv
             return int(pid)
     return None
 
