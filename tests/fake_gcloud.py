@@ -5,15 +5,20 @@ groups (a pod in a box).
     FAKE_GCLOUD_DIR/state           the slice's state (ACTIVE, SUSPENDED, PREEMPTED, ...; MISSING when absent)
     FAKE_GCLOUD_DIR/calls.jsonl     every call's arguments, one JSON list per line
     FAKE_GCLOUD_DIR/scenario.json   what goes wrong, read at every call (see below)
+    FAKE_GCLOUD_DIR/accelerator     the accelerator type `create` was given (the metadata's accelerator-type)
     FAKE_GCLOUD_DIR/worker-K/       worker K's home: `ssh --command` runs there with bash, as the
-                                    remote login shell would, with TPU_WORKER_ID=K
+                                    remote login shell would
+
+Worker K is a TPU VM as JAX sees one (tests/fake_metadata.py): its metadata server is
+127.0.0.1:FAKE_METADATA_PORTS[K] (GCE_METADATA_IP), which gives it its worker number, the
+slice's workers and accelerator type; with FAKE_TPU_PCI (a folder of fake TPU chips) its
+commands run in a mount namespace whose PCI bus shows them. No JAX_* variable tells a worker
+who it is; only JAX_COORDINATOR_PORT moves the coordinator off JAX's fixed port 8482 to a fresh
+one per started run (tests beside each other on one machine).
 
 `scp` copies into every home; `ssh` runs the command for real (install too: `uv` and
 `python3 -m pip` are stand-ins that make the venv's python FAKE_PYTHON instead of downloading).
-Each `ssh --worker=all` that starts a run gives the workers JAX's coordination service on a
-fresh 127.0.0.1 port (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), as the TPU
-VM metadata gives real workers their coordinator. `delete` kills every worker's processes (the
-VMs go away); `create` gives fresh homes.
+`delete` kills every worker's processes (the VMs go away); `create` gives fresh homes.
 
 scenario.json keys (all optional):
     describe_errors: N       the next N describe calls fail with an API error (not NOT_FOUND)
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import time
 
+from fake_metadata import vm_command
 from helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +167,8 @@ elif verb == "create":
         shutil.rmtree(home(k), ignore_errors=True)
         os.makedirs(home(k))
     update_scenario(unreachable=None)
+    with open(path("accelerator"), "w") as f:
+        f.write(option("accelerator-type") or "")
     state("ACTIVE")
     if preempt_now("create"):
         sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.create) the TPU was preempted while it was being created")
@@ -179,9 +187,9 @@ elif verb in ("ssh", "scp"):
     if install and preempt_now("install"):
         sys.exit("ssh: connect to host 10.130.0.2 port 22: Connection refused")
     status = 0
-    env_extra = {}
-    if " start " in f"{command} ":
-        env_extra = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": str(workers)}
+    starts = " start " in f"{command} "
+    coordinator_port = str(free_port())
+    metadata_ports = os.environ["FAKE_METADATA_PORTS"].split(",")
     for k in range(workers) if which == "all" else [int(which)]:
         if scenario().get("unreachable") == k:
             sys.stderr.write(f"ssh: connect to host 10.130.0.{k + 2} port 22: Connection timed out\n")
@@ -190,17 +198,19 @@ elif verb in ("ssh", "scp"):
         if verb == "scp":
             shutil.copy(args[4], os.path.join(home(k), args[5].split(":", 1)[1]))
             continue
-        env = {**os.environ, "HOME": home(k), "TPU_WORKER_ID": str(k), **env_extra}
-        if env_extra:
-            env["JAX_PROCESS_ID"] = str(k)
+        env = {**os.environ, "HOME": home(k), "GCE_METADATA_IP": f"127.0.0.1:{metadata_ports[k]}"}
+        if starts:
+            env["JAX_COORDINATOR_PORT"] = coordinator_port
         if install:
             env["PATH"] = stand_ins() + os.pathsep + env["PATH"]
-        env.pop("PYTHON", None)
-        env.pop("RUN_DIR", None)
-        run = subprocess.run(["bash", "-c", command], cwd=home(k), env=env, stdout=subprocess.PIPE, text=True)
+        for name in ("PYTHON", "RUN_DIR", "TPU_WORKER_ID", "FAKE_METADATA_PORTS"):
+            env.pop(name, None)
+        pci = os.environ.get("FAKE_TPU_PCI")
+        argv = vm_command(pci, command) if pci else ["bash", "-c", command]
+        run = subprocess.run(argv, cwd=home(k), env=env, stdout=subprocess.PIPE, text=True)
         sys.stdout.write(run.stdout)
         status = max(status, run.returncode)
-    if env_extra and preempt_now("start"):
+    if starts and preempt_now("start"):
         sys.exit(255)
     sys.exit(status)
 else:

@@ -10,7 +10,7 @@ import jax
 from tiny import read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_STEPS = 4
+TOTAL_STEPS = 8
 
 
 def tiny_run_flags(data_dir: str) -> list[str]:

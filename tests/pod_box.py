@@ -1,6 +1,8 @@
 """The fake TPU slice of the launch tests (a pod in a box): gcloud is tests/fake_gcloud.py, each
-worker a home folder and its runs local process groups; what the tests of tpu_pod.sh share."""
+worker a home folder, its runs local process groups and its metadata server a loopback one
+(tests/fake_metadata.py); what the tests of tpu_pod.sh share."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from fake_metadata import MetadataServers
 from launch_helpers import ROOT
 
 from vicregl_jax import distributed
@@ -40,24 +43,32 @@ def write_executable(path, text):
     return str(path)
 
 
-def make_fake_slice(tmp_path, python):
-    """Returns (env, gcloud state folder) of a two-worker TPU slice on this machine behind
-    tests/fake_gcloud.py, whose workers' venv python is `python`."""
+@contextlib.contextmanager
+def pod_in_a_box(tmp_path, python, workers: int = 2):
+    """Yields (env, gcloud state folder) of a TPU slice of `workers` VMs on this machine behind
+    tests/fake_gcloud.py, whose venv python is `python`, each VM with its metadata server;
+    on exit, the servers stop and every run left on the VMs is killed."""
     state = tmp_path / "gcloud"
     state.mkdir()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_executable(bin_dir / "gcloud", f'#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fake_gcloud.py "$@"\n')
+    metadata = MetadataServers(state, workers)
     env = launch_env(
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         FAKE_GCLOUD_DIR=state,
-        FAKE_WORKERS=2,
+        FAKE_WORKERS=workers,
+        FAKE_METADATA_PORTS=",".join(map(str, metadata.ports)),
         FAKE_PYTHON=python,
         POLL_SECONDS=0.2,
         LOG_SYNC_SECONDS=1,
         STOP_GRACE_SECONDS=5,
     )
-    return env, state
+    try:
+        yield env, state
+    finally:
+        kill_worker_runs(state)
+        metadata.close()
 
 
 def kill_worker_runs(state):
@@ -77,12 +88,14 @@ def fake_slice(tmp_path):
     python = write_executable(
         tmp_path / "fake_python",
         f"""#!{sys.executable}
-import json, os, signal, sys, time
+import json, os, signal, sys, time, urllib.request
 if sys.argv[1:2] == ["-c"]:  # install's check of the venv
     sys.exit(print("python 3.11 jax (fake) torch absent"))
 workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
 os.makedirs(workdir, exist_ok=True)
-worker = os.environ["TPU_WORKER_ID"]
+worker = urllib.request.urlopen(urllib.request.Request(  # the VM's metadata server, as on a TPU VM
+    "http://" + os.environ["GCE_METADATA_IP"] + "/computeMetadata/v1/instance/attributes/agent-worker-number",
+    headers={{"Metadata-Flavor": "Google"}})).read().decode()
 record = os.path.join(workdir, "attempts-" + worker + ".jsonl")
 with open(record, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
@@ -103,9 +116,8 @@ while True:
     time.sleep(0.05)
 """,
     )
-    env, state = make_fake_slice(tmp_path, python)
-    yield env, state, tmp_path / "run dir"
-    kill_worker_runs(state)
+    with pod_in_a_box(tmp_path, python) as (env, state):
+        yield env, state, tmp_path / "run dir"
 
 
 def attempts(workdir, worker):

@@ -43,10 +43,11 @@ def _daemon(name: str) -> str:
 class SlurmCluster:
     """munged + slurmctld + slurmd in the foreground, stopped (and waited for) on exit."""
 
-    def __init__(self, folder, cpus: int = 2, kill_wait_s: int = 120):
+    def __init__(self, folder, cpus: int = 2, kill_wait_s: int = 120, grace_time_s: int = 120):
         self.folder = str(folder)
         self.cpus = cpus
         self.kill_wait_s = kill_wait_s
+        self.grace_time_s = grace_time_s
         self.procs: list[subprocess.Popen] = []
         self.conf = os.path.join(self.folder, "slurm.conf")
         self.env = {**os.environ, "SLURM_CONF": self.conf}
@@ -96,8 +97,15 @@ class SlurmCluster:
             "InactiveLimit=0",
             "MinJobAge=600",
             "SlurmdParameters=config_overrides",
+            # Preemption as on a shared cluster: a job of the higher tier (partition "urgent")
+            # requeues a job of "debug" after SIGTERM and GraceTime seconds to save.
+            "PreemptType=preempt/partition_prio",
+            "PreemptMode=REQUEUE",
             f"NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=EXCLUSIVE",
+            f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=EXCLUSIVE "
+            f"PriorityTier=1 GraceTime={self.grace_time_s}",
+            f"PartitionName=urgent Nodes={NODE} MaxTime=INFINITE State=UP OverSubscribe=EXCLUSIVE "
+            "PriorityTier=2 PreemptMode=OFF",
         ]
         with open(self.conf, "w") as conf:
             conf.write("\n".join(lines) + "\n")
@@ -156,9 +164,13 @@ class SlurmCluster:
     def __exit__(self, *exc):
         # Jobs first (their tasks are children of slurmd's stepd), then the daemons.
         subprocess.run(
-            ["scancel", "--full", "--signal=KILL", "--partition=debug"], env=self.env, capture_output=True, timeout=30
+            ["scancel", "--full", "--signal=KILL", "--partition=debug,urgent"],
+            env=self.env,
+            capture_output=True,
+            timeout=30,
         )
-        subprocess.run(["scancel", "--partition=debug"], env=self.env, capture_output=True, timeout=30)
+        for partition in ("debug", "urgent"):
+            subprocess.run(["scancel", f"--partition={partition}"], env=self.env, capture_output=True, timeout=30)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -193,6 +205,12 @@ class SlurmCluster:
         """Returns `scontrol show job`'s fields of a job."""
         text = self.scontrol("show", "job", str(job_id), check=False)
         return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def run_time_s(self, job_id: int) -> int:
+        """Returns the seconds the job has run (its RunTime, [D-]HH:MM:SS)."""
+        days, _, clock = self.job(job_id)["RunTime"].rpartition("-")
+        hours, minutes, seconds = map(int, clock.split(":"))
+        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
     def wait_for(self, job_id: int, states: tuple[str, ...], timeout: float) -> dict:
         """Waits until the job is in one of states; returns its fields."""

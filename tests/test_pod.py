@@ -1,22 +1,27 @@
 """tpu_pod.sh supervise on a pod in a box (tests/fake_gcloud.py: each worker a local process
-group) through a slice's bad days: the TPU API failing for a while, a preemption while the
-slice is created, installed or started, a VM that stops answering, a worker killed with
-SIGKILL, a run that crashes again and again, and a spot preemption mid-run of the real
-training, which resumes on the new slice bit for bit where an uninterrupted run ends.
+group with its own metadata server) through a slice's bad days: the TPU API failing for a
+while, a preemption while the slice is created, installed or started, a VM that stops
+answering, a worker killed with SIGKILL, a run that crashes again and again, and a spot
+preemption mid-run of the real training, which resumes on the new slice bit for bit where an
+uninterrupted run ends.
 
 The events are the fake gcloud's scenario (scenario.json); the runs are the fake python of
-pod_box (cheap: what supervise does is the same) except in the last test, which runs main.py
-on 2 workers x 1 CPU device through JAX's coordination service on 127.0.0.1."""
+pod_box (cheap: what supervise does is the same) except in the last two tests, whose VMs are
+TPU VMs to JAX (tests/fake_metadata.py): JAX's own cluster detection finds a 4-host slice (a
+probe: initialisation and one collective), and main.py trains on 2 workers x 1 CPU device
+through JAX's coordination service on 127.0.0.1."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 
+import fake_metadata
 import pytest
 from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, tiny_run_flags, wait_until
-from pod_box import TPU_POD, attempts, fake_slice, kill_worker_runs, make_fake_slice, run_script, write_executable  # noqa: F401
+from pod_box import TPU_POD, attempts, fake_slice, pod_in_a_box, run_script, write_executable  # noqa: F401
 
 SUPERVISE_TIMEOUT_S = 120
 
@@ -185,25 +190,58 @@ def test_a_preempted_worker_s_log_is_copied_at_sigterm(fake_slice):
 
 
 # ------------------------------------------------------------------------------------------
-# The real run: main.py on 2 workers x 1 CPU device
+# Real JAX on TPU VMs as JAX sees them: the metadata server and PCI bus of tests/fake_metadata.py
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def real_slice(tmp_path):
-    """A fake slice whose workers run main.py for real: JAX on 1 CPU device per worker, the
-    coordinator from the fake gcloud."""
+@contextlib.contextmanager
+def tpu_slice(tmp_path, workers, devices, accelerator, main=None):
+    """A pod in a box whose workers' python is this one on `devices` CPU devices, with libtpu
+    "installed" (TPU_LIBRARY_PATH: a placeholder, never loaded) and each VM's PCI bus showing
+    TPU chips; `main` replaces main.py (a probe). Yields (env, gcloud state, workdir)."""
+    reason = fake_metadata.missing()
+    if reason:
+        pytest.skip(reason)
+    libtpu = tmp_path / "libtpu.so"
+    libtpu.write_text("a placeholder: JAX only checks that the file exists\n")
+    replace = f'if [ "$1" = main.py ]; then shift; set -- {main} "$@"; fi\n' if main else ""
     python = write_executable(
         tmp_path / "python",
         (
-            f"#!/bin/sh\nexport JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=1\n"
+            "#!/bin/sh\n"
+            # install's check of the venv (the real one imports jax: seconds per worker)
+            'if [ "$1" = -c ]; then echo "python 3.11 jax (this one) torch absent"; exit 0; fi\n'
+            f"export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+            f"TPU_LIBRARY_PATH={libtpu}\n{replace}"
             f'exec {sys.executable} "$@"\n'
         ),
     )
-    env, state = make_fake_slice(tmp_path, python)
-    env.update(FAKE_PREEMPT_GRACE_S="120", POLL_SECONDS="0.5", PYTHONPATH=ROOT)
-    yield env, state, tmp_path / "run"
-    kill_worker_runs(state)
+    with pod_in_a_box(tmp_path, python, workers) as (env, state):
+        env.update(
+            FAKE_TPU_PCI=fake_metadata.write_pci_bus(tmp_path / "pci"),
+            FAKE_PREEMPT_GRACE_S="120",
+            POLL_SECONDS="0.5",
+            PYTHONPATH=ROOT,
+            ACCELERATOR=accelerator,
+        )
+        yield env, state, tmp_path / "run"
+
+
+def test_jax_finds_a_four_host_slice_through_the_metadata_server(tmp_path):
+    """4 VMs x 2 CPU devices of a v4-16 (8 devices): JAX's GceTpuCluster detects the slice from
+    the PCI bus and the metadata server alone; distributed.plan_launch agrees, the bare
+    jax.distributed.initialize() joins the 4 processes, and a collective sees all of them."""
+    with tpu_slice(tmp_path, 4, 2, "v4-16", main=os.path.join(ROOT, "tests", "tpu_probe.py")) as (env, state, workdir):
+        status, output = supervise(env, workdir)
+    assert status == 0, output
+    assert "the run finished on all 4 workers (the slice was lost 0 times, the run crashed 0 times)" in output
+    for k in range(4):
+        probe = json.loads((workdir / f"probe-{k}.json").read_text())
+        assert probe["cluster"] == "GceTpuCluster"
+        assert probe["launch"] == {"initialize": True, "source": "gcetpu", "num_processes": 4, "process_id": k}
+        assert probe["expected"] == [8, "TPU: v4-16"]
+        assert probe["describe"] == f"process {k} of 4 (gcetpu): 2 local / 8 global cpu devices; launcher: TPU: v4-16"
+        assert probe["gathered"] == [[0, 2], [1, 2], [2, 2], [3, 2]]
 
 
 def metrics_steps(workdir) -> list[int]:
@@ -216,22 +254,25 @@ def metrics_steps(workdir) -> list[int]:
 
 
 def test_a_spot_preemption_mid_run_recreates_the_slice_and_the_run_resumes_bitwise(
-    real_slice, tmp_path_factory, data_dir
+    tmp_path, tmp_path_factory, data_dir
 ):
+    """main.py on 2 VMs x 1 CPU device, found by JAX as a slice of 2 devices ("v4-4": no such
+    slice is sold, the smallest v4 has 4; it is the type whose device count is 2 workers x 1),
+    preempted mid-run: every worker saves, the slice is recreated, the run resumes bit for bit."""
     reference = reference_run(tmp_path_factory.getbasetemp(), data_dir)
-    env, state, workdir = real_slice
-    supervisor = start_supervise(env, workdir, config="configs/demo.py", flags=tiny_run_flags(data_dir))
-    try:
-        wait_until(lambda: any(step >= 1 for step in metrics_steps(workdir)), "the run trains", timeout=300)
-        subprocess.run(["gcloud", "compute", "tpus", "tpu-vm", "fake-preempt"], env=env, check=True, timeout=150)
-    finally:
-        status, output = finish(supervisor, timeout=400)
+    with tpu_slice(tmp_path, 2, 1, "v4-4") as (env, state, workdir):
+        supervisor = start_supervise(env, workdir, config="configs/demo.py", flags=tiny_run_flags(data_dir))
+        try:
+            wait_until(lambda: any(step >= 1 for step in metrics_steps(workdir)), "the run trains", timeout=600)
+            subprocess.run(["gcloud", "compute", "tpus", "tpu-vm", "fake-preempt"], env=env, check=True, timeout=150)
+        finally:
+            status, output = finish(supervisor, timeout=600)
     assert status == 0, output
     assert "vicregl is PREEMPTED: deleting it to create it again (lost 1 times)" in output
     assert "the run finished on all 2 workers (the slice was lost 1 times, the run crashed 0 times)" in output
     logs = workdir / "logs"
     first, second = (logs / "worker-0.attempt-1.log").read_text(), (logs / "worker-0.attempt-2.log").read_text()
-    assert "process 0 of 2 (environment): 1 local / 2 global cpu devices" in first
+    assert "process 0 of 2 (gcetpu): 1 local / 2 global cpu devices; launcher: TPU: v4-4" in first
     assert "Stopping at step" in first and "main.py exited with status 75" in first
     assert f"of {TOTAL_STEPS}" in second and "Resuming from" in second and "main.py exited with status 0" in second
     assert "main.py exited with status 75" in (logs / "worker-1.attempt-1.log").read_text()
