@@ -9,9 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow must not grab an accelerator or spam the log in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session and the processes tests start: the same
-# tiny train step is compiled by several tests and subprocesses.
+# tiny train step is compiled by several tests and subprocesses. Every program, however quick
+# to compile: a training process also compiles some 150 small ones (initialisation, colour
+# chain, metrics) that every process the tests start would otherwise compile again.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vicregl_jax_cache_"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -228,13 +228,13 @@ def test_killed_and_resumed_equals_uninterrupted(data_dir, tmp_path):
     assert max_abs_diff(straight[1], resumed[1]) == 0.0  # params, statistics, optimiser state, step
 
 
-def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
-    train.train_and_evaluate(tiny_config(data_dir), tmp_path, stop_after_steps=1)
+def test_checkpoint_of_another_architecture_is_refused(data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
     other = tiny_config(data_dir, {"model.arch": "convnext_test"})
     with pytest.raises(
         ValueError, match=r"another model \(model.arch: saved 'resnet_test', now 'convnext_test'\).*new --workdir"
     ):
-        train.train_and_evaluate(other, tmp_path)
+        train.train_and_evaluate(other, workdir)
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
@@ -415,14 +415,14 @@ def test_old_flat_key_on_the_command_line_fails_with_the_new_name(tmp_path):
     assert "config.base_lr is now config.optim.base_lr" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, tmp_path):
+def test_initial_weights_from_a_release_file_and_a_workdir(data_dir, trained, tmp_path):
     """config.model.init_weights loads a PyTorch backbone file (heads keep their initialisation) or
     another workdir's model into the state a run starts from, placed like the state."""
     from flax import nnx
 
     from vicregl_jax import layout, torch_io
 
-    train.train_and_evaluate(tiny_config(data_dir), tmp_path / "source", stop_after_steps=1)
+    copy_of(trained, tmp_path, "source")  # trained for 3 steps: its heads differ from a fresh init
     source, _, _ = release.load_workdir_model(tmp_path / "source")
     pth = str(tmp_path / "backbone.pth")
     torch_io.write_torch_weights(layout.to_torch_state_dict(source, "resnet_test"), pth)
