@@ -226,8 +226,16 @@ class Checkpointer:
             orbax_log.setLevel(level)
 
     def latest_step(self) -> int | None:
-        """Returns the step of the newest checkpoint on disk (not yet verified), or None."""
-        return self.manager.latest_step()
+        """Returns the step of the newest checkpoint on disk (not yet verified), or None. A step
+        folder without a meta item (empty, or partly written by hand or a copy) is not a
+        checkpoint: it is skipped with a warning (a restore then moves it aside)."""
+        for step in sorted(self.all_steps(), reverse=True):
+            folder = self.directory / str(step)
+            if (folder / "meta").exists():
+                return step
+            what = "an empty folder" if not folder.exists() or not any(folder.iterdir()) else "no 'meta' item"
+            logging.warning("Skipping %s: not a checkpoint (%s).", folder, what)
+        return None
 
     def all_steps(self) -> list[int]:
         """Returns the steps of the checkpoints on disk, oldest first."""
