@@ -161,7 +161,7 @@ def _rows_up_to(path, step: int) -> list[str]:
     """Returns the lines of metrics.jsonl of steps up to step; a line that does not parse (a
     write cut short, by a full disk or a kill) is dropped with a warning, never an error."""
     kept, damaged = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
