@@ -12,6 +12,7 @@ a preemption notice (SIGTERM) exits with status 75 after saving, so that the lau
 it; Ctrl-C exits with status 130, also resumable.
 """
 
+import os
 import signal
 import sys
 
@@ -115,6 +116,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+    if verbose:  # the libraries' own tracebacks too (Orbax's unawaited tasks around a damaged checkpoint)
+        os.environ[checkpoint.LIBRARY_TRACEBACKS_ENV] = "1"
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO, over the progress bar; --verbosity=0 brings it back.
         logging.set_verbosity(logging.WARNING)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 
 import jax
@@ -299,11 +300,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
 def _disk_full(workdir) -> safe_io.DiskFullError:
     """Returns the one-line error of a run that found its disk full: where, and how much room the
     next checkpoint needs (the size of the newest one on disk)."""
-    folder = epath.Path(workdir) / "checkpoints"
-    steps = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit()), reverse=True) if folder.exists() else []
+    folder = str(epath.Path(workdir) / "checkpoints")
+    local = not workdir_lib.is_remote(folder) and os.path.isdir(folder)
+    steps = sorted((int(name) for name in os.listdir(folder) if name.isdigit()), reverse=True) if local else []
     need = ""
     for step in steps:
-        size = sum(f.stat().st_size for f in (folder / str(step)).rglob("*") if f.is_file())
+        walked = os.walk(os.path.join(folder, str(step)))
+        size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in walked for name in names)
         if size:
             need = f" (a checkpoint needs about {size / 2**20:.1f} MiB; the newest on disk is step {step})"
             break
