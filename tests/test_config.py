@@ -33,7 +33,7 @@ def test_nonsense_values_are_errors(data_dir, overrides, pattern):
         ({"optim.base_lr": float("inf")}, r"config.optim.base_lr=inf: must be a finite number"),
         ({"optim.weight_decay": float("inf")}, r"config.optim.weight_decay=inf: must be a finite number"),
         # Finite, but base_lr * batch_size / 256 is not in float32.
-        ({"optim.base_lr": 1e37, "batch_size": 4096}, r"config.optim.base_lr=1e\+37: .* from 0 to 2.13e\+37"),
+        ({"optim.base_lr": 1e38, "batch_size": 4096}, r"config.optim.base_lr=1e\+38: .* from 0 to 2.13e\+37"),
     ],
 )
 def test_learning_rates_that_overflow_are_refused(data_dir, overrides, pattern):

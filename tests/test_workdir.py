@@ -159,3 +159,12 @@ def test_a_real_full_disk_keeps_config_json_whole(data_dir, full_disk):
     with pytest.raises(safe_io.DiskFullError, match=rf"^{full_disk}/config.json: no space left on its disk"):
         workdir_lib.save_config(full_disk, config)
     assert (full_disk / "config.json").read_text() == before and os.listdir(full_disk) == ["config.json"]
+
+
+def test_an_unreachable_bucket_is_named_in_one_line(monkeypatch):
+    def unreachable(url):  # what TensorFlow's gs:// file system raises without a network (faked: no network here)
+        raise RuntimeError(f"Error executing an HTTP request: libcurl code 6 (Could not resolve hostname)\n {url}")
+
+    monkeypatch.setattr(workdir_lib, "_probe", unreachable)
+    with pytest.raises(ValueError, match=r"^--workdir=gs://b1/run: cannot reach the bucket b1 \(RuntimeError: .*\): "):
+        workdir_lib.check_workdir("gs://b1/run")

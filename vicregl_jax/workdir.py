@@ -178,12 +178,13 @@ def _tuples(value):
 
 def check_workdir(path) -> None:
     """Raises ValueError when the workdir cannot be used: it (or the nearest existing folder
-    above it) is a file, or is not writable. Creates nothing. URLs are not checked here: their
-    first write fails with the storage's own error."""
+    above it) is a file, or is not writable; it is empty (an unset variable); it is a URL that
+    cannot be read (no network, no credentials), named with its bucket. Creates nothing."""
     text = str(path)
     if not text.strip():
         raise ValueError(EMPTY_WORKDIR)
     if is_remote(text):
+        _check_reachable(text)
         return
     probe = os.path.abspath(text)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
@@ -197,6 +198,24 @@ def check_workdir(path) -> None:
         raise ValueError(
             f"--workdir={text} {where} not writable (read-only or another user's): give a folder you can write to."
         )
+
+
+def _probe(url: str) -> bool:
+    return epath.Path(url).exists()
+
+
+def _check_reachable(url: str) -> None:
+    """Raises ValueError naming the bucket and what to check when a URL workdir cannot be read
+    (no network, no credentials, no such bucket); reads only."""
+    try:
+        _probe(url)
+    except Exception as error:  # noqa: BLE001 (the storage client's errors have no common type)
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(
+            f"--workdir={url}: cannot reach the bucket {bucket} ({type(error).__name__}: {detail}): check the "
+            "bucket's name, your credentials (gcloud auth application-default login) and the network."
+        ) from None
 
 
 def _boot_id() -> str:
