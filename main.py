@@ -20,7 +20,18 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vicregl_jax import build, checkpoint, config_files, convert, coordination, demo, distributed, safe_io, train
+from vicregl_jax import (
+    build,
+    checkpoint,
+    config_files,
+    convert,
+    coordination,
+    demo,
+    distributed,
+    library_logs,
+    safe_io,
+    train,
+)
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.evaluate import correspond, knn, linear, segment
 
@@ -117,7 +128,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
     if verbose:  # the libraries' own tracebacks too (Orbax's unawaited tasks around a damaged checkpoint)
-        os.environ[checkpoint.LIBRARY_TRACEBACKS_ENV] = "1"
+        os.environ[library_logs.LIBRARY_TRACEBACKS_ENV] = "1"
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO, over the progress bar; --verbosity=0 brings it back.
         logging.set_verbosity(logging.WARNING)
@@ -154,7 +165,9 @@ def run_mode():
     elif mode == "export":
         convert.export_torch(workdir, _WEIGHTS.value)
     elif mode == "demo":
-        demo.run_demo(config, workdir, check=False)
+        summary = demo.run_demo(config, workdir, check=False)
+        if "exit_code" in summary:  # stopped by a signal during its pre-training
+            sys.exit(summary["exit_code"])
     else:
         MODES[mode](config, workdir, _WEIGHTS.value, check=False)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,40 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vicregl_jax import library_logs
 from vicregl_jax.workdir import absolute
 
-# Set (to anything), the libraries' own reports of the failures around a damaged checkpoint or
-# a full disk are shown too (main.py sets it for --verbosity=1).
-LIBRARY_TRACEBACKS_ENV = "VICREGL_LIBRARY_TRACEBACKS"
-
-
-class _QuietAsyncio(logging.Filter):
-    """Drops asyncio's reports of the tasks Orbax leaves unawaited once one of them failed (one
-    traceback per array: thousands for a damaged checkpoint or a full disk) and of callbacks on
-    its closed event loops. The first failure is raised to the Checkpointer, which names it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if os.environ.get(LIBRARY_TRACEBACKS_ENV):
-            return True
-        message = record.getMessage()
-        if message.startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
-            return False
-        error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
-
-
-class _OrbaxWithoutTraceback(logging.Filter):
-    """Keeps Orbax's error lines but not their tracebacks (its failed save or restore is raised
-    to the Checkpointer too, and reported once, by us)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and "orbax" in record.pathname and not os.environ.get(LIBRARY_TRACEBACKS_ENV):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-logging.getLogger("asyncio").addFilter(_QuietAsyncio())
-logging.getLogger("absl").addFilter(_OrbaxWithoutTraceback())
+library_logs.install()  # not the libraries' tracebacks around a damaged checkpoint: our one line
 
 
 @jax.tree_util.register_dataclass
@@ -260,9 +229,8 @@ class Checkpointer:
             orbax_log.setLevel(level)
 
     def latest_step(self) -> int | None:
-        """Returns the step of the newest checkpoint on disk (not yet verified), or None. A step
-        folder without a meta item (empty, or partly written by hand or a copy) is not a
-        checkpoint: it is skipped with a warning (a restore then moves it aside)."""
+        """Returns the step of the newest checkpoint on disk (not yet verified), or None; a step
+        folder without a meta item (empty, partial) is skipped with a warning: not a checkpoint."""
         for step in sorted(self.all_steps(), reverse=True):
             folder = self.directory / str(step)
             if (folder / "meta").exists():
