@@ -504,10 +504,11 @@ def all_finite(tree):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e41 as float32: the point
 def test_update_to_nan_with_a_finite_loss_is_not_kept(data_dir, trained, tmp_path):
-    """lr 1e41 overflows float32: the loss of step 4 is finite, the updated parameters are not.
-    The run stops at step 4 and every checkpoint it keeps is finite."""
+    """A peak lr of 3e38 (base_lr 5e39, just below what the config check refuses) overflows the
+    update: the loss of step 4 is finite, the updated parameters are not. The run stops at step
+    4 and every checkpoint it keeps is finite."""
     workdir = copy_of(trained, tmp_path)
-    config = tiny_config(data_dir, {**STEPS, "optim.base_lr": 1e41, "allow_config_change": True})
+    config = tiny_config(data_dir, {**STEPS, "optim.base_lr": 5e39, "allow_config_change": True})
     with pytest.raises(
         train.NonFiniteLossError,
         match=r"update gave NaN or Inf parameters.*\(loss [0-9.]+\) at step 4: stopping.*"

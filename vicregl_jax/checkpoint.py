@@ -233,9 +233,9 @@ class Checkpointer:
         folder without a meta item (empty, partial) is skipped with a warning: not a checkpoint."""
         for step in sorted(self.all_steps(), reverse=True):
             folder = self.directory / str(step)
-            if (folder / "meta").exists():
+            if not folder.exists() or (folder / "meta").exists():  # not there yet: a save in flight
                 return step
-            what = "an empty folder" if not folder.exists() or not any(folder.iterdir()) else "no 'meta' item"
+            what = "an empty folder" if not any(folder.iterdir()) else "no 'meta' item"
             logging.warning("Skipping %s: not a checkpoint (%s).", folder, what)
         return None
 
