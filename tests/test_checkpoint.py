@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from vicregl_jax import release, train
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import DAMAGED_DIR, Checkpointer, CheckpointError
 from vicregl_jax.model_config import model_meta
+from vicregl_jax.safe_io import DiskFullError
 
 STEPS = {"checkpoint.every_steps": 1}  # a checkpoint at every step
 
@@ -121,6 +123,20 @@ def test_damaged_newest_checkpoint_falls_back(data_dir, trained, tmp_path, like,
     assert os.listdir(workdir / DAMAGED_DIR) == [str(bad)]
 
 
+def test_an_empty_step_folder_is_not_the_step_of_the_workdir(data_dir, trained, tmp_path, caplog):
+    from vicregl_jax import build
+
+    workdir = copy_of(trained, tmp_path)
+    os.makedirs(workdir / "checkpoints" / "25")  # newer than total_steps=20: not a checkpoint, skipped
+    os.makedirs(workdir / "checkpoints" / "24" / "model")  # partial: no meta item
+    checkpointer = Checkpointer(workdir, model_meta(workdir_lib.load_config(workdir)), read_only=True)
+    assert checkpointer.latest_step() == 3
+    checkpointer.close()
+    assert "checkpoints/25: not a checkpoint (an empty folder)" in caplog.text
+    assert "checkpoints/24: not a checkpoint (no 'meta' item)" in caplog.text
+    build.resume_changes(tiny_config(data_dir, {**STEPS, "total_steps": 20, "allow_config_change": True}), workdir, 3)
+
+
 def test_no_intact_checkpoint_is_an_error_listing_each(trained, tmp_path, like):
     workdir = copy_of(trained, tmp_path)
     for step in (1, 2, 3):
@@ -135,3 +151,26 @@ def test_no_intact_checkpoint_is_an_error_listing_each(trained, tmp_path, like):
         checkpointer.restore(like)
     checkpointer.close()
     assert steps_on_disk(workdir) == [1, 2, 3, 4]
+
+
+def test_a_full_disk_during_a_save_is_one_error(data_dir, trained, tmp_path, caplog):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): tests/test_workdir.py injects ENOSPC instead")
+    try:
+        workdir = small / "run"
+        shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("events.*"))
+        shutil.rmtree(workdir / "checkpoints" / "1")
+        free = shutil.disk_usage(small).free
+        (small / "ballast").write_bytes(b"\0" * (free - 200 * 2**10))  # 200 KiB left: less than a checkpoint
+        config = tiny_config(data_dir, STEPS)
+        with pytest.raises(
+            DiskFullError, match=r"run: no space left on its disk \(a checkpoint needs about \d+.\d MiB"
+        ):
+            train.train_and_evaluate(config, workdir, stop_after_steps=1)
+        # Not one traceback per array of the unawaited writes Orbax leaves behind.
+        assert not [r for r in caplog.records if r.name == "asyncio" or r.exc_info], caplog.text[-3000:]
+        assert steps_on_disk(workdir) == [2, 3]  # the half-written step 4 is Orbax's temporary folder
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -24,3 +24,18 @@ from vicregl_jax import build
 def test_nonsense_values_are_errors(data_dir, overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         build.check_config(tiny_config(data_dir, overrides), num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({"optim.base_lr": 1e41}, r"config.optim.base_lr=1e\+41: the peak learning rate .* overflows float32: give a"),
+        ({"optim.base_lr": float("inf")}, r"config.optim.base_lr=inf: must be a finite number"),
+        ({"optim.weight_decay": float("inf")}, r"config.optim.weight_decay=inf: must be a finite number"),
+        # Finite, but base_lr * batch_size / 256 is not in float32.
+        ({"optim.base_lr": 1e38, "batch_size": 4096}, r"config.optim.base_lr=1e\+38: .* from 0 to 2.13e\+37"),
+    ],
+)
+def test_learning_rates_that_overflow_are_refused(data_dir, overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build.check_config(tiny_config(data_dir, overrides), num_devices=8)

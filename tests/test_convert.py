@@ -3,6 +3,7 @@
 import ast
 import os
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -485,3 +486,65 @@ def test_torch_is_imported_only_by_file_functions():
                     if any(m == "torch" or m.startswith("torch.") for m in modules):
                         found.add((name, function.name if function else "<module>"))
     assert found == allowed
+
+
+def fake_workdir(path, *items):
+    """Returns path made to look like a workdir whose checkpoint 3 holds items (only their folders)."""
+    for item in items:
+        os.makedirs(path / "checkpoints" / "3" / item)
+    (path / "config.json").write_text('{"model": {}}')
+    return path
+
+
+def test_from_torch_never_writes_into_a_run_and_takes_its_lock(tmp_path):
+    from vicregl_jax import workdir as workdir_lib
+
+    # A full checkpoint: converting it initialises nothing (no compilation but the checksums').
+    config = converted_workdir_config(arch="resnet_test", **HEADS)
+    model = random_flax(lambda: create_model(config.model, config.loss.alpha, rngs=nnx.Rngs(0)), seed=3)
+    pth = str(tmp_path / "full.pth")
+    torch_io.write_torch_weights(layout.to_torch_state_dict(model, "resnet_test", full=True), pth, epoch=1)
+
+    def convert_to(out, *extra):
+        convert.main(["from-torch", pth, str(out), "--arch", "resnet_test", *extra])
+
+    # A pre-training workdir is never written, not even with --force: its config and checkpoints stay.
+    run = fake_workdir(tmp_path / "run", "meta", "model", "train")
+    for extra in ((), ("--force",)):
+        with pytest.raises(SystemExit, match=r"^error: OUT_DIR .*run holds a pre-training run .*give another OUT_DIR"):
+            convert_to(run, *extra)
+    assert (run / "config.json").read_text() == '{"model": {}}' and os.listdir(run / "checkpoints") == ["3"]
+    # The lock a training holds keeps the conversion out, before anything is read or written.
+    holder = workdir_lib.WorkdirLock(tmp_path / "busy").acquire()
+    try:
+        with pytest.raises(SystemExit, match=r"busy is in use by another run"):
+            convert_to(tmp_path / "busy")
+    finally:
+        holder.release()
+    assert os.listdir(tmp_path / "busy") == []
+    # An earlier conversion is replaced only with --force, and moved aside rather than deleted.
+    earlier = fake_workdir(tmp_path / "out", "meta", "model")
+    with pytest.raises(SystemExit, match=r"out already holds converted weights: .* pass --force"):
+        convert_to(earlier)
+    convert_to(earlier, "--force")
+    assert sorted(os.listdir(earlier / "replaced" / "1")) == ["checkpoints", "config.json"]
+    assert os.listdir(earlier / "replaced" / "1" / "checkpoints") == ["3"]
+    assert workdir_lib.load_config(earlier).model.arch == "resnet_test"
+    assert os.listdir(earlier / "checkpoints") == ["0"] and not os.path.exists(earlier / workdir_lib.LOCK_NAME)
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["from-torch", str(tmp_path / "folder"), str(tmp_path / "o"), "--arch", "resnet_test"], r"folder is a folder"),
+        (["from-torch", str(tmp_path / "x.pth"), str(tmp_path / "file"), "--arch", "resnet_test"], r"file is a file"),
+        (["to-torch", str(tmp_path / "w"), str(tmp_path / "folder")], r"folder is a folder: give the path of the file"),
+        (["to-torch", str(tmp_path / "w"), str(tmp_path / "file" / "x.pth")], r"file is a file, not a folder"),
+        (["from-torch", "x.pth"], r"^error: the following arguments are required: out_dir, --arch \(see"),
+    ]
+    for argv, pattern in cases:
+        with pytest.raises(SystemExit) as stop:
+            convert.main(argv)
+        assert re.search(pattern, str(stop.value.code)) and "\n" not in str(stop.value.code), (argv, stop.value.code)
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"] and os.listdir(tmp_path / "folder") == []

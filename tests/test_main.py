@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from test_train import worker_env
 
 from vicregl_jax import workdir as workdir_lib
@@ -66,3 +67,39 @@ def test_main_prints_one_line_for_our_errors(tmp_path):
     # up before the init_weights check.
     assert (tmp_path / "file").read_text() == "" and not (tmp_path / "b").exists()
     assert os.listdir(empty_data) == []
+
+
+def test_flag_and_config_file_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch):
+    """In process: main.py's checks of its command line, before app.run calls main()."""
+    sys.path.insert(0, ROOT)
+    try:
+        import main as entry
+    finally:
+        sys.path.remove(ROOT)
+    monkeypatch.chdir(tmp_path)
+    demo, convnext = os.path.join(ROOT, "configs", "demo.py"), os.path.join(ROOT, "configs", "convnext.py")
+    cases = {
+        "empty workdir": ([f"--config={demo}", "--workdir="], r"^error: .*--workdir is empty \(an unset"),
+        "missing file": (["--config=configs/nope.py", "--workdir=x"], r"^error: configs/nope.py is not a config file"),
+        "bad variant": ([f"--config={convnext}:size=q", "--workdir=x"], r"^error: .*size='q': use one of s, b, xl$"),
+        "absl flag": ([f"--config={demo}", "--workdir=x", "--nosuch"], r"^error: Unknown command line flag 'nosuch'"),
+        "None for a value": (
+            [f"--config={demo}", "--workdir=x", "--config.batch_size=None"],
+            r"^error: config.batch_size=None: config.batch_size needs a value",
+        ),
+    }
+
+    def parse(argv):  # ml_collections reads the overrides off sys.argv
+        monkeypatch.setattr(sys, "argv", ["main.py", *argv])
+        entry.check_overrides(argv)
+        entry.parse_flags(sys.argv)
+
+    for name, (argv, pattern) in cases.items():
+        with pytest.raises(SystemExit) as stop:
+            parse(argv)
+        message = str(stop.value.code)
+        assert re.search(pattern, message) and "\n" not in message, (name, message)
+    # None where unset is the default: accepted.
+    parse([f"--config={demo}", "--workdir=x", "--config.total_steps=None", "--config.data.num_examples=7"])
+    assert entry._CONFIG.value.total_steps is None and entry._CONFIG.value.data.num_examples == 7
+    assert os.listdir(tmp_path) == []  # not even in the current directory

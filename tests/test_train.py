@@ -504,10 +504,11 @@ def all_finite(tree):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e41 as float32: the point
 def test_update_to_nan_with_a_finite_loss_is_not_kept(data_dir, trained, tmp_path):
-    """lr 1e41 overflows float32: the loss of step 4 is finite, the updated parameters are not.
-    The run stops at step 4 and every checkpoint it keeps is finite."""
+    """A peak lr of 3e38 (base_lr 5e39, just below what the config check refuses) overflows the
+    update: the loss of step 4 is finite, the updated parameters are not. The run stops at step
+    4 and every checkpoint it keeps is finite."""
     workdir = copy_of(trained, tmp_path)
-    config = tiny_config(data_dir, {**STEPS, "optim.base_lr": 1e41, "allow_config_change": True})
+    config = tiny_config(data_dir, {**STEPS, "optim.base_lr": 5e39, "allow_config_change": True})
     with pytest.raises(
         train.NonFiniteLossError,
         match=r"update gave NaN or Inf parameters.*\(loss [0-9.]+\) at step 4: stopping.*"
@@ -533,3 +534,77 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+
+
+# ------------------------------------------------------------------------------------------
+# Stopping at any moment, a torn metrics line, a refused resume, a full disk
+# ------------------------------------------------------------------------------------------
+
+
+def test_signals_at_start_up_and_in_the_loop_end_resumable(data_dir, trained, tmp_path, monkeypatch):
+    from vicregl_jax.checkpoint import Checkpointer
+
+    workdir = copy_of(trained, tmp_path)
+    metrics_before = (workdir / "metrics.jsonl").read_text()
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    restore = Checkpointer.restore
+
+    def restore_interrupted(self, *args, **kwargs):  # SIGTERM while restoring
+        signal.raise_signal(signal.SIGTERM)
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "restore", restore_interrupted)
+    config = tiny_config(data_dir, {"checkpoint.every_steps": 1})
+    result = train.train_and_evaluate(config, workdir)
+    assert result.stopped_early and result.step is None and result.exit_code == 75
+    assert steps_on_disk(workdir) == [1, 2, 3] and (workdir / "metrics.jsonl").read_text() == metrics_before
+    # Ctrl-C in the loop: the step ends, is saved, and the run stops with 130 (no KeyboardInterrupt).
+    monkeypatch.setattr(Checkpointer, "restore", restore)
+    check = train.check_finite
+
+    def interrupted(*args):
+        signal.raise_signal(signal.SIGINT)
+        return check(*args)
+
+    monkeypatch.setattr(train, "check_finite", interrupted)
+    result = train.train_and_evaluate(tiny_config(data_dir), workdir)
+    assert result.stopped_early and result.exit_code == 130 and result.step == 5
+    assert steps_on_disk(workdir) == [1, 2, 3, 5]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # put back
+
+
+def test_sigterm_while_a_step_waits_on_its_input_exits_75_in_bounded_time(data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    cmd = [sys.executable, WORKER, str(workdir), data_dir, "--hang_after", "1", "--stop_grace", "2", "--exit_code"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
+    lines = []
+    for line in proc.stdout:  # the first step done, the input now blocks
+        lines.append(line)
+        if "HANGING" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert "SIGTERM received 2 s ago and the run has not stopped" in out and "Traceback" not in out
+    assert steps_on_disk(workdir) == [1, 2, 3]  # resumes from its newest checkpoint
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 4))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 4, "lo')  # a full disk cut the last write
+    log = train.MetricsLog(tmp_path, start_step=3)
+    log.write(4, {"loss": 2.0})
+    log.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert "metrics.jsonl: dropped 1 damaged line(s) (line 4;" in caplog.text
+
+
+def test_a_refused_resume_writes_nothing(data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    before = sorted(os.listdir(workdir)), (workdir / "metrics.jsonl").read_text()
+    # Changed and allowed, but 1 epoch of 16 examples is 1 step, below the workdir's 3.
+    changed = {"data.num_examples": 16, "total_steps": None, "allow_config_change": True}
+    with pytest.raises(ValueError, match=r"config.epochs=1 gives 1 steps, below the step .* is at \(3\)"):
+        build.build_run(tiny_config(data_dir, changed), workdir)
+    assert (sorted(os.listdir(workdir)), (workdir / "metrics.jsonl").read_text()) == before
+    build.check_resume(tiny_config(data_dir), workdir, 3)  # the original command still resumes

@@ -1,6 +1,7 @@
 """workdir.py: one run per workdir (the lock and its staleness rules), and a workdir that
 cannot be written refused before anything is written."""
 
+import errno
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import time
 import pytest
 from tiny import tiny_config
 
-from vicregl_jax import train
+from vicregl_jax import safe_io, train
 from vicregl_jax import workdir as workdir_lib
 
 
@@ -98,3 +99,72 @@ def test_workdir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"run would be created in .*, which is not writable"):
         workdir_lib.check_workdir(tmp_path / "run")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+# ------------------------------------------------------------------------------------------
+# An empty --workdir, a damaged config.json, a full disk
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_empty_workdir_is_refused_and_nothing_is_written(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for call in (
+        lambda: workdir_lib.check_workdir(""),
+        lambda: workdir_lib.absolute(" "),
+        lambda: train.train_and_evaluate(tiny_config(data_dir), ""),
+    ):
+        with pytest.raises(ValueError, match=r"^--workdir is empty \(an unset variable such as \$WORKDIR\?\)"):
+            call()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_config_json_is_named_with_the_fix(tmp_path):
+    for text in ('{"model": {"arch": "resn', "[1, 2]", "\udcff"):
+        (tmp_path / "config.json").write_text(text, errors="surrogateescape")
+        with pytest.raises(ValueError, match=r"config.json is damaged \(.*\): .* put back a copy of it") as error:
+            workdir_lib.load_config(tmp_path)
+        assert "\n" not in str(error.value)
+
+
+def test_a_full_disk_leaves_config_json_whole_and_says_so(data_dir, tmp_path, monkeypatch):
+    workdir_lib.save_config(tmp_path, tiny_config(data_dir))
+    before = (tmp_path / "config.json").read_text()
+    real_fsync = os.fsync
+
+    def full(fd):  # the disk fills while the new file is written: injected at the boundary
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(safe_io.DiskFullError, match=r"config.json: no space left on its disk: free space there"):
+        workdir_lib.save_config(tmp_path, tiny_config(data_dir, {"batch_size": 8}))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (tmp_path / "config.json").read_text() == before and os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 2 MiB tmpfs (root only), unmounted after the test."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the injected ENOSPC test covers the error path")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_real_full_disk_keeps_config_json_whole(data_dir, full_disk):
+    workdir_lib.save_config(full_disk, tiny_config(data_dir))
+    before = (full_disk / "config.json").read_text()
+    config = tiny_config(data_dir, {"data.dataset": "x" * (3 * 2**20)})  # 3 MiB: more than the disk
+    with pytest.raises(safe_io.DiskFullError, match=rf"^{full_disk}/config.json: no space left on its disk"):
+        workdir_lib.save_config(full_disk, config)
+    assert (full_disk / "config.json").read_text() == before and os.listdir(full_disk) == ["config.json"]
+
+
+def test_an_unreachable_bucket_is_named_in_one_line(monkeypatch):
+    def unreachable(url):  # what TensorFlow's gs:// file system raises without a network (faked: no network here)
+        raise RuntimeError(f"Error executing an HTTP request: libcurl code 6 (Could not resolve hostname)\n {url}")
+
+    monkeypatch.setattr(workdir_lib, "_probe", unreachable)
+    with pytest.raises(ValueError, match=r"^--workdir=gs://b1/run: cannot reach the bucket b1 \(RuntimeError: .*\): "):
+        workdir_lib.check_workdir("gs://b1/run")

@@ -219,17 +219,25 @@ def check_resume(config, workdir, step: int) -> None:
     """Raises ValueError when resuming workdir at step under config would change what the run
     computes (config.RESUME_KEYS) and config.allow_config_change is off; with it on, logs the
     changes and writes config as config.<step>.json beside the earlier ones."""
+    changes = resume_changes(config, workdir, step)
+    if changes:
+        save_resume_changes(config, workdir, step, changes)
+
+
+def resume_changes(config, workdir, step: int) -> str | None:
+    """Returns the config changes that resuming workdir at step under config makes, listed
+    ("key: old -> new, ..."), or None; raises ValueError when they are refused. Writes nothing."""
     if config.total_steps is not None and config.total_steps < step:
         raise ValueError(
             f"config.total_steps={config.total_steps} is below the step {workdir_lib.absolute(workdir)} "
             f"is at ({step}): give a total of {step} or more, or use another --workdir."
         )
     if not workdir_lib.is_workdir(workdir):
-        return  # checkpoints without config.json: nothing to compare with
+        return None  # checkpoints without config.json: nothing to compare with
     # The keys that define the state's shapes are the checkpoint's to refuse, with its own message.
     changes = config_lib.resume_changes(workdir_lib.load_config(workdir, step), config, ignore=MODEL_KEYS)
     if not changes:
-        return
+        return None
     listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
     if not config.allow_config_change:
         raise ValueError(
@@ -237,6 +245,11 @@ def check_resume(config, workdir, step: int) -> None:
             "what the run computes: run with the config it was started with (config.json), use another "
             "--workdir, or pass --config.allow_config_change=True to go on with the new one."
         )
+    return listed
+
+
+def save_resume_changes(config, workdir, step: int, listed: str) -> None:
+    """Writes config as config.<step>.json and says which changes (listed) it makes."""
     path = workdir_lib.save_resume_config(workdir, config, step)
     logging.warning("Resuming at step %d with config changes (%s); the new config is %s.", step, listed, path)
     print(f"Config changed on resume at step {step}: {listed} (written to {path}).", flush=True)
@@ -260,18 +273,20 @@ def build_run(config, workdir) -> Run:
     mesh = sharding.make_mesh(config.mesh.num_devices)
     checkpointer = Checkpointer(workdir, model_meta(config), keep=config.checkpoint.keep)
     try:
-        latest = checkpointer.latest_step()
+        latest, changes = checkpointer.latest_step(), None
         if latest is None:
             _check_init_weights(config)
         else:
-            check_resume(config, workdir, latest)
-        return _build(config, workdir, mesh, checkpointer, latest)
+            changes = resume_changes(config, workdir, latest)
+        return _build(config, workdir, mesh, checkpointer, latest, changes)
     except BaseException:
         checkpointer.close()
         raise
 
 
-def _build(config, workdir, mesh, checkpointer, latest) -> Run:
+def _build(config, workdir, mesh, checkpointer, latest, changes: str | None) -> Run:
+    # Nothing is written (config.json, config.<step>.json) until every check has passed: a
+    # refused run leaves the workdir as it was.
     start = 0 if latest is None else latest
     iterator = pretrain_iterator(config, start)
     try:
@@ -290,6 +305,8 @@ def _build(config, workdir, mesh, checkpointer, latest) -> Run:
             if start != latest:  # fell back past damaged checkpoints: the data resumes there too
                 iterator.close()
                 iterator = pretrain_iterator(config, start)
+            if changes:
+                save_resume_changes(config, workdir, start, changes)
         else:
             if config.model.init_weights:
                 params, batch_stats, description = release.initial_weights(

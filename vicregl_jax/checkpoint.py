@@ -36,7 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vicregl_jax import library_logs
 from vicregl_jax.workdir import absolute
+
+library_logs.install()  # not the libraries' tracebacks around a damaged checkpoint: our one line
 
 
 @jax.tree_util.register_dataclass
@@ -226,8 +229,15 @@ class Checkpointer:
             orbax_log.setLevel(level)
 
     def latest_step(self) -> int | None:
-        """Returns the step of the newest checkpoint on disk (not yet verified), or None."""
-        return self.manager.latest_step()
+        """Returns the step of the newest checkpoint on disk (not yet verified), or None; a step
+        folder without a meta item (empty, partial) is skipped with a warning: not a checkpoint."""
+        for step in sorted(self.all_steps(), reverse=True):
+            folder = self.directory / str(step)
+            if not folder.exists() or (folder / "meta").exists():  # not there yet: a save in flight
+                return step
+            what = "an empty folder" if not any(folder.iterdir()) else "no 'meta' item"
+            logging.warning("Skipping %s: not a checkpoint (%s).", folder, what)
+        return None
 
     def all_steps(self) -> list[int]:
         """Returns the steps of the checkpoints on disk, oldest first."""

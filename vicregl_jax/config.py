@@ -20,7 +20,10 @@ starts. Reading a config file and checking `--config.` names: `vicregl_jax.confi
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from vicregl_jax import models
@@ -217,9 +220,25 @@ def check_values(config) -> None:
         value = _get(config, key)
         if value is None or not value >= 0:  # also NaN
             raise _error(key, value, "must be 0 or more.")
+        if not math.isfinite(value):
+            raise _error(key, value, "must be a finite number, 0 or more.")
+    _check_peak_lr(config)
     for key in ("eval.batch_size", "eval.image_size", "eval.linear.epochs", "eval.linear.checkpoint_every_epochs"):
         if _get(config, key) < 1:
             raise _error(key, _get(config, key), "must be 1 or more.")
+
+
+def _check_peak_lr(config) -> None:
+    """Raises ValueError when the schedule's peak, base_lr * batch_size / 256, overflows float32
+    (the step computes the learning rate in float32: it would be Inf, the update NaN)."""
+    limit = float(np.finfo(np.float32).max) * 256 / max(1, config.batch_size)
+    if config.optim.base_lr > limit:
+        raise _error(
+            "optim.base_lr",
+            config.optim.base_lr,
+            f"the peak learning rate base_lr * batch_size / 256 overflows float32: give a value from 0 to "
+            f"{limit:.3g} for config.batch_size={config.batch_size} (the recipes use 0.0005 to 0.3).",
+        )
 
 
 def validate(config, *, num_devices: int, process_count: int = 1) -> None:

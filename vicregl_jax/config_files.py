@@ -1,7 +1,8 @@
 """Configs from files and the command line: a config file's variant argument
 (`configs/convnext.py:size=b`), loading `configs/x.py[:arg]` as main.py's --config does, and a
 one-line error for a `--config.<key>` the config lacks (with its new name when it is a key of
-the flat config of earlier versions, else the closest keys).
+the flat config of earlier versions, else the closest keys). `--config.<key>=None` sets a key
+that is unset by default (total_steps, data.num_examples, ...) back to None.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import os
 import re
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-from vicregl_jax.config import all_keys
+from vicregl_jax.config import all_keys, default_config
 
 # Keys of the flat config before it was nested: given on the command line they fail with
 # their new name.
@@ -91,8 +94,13 @@ def unknown_key_message(key: str, config: ml_collections.ConfigDict) -> str:
     return f"config.{key} is not a config key: {hint}"
 
 
+NONE_TEXTS = ("None", "none")
+
+
 def check_override_names(argv, config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for the first `--config.<key>=...` in argv that config lacks."""
+    """Raises ValueError for the first `--config.<key>=...` in argv that config lacks, or that
+    gives None to a key that needs a value."""
+    defaults = default_config()
     for arg in argv:
         match = re.match(r"--config\.([\w.]+)(=|$)", arg)
         if match is None:
@@ -102,6 +110,42 @@ def check_override_names(argv, config: ml_collections.ConfigDict) -> None:
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 raise ValueError(unknown_key_message(key, config))
             node = node[part]
+        if arg.partition("=")[2].strip() in NONE_TEXTS and _default(defaults, key) is not None:
+            raise ValueError(
+                f"config.{key}=None: config.{key} needs a value (its default is {_default(defaults, key)!r}); "
+                "only the keys that are unset by default take None."
+            )
+
+
+def _default(defaults: ml_collections.ConfigDict, key: str):
+    node = defaults
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None  # a key of a config file's own: its file decides
+        node = node[part]
+    return node
+
+
+class _NoneOr(flags.ArgumentParser):
+    """A flag parser that reads "None" as None and anything else as its inner parser does."""
+
+    def __init__(self, inner: flags.ArgumentParser):
+        self.inner = inner
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.strip() in NONE_TEXTS:
+            return None
+        return self.inner.parse(argument)
+
+    def flag_type(self) -> str:
+        return self.inner.flag_type()
+
+
+def allow_none_overrides() -> None:
+    """Lets `--config.<key>=None` set an int, float or str key to None (ml_collections parses
+    "None" as the field's type, and fails); check_override_names refuses it for keys that need a value."""
+    for kind, inner in ((int, flags.IntegerParser()), (float, flags.FloatParser()), (str, flags.ArgumentParser())):
+        config_flags.register_flag_parser_for_type(kind, _NoneOr(inner))
 
 
 def parse_variant(arg: str | None, **defaults):

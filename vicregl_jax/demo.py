@@ -92,12 +92,16 @@ def draw_pictures(config, workdir: str, backbones: dict) -> list[str]:
 
 
 def run_demo(config, workdir: str, *, check: bool = True) -> dict:
-    """Runs the whole quick start and returns the summary (also in workdir/summary.json).
+    """Runs the whole quick start and returns the summary (also in workdir/summary.json), or
+    {"exit_code": 75 or 130} when a signal stopped its pre-training (resumable).
     check: run the config check of every part first (main.py has run it)."""
     workdir = str(workdir)
     if check:
         build.check_config(config, "demo", workdir=workdir)
-    train.train_and_evaluate(config, workdir, check=False)
+    trained = train.train_and_evaluate(config, workdir, check=False)
+    if trained.stopped_early:  # SIGTERM or Ctrl-C: the same command resumes; no evaluation of a part-trained model
+        print("The demo's pre-training was stopped: run the same command again to resume it.", flush=True)
+        return {"exit_code": trained.exit_code}
     results = {}
     for label, random_init in (("trained", False), ("random", True)):
         once = dict(random_init=random_init, check=False)

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vicregl_jax import safe_io
+
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")  # the files read_torch_weights reads
 
 
@@ -67,6 +69,8 @@ def read_torch_weights(path: str) -> dict[str, np.ndarray]:
     a damaged file, one that is not a state_dict, or non-finite weights.
     """
     path = str(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a weights file: give the .pth / .pt / .safetensors file in it.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: give a .pth / .pt / .safetensors weights file.")
     if path.endswith(".safetensors"):
@@ -110,13 +114,40 @@ def write_torch_weights(
     # np.require keeps 0-d arrays 0-d (num_batches_tracked); np.ascontiguousarray would make them 1-d.
     tensors = {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in state_dict.items()}
     obj = tensors if epoch is None else {"epoch": int(epoch), "model": tensors}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path)
-    written = [path]
-    if safetensors:
+    written = [path] + ([os.path.splitext(path)[0] + ".safetensors"] if safetensors else [])
+    for out in written:
+        check_output_file(out)
+
+    def save_safetensors(tmp: str) -> None:
         from safetensors.torch import save_file
 
-        st_path = os.path.splitext(path)[0] + ".safetensors"
-        save_file(tensors, st_path)
-        written.append(st_path)
+        save_file(tensors, tmp)
+
+    writers = [lambda tmp: torch.save(obj, tmp), save_safetensors]
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        for out, write in zip(written, writers):
+            # Each file whole or not at all (a full disk, a kill): a temporary file, then a rename.
+            safe_io.write_with(out, write)
+    except safe_io.DiskFullError:
+        raise
+    except OSError as error:  # a read-only file system, a path the system refuses
+        raise ValueError(
+            f"{path}: cannot write it ({error.strerror or error}): give a path in a folder you can write to."
+        ) from None
     return written
+
+
+def check_output_file(path: str) -> None:
+    """Raises ValueError naming path and the fix when a file cannot be written there: it is a
+    folder, a file stands where a folder above it should be, or that folder is not writable."""
+    if os.path.isdir(path):
+        example = os.path.join(path, "model.pth")
+        raise ValueError(f"{path} is a folder: give the path of the file to write, e.g. {example}.")
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{path}: {probe} is a file, not a folder: give a path whose folders are folders.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: {probe} is not writable (read-only or another user's): give a path you can write.")

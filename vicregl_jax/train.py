@@ -9,11 +9,11 @@ The parts of a run (mesh, iterator, state, optimiser, checkpointer) come from bu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import signal
-import threading
+import os
 import time
 
 import jax
@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, coordination, losses, metrics, sharding
+from vicregl_jax import build, coordination, losses, metrics, safe_io, sharding, stopping
 from vicregl_jax import data as data_lib
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import DAMAGED_DIR, TrainState, describe_skipped
@@ -158,6 +158,31 @@ def eval_model(run: build.Run, state: TrainState):
 # --------------------------------------------------------------------------------------------
 
 
+def _rows_up_to(path, step: int) -> list[str]:
+    """Returns the lines of metrics.jsonl of steps up to step; a line that does not parse (a
+    write cut short, by a full disk or a kill) is dropped with a warning, never an error."""
+    kept, damaged = [], []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            at = int(row.get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            damaged.append(number)
+            continue
+        if at <= step:
+            kept.append(line)
+    if damaged:
+        logging.warning(
+            "%s: dropped %d damaged line(s) (line %s; a write cut short, e.g. by a full disk); kept the rest.",
+            path,
+            len(damaged),
+            ", ".join(map(str, damaged[:5])),
+        )
+    return kept
+
+
 class MetricsLog:
     """Host 0 writes scalars to TensorBoard (clu) and to workdir/metrics.jsonl.
 
@@ -175,14 +200,8 @@ class MetricsLog:
         self.jsonl = None
         if self.enabled:
             path = epath.Path(workdir) / "metrics.jsonl"
-            kept = []
-            if path.exists():
-                kept = [
-                    line
-                    for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step
-                ]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = _rows_up_to(path, start_step) if path.exists() else []
+            safe_io.write_atomic(path, "".join(line + "\n" for line in kept))
             # Opened by TensorFlow's file API: epath opens a gs:// file only as a context manager.
             import tensorflow as tf
 
@@ -198,36 +217,6 @@ class MetricsLog:
         self.writer.flush()
         if self.jsonl is not None:
             self.jsonl.close()
-
-
-class PreemptionWatcher:
-    """Tells the training loop when to save and stop: on SIGTERM (Cloud TPU preemption notice,
-    SLURM's pre-kill signal) in a single process, or at JAX's preemption sync point across
-    hosts, so that every host stops at the same step."""
-
-    def __init__(self, manager=None):
-        self._flag = threading.Event()
-        self._manager = manager
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping.")
-        self._flag.set()
-
-    def should_stop(self, step: int) -> bool:
-        """Returns True once a preemption notice has arrived (checked at every step)."""
-        if self._flag.is_set():
-            return True
-        if jax.process_count() > 1 and self._manager is not None:
-            return bool(self._manager.reached_preemption(step))
-        return False
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 def every(n: int, step: int, last: int) -> bool:
@@ -270,9 +259,16 @@ def knn_monitor(run: build.Run, state: TrainState, config) -> dict[str, float]:
 
 @dataclasses.dataclass
 class RunResult:
-    step: int
+    step: int | None  # None: stopped during start-up, before the run had a state
     stopped_early: bool
     last_metrics: dict
+    signum: int | None = None  # the signal that stopped it (SIGTERM, SIGINT), if one did
+
+    @property
+    def exit_code(self) -> int:
+        """Returns the process's exit status: 0 when done, 75 stopped by SIGTERM (or
+        stop_after_steps), 130 by SIGINT."""
+        return stopping.exit_code(self.signum) if self.stopped_early else 0
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None, check: bool = True) -> RunResult:
@@ -280,13 +276,44 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
 
     stop_after_steps stops this invocation after that many steps (checkpointing first), as a
     preemption would; the schedule still runs to the config's total. check: run the config
-    check first (main.py has run it).
+    check first (main.py has run it). SIGTERM and SIGINT stop it resumably (vicregl_jax.stopping).
+    A full disk raises safe_io.DiskFullError (one line: where, how much a checkpoint needs).
     """
-    workdir = workdir_lib.absolute(workdir)
     if check:
         build.check_config(config, "pretrain", workdir=workdir)
-    with workdir_lib.WorkdirLock(workdir):  # one run at a time (process 0 holds it)
-        return _train(config, workdir, stop_after_steps)
+    workdir = workdir_lib.absolute(workdir)
+    try:
+        with workdir_lib.WorkdirLock(workdir):  # one run at a time (process 0 holds it)
+            watcher = stopping.StopWatcher()
+            try:
+                return _train(config, workdir, stop_after_steps, watcher)
+            except stopping.StopRequested as stop:
+                return RunResult(step=None, stopped_early=True, last_metrics={}, signum=stop.signum)
+            finally:
+                watcher.close()
+    except Exception as error:
+        if not isinstance(error, safe_io.DiskFullError) and safe_io.is_disk_full(error):
+            raise _disk_full(workdir) from error
+        raise
+
+
+def _disk_full(workdir) -> safe_io.DiskFullError:
+    """Returns the one-line error of a run that found its disk full: where, and how much room the
+    next checkpoint needs (the size of the newest one on disk)."""
+    folder = str(epath.Path(workdir) / "checkpoints")
+    local = not workdir_lib.is_remote(folder) and os.path.isdir(folder)
+    steps = sorted((int(name) for name in os.listdir(folder) if name.isdigit()), reverse=True) if local else []
+    need = ""
+    for step in steps:
+        walked = os.walk(os.path.join(folder, str(step)))
+        size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in walked for name in names)
+        if size:
+            need = f" (a checkpoint needs about {size / 2**20:.1f} MiB; the newest on disk is step {step})"
+            break
+    return safe_io.DiskFullError(
+        f"{workdir}: no space left on its disk{need}: free space there, or move the workdir to a disk with room "
+        "and pass it as --workdir; the run resumes from its newest checkpoint, which is intact."
+    )
 
 
 def _announce_resume(run: build.Run, workdir) -> None:
@@ -342,73 +369,81 @@ def _peer_failure(error: Exception) -> coordination.PeerFailureError | None:
     return None
 
 
-def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
+def _train(config, workdir, stop_after_steps: int | None, watcher: stopping.StopWatcher) -> RunResult:
     run = build.build_run(config, workdir)
-    _announce_resume(run, workdir)
+    with contextlib.ExitStack() as stack:  # closed in reverse, also when a signal stops the start-up
+        stack.callback(run.checkpointer.close)
+        stack.callback(run.iterator.close)
+        _announce_resume(run, workdir)
+        step_fn = _jitted_step(run, config)
+        log = MetricsLog(workdir, run.start_step)
+        stack.callback(log.close)
+        watcher.manager = run.checkpointer.manager
+        stack.callback(watcher.finish)
+        bar = stack.enter_context(_progress_bar(run))
+        batches = data_lib.prefetch_to_mesh(run.iterator, run.mesh)  # two batches on the devices ahead
+        stack.callback(batches.close)
+        try:
+            return _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps)
+        except Exception as error:
+            peer_error = _peer_failure(error)
+            if peer_error is not None:
+                raise peer_error from error
+            raise
+
+
+def _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps) -> RunResult:
+    """Steps from run.start_step to its total: logs, evaluates, saves and stops as due."""
     knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
-    step_fn = _jitted_step(run, config)
-    log = MetricsLog(workdir, run.start_step)
-    watcher = PreemptionWatcher(run.checkpointer.manager)
-    bar = _progress_bar(run)
-    batches = data_lib.prefetch_to_mesh(run.iterator, run.mesh)  # two batches on the devices ahead
     state, step, total = run.state, run.start_step, run.total_steps
     last_saved, last_metrics, stopped_early = run.start_step, {}, False
     window_start, window_steps = time.perf_counter(), 0
     pending = None  # (step, metrics) of a step not yet checked: read one step late to keep the device busy
-    try:
-        while step < total:
-            state, metrics = step_fn(state, next(batches))
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            if pending is not None:
-                check_finite(*pending, run.checkpointer)
-            pending = (step, metrics)
-            preempted = watcher.should_stop(step)
-            stopping = preempted or (stop_after_steps is not None and step - run.start_step >= stop_after_steps)
-            log_now, knn_now = every(config.log_every_steps, step, total), every(knn_every, step, total)
-            save_now = every(config.checkpoint.every_steps, step, total) or stopping
-            if not (log_now or knn_now or save_now):
-                continue
-            check_finite(*pending, run.checkpointer)  # never log, evaluate or save a diverged state
-            pending = None
-            if log_now:
-                elapsed = time.perf_counter() - window_start
-                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-                last_metrics.update(
-                    step_time_s=elapsed / window_steps,
-                    images_per_s=config.batch_size * window_steps / elapsed,
-                    skipped_images=float(batches.num_skipped),
-                )
-                log.write(step, last_metrics)
-                bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if knn_now:
-                scores = knn_monitor(run, state, config)
-                log.write(step, scores)
-                last_metrics.update(scores)
-                bar.write(f"step {step}: kNN top-1 {scores['knn_top1']:.2f}, top-5 {scores['knn_top5']:.2f}")
-                window_start = time.perf_counter()  # keep the kNN out of the step time
-            if save_now:
-                run.checkpointer.save(step, state)
-                last_saved = step
-            if stopping:
-                stopped_early = True
-                logging.warning("Stopping at step %d (checkpoint saved).", step)
-                break
+    while step < total:
+        state, metrics = step_fn(state, next(batches))
+        watcher.raising = False  # there is a state to save from here on: a signal waits for the step's end
+        step += 1
+        window_steps += 1
+        bar.update(1)
         if pending is not None:
             check_finite(*pending, run.checkpointer)
-        if last_saved != step:
+        pending = (step, metrics)
+        preempted = watcher.should_stop(step)
+        stopping_now = preempted or (stop_after_steps is not None and step - run.start_step >= stop_after_steps)
+        log_now, knn_now = every(config.log_every_steps, step, total), every(knn_every, step, total)
+        save_now = every(config.checkpoint.every_steps, step, total) or stopping_now
+        if not (log_now or knn_now or save_now):
+            continue
+        check_finite(*pending, run.checkpointer)  # never log, evaluate or save a diverged state
+        pending = None
+        if log_now:
+            elapsed = time.perf_counter() - window_start
+            last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+            last_metrics.update(
+                step_time_s=elapsed / window_steps,
+                images_per_s=config.batch_size * window_steps / elapsed,
+                skipped_images=float(batches.num_skipped),
+            )
+            log.write(step, last_metrics)
+            bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if knn_now:
+            scores = knn_monitor(run, state, config)
+            log.write(step, scores)
+            last_metrics.update(scores)
+            bar.write(f"step {step}: kNN top-1 {scores['knn_top1']:.2f}, top-5 {scores['knn_top5']:.2f}")
+            window_start = time.perf_counter()  # keep the kNN out of the step time
+        if save_now:
             run.checkpointer.save(step, state)
-    except Exception as error:
-        peer_error = _peer_failure(error)
-        if peer_error is not None:
-            raise peer_error from error
-        raise
-    finally:
-        batches.close()
-        bar.close()
-        watcher.close()
-        log.close()
-        run.checkpointer.close()
-    return RunResult(step=step, stopped_early=stopped_early, last_metrics=last_metrics)
+            last_saved = step
+        if stopping_now:
+            run.checkpointer.wait()  # on disk before closing the input, which a blocked read can hang
+            stopped_early = True
+            logging.warning("Stopping at step %d (checkpoint saved).", step)
+            break
+    if pending is not None:
+        check_finite(*pending, run.checkpointer)
+    if last_saved != step:
+        run.checkpointer.save(step, state)
+    signum = watcher.signum if stopped_early else None
+    return RunResult(step=step, stopped_early=stopped_early, last_metrics=last_metrics, signum=signum)

@@ -39,6 +39,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vicregl_jax import config as config_lib
+from vicregl_jax.safe_io import write_atomic
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0
@@ -46,6 +47,13 @@ STALE_AFTER_S = 60.0
 # A remote lock is read back this long after writing it: another run's write within this
 # window is seen.
 REMOTE_SETTLE_S = 2.0
+
+
+# An empty --workdir (an unset $WORKDIR) would be the current directory: refused.
+EMPTY_WORKDIR = (
+    "--workdir is empty (an unset variable such as $WORKDIR?): give the run's folder, e.g. --workdir=runs/x; "
+    "nothing was written."
+)
 
 
 class WorkdirLockedError(RuntimeError):
@@ -58,8 +66,11 @@ def is_remote(path) -> bool:
 
 
 def absolute(path) -> epath.Path:
-    """Returns path made absolute (Orbax and JAX's cache need one); gs:// and other URLs stay as they are."""
+    """Returns path made absolute (Orbax and JAX's cache need one); gs:// and other URLs stay as
+    they are. Raises ValueError for an empty path (which would be the current directory)."""
     text = str(path)
+    if not text.strip():
+        raise ValueError(EMPTY_WORKDIR)
     return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
@@ -79,7 +90,7 @@ def save_config(workdir, config) -> None:
         return
     path = absolute(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_atomic(path / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def config_history(workdir) -> list[tuple[int, epath.Path]]:
@@ -108,7 +119,7 @@ def load_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
             f"{path} does not exist: {workdir} is not a vicregl_jax workdir "
             "(pre-train there first, or convert release weights with `convert from-torch`)."
         )
-    saved = json.loads(path.read_text())
+    saved = read_config_file(path)
     if "model" not in saved:
         raise ValueError(
             f"{path} is the config of an earlier version of vicregl_jax (flat keys, no 'model' "
@@ -120,12 +131,29 @@ def load_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+def read_config_file(path) -> dict:
+    """Returns the JSON of a saved config; raises ValueError naming the file and the fix when it
+    is damaged (a torn write, an edit gone wrong)."""
+    try:
+        saved = json.loads(epath.Path(path).read_text())
+    except ValueError as error:  # also UnicodeDecodeError
+        saved, why = None, f"{type(error).__name__}: {error}"
+    else:
+        why = None if isinstance(saved, dict) else f"a JSON {type(saved).__name__}, not an object"
+    if why is not None:
+        raise ValueError(
+            f"{path} is damaged ({why}): it is the run's config, which resuming, evaluating and exporting "
+            "read; put back a copy of it (the checkpoints are intact), or start again in another --workdir."
+        )
+    return saved
+
+
 def save_resume_config(workdir, config, step: int) -> epath.Path:
     """Writes the config a run is resumed under at step as config.<step>.json (host 0);
     returns its path."""
     path = absolute(workdir) / f"config.{step}.json"
     if jax.process_index() == 0:
-        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
 
@@ -150,10 +178,13 @@ def _tuples(value):
 
 def check_workdir(path) -> None:
     """Raises ValueError when the workdir cannot be used: it (or the nearest existing folder
-    above it) is a file, or is not writable. Creates nothing. URLs are not checked here: their
-    first write fails with the storage's own error."""
+    above it) is a file, or is not writable; it is empty (an unset variable); it is a URL that
+    cannot be read (no network, no credentials), named with its bucket. Creates nothing."""
     text = str(path)
+    if not text.strip():
+        raise ValueError(EMPTY_WORKDIR)
     if is_remote(text):
+        _check_reachable(text)
         return
     probe = os.path.abspath(text)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
@@ -167,6 +198,24 @@ def check_workdir(path) -> None:
         raise ValueError(
             f"--workdir={text} {where} not writable (read-only or another user's): give a folder you can write to."
         )
+
+
+def _probe(url: str) -> bool:
+    return epath.Path(url).exists()
+
+
+def _check_reachable(url: str) -> None:
+    """Raises ValueError naming the bucket and what to check when a URL workdir cannot be read
+    (no network, no credentials, no such bucket); reads only."""
+    try:
+        _probe(url)
+    except Exception as error:  # noqa: BLE001 (the storage client's errors have no common type)
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(
+            f"--workdir={url}: cannot reach the bucket {bucket} ({type(error).__name__}: {detail}): check the "
+            "bucket's name, your credentials (gcloud auth application-default login) and the network."
+        ) from None
 
 
 def _boot_id() -> str:
