@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, coordination, losses, metrics, sharding
+from vicregl_jax import build, coordination, losses, metrics, sharding, storage_retries
 from vicregl_jax import data as data_lib
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import DAMAGED_DIR, TrainState, describe_skipped
@@ -342,6 +342,14 @@ def _peer_failure(error: Exception) -> coordination.PeerFailureError | None:
     return None
 
 
+def _log_retries(retries: storage_retries.RetryCount, step: int) -> int:
+    """Logs the storage requests retried since the last call (a bucket's bad day); returns the run's total."""
+    new = retries.since_last()
+    if new:
+        logging.warning("Storage requests retried by step %d: %s; going on.", step, storage_retries.describe(new))
+    return sum(retries.so_far().values())
+
+
 def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
     run = build.build_run(config, workdir)
     _announce_resume(run, workdir)
@@ -354,6 +362,7 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
     state, step, total = run.state, run.start_step, run.total_steps
     last_saved, last_metrics, stopped_early = run.start_step, {}, False
     window_start, window_steps = time.perf_counter(), 0
+    retries = storage_retries.RetryCount()
     pending = None  # (step, metrics) of a step not yet checked: read one step late to keep the device busy
     try:
         while step < total:
@@ -379,6 +388,7 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
                     step_time_s=elapsed / window_steps,
                     images_per_s=config.batch_size * window_steps / elapsed,
                     skipped_images=float(batches.num_skipped),
+                    storage_retries=float(_log_retries(retries, step)),
                 )
                 log.write(step, last_metrics)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")
@@ -394,6 +404,7 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
                 last_saved = step
             if stopping:
                 stopped_early = True
+                run.checkpointer.wait()  # "saved" only once it is
                 logging.warning("Stopping at step %d (checkpoint saved).", step)
                 break
         if pending is not None:
@@ -410,5 +421,10 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
         bar.close()
         watcher.close()
         log.close()
-        run.checkpointer.close()
+        try:
+            run.checkpointer.close()
+        finally:
+            _log_retries(retries, step)
+            if retries.so_far():
+                logging.warning("Storage requests retried in this run: %s.", storage_retries.describe(retries.so_far()))
     return RunResult(step=step, stopped_early=stopped_early, last_metrics=last_metrics)
