@@ -11,15 +11,20 @@ prints one line and exits with status 1; --verbosity=1 shows its traceback. A ru
 a preemption notice exits with status 75 after saving, so that the launchers restart it.
 """
 
+import os
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow's gs:// file system logs each request it retries (a bucket's 429 / 503 / dropped
+# connection) only at this verbosity; read when TensorFlow loads, so set before any import.
+os.environ.setdefault("TF_CPP_VMODULE", "retrying_utils=1")
 
-from vicregl_jax import build, checkpoint, config_files, convert, coordination, demo, distributed, train
-from vicregl_jax import workdir as workdir_lib
-from vicregl_jax.evaluate import correspond, knn, linear, segment
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vicregl_jax import build, checkpoint, config_files, convert, coordination, demo, distributed, train  # noqa: E402
+from vicregl_jax import workdir as workdir_lib  # noqa: E402
+from vicregl_jax.evaluate import correspond, knn, linear, segment  # noqa: E402
 
 MODES = {"knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run}
 

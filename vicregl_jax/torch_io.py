@@ -17,12 +17,14 @@ subprocess, ...) keep the file refused.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
 from collections.abc import Mapping
 
 import numpy as np
+from etils import epath
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")  # the files read_torch_weights reads
 
@@ -110,13 +112,18 @@ def write_torch_weights(
     # np.require keeps 0-d arrays 0-d (num_batches_tracked); np.ascontiguousarray would make them 1-d.
     tensors = {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in state_dict.items()}
     obj = tensors if epoch is None else {"epoch": int(epoch), "model": tensors}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path)
+    # Through etils epath: a gs:// workdir's export goes to the bucket (os.makedirs would make
+    # a local folder named "gs:").
+    target = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    target.write_bytes(buffer.getvalue())
     written = [path]
     if safetensors:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        st_path = os.path.splitext(path)[0] + ".safetensors"
-        save_file(tensors, st_path)
+        st_path = os.path.splitext(str(path))[0] + ".safetensors"
+        target.with_suffix(".safetensors").write_bytes(save(tensors))
         written.append(st_path)
     return written
