@@ -351,6 +351,7 @@ def _log_retries(retries: storage_retries.RetryCount, step: int) -> int:
 
 
 def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
+    retries = storage_retries.RetryCount()  # from the start: the restore reads the bucket too
     run = build.build_run(config, workdir)
     _announce_resume(run, workdir)
     knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
@@ -362,7 +363,6 @@ def _train(config, workdir, stop_after_steps: int | None) -> RunResult:
     state, step, total = run.state, run.start_step, run.total_steps
     last_saved, last_metrics, stopped_early = run.start_step, {}, False
     window_start, window_steps = time.perf_counter(), 0
-    retries = storage_retries.RetryCount()
     pending = None  # (step, metrics) of a step not yet checked: read one step late to keep the device busy
     try:
         while step < total:
