@@ -16,11 +16,15 @@ import os
 import signal
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow's gs:// file system logs each request it retries (a bucket's 429 / 503 / dropped
+# connection) only at this verbosity; read when TensorFlow loads, so set before any import.
+os.environ.setdefault("TF_CPP_VMODULE", "retrying_utils=1")
 
-from vicregl_jax import (
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vicregl_jax import (  # noqa: E402
     build,
     checkpoint,
     config_files,
@@ -32,8 +36,8 @@ from vicregl_jax import (
     safe_io,
     train,
 )
-from vicregl_jax import workdir as workdir_lib
-from vicregl_jax.evaluate import correspond, knn, linear, segment
+from vicregl_jax import workdir as workdir_lib  # noqa: E402
+from vicregl_jax.evaluate import correspond, knn, linear, segment  # noqa: E402
 
 MODES = {"knn": knn.run, "linear": linear.run, "segment": segment.run, "correspond": correspond.run}
 

@@ -8,6 +8,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow must not grab an accelerator or spam the log in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's gs:// file system retries after ~1 s, doubling: 0.1 s in tests (read when it
+# first reaches a bucket), so that the emulator's injected faults cost little time.
+os.environ.setdefault("GCS_RETRY_CONFIG_INIT_DELAY_TIME_US", "100000")
 # One persistent compilation cache for the session and the processes tests start: the same
 # tiny train step is compiled by several tests and subprocesses. Every program, however quick
 # to compile: a training process also compiles some 150 small ones (initialisation, colour

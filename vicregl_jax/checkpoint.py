@@ -24,6 +24,7 @@ convert such a run's weights with an older release of this package, or retrain.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,12 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vicregl_jax import library_logs
+from vicregl_jax.checksums import checksums
 from vicregl_jax.workdir import absolute
 
 library_logs.install()  # not the libraries' tracebacks around a damaged checkpoint: our one line
@@ -71,74 +72,12 @@ class DamagedCheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Checksums of saved arrays
+# The meta item, and where damaged checkpoints go
 # --------------------------------------------------------------------------------------------
 
 CHECKSUMS = "checksums"  # the key of the meta item that holds them
 NOTES = "notes"  # the key of the meta item that holds a save's notes
 DAMAGED_DIR = "damaged_checkpoints"  # where a resumed run moves the checkpoints it skipped
-
-
-def _leaf_name(path) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":  # nnx.Variable's payload
-                parts.append(key.name)
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """Returns the bits of x as uint32 words: one per element of a 1-, 2- or 4-byte type."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
-    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
-
-
-def _flat_index(shape) -> jax.Array:
-    """Returns the row-major position of every element of an array of shape, modulo 2**32."""
-    index, stride = jnp.zeros(shape, jnp.uint32), 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= shape[axis]
-    return index
-
-
-@jax.jit
-def _digest_leaves(leaves):
-    # Per leaf: the sum of its 32-bit words and their sum weighted by 2 * position + 1 (odd,
-    # so invertible modulo 2**32: any change of one word changes both), in wrapping uint32
-    # arithmetic: exact, so equal on any mesh and sharding; and whether it is finite.
-    sums, finite = [], []
-    for x in leaves:
-        words = _words(x)
-        weights = _flat_index(words.shape) * jnp.uint32(2) + jnp.uint32(1)
-        sums.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]))
-        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True))
-    return jnp.stack(sums), jnp.stack(finite)
-
-
-def checksums(tree) -> tuple[dict[str, str], list[str]]:
-    """Returns ({leaf name: checksum as hex}, [names of the leaves holding NaN or Inf]) of a
-    pytree of (possibly sharded) arrays: one jitted pass over them on their devices."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if not flat:
-        return {}, []
-    names = [_leaf_name(path) for path, _ in flat]
-    sums, finite = jax.device_get(_digest_leaves([leaf for _, leaf in flat]))
-    return (
-        {name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(names, sums)},
-        [name for name, ok in zip(names, finite) if not ok],
-    )
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -205,6 +144,7 @@ class Checkpointer:
         self.mismatch = MISMATCH["checkpoints" if folder == "checkpoints" else "head"]
         self.meta = json.loads(json.dumps(meta))  # as JSON gives it back: tuples -> lists
         self.read_only = read_only
+        self.pending = None  # the step of the save in flight, if any
         self.verified = _KeepVerified()
         policy = (
             None
@@ -213,6 +153,9 @@ class Checkpointer:
         )
         options = ocp.CheckpointManagerOptions(
             create=not read_only,
+            # A save that failed part-way leaves an unfinished step folder: removed on resuming,
+            # or the next save of that step would find it there and fail.
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
             read_only=read_only,
             preservation_policy=policy,
@@ -257,13 +200,13 @@ class Checkpointer:
                     "or Inf; the earlier checkpoints are kept."
                 )
         meta[CHECKSUMS] = digests
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}, meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        arrays = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        self.wait()  # a failure of the previous save is told as that save's
+        self.pending = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**arrays, meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as error:
+            raise self._save_failed(error) from error
 
     def save(self, step: int, state: TrainState) -> None:
         """Starts an asynchronous save of state at step (returns before the write ends), its
@@ -435,14 +378,33 @@ class Checkpointer:
         self._move_aside([s for s, _ in skipped])
         return found, restored, skipped, meta.get(NOTES) or {}
 
+    def _save_failed(self, error: BaseException) -> CheckpointError:
+        """Returns the one-line error of a failed save (of self.pending), naming the checkpoint kept."""
+        step, self.pending = self.pending, None
+        with contextlib.suppress(Exception):  # the storage may be failing still: the steps known before
+            self.manager.reload()
+        kept = [s for s in self.all_steps() if s != step]
+        previous = f"step {kept[-1]}, the previous checkpoint, is intact" if kept else "no earlier checkpoint exists"
+        return CheckpointError(
+            f"Saving step {step} to {self.directory} failed ({_first_line(error)}); {previous}: run the same "
+            "command again to resume."
+        )
+
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk; raises CheckpointError (one line,
+        naming the checkpoint kept) when one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(error) from error
+        self.pending = None
 
     def close(self) -> None:
-        """Waits for pending saves, then releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves (raising CheckpointError as wait does), then releases the manager."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def describe_skipped(skipped) -> str:

@@ -14,6 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from vicregl_jax import build, convert, release, train, viz
@@ -136,11 +137,9 @@ def run_demo(config, workdir: str, *, check: bool = True) -> dict:
     )
     table = "\n".join(lines)
     summary = {"results": results, "trained_beats_random": beats, "pictures": pictures, "exported": exported}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(workdir, "summary.md"), "w") as f:
-            f.write(table + "\n")
+    if jax.process_index() == 0:  # through epath: the workdir may be a bucket
+        (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        (epath.Path(workdir) / "summary.md").write_text(table + "\n")
     print("\n" + table + "\n", flush=True)
     print(f"Pictures: {', '.join(pictures)}\nPyTorch weights: {', '.join(exported['backbone'] + exported['full'])}")
     if not all(beats.values()):

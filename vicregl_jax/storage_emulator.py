@@ -12,7 +12,11 @@ is pointed at it through its own settings (`environment()`):
 - TensorStore (Orbax's arrays): TENSORSTORE_GCS_HTTP_URL; GOOGLE_AUTH_TOKEN_FOR_TESTING skips
   OAuth.
 - ArrayRecord's reader (google-cloud-cpp): CLOUD_STORAGE_EMULATOR_ENDPOINT.
-- google-cloud-storage / gcsfs (not used here; other tools): STORAGE_EMULATOR_HOST.
+- google-cloud-storage (Orbax's listing and deleting of steps) / gcsfs: STORAGE_EMULATOR_HOST.
+
+These three name the proxy below (as plain HTTP), not the server, so that every client's
+requests pass one place that counts them and can fail them (`inject`: 429 / 503 answers and
+dropped connections, for the next N requests or for T seconds: a bucket on a bad day).
 - TensorFlow's gs:// file system (tf.io.gfile, and through it TFDS, etils epath, Orbax's
   metadata, TensorBoard summaries, JAX's compilation cache): its hosts are fixed in the binary
   (https://www.googleapis.com, https://storage.googleapis.com) and no setting moves them, so
@@ -149,8 +153,13 @@ class StorageEmulator:
 
     @property
     def url(self) -> str:
-        """Returns the server's http:// address (its JSON API, uploads and downloads)."""
+        """Returns the server's http:// address (its JSON API, uploads and downloads), past the proxy."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """Returns the proxy's http:// address: the endpoint the libraries are given (faults apply)."""
+        return f"http://127.0.0.1:{self.proxy_port}"
 
     def start(self) -> StorageEmulator:
         """Starts the server and the proxy and creates the buckets; returns self."""
@@ -231,6 +240,20 @@ class StorageEmulator:
                 return None
             raise
 
+    def inject(
+        self, kind: str, *, requests: int | None = None, seconds: float | None = None, match: str = "", client: str = ""
+    ) -> storage_proxy.Fault:
+        """Makes the next `requests` requests (or every request for `seconds`) whose request line
+        contains `match` and that come from `client` ("tensorflow", "tensorstore",
+        "google-cloud-storage", "arrayrecord"; "" for any) get `kind`: "429", "503" or "drop"
+        (the connection closed unanswered); returns the scenario, whose `injected` counts the
+        requests it hit."""
+        return self._proxy.inject(storage_proxy.Fault(kind, requests, seconds, match, client))
+
+    def clear_faults(self) -> None:
+        """Ends every injected fault scenario."""
+        self._proxy.clear_faults()
+
     def slow_uploads(self, delay_s: float) -> None:
         """Delays each upload TensorFlow starts by delay_s seconds (0: no delay)."""
         self._proxy.upload_delay_s = delay_s
@@ -249,8 +272,13 @@ class StorageEmulator:
 
     @property
     def proxied_requests(self) -> int:
-        """Returns how many requests TensorFlow's file system sent through the proxy."""
+        """Returns how many requests the libraries sent through the proxy (all of them, faulted ones included)."""
         return self._proxy.requests if self._proxy else 0
+
+    @property
+    def requests_by_client(self) -> dict[str, int]:
+        """Returns how many requests each library sent through the proxy."""
+        return dict(self._proxy.by_client) if self._proxy else {}
 
     def environment(self) -> dict[str, str]:
         """Returns the environment variables that point every library at this emulator."""
@@ -263,9 +291,9 @@ class StorageEmulator:
             "CURL_CA_BUNDLE": self.cert,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "storage-emulator",
             "NO_GCE_CHECK": "true",
-            "TENSORSTORE_GCS_HTTP_URL": self.url,
-            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
-            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.endpoint,
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.endpoint,
+            "STORAGE_EMULATOR_HOST": self.endpoint,
         }
 
     def apply(self) -> None:

@@ -1,19 +1,80 @@
-"""The loopback HTTPS proxy in front of the Storage emulator, for TensorFlow's gs:// file system,
-whose Google hosts are fixed in its binary: it ends TLS with the emulator's self-signed
-certificate, refuses every host but Google's storage hosts, and passes requests on unchanged
-but for `Transfer-Encoding: identity` (which Go's HTTP server refuses) and the server's upload
-Locations (made https://, as Cloud Storage's are). Used by vicregl_jax.storage_emulator.
+"""The loopback proxy in front of the Storage emulator, through which every client reaches it,
+and which can make the bucket have a bad day.
+
+- TensorFlow's gs:// file system, whose Google hosts are fixed in its binary, comes as an HTTPS
+  proxy client (CONNECT): the proxy ends TLS with the emulator's self-signed certificate,
+  refuses every host but Google's storage hosts, and passes requests on unchanged but for
+  `Transfer-Encoding: identity` (which Go's HTTP server refuses) and the server's upload
+  Locations (made https://, as Cloud Storage's are).
+- TensorStore, ArrayRecord's reader and google-cloud-storage, whose endpoints are settings,
+  send plain HTTP requests to it, passed on unchanged.
+
+Faults (`Proxy.inject`): for the next N requests or for T seconds, requests whose request line
+contains a given text get a 429 or a 503 answer, or their connection is dropped, instead of
+reaching the server. Used by vicregl_jax.storage_emulator.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import socket
 import socketserver
 import ssl
 import threading
 import time
+import urllib.parse
 
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+FAULT_KINDS = ("429", "503", "drop")
+_REASONS = {"429": "Too Many Requests", "503": "Service Unavailable"}
+# The clients, told apart by how they come (TensorFlow: CONNECT) and their User-Agent's start.
+CLIENTS = {
+    "tensorstore": b"tensorstore/",
+    "google-cloud-storage": b"gcloud-python/",
+    "arrayrecord": b"gl-cpp/",  # google-cloud-cpp, inside ArrayRecord's reader
+}
+TENSORFLOW = "tensorflow"
+
+
+def client_of(request: list[bytes], tls: bool) -> str:
+    """Returns which library sent a request: one of CLIENTS, "tensorflow", or "other"."""
+    if tls:
+        return TENSORFLOW
+    agent = _header(request, b"user-agent") or b""
+    return next((name for name, start in CLIENTS.items() if agent.startswith(start)), "other")
+
+
+@dataclasses.dataclass
+class Fault:
+    """A scenario: `kind` ("429", "503" or "drop") for the next `requests` requests whose request
+    line (method and path, URL-decoded) contains `match` and that come from `client` (a name of
+    CLIENTS, "tensorflow", or "" for all), or for every such request until `seconds` have passed
+    (both given: whichever ends first). `injected` counts the requests it hit."""
+
+    kind: str
+    requests: int | None = None
+    seconds: float | None = None
+    match: str = ""
+    client: str = ""
+    injected: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind {self.kind!r}: use one of {', '.join(FAULT_KINDS)}.")
+        if self.client not in ("", TENSORFLOW, *CLIENTS):
+            raise ValueError(f"fault client {self.client!r}: use one of {TENSORFLOW}, {', '.join(CLIENTS)} or ''.")
+        if self.requests is None and self.seconds is None:
+            raise ValueError("a fault needs requests=N (the next N requests) or seconds=T (for T seconds), or both.")
+
+    @property
+    def active(self) -> bool:
+        """Returns whether the fault still hits requests."""
+        if self.requests is not None and self.injected >= self.requests:
+            return False
+        return self.seconds is None or time.monotonic() - self.started < self.seconds
 
 
 def _read_head(stream) -> list[bytes] | None:
@@ -72,6 +133,13 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
         if not head:
             return
         method, target = (head[0].split() + [b"", b""])[:2]
+        if method != b"CONNECT" and target.startswith(b"/"):  # a client that names the endpoint: plain HTTP
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with socket.create_connection(("127.0.0.1", self.server.upstream_port)) as upstream:
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Unbuffered so far (rbufsize 0): no byte after the head was read yet.
+                self._serve(self.connection, upstream, first=head, tls=False)
+            return
         host = target.decode("latin-1").rsplit(":", 1)[0]
         if method != b"CONNECT" or host not in GOOGLE_HOSTS:
             self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -88,19 +156,24 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._serve(client, upstream)
 
-    def _serve(self, client, upstream):
+    def _serve(self, client, upstream, first=None, tls=True):
         """Passes requests and their responses on one at a time (HTTP/1.1 without pipelining,
-        as libcurl sends them) until either side closes."""
+        as the clients send them) until either side closes; answers the faulted ones itself.
+        first: the head of the first request, already read; tls: a TensorFlow client (CONNECT)."""
         from_client, from_upstream = client.makefile("rb"), upstream.makefile("rb")
         try:
             while True:
-                request = _read_head(from_client)
+                request, first = first or _read_head(from_client), None
                 if not request:
                     return
-                self.server.count(request[0])
+                fault = self.server.count(request[0], client_of(request, tls))
                 if request[0].startswith(b"POST /upload/") and self.server.upload_delay_s:
                     time.sleep(self.server.upload_delay_s)  # a slow link, for tests that stop an upload
                 expect = (_header(request, b"expect") or b"").lower() == b"100-continue"
+                if fault is not None:
+                    if not _answer_fault(fault, request, from_client, client, expect):
+                        return
+                    continue
                 kept = [
                     line
                     for line in request
@@ -114,7 +187,8 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                     response = _read_head(from_upstream)
                     if not response:
                         return
-                    client.sendall(b"".join(_https_location(line) for line in response) + b"\r\n")
+                    lines = [_https_location(line) for line in response] if tls else response
+                    client.sendall(b"".join(lines) + b"\r\n")
                     status = int(response[0].split()[1])
                     if status >= 200:
                         break
@@ -124,6 +198,25 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                     return
         except (OSError, ValueError, ConnectionError):
             return
+
+
+def _answer_fault(kind: str, request: list[bytes], from_client, client, expect: bool) -> bool:
+    """Answers a faulted request with 429 / 503 or drops its connection; returns whether the
+    connection goes on."""
+    if kind == "drop":
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        return False
+    # A client waiting for 100 Continue has not sent its body: answered at once and closed, as
+    # Cloud Storage may; otherwise the body is read and dropped and the connection kept.
+    if not expect:
+        _relay_body(request, from_client, lambda _: None, until_close=False)
+    body = json.dumps({"error": {"code": int(kind), "message": f"injected {kind} (storage emulator's proxy)"}})
+    client.sendall(
+        f"HTTP/1.1 {kind} {_REASONS[kind]}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{'Connection: close' if expect else 'Connection: keep-alive'}\r\n\r\n{body}".encode()
+    )
+    return not expect
 
 
 def _https_location(line: bytes) -> bytes:
@@ -152,8 +245,29 @@ class Proxy(socketserver.ThreadingTCPServer):
         self.tls.load_cert_chain(cert, key)
         self.requests = 0
         self.upload_delay_s = 0.0
+        self.by_client: dict[str, int] = {}
+        self.faults: list[Fault] = []
         self._lock = threading.Lock()
 
-    def count(self, _request_line: bytes) -> None:
+    def inject(self, fault: Fault) -> Fault:
+        """Adds a fault scenario (it hits requests from now on); returns it."""
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Ends every fault scenario."""
+        with self._lock:
+            self.faults = []
+
+    def count(self, request_line: bytes, client: str) -> str | None:
+        """Counts a request; returns the kind of fault it gets, or None (it goes to the server)."""
+        line = urllib.parse.unquote(request_line.decode("latin-1"))
         with self._lock:
             self.requests += 1
+            self.by_client[client] = self.by_client.get(client, 0) + 1
+            for fault in self.faults:
+                if fault.active and fault.match in line and fault.client in ("", client):
+                    fault.injected += 1
+                    return fault.kind
+        return None

@@ -17,12 +17,14 @@ subprocess, ...) keep the file refused.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
 from collections.abc import Mapping
 
 import numpy as np
+from etils import epath
 
 from vicregl_jax import safe_io
 
@@ -114,7 +116,21 @@ def write_torch_weights(
     # np.require keeps 0-d arrays 0-d (num_batches_tracked); np.ascontiguousarray would make them 1-d.
     tensors = {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in state_dict.items()}
     obj = tensors if epoch is None else {"epoch": int(epoch), "model": tensors}
-    written = [path] + ([os.path.splitext(path)[0] + ".safetensors"] if safetensors else [])
+    written = [str(path)] + ([os.path.splitext(str(path))[0] + ".safetensors"] if safetensors else [])
+    if "://" in str(path):
+        # Through etils epath (os.makedirs would make a local folder named "gs:"); an object
+        # store's upload is whole or absent, so no temporary file.
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        payloads = [buffer.getvalue()]
+        if safetensors:
+            from safetensors.torch import save
+
+            payloads.append(save(tensors))
+        epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        for out, payload in zip(written, payloads):
+            epath.Path(out).write_bytes(payload)
+        return written
     for out in written:
         check_output_file(out)
 

@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from vicregl_jax import build, coordination, losses, metrics, safe_io, sharding, stopping
+from vicregl_jax import build, coordination, losses, metrics, safe_io, sharding, stopping, storage_retries
 from vicregl_jax import data as data_lib
 from vicregl_jax import workdir as workdir_lib
 from vicregl_jax.checkpoint import DAMAGED_DIR, TrainState, describe_skipped
@@ -174,12 +174,8 @@ def _rows_up_to(path, step: int) -> list[str]:
         if at <= step:
             kept.append(line)
     if damaged:
-        logging.warning(
-            "%s: dropped %d damaged line(s) (line %s; a write cut short, e.g. by a full disk); kept the rest.",
-            path,
-            len(damaged),
-            ", ".join(map(str, damaged[:5])),
-        )
+        where = f"{path}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}"
+        logging.warning("%s; a write cut short, e.g. by a full disk); kept the rest.", where)
     return kept
 
 
@@ -370,8 +366,10 @@ def _peer_failure(error: Exception) -> coordination.PeerFailureError | None:
 
 
 def _train(config, workdir, stop_after_steps: int | None, watcher: stopping.StopWatcher) -> RunResult:
+    retries = storage_retries.RetryCount()  # from the start: the restore reads the bucket too
     run = build.build_run(config, workdir)
     with contextlib.ExitStack() as stack:  # closed in reverse, also when a signal stops the start-up
+        stack.callback(retries.log_total)  # last: the final save's requests counted too
         stack.callback(run.checkpointer.close)
         stack.callback(run.iterator.close)
         _announce_resume(run, workdir)
@@ -384,7 +382,7 @@ def _train(config, workdir, stop_after_steps: int | None, watcher: stopping.Stop
         batches = data_lib.prefetch_to_mesh(run.iterator, run.mesh)  # two batches on the devices ahead
         stack.callback(batches.close)
         try:
-            return _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps)
+            return _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps, retries)
         except Exception as error:
             peer_error = _peer_failure(error)
             if peer_error is not None:
@@ -392,7 +390,7 @@ def _train(config, workdir, stop_after_steps: int | None, watcher: stopping.Stop
             raise
 
 
-def _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps) -> RunResult:
+def _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps, retries) -> RunResult:
     """Steps from run.start_step to its total: logs, evaluates, saves and stops as due."""
     knn_every = max(1, round(config.knn_every_epochs * run.steps_per_epoch)) if config.knn_every_epochs else 0
     state, step, total = run.state, run.start_step, run.total_steps
@@ -423,6 +421,7 @@ def _loop(run, config, step_fn, batches, log, bar, watcher, stop_after_steps) ->
                 step_time_s=elapsed / window_steps,
                 images_per_s=config.batch_size * window_steps / elapsed,
                 skipped_images=float(batches.num_skipped),
+                storage_retries=float(retries.log_new(step)),
             )
             log.write(step, last_metrics)
             bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", stdr=f"{last_metrics['stdr']:.3f}")

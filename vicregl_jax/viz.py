@@ -3,10 +3,20 @@ nearest-neighbour correspondences between two crops drawn as lines. PNG files.""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from vicregl_jax.evaluate.correspond import nearest_cell_matches
+
+
+def _save_png(canvas: Image.Image, path: str) -> None:
+    """Writes canvas as a PNG at path, local or gs:// (through etils epath)."""
+    out = io.BytesIO()
+    canvas.save(out, "PNG")
+    epath.Path(path).write_bytes(out.getvalue())
 
 
 def pca_rgb(maps: np.ndarray) -> np.ndarray:
@@ -34,7 +44,7 @@ def save_pca_picture(path: str, rows: list[tuple[str, np.ndarray, np.ndarray]], 
         canvas.paste(Image.fromarray(image).resize((tile, tile), Image.BICUBIC), (0, top + label_height))
         colours = (pca_rgb(maps) * 255).astype(np.uint8)
         canvas.paste(Image.fromarray(colours).resize((tile, tile), Image.NEAREST), (tile, top + label_height))
-    canvas.save(path)
+    _save_png(canvas, path)
 
 
 def save_correspondence_picture(
@@ -73,7 +83,7 @@ def save_correspondence_picture(
         start = ((a % na + 0.5) * step_a, label_height + (a // na + 0.5) * step_a)
         end = (size + 8 + (b % nb + 0.5) * step_b, label_height + (b // nb + 0.5) * step_b)
         draw.line([start, end], fill=(40, 180, 60) if ok else (220, 40, 40), width=1)
-    canvas.save(path)
+    _save_png(canvas, path)
     return correct / max(shown, 1)
 
 
@@ -118,5 +128,5 @@ def save_matches_picture(
         shade = (s - low) / max(high - low, 1e-8)
         (ya, xa), (yb, xb) = points_a[a] * scale_a, points_b[b] * scale_b
         draw.line([(xa, ya), (width_a + 8 + xb, yb)], fill=(int(255 * shade), 120, int(255 * (1 - shade))), width=2)
-    canvas.save(path)
+    _save_png(canvas, path)
     return len(rows)

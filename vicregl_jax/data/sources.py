@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vicregl_jax import coordination
+from vicregl_jax import coordination, storage_retries
 from vicregl_jax.data import embedded, folder, prepare
 
 FOLDER_PREFIX = "folder:"
@@ -83,6 +83,7 @@ def read_with_retries(
             if attempt == tries - 1:
                 return None, f"{what}: {type(error).__name__} after {tries} tries: {error}"
             logging.warning("Reading %s failed (%s); retrying in %.1f s.", what, error, backoff_s * 2**attempt)
+            storage_retries.count("data reads")
             time.sleep(backoff_s * 2**attempt)
         except Exception as error:  # noqa: BLE001 - reported with the example, not lost
             return None, f"{what}: {type(error).__name__}: {error}"
