@@ -329,9 +329,7 @@ def test_views_are_pillows_from_the_whole_decoded_image(photo_folder, resize):
 
     source = sources.open_source(f"folder:{photo_folder}", "train")
     for slot in range(8):
-        # Block order of the default read options (their window, 1024, is a multiple of the batch).
-        position = tf.constant(slot, tf.int64)
-        index = int(example_index(position, 8, 9, True, HOSTS.read_block, HOSTS.shuffle_window))
+        index = int(example_index(tf.constant(slot, tf.int64), 8, 9, shuffle=True))
         encoded = open(source.describe(index), "rb").read()
         for got, want in zip((v[slot] for v in batch["views"]), _reference_views(encoded, slot, 9, GROUPS)):
             if resize == "pillow":

@@ -1,5 +1,6 @@
 """The tf.data iterators: batch format, geometry by content, determinism, hosts, bad input."""
 
+import dataclasses
 import io
 import os
 
@@ -182,14 +183,14 @@ SMALL = dict(groups=(CropGroup(16, 1, (0.5, 1.0)),), stride=16, seed=3)
 
 
 def test_hosts_read_disjoint_parts_that_cover_each_epoch_once(labelled_folder):
-    # One record per read (read_block 1): each epoch one permutation, each step's global batch
-    # cut into host slices.
+    # A folder reads a file per image, so one record per read whatever read_block: each epoch one
+    # permutation, each step's global batch cut into host slices.
     small = dict(SMALL, global_batch_size=12)
     single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, read=read(read_block=1)), 6)
     hosts = [
         labels_of(
             make_pretrain_iterator(
-                labelled_folder, "train", **small, read=ReadOptions(process_index=h, process_count=3, read_block=1)
+                labelled_folder, "train", **small, read=ReadOptions(process_index=h, process_count=3, read_block=64)
             ),
             6,
         )
@@ -281,11 +282,15 @@ def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in tail]), labels[3 * 64 :])
 
 
-def test_block_reads_give_each_host_whole_windows_that_cover_each_epoch_once(labelled_folder):
+def test_block_reads_give_each_host_whole_windows_that_cover_each_epoch_once(labelled_folder, monkeypatch):
     """Blocks of 4, windows of 12 (3 steps of 4 per host): in round r, hosts 0 and 1 serve
     windows 2r and 2r + 1, together epoch r of the 24 examples, each window three whole blocks
     in the order the stream's functions give; a start in the middle of a window is a seek."""
     options = dict(read_block=4, shuffle_window=12)
+    # The folder read as a source that reads a run in one request (ArrayRecord): its labels name
+    # its examples. What is tested is the order.
+    opened = ReadOptions.open
+    monkeypatch.setattr(ReadOptions, "open", lambda self, *a: dataclasses.replace(opened(self, *a), reads_runs=True))
 
     def host(h, start_step=0):
         read_h = ReadOptions(process_index=h, process_count=2, **options)

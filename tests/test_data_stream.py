@@ -1,38 +1,35 @@
 """The stream's order in blocks (data/stream.py), as pure functions of (seed, position): each
 epoch a permutation, hosts disjoint, a window read in few runs, block 1 the full shuffle."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from vicregl_jax.data import stream
+from vicregl_jax.data import sources, stream
 from vicregl_jax.data.options import ReadOptions, resolve_hosts
 from vicregl_jax.data.sources import record_runs
 
 
-def examples_at(positions: np.ndarray, num: int, block: int, window: int, key) -> np.ndarray:
-    """Returns the examples the stream serves at `positions` (a graph over all of them at once)."""
-    fn = tf.function(
-        lambda p: tf.map_fn(
-            lambda q: stream.block_epoch_index(q, num, block, window, key), p, fn_output_signature=tf.int64
+def example_order(num: int, block: int, window: int):
+    """Returns f(positions, shuffle key) -> the examples the stream serves there (one graph)."""
+    return tf.function(
+        lambda positions, key: tf.map_fn(
+            lambda q: stream.block_epoch_index(q, num, block, window, key), positions, fn_output_signature=tf.int64
         )
     )
-    return fn(tf.constant(positions, tf.int64)).numpy()
 
 
-def served_positions(hosts_count: int, local: int, window: int, steps: int) -> np.ndarray:
-    """Returns (hosts, steps, local) positions that each host serves at steps 0 .. steps - 1."""
-    return np.stack(
-        [
-            np.stack(
-                [
-                    stream.step_positions(t, resolve_hosts(hosts_count * local, h, hosts_count), window)
-                    for t in range(steps)
-                ]
-            )
-            for h in range(hosts_count)
-        ]
-    )
+def examples_at(order, positions, key) -> np.ndarray:
+    """Returns order's examples at `positions` (numpy) for a shuffle key."""
+    return order(tf.constant(positions, tf.int64), tf.constant(key, tf.int64)).numpy()
+
+
+def served_positions(hosts_count: int, local: int, window: int, rounds: int) -> np.ndarray:
+    """Returns (rounds, hosts, window) positions that each host serves in rounds 0 .. rounds - 1."""
+    hosts = [resolve_hosts(hosts_count * local, h, hosts_count) for h in range(hosts_count)]
+    return np.stack([[stream.window_host_positions(r, host, window) for host in hosts] for r in range(rounds)])
 
 
 CASES = [
@@ -60,24 +57,31 @@ CASES += [
 @pytest.mark.parametrize("num,hosts_count,local,block,shuffle_window", CASES)
 def test_every_epoch_is_a_permutation_served_once_by_disjoint_hosts(num, hosts_count, local, block, shuffle_window):
     read = ReadOptions(process_index=0, process_count=hosts_count, read_block=block, shuffle_window=shuffle_window)
-    window = stream.window_size(read, resolve_hosts(hosts_count * local, 0, hosts_count))
+    window = stream.window_size(block, read, resolve_hosts(hosts_count * local, 0, hosts_count))
     assert window % local == 0 and window >= min(shuffle_window, local) and (block > 1 or window == local)
     steps_per_round = window // local
     rounds = -(-3 * num // (hosts_count * window)) + 1  # past three epochs
-    positions = served_positions(hosts_count, local, window, rounds * steps_per_round)
+    positions = served_positions(hosts_count, local, window, rounds)
     flat = np.sort(positions.ravel())
     np.testing.assert_array_equal(flat, np.arange(len(flat)))  # hosts disjoint, no position skipped
+    # Step t of a host: its slice of the window of round t // (window / local).
+    last = resolve_hosts(hosts_count * local, hosts_count - 1, hosts_count)
+    for step in (0, steps_per_round - 1, steps_per_round * rounds - 1):
+        got = stream.step_positions(step, last, window)
+        u = step % steps_per_round
+        np.testing.assert_array_equal(got, positions[step // steps_per_round, -1, u * local : (u + 1) * local])
     seed = int(rng.integers(0, 2**31))
     key = stream.StreamKeys.of_seed(seed).shuffle
-    served = examples_at(np.arange(len(flat)), num, block, window, key)
+    order = example_order(num, block, window)
+    served = examples_at(order, np.arange(len(flat)), key)
     epochs = len(flat) // num
     assert epochs >= 3
     for e in range(epochs):
         np.testing.assert_array_equal(np.sort(served[e * num : (e + 1) * num]), np.arange(num))
     # Deterministic: the same examples when computed again, other ones for another seed.
-    np.testing.assert_array_equal(examples_at(np.arange(num), num, block, window, key), served[:num])
+    np.testing.assert_array_equal(examples_at(order, np.arange(num), key), served[:num])
     if num > 3:
-        other = examples_at(np.arange(num), num, block, window, stream.StreamKeys.of_seed(seed + 1).shuffle)
+        other = examples_at(order, np.arange(num), stream.StreamKeys.of_seed(seed + 1).shuffle)
         assert not np.array_equal(other, served[:num])
     # A window is read in few requests: each of its pieces (cut at epoch boundaries) spans
     # consecutive slots of the epoch's block order, so at most size / block + 2 blocks, the
@@ -98,9 +102,9 @@ def test_one_record_a_read_is_a_full_shuffle_of_each_epoch_and_slices_each_globa
         int(tf.random.experimental.index_shuffle(tf.constant(p % num, tf.int64), k, tf.constant(num - 1, tf.int64)))
         for p, k in zip(positions, epoch_keys)
     ]
-    np.testing.assert_array_equal(examples_at(positions, num, 1, 4, key), want)
-    got = served_positions(3, 4, 4, 5)  # (hosts, steps, local)
-    np.testing.assert_array_equal(got.transpose(1, 0, 2).reshape(5, 12), np.arange(60).reshape(5, 12))
+    np.testing.assert_array_equal(examples_at(example_order(num, 1, 4), positions, key), want)
+    got = served_positions(3, 4, 4, 5)  # (rounds = steps, hosts, local)
+    np.testing.assert_array_equal(got.reshape(5, 12), np.arange(60).reshape(5, 12))
 
 
 def test_blocks_are_consecutive_records_in_a_new_order_each_epoch():
@@ -123,6 +127,13 @@ def test_blocks_are_consecutive_records_in_a_new_order_each_epoch():
             np.testing.assert_array_equal(order[i : i + size], np.arange(order[i], order[i] + size))
         orders.append(order)
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+
+def test_only_sources_that_read_a_run_in_one_request_read_in_blocks():
+    read = ReadOptions(read_block=16)
+    folder = sources.ImageSource("folder:x", 10, 0, None, None, str)
+    assert stream.read_block(read, folder) == 1  # a file per image: blocks save no request
+    assert stream.read_block(read, dataclasses.replace(folder, reads_runs=True)) == 16
 
 
 def test_read_options_refuse_non_positive_blocks_and_windows():

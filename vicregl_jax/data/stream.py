@@ -8,15 +8,17 @@ by (its example key, p). So the element at position p is a pure function of (key
 example is seen once per epoch across hosts, and starting at step k is a seek, not a replay.
 
 Order and reads (ReadOptions.read_block B, shuffle_window). One request per record is more than
-a bucket affords on a pod, so an epoch is made of blocks: the N examples are cut into blocks of
+a bucket affords on a pod, so where a source reads a run of records with one request
+(ArrayRecord; `read_block`), an epoch is made of blocks: the N examples are cut into blocks of
 B consecutive records (the last one partial when B does not divide N), and the blocks are
 permuted per epoch, the partial one at a random slot (`block_index`). Each host owns whole
 windows of W positions (shuffle_window rounded up to a multiple of the local batch L): in its
 round r (steps r W/L .. (r + 1) W/L - 1) host h of P serves window r P + h, whose W examples it
 reads at once, one request per run of consecutive records, in an order shuffled within the
 window (cut at epoch boundaries, so that no window mixes two epochs: `window_position`). A start
-at step k reads the window of step k and skips the steps before k in it. With B = 1 the window
-is the local batch and nothing is shuffled within it: global batch t is positions [t G, (t + 1) G),
+at step k reads the window of step k and skips the steps before k in it. With B = 1, and for
+sources that read a file per image (folders: blocks would save no request), the window is the
+local batch and nothing is shuffled within it: global batch t is positions [t G, (t + 1) G),
 host h takes the slice [t G + h L, t G + (h + 1) L), and each epoch is one permutation of the
 whole dataset, read one request per example (the order before block reads).
 
@@ -94,7 +96,7 @@ def window_position(position: tf.Tensor, num_examples: int, window: int, shuffle
     start, epoch_start = position - position % window, position - position % num_examples
     low = tf.maximum(start, epoch_start)
     high = tf.minimum(start + window, epoch_start + num_examples)
-    key = fold(fold(tf.constant(shuffle_key, tf.int64), _WINDOW), low)
+    key = fold(fold(tf.convert_to_tensor(shuffle_key, tf.int64), _WINDOW), low)
     return low + tf.random.experimental.index_shuffle(position - low, key, high - low - 1)
 
 
@@ -102,15 +104,22 @@ def block_epoch_index(position: tf.Tensor, num_examples: int, block: int, window
     """Returns the example at a global position in block order: `window_position` within its
     window, then `block_index` of its epoch (with block 1: a permutation of the whole dataset per epoch)."""
     served = window_position(position, num_examples, window, shuffle_key) if block > 1 else position
-    key = fold(tf.constant(shuffle_key, tf.int64), served // num_examples)
+    key = fold(tf.convert_to_tensor(shuffle_key, tf.int64), served // num_examples)
     return block_index(served % num_examples, num_examples, block, key)
 
 
-def window_size(read: ReadOptions, hosts: Hosts) -> int:
+def read_block(read: ReadOptions, source: sources.ImageSource) -> int:
+    """Returns the records per read of a training stream: read.read_block where the source reads a
+    run of records with one request (ArrayRecord), else 1 (an image per file: blocks would save
+    no request and only correlate the order)."""
+    return read.read_block if source.reads_runs else 1
+
+
+def window_size(block: int, read: ReadOptions, hosts: Hosts) -> int:
     """Returns the positions of one host's window: shuffle_window rounded up to a multiple of the
-    local batch (the local batch itself with read_block 1: the order of one request per example)."""
+    local batch (the local batch itself with blocks of 1: the order of one request per example)."""
     local = hosts.local_batch
-    return local if read.read_block == 1 else -(-read.shuffle_window // local) * local
+    return local if block == 1 else -(-read.shuffle_window // local) * local
 
 
 def window_host_positions(round_: tf.Tensor, hosts: Hosts, window: int) -> tf.Tensor:
@@ -274,15 +283,14 @@ def shuffled_batches(
     examples of each step drawn from a shuffled epoch order in blocks of read.read_block (read
     a window at a time: see the module docstring), processed (substituted where they fail),
     batched and finished (finish_batch on the whole batch), without the final prefetch."""
-    parallel, window = read.threads(), window_size(read, hosts)
+    block = read_block(read, source)
+    parallel, window = read.threads(), window_size(block, read, hosts)
     steps_per_window = window // hosts.local_batch
     ds = examples(
         source,
         tf.data.Dataset.counter(start_step // steps_per_window),
         positions_of=lambda round_: window_host_positions(round_, hosts, window),
-        index_of=lambda position: block_epoch_index(
-            position, source.num_examples, read.read_block, window, keys.shuffle
-        ),
+        index_of=lambda position: block_epoch_index(position, source.num_examples, block, window, keys.shuffle),
         attempts_of=lambda position: MAX_ATTEMPTS,
         process=process,
         example_key=keys.example,
