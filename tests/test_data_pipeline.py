@@ -1,11 +1,13 @@
 """The tf.data iterators: batch format, geometry by content, determinism, hosts, bad input."""
 
+import dataclasses
 import io
 import os
 
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from vicregl_jax.data import (
@@ -18,9 +20,12 @@ from vicregl_jax.data import (
     make_eval_iterator,
     make_linear_train_iterator,
     make_pretrain_iterator,
+    stream,
     to_global_batch,
 )
+from vicregl_jax.data.options import resolve_hosts
 from vicregl_jax.data.pipeline import EVAL_STD, decode_rgb
+from vicregl_jax.data.views import example_index
 
 # Small views, shared by the tests so that XLA compiles each shape once.
 GROUPS = (CropGroup(64, 2, (0.08, 1.0)), CropGroup(32, 3, (0.05, 0.4)))
@@ -174,13 +179,18 @@ def labels_of(iterator, steps):
     return np.stack([next(iterator)["label"] for _ in range(steps)])
 
 
+SMALL = dict(groups=(CropGroup(16, 1, (0.5, 1.0)),), stride=16, seed=3)
+
+
 def test_hosts_read_disjoint_parts_that_cover_each_epoch_once(labelled_folder):
-    small = dict(groups=(CropGroup(16, 1, (0.5, 1.0)),), stride=16, global_batch_size=12, seed=3)
-    single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, read=read()), 6)
+    # A folder reads a file per image, so one record per read whatever read_block: each epoch one
+    # permutation, each step's global batch cut into host slices.
+    small = dict(SMALL, global_batch_size=12)
+    single = labels_of(make_pretrain_iterator(labelled_folder, "train", **small, read=read(read_block=1)), 6)
     hosts = [
         labels_of(
             make_pretrain_iterator(
-                labelled_folder, "train", **small, read=ReadOptions(process_index=h, process_count=3)
+                labelled_folder, "train", **small, read=ReadOptions(process_index=h, process_count=3, read_block=64)
             ),
             6,
         )
@@ -270,6 +280,38 @@ def test_eval_iterator_one_pass_pads_and_masks_across_hosts(data_dir):
     tail = make_eval_iterator("vicregl_digits", "test", start_step=3, **kwargs, read=read(data_dir=data_dir))
     assert len(tail) == 2
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in tail]), labels[3 * 64 :])
+
+
+def test_block_reads_give_each_host_whole_windows_that_cover_each_epoch_once(labelled_folder, monkeypatch):
+    """Blocks of 4, windows of 12 (3 steps of 4 per host): in round r, hosts 0 and 1 serve
+    windows 2r and 2r + 1, together epoch r of the 24 examples, each window three whole blocks
+    in the order the stream's functions give; a start in the middle of a window is a seek."""
+    options = dict(read_block=4, shuffle_window=12)
+    # The folder read as a source that reads a run in one request (ArrayRecord): its labels name
+    # its examples. What is tested is the order.
+    opened = ReadOptions.open
+    monkeypatch.setattr(ReadOptions, "open", lambda self, *a: dataclasses.replace(opened(self, *a), reads_runs=True))
+
+    def host(h, start_step=0):
+        read_h = ReadOptions(process_index=h, process_count=2, **options)
+        it = make_pretrain_iterator(
+            labelled_folder, "train", **SMALL, global_batch_size=8, read=read_h, start_step=start_step
+        )
+        return it
+
+    hosts = [labels_of(host(h), 6) for h in range(2)]  # (6 steps, 4 images)
+    hosts_2 = resolve_hosts(8, 0, 2), resolve_hosts(8, 1, 2)
+    for r in range(2):
+        windows = [h[3 * r : 3 * r + 3].ravel() for h in hosts]
+        np.testing.assert_array_equal(np.sort(np.concatenate(windows)), np.arange(24))
+        for window in windows:  # three whole blocks of consecutive records
+            np.testing.assert_array_equal(np.bincount(window // 4, minlength=6)[np.unique(window // 4)], [4, 4, 4])
+    for h, labels in enumerate(hosts):
+        positions = tf.concat([stream.step_positions(t, hosts_2[h], 12) for t in range(6)], 0)
+        want = [int(example_index(p, 24, 3, True, 4, 12)) for p in positions]
+        np.testing.assert_array_equal(labels.ravel(), want)
+    assert not np.array_equal(hosts[0][0:3], hosts[0][3:6])  # each epoch reshuffled
+    np.testing.assert_array_equal(labels_of(host(1, start_step=4), 2), hosts[1][4:6])
 
 
 def test_linear_train_iterator_augments_repeats_and_resumes(data_dir):

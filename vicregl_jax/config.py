@@ -69,6 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
     # "pillow": views resized as Pillow resizes them, byte for byte, by a compiled kernel;
     # "tensorflow": tf.image.resize, 4-6x slower on the host, what tf.data service workers run.
     c.data.resize = "pillow"
+    # Training reads blocks of read_block consecutive records, one request each, shuffled within
+    # windows of shuffle_window examples per host (docs/pipeline.md); read_block=1: one request
+    # per example, a full shuffle per epoch.
+    c.data.read_block = 64
+    c.data.shuffle_window = 1024
     # A tf.data service dispatcher ("grpc://HOST:PORT", started with `python -m
     # vicregl_jax.data.service dispatcher`) whose workers make the pre-training batches; None: this host.
     c.data.service = config_dict.placeholder(str)
@@ -339,6 +344,8 @@ RESUME_KEYS = (
     "data.crops",
     "data.flip_grid",
     "data.num_examples",
+    "data.read_block",
+    "data.shuffle_window",
     "model",
     "loss",
     "optim",

@@ -13,6 +13,9 @@ JPEG_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST")
 # service workers); "tensorflow": tf.image.resize (float, antialiased: within a level of
 # Pillow almost everywhere), TensorFlow ops only.
 RESIZE_METHODS = ("pillow", "tensorflow")
+# 64 records a request: 1/64 of the requests of one record each, a few MB per request on
+# ImageNet. A window of 1024 examples mixes 16 blocks and holds ~110 MB of ImageNet's JPEGs.
+DEFAULT_READ_BLOCK, DEFAULT_SHUFFLE_WINDOW = 64, 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +28,9 @@ class ReadOptions:
     jpeg_dct_method "INTEGER_FAST" decodes a little faster, with pixels that differ from PIL's.
     resize "pillow" (default) resizes as Pillow does, byte for byte, compiled; "tensorflow" with
     TensorFlow's resize (what a tf.data service worker can run; 4-6x slower).
+    Training streams read blocks of read_block consecutive records with one request each and
+    shuffle within windows of shuffle_window examples per host (data/stream.py); read_block 1
+    is a full shuffle per epoch with one request per example.
     """
 
     data_dir: str | None = None
@@ -38,6 +44,8 @@ class ReadOptions:
     max_failure_share: float = 0.01
     failure_window: int = 10_000
     resize: str = "pillow"
+    read_block: int = DEFAULT_READ_BLOCK
+    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
 
     def __post_init__(self):
         if self.resize not in RESIZE_METHODS:
@@ -48,13 +56,18 @@ class ReadOptions:
             raise ValueError(f"max_failure_share={self.max_failure_share!r}: give a fraction in [0, 1], e.g. 0.01.")
         if self.failure_window <= 0:
             raise ValueError(f"failure_window={self.failure_window!r}: give a positive count, e.g. 10000.")
+        if self.read_block < 1:
+            raise ValueError(f"read_block={self.read_block!r}: give a positive count of records per read, e.g. 64.")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window={self.shuffle_window!r}: give a positive count of examples, e.g. 1024.")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads={self.num_threads!r}: give a positive count or None (all usable CPUs).")
 
     @classmethod
     def from_config(cls, data_config) -> ReadOptions:
         """Returns the options of a run's config.data section (data_dir, manual_dir, num_threads,
-        jpeg_dct_method, max_failure_share, failure_window, resize; absent keys keep their defaults)."""
+        jpeg_dct_method, max_failure_share, failure_window, resize, read_block, shuffle_window;
+        absent keys keep their defaults)."""
         fields = (
             "data_dir",
             "manual_dir",
@@ -63,6 +76,8 @@ class ReadOptions:
             "max_failure_share",
             "failure_window",
             "resize",
+            "read_block",
+            "shuffle_window",
         )
         return cls(**{f: data_config[f] for f in fields if f in data_config})
 

@@ -4,10 +4,13 @@ The pipeline asks for example i of the dataset at any moment (a stateless global
 so every source here reads by index:
 
 - a TFDS dataset stored as ArrayRecord (`tfds build --file_format=array_record`, or
-  converted with `tfds convert_format`): TFDS's random-access data source;
+  converted with `tfds convert_format`): TFDS's random-access data source, and each run of
+  consecutive records asked for at once read by one ranged read (`RunReader`: one request
+  to a bucket where TFDS's source makes one per record);
 - a TFDS dataset stored as TFRecord (sequential files) small enough for memory: its encoded
   images are read once into host memory (`max_in_memory_bytes`);
-- `folder:/path`: image files, read by path (a batch of files at once, by a pool of threads);
+- `folder:/path`: image files, read by path (a batch of files at once, by a pool of threads;
+  one request per image on a bucket, whatever the order);
 - the embedded datasets (`vicregl_photos`, `vicregl_digits`): built on first use.
 """
 
@@ -26,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from array_record.python import array_record_module
 
 from vicregl_jax import coordination, storage_retries
 from vicregl_jax.data import embedded, folder, prepare
@@ -101,6 +105,8 @@ class ImageSource:
     tf.data service worker can run). `describe(index)` names an example in messages.
     `placeholder` is what `parse` would give for a position whose tries all failed (a black
     pixel, label -1): processed like any example, so that the batch keeps its shape.
+    `reads_runs`: whether `read_records` reads a run of consecutive records with one request
+    (then the training streams read in blocks; otherwise one record per read: data/stream.py).
     """
 
     name: str
@@ -111,6 +117,7 @@ class ImageSource:
     describe: Callable[[int], str]
     tf_read: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
     placeholder: tuple = (PLACEHOLDER_PNG, np.int64(-1))
+    reads_runs: bool = False  # a run of consecutive records is one request (ArrayRecord): block reads pay
 
     def read_tf(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Returns (records: string (n,), labels: int64 (n,), read_ok: bool (n,)) of int64
@@ -263,6 +270,64 @@ def _prepare(builder, manual_dir: str | None):
         ) from error
 
 
+# ArrayRecord reads a range of records through a read-ahead buffer, one request to a bucket per
+# buffer's worth (measured on the Storage emulator); without one (TFDS's random-access setting),
+# one request per record. 16 MB: a block of 64 ImageNet records (~7 MB) in one request.
+RANGE_READ_OPTIONS = "readahead_buffer_size:16M,max_parallelism:1"
+
+
+def record_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Returns the runs [start, stop) of consecutive numbers that cover the distinct `indices`, in order."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(set(indices)):
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+class RunReader:
+    """Reads runs of consecutive records of a TFDS split stored as ArrayRecord, each run with one
+    ranged read per shard it spans (ArrayRecord's `read(start, stop)` with a read-ahead buffer),
+    the runs of one call on a pool of threads. One reader per shard, opened on first use."""
+
+    def __init__(self, file_instructions):
+        self._files = [(str(f.filename), int(f.skip), int(f.take)) for f in file_instructions]
+        self._starts = np.cumsum([0] + [take for _, _, take in self._files])
+        self._readers: dict[int, Any] = {}
+
+    def _reader(self, shard: int):
+        if shard not in self._readers:  # a race opens a reader twice at worst: both work
+            self._readers[shard] = array_record_module.ArrayRecordReader(
+                self._files[shard][0], options=RANGE_READ_OPTIONS
+            )
+        return self._readers[shard]
+
+    def read_run(self, start: int, stop: int) -> list[bytes]:
+        """Returns records start .. stop - 1 (indices of the split)."""
+        records: list[bytes] = []
+        while start < stop:
+            shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+            _, skip, _ = self._files[shard]
+            end = min(stop, int(self._starts[shard + 1]))
+            offset = skip + start - int(self._starts[shard])
+            records += self._reader(shard).read(offset, offset + end - start)
+            start = end
+        return records
+
+    def read(self, indices: Sequence[int], single: Callable[[list[int]], Sequence[bytes]]) -> list[bytes]:
+        """Returns the records of `indices` (any order, repeats allowed): a request per run of two
+        or more, the lone records by `single` (one call for all of them)."""
+        runs = record_runs(indices)
+        long_runs = [run for run in runs if run[1] - run[0] > 1]
+        lone = [start for start, stop in runs if stop - start == 1]
+        found = dict(zip(lone, single(lone))) if lone else {}
+        for (start, _), records in zip(long_runs, _READERS.map(lambda run: self.read_run(*run), long_runs)):
+            found.update(zip(range(start, start + len(records)), records))
+        return [found[i] for i in indices]
+
+
 def _in_memory_source(builder, split, image_key, label_key, num_classes, max_bytes) -> ImageSource:
     """Returns a source holding the encoded images of a TFRecord-stored split in memory."""
     info = builder.info.splits[split]
@@ -332,10 +397,13 @@ def tfds_source(
         label = example[label_key] if label_key else tf.constant(-1, tf.int64)
         return example[image_key], label
 
+    runs = RunReader(builder.info.splits[split].file_instructions)
+
     def read_records(indices):
-        # One call for the batch: ArrayRecord reads the records in parallel (what matters on
-        # remote storage). A failed batch is read again one record at a time, to find the culprits.
-        batch, error = read_with_retries(lambda: records.__getitems__(list(indices)), f"{name}:{split}")
+        # Runs of consecutive records (blocks) by one ranged read each; lone records by one call,
+        # which ArrayRecord reads in parallel (what matters on remote storage). A failed batch is
+        # read again one record at a time, to find the culprits.
+        batch, error = read_with_retries(lambda: runs.read(list(indices), records.__getitems__), f"{name}:{split}")
         if error is None:
             return list(batch), [-1] * len(indices), [None] * len(indices)
         results = [read_with_retries(lambda i=i: records[i], f"example {i} of {name}:{split}") for i in indices]
@@ -348,6 +416,7 @@ def tfds_source(
         read_records=read_records,
         parse=parse,
         describe=lambda i: f"example {i} of {name}:{split}",
+        reads_runs=True,
     )
 
 

@@ -1,14 +1,26 @@
 """The deterministic stream of examples under every iterator: positions, epoch shuffles, host
 slices and bad-example substitution, as one tf.data graph per iterator.
 
-Positions. The stream is indexed by a global position p = 0, 1, 2, ...: global batch t holds
-positions [t G, (t + 1) G) for a global batch size G, and host h of P takes the contiguous
-slice [t G + h G/P, t G + (h + 1) G/P) (`host_positions`). In a shuffled stream, position p is
-example `index_shuffle(p mod N)` of epoch p // N, a stateless permutation of the N examples
-keyed by (the stream's shuffle key, epoch); every random draw of the example is keyed by (its
-example key, p). So the element at position p is a pure function of (keys, p): the same for
-any number of hosts or parallel calls, each example is seen once per epoch across hosts, and
-starting at step k is a seek (the stream starts from position k G), not a replay.
+Positions. The stream is indexed by a global position p = 0, 1, 2, ...; epoch e is positions
+[e N, (e + 1) N) of a dataset of N examples, and each epoch's positions hold a permutation of
+the examples, keyed by (the stream's shuffle key, e); every random draw of an example is keyed
+by (its example key, p). So the element at position p is a pure function of (keys, p), each
+example is seen once per epoch across hosts, and starting at step k is a seek, not a replay.
+
+Order and reads (ReadOptions.read_block B, shuffle_window). One request per record is more than
+a bucket affords on a pod, so where a source reads a run of records with one request
+(ArrayRecord; `read_block`), an epoch is made of blocks: the N examples are cut into blocks of
+B consecutive records (the last one partial when B does not divide N), and the blocks are
+permuted per epoch, the partial one at a random slot (`block_index`). Each host owns whole
+windows of W positions (shuffle_window rounded up to a multiple of the local batch L): in its
+round r (steps r W/L .. (r + 1) W/L - 1) host h of P serves window r P + h, whose W examples it
+reads at once, one request per run of consecutive records, in an order shuffled within the
+window (cut at epoch boundaries, so that no window mixes two epochs: `window_position`). A start
+at step k reads the window of step k and skips the steps before k in it. With B = 1, and for
+sources that read a file per image (folders: blocks would save no request), the window is the
+local batch and nothing is shuffled within it: global batch t is positions [t G, (t + 1) G),
+host h takes the slice [t G + h L, t G + (h + 1) L), and each epoch is one permutation of the
+whole dataset, read one request per example (the order before block reads).
 
 Substitution. An example that cannot be read or processed is replaced by a random other
 example (up to MAX_ATTEMPTS tries per position, drawn from (example key, p): batches stay
@@ -37,6 +49,7 @@ FAILURE_KEYS = ("read_failures", "decode_failures", "failed_index", "failed_read
 # Salts that separate the random streams derived from one seed.
 SHUFFLE_SALT, EXAMPLE_SALT = 0x5EED, 0x71E35
 _SUBSTITUTE = 4
+_PARTIAL_SLOT, _WINDOW = 5, 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +71,69 @@ def fold(key: tf.Tensor, data) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(key, data)
 
 
-def epoch_index(position: tf.Tensor, num_examples: int, shuffle_key) -> tf.Tensor:
-    """Returns the example at a global position: a permutation of the dataset per epoch."""
-    key = fold(tf.constant(shuffle_key, tf.int64), position // num_examples)
-    return tf.random.experimental.index_shuffle(position % num_examples, key, tf.constant(num_examples - 1, tf.int64))
+def block_index(offset: tf.Tensor, num_examples: int, block: int, epoch_key: tf.Tensor) -> tf.Tensor:
+    """Returns the example at `offset` in [0, num_examples) of an epoch made of blocks of `block`
+    consecutive examples, the full blocks permuted by `epoch_key` and the partial last block (when
+    `block` does not divide the dataset) at a random slot among them."""
+    full, rest = num_examples // block, num_examples % block
+    if full == 0:
+        return offset
+    if rest:
+        partial_slot = tf.random.stateless_uniform([], fold(epoch_key, _PARTIAL_SLOT), maxval=full + 1, dtype=tf.int64)
+    else:
+        partial_slot = tf.constant(full, tf.int64)
+    start = partial_slot * block
+    in_partial = (offset >= start) & (offset < start + rest)
+    in_full = tf.where(offset >= start + rest, offset - rest, offset)
+    slot = tf.minimum(in_full // block, full - 1)
+    chosen = tf.random.experimental.index_shuffle(slot, epoch_key, tf.constant(full - 1, tf.int64))
+    return tf.where(in_partial, full * block + offset - start, chosen * block + in_full % block)
+
+
+def window_position(position: tf.Tensor, num_examples: int, window: int, shuffle_key) -> tf.Tensor:
+    """Returns the position whose example `position` serves: a permutation within each aligned
+    window of `window` positions, cut at epoch boundaries (so that each epoch keeps its examples)."""
+    start, epoch_start = position - position % window, position - position % num_examples
+    low = tf.maximum(start, epoch_start)
+    high = tf.minimum(start + window, epoch_start + num_examples)
+    key = fold(fold(tf.convert_to_tensor(shuffle_key, tf.int64), _WINDOW), low)
+    return low + tf.random.experimental.index_shuffle(position - low, key, high - low - 1)
+
+
+def block_epoch_index(position: tf.Tensor, num_examples: int, block: int, window: int, shuffle_key) -> tf.Tensor:
+    """Returns the example at a global position in block order: `window_position` within its
+    window, then `block_index` of its epoch (with block 1: a permutation of the whole dataset per epoch)."""
+    served = window_position(position, num_examples, window, shuffle_key) if block > 1 else position
+    key = fold(tf.convert_to_tensor(shuffle_key, tf.int64), served // num_examples)
+    return block_index(served % num_examples, num_examples, block, key)
+
+
+def read_block(read: ReadOptions, source: sources.ImageSource) -> int:
+    """Returns the records per read of a training stream: read.read_block where the source reads a
+    run of records with one request (ArrayRecord), else 1 (an image per file: blocks would save
+    no request and only correlate the order)."""
+    return read.read_block if source.reads_runs else 1
+
+
+def window_size(block: int, read: ReadOptions, hosts: Hosts) -> int:
+    """Returns the positions of one host's window: shuffle_window rounded up to a multiple of the
+    local batch (the local batch itself with blocks of 1: the order of one request per example)."""
+    local = hosts.local_batch
+    return local if block == 1 else -(-read.shuffle_window // local) * local
+
+
+def window_host_positions(round_: tf.Tensor, hosts: Hosts, window: int) -> tf.Tensor:
+    """Returns the int64 (window,) global positions that one host serves in a round, in order:
+    window round * count + index, whose steps are round * window / local_batch onwards."""
+    first = (round_ * hosts.count + hosts.index) * window
+    return first + tf.range(window, dtype=tf.int64)
+
+
+def step_positions(step: int, hosts: Hosts, window: int) -> tf.Tensor:
+    """Returns the int64 (local_batch,) global positions that one host serves at `step`."""
+    local, steps_per_window = hosts.local_batch, window // hosts.local_batch
+    first = (step % steps_per_window) * local
+    return window_host_positions(tf.constant(step // steps_per_window, tf.int64), hosts, window)[first : first + local]
 
 
 def position_key(position: tf.Tensor, example_key) -> tf.Tensor:
@@ -115,12 +187,14 @@ def examples(
     parallel: int,
     python_reads: bool = True,
     read_calls: int = 2,
+    skip: int = 0,
 ) -> tf.data.Dataset:
-    """Returns the dataset of processed examples of the given steps, in order: per position of
-    `positions_of(step)`, `process(*source.parse(record, label), position)` of the first of its
-    example (`index_of(position)`) and substitutes that reads and processes, trying
-    `attempts_of(position)` examples, with the counts of failures met on the way (FAILURE_KEYS).
-    A position whose tries all fail (or that tries none) is made of the source's placeholder.
+    """Returns the dataset of processed examples of the given steps (or windows), in order, less
+    the first `skip`: per position of `positions_of(step)`, `process(*source.parse(record,
+    label), position)` of the first of its example (`index_of(position)`) and substitutes
+    that reads and processes, trying `attempts_of(position)` examples, with the counts of
+    failures met on the way (FAILURE_KEYS). A position whose tries all fail (or that tries
+    none) is made of the source's placeholder.
     """
     num = source.num_examples
     read_step_records, read_one = _reader(source, python_reads)
@@ -171,7 +245,7 @@ def examples(
         tried = tried.map(decode).ignore_errors()
         return tried.concatenate(tf.data.Dataset.range(1).map(placeholder)).take(1)
 
-    ds = steps.map(read_step, num_parallel_calls=read_calls, deterministic=True).unbatch()
+    ds = steps.map(read_step, num_parallel_calls=read_calls, deterministic=True).unbatch().skip(skip)
     return ds.interleave(
         example, cycle_length=parallel, block_length=1, num_parallel_calls=parallel, deterministic=True
     )
@@ -206,19 +280,23 @@ def shuffled_batches(
     python_reads: bool = True,
 ) -> tf.data.Dataset:
     """Returns this host's endless batches of steps start_step, start_step + 1, ...: the
-    examples of each step drawn from a shuffled epoch order, processed (substituted where they
-    fail), batched and finished (finish_batch on the whole batch), without the final prefetch."""
-    parallel = read.threads()
+    examples of each step drawn from a shuffled epoch order in blocks of read.read_block (read
+    a window at a time: see the module docstring), processed (substituted where they fail),
+    batched and finished (finish_batch on the whole batch), without the final prefetch."""
+    block = read_block(read, source)
+    parallel, window = read.threads(), window_size(block, read, hosts)
+    steps_per_window = window // hosts.local_batch
     ds = examples(
         source,
-        tf.data.Dataset.counter(start_step),
-        positions_of=lambda step: host_positions(step, hosts),
-        index_of=lambda position: epoch_index(position, source.num_examples, keys.shuffle),
+        tf.data.Dataset.counter(start_step // steps_per_window),
+        positions_of=lambda round_: window_host_positions(round_, hosts, window),
+        index_of=lambda position: block_epoch_index(position, source.num_examples, block, window, keys.shuffle),
         attempts_of=lambda position: MAX_ATTEMPTS,
         process=process,
         example_key=keys.example,
         parallel=parallel,
         python_reads=python_reads,
+        skip=start_step % steps_per_window * hosts.local_batch,
     )
     return batched(ds, hosts.local_batch, finish_batch, parallel)
 

@@ -22,12 +22,16 @@ from vicregl_jax.data.images import decode_covering, resize_views
 CROP_SALT, FLIP_SALT, COLOUR_SALT = 1, 2, 3
 
 
-def example_index(position: tf.Tensor, num_examples: int, seed: int, shuffle: bool) -> tf.Tensor:
+def example_index(
+    position: tf.Tensor, num_examples: int, seed: int, shuffle: bool, block: int = 1, window: int = 1
+) -> tf.Tensor:
     """Returns the example at a global position of the stream of `seed`: a permutation of the
-    dataset per epoch (or the dataset's order without shuffle)."""
+    dataset per epoch in blocks of `block` shuffled within windows of `window` positions (see
+    data/stream.py), or the dataset's order without shuffle."""
     if not shuffle:
         return position % num_examples
-    return stream.epoch_index(position, num_examples, stream.StreamKeys.of_seed(seed).shuffle)
+    shuffle_key = stream.StreamKeys.of_seed(seed).shuffle
+    return stream.block_epoch_index(position, num_examples, block, window, shuffle_key)
 
 
 def position_seed(position: tf.Tensor, seed: int) -> tf.Tensor:
