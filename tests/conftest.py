@@ -15,7 +15,15 @@ os.environ.setdefault("GCS_RETRY_CONFIG_INIT_DELAY_TIME_US", "100000")
 # tiny train step is compiled by several tests and subprocesses. Every program, however quick
 # to compile: a training process also compiles some 150 small ones (initialisation, colour
 # chain, metrics) that every process the tests start would otherwise compile again.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vicregl_jax_cache_"))
+# Under pytest-xdist the workers share one folder (named by the run's id), so a program one
+# worker compiled is read by the other.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+    _CACHE = os.path.join(tempfile.gettempdir(), f"vicregl_jax_cache_{_RUN}")
+    os.makedirs(_CACHE, exist_ok=True)
+else:
+    _CACHE = tempfile.mkdtemp(prefix="vicregl_jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
@@ -24,6 +32,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from storage_fixture import storage_emulator  # noqa: E402,F401 - the session's Storage emulator
+
+# The files whose tests spend most of their time waiting on other processes (SLURM's daemons,
+# a simulated pod's workers, real preemptions) run first: under `-n 2 --dist loadfile` they
+# then overlap with the CPU-bound files instead of ending the run alone.
+_FIRST = ("test_slurm.py", "test_pod.py", "test_storage_faults.py", "test_train.py", "test_storage.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the collected tests: the files of _FIRST first (in that order), then the rest as
+    collected (the same order in every xdist worker, as it must be)."""
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))
 
 
 @pytest.fixture(scope="session")
