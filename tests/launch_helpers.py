@@ -30,6 +30,9 @@ def tiny_run_flags(data_dir: str) -> list[str]:
         "--config.checkpoint.every_steps=2",
         "--config.log_every_steps=1",
         "--config.optim.warmup_epochs=0",
+        # One record per read: the launch tests compare runs of 1 and 2 processes, and with blocks
+        # each host shuffles windows of its own (the order depends on the number of hosts).
+        "--config.data.read_block=1",
     ]
 
 
