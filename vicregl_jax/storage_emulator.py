@@ -146,10 +146,7 @@ class StorageEmulator:
         self.proxy_port = proxy_port or free_port()
         self._given_root = root
         self.root = root
-        self._tmp = None
-        self._process = None
-        self._proxy = None
-        self._saved_env = None
+        self._tmp = self._process = self._proxy = self._saved_env = None  # set by start()
 
     @property
     def url(self) -> str:

@@ -175,27 +175,37 @@ def _reader(source: sources.ImageSource, python_reads: bool):
     return read_step, read_one
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamOrder:
+    """What a stream reads, as TensorFlow functions: positions_of(step) the positions of a step
+    (or window), index_of(position) the example at a position, attempts_of(position) how many
+    examples a position may try (its own, then substitutes)."""
+
+    positions_of: Callable
+    index_of: Callable
+    attempts_of: Callable
+
+
 def examples(
     source: sources.ImageSource,
     steps: tf.data.Dataset,
-    *,
-    positions_of: Callable,
-    index_of: Callable,
-    attempts_of: Callable,
+    order: StreamOrder,
     process: Callable,
     example_key,
+    *,
     parallel: int,
     python_reads: bool = True,
     read_calls: int = 2,
     skip: int = 0,
 ) -> tf.data.Dataset:
     """Returns the dataset of processed examples of the given steps (or windows), in order, less
-    the first `skip`: per position of `positions_of(step)`, `process(*source.parse(record,
-    label), position)` of the first of its example (`index_of(position)`) and substitutes
-    that reads and processes, trying `attempts_of(position)` examples, with the counts of
+    the first `skip`: per position of `order.positions_of(step)`, `process(*source.parse(record,
+    label), position)` of the first of its example (`order.index_of(position)`) and substitutes
+    that reads and processes, trying `order.attempts_of(position)` examples, with the counts of
     failures met on the way (FAILURE_KEYS). A position whose tries all fail (or that tries
     none) is made of the source's placeholder.
     """
+    positions_of, index_of, attempts_of = order.positions_of, order.index_of, order.attempts_of
     num = source.num_examples
     read_step_records, read_one = _reader(source, python_reads)
 
@@ -286,18 +296,14 @@ def shuffled_batches(
     block = read_block(read, source)
     parallel, window = read.threads(), window_size(block, read, hosts)
     steps_per_window = window // hosts.local_batch
-    ds = examples(
-        source,
-        tf.data.Dataset.counter(start_step // steps_per_window),
+    order = StreamOrder(
         positions_of=lambda round_: window_host_positions(round_, hosts, window),
         index_of=lambda position: block_epoch_index(position, source.num_examples, block, window, keys.shuffle),
         attempts_of=lambda position: MAX_ATTEMPTS,
-        process=process,
-        example_key=keys.example,
-        parallel=parallel,
-        python_reads=python_reads,
-        skip=start_step % steps_per_window * hosts.local_batch,
     )
+    rounds = tf.data.Dataset.counter(start_step // steps_per_window)
+    skip = start_step % steps_per_window * hosts.local_batch  # the examples of earlier steps in the window
+    ds = examples(source, rounds, order, process, keys.example, parallel=parallel, python_reads=python_reads, skip=skip)
     return batched(ds, hosts.local_batch, finish_batch, parallel)
 
 
@@ -321,14 +327,9 @@ def pass_batches(
     def attempts_of(position):
         return 1 if read_padding else tf.where(position < num, 1, 0)
 
-    ds = examples(
-        source,
-        tf.data.Dataset.range(start_step, steps),
-        positions_of=lambda step: host_positions(step, hosts),
-        index_of=lambda position: tf.minimum(position, num - 1),
-        attempts_of=attempts_of,
-        process=process,
-        example_key=(0, 0),
-        parallel=parallel,
-    )
+    def last_if_past(position):  # the padding of the last batch
+        return tf.minimum(position, num - 1)
+
+    order = StreamOrder(lambda step: host_positions(step, hosts), last_if_past, attempts_of)
+    ds = examples(source, tf.data.Dataset.range(start_step, steps), order, process, (0, 0), parallel=parallel)
     return batched(ds, hosts.local_batch, finish_batch, parallel)

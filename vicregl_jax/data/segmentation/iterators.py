@@ -269,17 +269,9 @@ def _chunk_rows(split: SegmentationSplit, rows: dict[str, np.ndarray]) -> BatchI
 
     # One row a step: the rows of a chunk share a shape, those of consecutive chunks may not.
     source, parallel = split_source(split), _READ.threads()
-    ds = stream.examples(
-        source,
-        tf.data.Dataset.range(len(rows["index"])),
-        positions_of=lambda step: step[None],
-        index_of=row_index,
-        attempts_of=one_try,
-        process=process,
-        example_key=(0, 0),
-        parallel=parallel,
-        read_calls=parallel,
-    )
+    order = stream.StreamOrder(positions_of=lambda step: step[None], index_of=row_index, attempts_of=one_try)
+    steps = tf.data.Dataset.range(len(rows["index"]))
+    ds = stream.examples(source, steps, order, process, (0, 0), parallel=parallel, read_calls=parallel)
     ds = stream.batched(ds, 1, finish_batch, parallel).prefetch(_READ.prefetch)
     return BatchIterator(ds, 0, source, len(rows["index"]), read=_READ, give_up=False)
 
