@@ -271,7 +271,8 @@ def test_stop_saves_and_ends_supervise_instead_of_restarting(fake_slice):
 def fake_slurm(tmp_path):
     """srun, scancel and scontrol stand-ins that record their arguments (and SRUN_CPUS_PER_TASK):
     srun exits with FAKE_SRUN_STATUS, or with FAKE_SRUN_AFTER_TERM once scancel --signal=TERM
-    was called (the tasks saved after SIGTERM) when that is set."""
+    was called (the tasks saved after SIGTERM) when that is set; scancel then returns only after
+    srun has ended, the order that once made the script read its own wait's 143."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -280,12 +281,21 @@ import json, os, sys
 with open({str(calls)!r}, "a") as f:
     f.write(json.dumps({{"argv": [os.path.basename(sys.argv[0])] + sys.argv[1:],
                         "SRUN_CPUS_PER_TASK": os.environ.get("SRUN_CPUS_PER_TASK")}}) + "\\n")
+import time
+ended = {str(tmp_path / "srun-ended")!r}
+if sys.argv[0].endswith("scancel") and "FAKE_SRUN_AFTER_TERM" in os.environ:
+    # srun ends before scancel returns: the script must still read srun's own status
+    for _ in range(400):
+        if os.path.exists(ended):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
 if not sys.argv[0].endswith("srun"):
     sys.exit(0)
 if "FAKE_SRUN_AFTER_TERM" in os.environ:
-    import time
     while "--signal=TERM" not in open({str(calls)!r}).read():
         time.sleep(0.05)
+    open(ended, "w").close()
     sys.exit(int(os.environ["FAKE_SRUN_AFTER_TERM"]))
 sys.exit(int(os.environ.get("FAKE_SRUN_STATUS", "0")))
 """
