@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from orbax.checkpoint._src.path import gcs_utils
 from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, run_env, tiny_run_flags, wait_until
 from storage_fixture import BUCKET
 
@@ -51,6 +52,9 @@ def test_every_client_retries_429_503_and_dropped_connections_and_the_retries_ar
     writer = Checkpointer(f"{root}/run", {}, items=("model",))
     writer.save_items(1, {"model": tree})
     writer.close()
+    # Orbax asks google-cloud-storage for the bucket once per process (an lru_cache): forget it,
+    # or a test of the same process that restored from the bucket earlier leaves nothing to fault.
+    gcs_utils.get_bucket.cache_clear()
     faults = _faults(storage_emulator, "tensorstore") + _faults(storage_emulator, "google-cloud-storage")
     reader = Checkpointer(f"{root}/run", {}, items=("model",), read_only=True)
     step, restored, skipped, _ = reader.restore_items({"model": jax_like(tree)})
