@@ -7,13 +7,13 @@ record per read (read_block=1), against the Storage emulator on loopback.
 
 A TFDS dataset of JPEGs the size of ImageNet's (noise at quality 75, ~110 KB each) is prepared
 into gs:// by vicregl_jax.data.prepare (staged locally, uploaded, as for ImageNet), then read by
-make_pretrain_iterator as host 0 of --hosts. ArrayRecord's reader talks to the emulator
-directly (CLOUD_STORAGE_EMULATOR_ENDPOINT), through a RequestCounter that counts its requests
-and the bytes of their responses; TensorFlow's requests (the dataset's metadata) are counted by
-the emulator's proxy and shown apart. Bytes per image include what each open-ended ranged read
-(`Range: bytes=N-`, as google-cloud-cpp asks) streams past the records it wanted before the
-reader drops it: on loopback that is a socket's buffer, on a real bucket it is billed egress.
-Images/s on loopback measure the pipeline, not a network: read them for the ratio only.
+make_pretrain_iterator as host 0 of --hosts. Every client reaches the emulator through its
+loopback proxy, which counts ArrayRecord's data reads and the bytes of their responses (the
+data requests) apart from every other request (TensorFlow's reads of the dataset's metadata).
+Bytes per image include what each open-ended ranged read (`Range: bytes=N-`, as
+google-cloud-cpp asks) streams past the records it wanted before the reader drops it: on
+loopback that is a socket's buffer, on a real bucket it is billed egress. Images/s on loopback
+measure the pipeline, not a network: read them for the ratio only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from PIL import Image
 from vicregl_jax.data import CropGroup, ReadOptions, make_pretrain_iterator, prepare
 from vicregl_jax.data.options import DEFAULT_READ_BLOCK, DEFAULT_SHUFFLE_WINDOW, resolve_hosts
 from vicregl_jax.data.stream import window_size
-from vicregl_jax.storage_counter import RequestCounter
 from vicregl_jax.storage_emulator import StorageEmulator
 
 BUCKET = "vicregl-storage-bench"
@@ -65,7 +64,7 @@ class StorageBenchImages(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": jpegs[i % DISTINCT], "label": i % 10}
 
 
-def measure(name: str, data_dir: str, counter: RequestCounter, emulator, args, read_block: int) -> dict:
+def measure(name: str, data_dir: str, emulator: StorageEmulator, args, read_block: int) -> dict:
     """Returns the requests, bytes and time of reading batches as host 0 of args.hosts, counted in
     steady state: from the end of the first window's steps over args.windows windows' steps (the
     windows read ahead are the same number at both ends), args.steps_one_record steps for read_block 1."""
@@ -89,12 +88,13 @@ def measure(name: str, data_dir: str, counter: RequestCounter, emulator, args, r
     for _ in range(warmup):
         next(it)
     warm = time.perf_counter()
-    counter.reset()
-    metadata_before = emulator.proxied_requests
+    before, all_before = emulator.traffic("arrayrecord"), emulator.traffic()
     for _ in range(steps):
         next(it)
     done = time.perf_counter()
-    requests, read_bytes = counter.reads, counter.read_bytes
+    data = emulator.traffic("arrayrecord") - before
+    requests, read_bytes = data.reads, data.read_bytes
+    other_requests = (emulator.traffic() - all_before).requests - data.reads
     it.close()
     return {
         "read_block": read_block,
@@ -102,7 +102,7 @@ def measure(name: str, data_dir: str, counter: RequestCounter, emulator, args, r
         "images": steps * args.local_batch,
         "requests": requests,
         "bytes": read_bytes,
-        "metadata_requests": emulator.proxied_requests - metadata_before,
+        "metadata_requests": other_requests,
         "warmup_s": warm - started,
         "images_per_s": steps * args.local_batch / (done - warm),
     }
@@ -121,8 +121,6 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as staging, StorageEmulator([BUCKET]) as emulator:
         emulator.apply()
-        counter = RequestCounter(emulator.port).start()
-        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = counter.url  # read by each new ArrayRecord client
         data_dir = f"gs://{BUCKET}/tfds"
         name = f"storage_bench_images/n{args.images}"
         started = time.perf_counter()
@@ -138,8 +136,7 @@ def main() -> None:
             f"prepared {name} into {data_dir} in {time.perf_counter() - started:.0f} s: "
             f"{record_bytes / 1e3:.1f} KB a record"
         )
-        rows = [measure(name, data_dir, counter, emulator, args, int(b)) for b in args.read_blocks.split(",")]
-        counter.shutdown()
+        rows = [measure(name, data_dir, emulator, args, int(b)) for b in args.read_blocks.split(",")]
 
     print(
         f"\nhost 0 of {args.hosts}, local batch {args.local_batch}, shuffle_window {args.shuffle_window}, "

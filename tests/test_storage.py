@@ -43,12 +43,12 @@ def download(emulator, name: str) -> bytes:
 def test_tf_gfile_and_epath_read_write_list_rename_and_glob_on_the_emulator(storage_emulator):
     rng = np.random.default_rng(0)
     payload = rng.integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()  # several upload chunks
-    before = storage_emulator.proxied_requests
+    before = storage_emulator.traffic("tensorflow").requests
     tf.io.gfile.makedirs(f"gs://{BUCKET}/gfile/a")
     with tf.io.gfile.GFile(f"gs://{BUCKET}/gfile/a/blob.bin", "wb") as f:
         f.write(payload)
     assert download(storage_emulator, "gfile/a/blob.bin") == payload  # what the bucket holds
-    assert storage_emulator.proxied_requests > before  # TensorFlow went through the proxy
+    assert storage_emulator.traffic("tensorflow").requests > before  # TensorFlow went through the proxy
     assert tf.io.gfile.stat(f"gs://{BUCKET}/gfile/a/blob.bin").length == len(payload)
     with tf.io.gfile.GFile(f"gs://{BUCKET}/gfile/a/blob.bin", "rb") as f:
         f.seek(1_234_567)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from orbax.checkpoint._src.path import gcs_utils
 from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, run_env, tiny_run_flags, wait_until
+from orbax.checkpoint._src.path import gcs_utils
 from storage_fixture import BUCKET
 
 from vicregl_jax import storage_retries

@@ -7,29 +7,40 @@ import pytest
 from storage_fixture import BUCKET
 
 from vicregl_jax.data import CropGroup, ReadOptions, make_pretrain_iterator, prepare, sources
-from vicregl_jax.storage_counter import RequestCounter
 
 DATASET = "vicregl_digits"  # 1498 PNGs of 32 x 32 in one shard: quick to prepare, to read and to decode
 
 
 @pytest.fixture(scope="module")
-def counted_bucket(storage_emulator, tmp_path_factory):
-    """(data_dir on the emulator holding DATASET, a RequestCounter in front of the emulator, the
-    local folder it was prepared in)."""
+def bucket_data(storage_emulator, tmp_path_factory):
+    """(data_dir on the emulator holding DATASET, the local folder it was prepared in)."""
     data_dir, staging = f"gs://{BUCKET}/reads_tfds", str(tmp_path_factory.mktemp("staging"))
     prepare.prepare_to_bucket(DATASET, data_dir, staging_dir=staging)
-    counter = RequestCounter(storage_emulator.port).start()
-    try:
-        yield data_dir, counter, staging
-    finally:
-        counter.shutdown()
-        counter.server_close()
+    return data_dir, staging
 
 
-def test_runs_of_records_are_one_request_each_and_read_the_same_records(counted_bucket, monkeypatch):
-    data_dir, counter, staging = counted_bucket
-    # ArrayRecord's client reads the endpoint when each reader is made: all of this source's go through the counter.
-    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", counter.url)
+class DataReads:
+    """ArrayRecord's traffic through the emulator's proxy since the last reset()."""
+
+    def __init__(self, emulator):
+        self.emulator = emulator
+        self.reset()
+
+    def reset(self):
+        self.before = self.emulator.traffic("arrayrecord")
+
+    @property
+    def traffic(self):
+        return self.emulator.traffic("arrayrecord") - self.before
+
+    @property
+    def reads(self):
+        return self.traffic.reads
+
+
+def test_runs_of_records_are_one_request_each_and_read_the_same_records(storage_emulator, bucket_data):
+    data_dir, staging = bucket_data
+    counter = DataReads(storage_emulator)
     source = sources.tfds_source(DATASET, "train", data_dir=data_dir)
     local = sources.tfds_source(DATASET, "train", data_dir=staging)  # the same files, on disk
     source.read_records([0, 1])  # opens the shard's range reader (its footer: one request)
@@ -38,6 +49,8 @@ def test_runs_of_records_are_one_request_each_and_read_the_same_records(counted_
     run = list(range(100, 164))
     records, _, errors = source.read_records(run[::-1])  # any order: one run
     assert counter.reads == 1 and errors == [None] * 64
+    # The block's bytes passed the proxy (more may: the open-ended range streams on until dropped).
+    assert counter.traffic.read_bytes >= sum(map(len, records)) and counter.traffic.requests == 1
     assert records == local.read_records(run[::-1])[0]
     counter.reset()
     scattered = [900, 7, 400, 1300]
@@ -49,9 +62,9 @@ def test_runs_of_records_are_one_request_each_and_read_the_same_records(counted_
     assert counter.reads == 3
 
 
-def test_the_pipeline_reads_a_bucket_in_blocks_with_a_request_per_block(counted_bucket, monkeypatch):
-    data_dir, counter, _ = counted_bucket
-    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", counter.url)
+def test_the_pipeline_reads_a_bucket_in_blocks_with_a_request_per_block(storage_emulator, bucket_data):
+    data_dir, _ = bucket_data
+    counter = DataReads(storage_emulator)
     counts = {}
     for block in (32, 1):
         read = ReadOptions(data_dir=data_dir, process_index=0, process_count=2, read_block=block, shuffle_window=128)

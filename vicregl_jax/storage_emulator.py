@@ -267,15 +267,11 @@ class StorageEmulator:
             if not token:
                 return objects
 
-    @property
-    def proxied_requests(self) -> int:
-        """Returns how many requests the libraries sent through the proxy (all of them, faulted ones included)."""
-        return self._proxy.requests if self._proxy else 0
-
-    @property
-    def requests_by_client(self) -> dict[str, int]:
-        """Returns how many requests each library sent through the proxy."""
-        return dict(self._proxy.by_client) if self._proxy else {}
+    def traffic(self, client: str = "") -> storage_proxy.Traffic:
+        """Returns what a library ("tensorflow", "tensorstore", "google-cloud-storage",
+        "arrayrecord"; "" for all) sent through the proxy so far: requests (faulted ones
+        included), data reads and their bytes (storage_proxy.Traffic; subtract two snapshots)."""
+        return self._proxy.traffic(client) if self._proxy else storage_proxy.Traffic()
 
     def environment(self) -> dict[str, str]:
         """Returns the environment variables that point every library at this emulator."""

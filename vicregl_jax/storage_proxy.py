@@ -9,6 +9,9 @@ and which can make the bucket have a bad day.
 - TensorStore, ArrayRecord's reader and google-cloud-storage, whose endpoints are settings,
   send plain HTTP requests to it, passed on unchanged.
 
+Counts (`Proxy.traffic`): each client's requests, data reads and bytes of object data, which
+is how tests and benchmarks measure what a reader asks of a bucket.
+
 Faults (`Proxy.inject`): for the next N requests or for T seconds, requests whose request line
 contains a given text get a 429 or a 503 answer, or their connection is dropped, instead of
 reaching the server. Used by vicregl_jax.storage_emulator.
@@ -75,6 +78,28 @@ class Fault:
         if self.requests is not None and self.injected >= self.requests:
             return False
         return self.seconds is None or time.monotonic() - self.started < self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """What a client asked of the bucket through the proxy: its requests (faulted ones included),
+    its data reads (GETs of object data, `alt=media`, passed to the server) and the bytes of
+    object data they brought (counted as they pass: a download the client drops early counts
+    what had passed). Subtract two to count what happened in between."""
+
+    requests: int = 0
+    reads: int = 0
+    read_bytes: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def _is_data_read(request_line: bytes) -> bool:
+    return request_line.startswith(b"GET ") and b"alt=media" in request_line
 
 
 def _read_head(stream) -> list[bytes] | None:
@@ -166,7 +191,8 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                 request, first = first or _read_head(from_client), None
                 if not request:
                     return
-                fault = self.server.count(request[0], client_of(request, tls))
+                client_name = client_of(request, tls)
+                fault = self.server.count(request[0], client_name)
                 if request[0].startswith(b"POST /upload/") and self.server.upload_delay_s:
                     time.sleep(self.server.upload_delay_s)  # a slow link, for tests that stop an upload
                 expect = (_header(request, b"expect") or b"").lower() == b"100-continue"
@@ -193,7 +219,11 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                     if status >= 200:
                         break
                 if not (request[0].startswith(b"HEAD ") or status in (204, 304)):
-                    _relay_body(response, from_upstream, client.sendall, until_close=True)
+                    send = client.sendall
+                    if _is_data_read(request[0]):
+                        self.server.count_read(client_name)
+                        send = self.server.counting_send(client_name, client.sendall)
+                    _relay_body(response, from_upstream, send, until_close=True)
                 if (_header(response, b"connection") or b"").lower() == b"close":
                     return
         except (OSError, ValueError, ConnectionError):
@@ -243,9 +273,8 @@ class Proxy(socketserver.ThreadingTCPServer):
         self.upstream_port = upstream_port
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(cert, key)
-        self.requests = 0
         self.upload_delay_s = 0.0
-        self.by_client: dict[str, int] = {}
+        self._traffic: dict[str, Traffic] = {}
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
 
@@ -260,12 +289,34 @@ class Proxy(socketserver.ThreadingTCPServer):
         with self._lock:
             self.faults = []
 
+    def traffic(self, client: str = "") -> Traffic:
+        """Returns what `client` (a name of CLIENTS, "tensorflow", "other"; "" for all) sent so far."""
+        with self._lock:
+            return sum((t for name, t in self._traffic.items() if client in ("", name)), Traffic())
+
+    def _add(self, client: str, traffic: Traffic) -> None:
+        self._traffic[client] = self._traffic.get(client, Traffic()) + traffic
+
+    def count_read(self, client: str) -> None:
+        """Counts a data read passed to the server."""
+        with self._lock:
+            self._add(client, Traffic(reads=1))
+
+    def counting_send(self, client: str, send):
+        """Returns send, counting the bytes it passes as `client`'s object data."""
+
+        def counted(block: bytes) -> None:
+            with self._lock:
+                self._add(client, Traffic(read_bytes=len(block)))
+            send(block)
+
+        return counted
+
     def count(self, request_line: bytes, client: str) -> str | None:
         """Counts a request; returns the kind of fault it gets, or None (it goes to the server)."""
         line = urllib.parse.unquote(request_line.decode("latin-1"))
         with self._lock:
-            self.requests += 1
-            self.by_client[client] = self.by_client.get(client, 0) + 1
+            self._add(client, Traffic(requests=1))
             for fault in self.faults:
                 if fault.active and fault.match in line and fault.client in ("", client):
                     fault.injected += 1
