@@ -37,8 +37,11 @@ choose_cuda() {
     echo "$CUDA"
     return
   fi
-  version="$("${NVIDIA_SMI:-nvidia-smi}" --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)" \
+  # One line per GPU: read them all and keep the first (`| head -n 1` would end the pipe early,
+  # and nvidia-smi, killed by SIGPIPE on its next line, would fail the pipeline).
+  version="$("${NVIDIA_SMI:-nvidia-smi}" --query-gpu=driver_version --format=csv,noheader 2>/dev/null)" \
     || die "nvidia-smi failed: run this on a GPU node (or set CUDA=12 or 13)"
+  version="${version%%$'\n'*}"
   major="${version%%.*}"
   [[ "$major" =~ ^[0-9]+$ ]] || die "cannot read the driver version from nvidia-smi ('$version'): set CUDA=12 or 13"
   if (( major >= 580 )); then

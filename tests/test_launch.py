@@ -414,7 +414,9 @@ def test_slurm_dry_run_prints_the_commands(fake_slurm):
     ],
 )
 def test_the_cuda_wheel_follows_the_driver_with_the_reason_printed(tmp_path, driver, cuda, reason):
-    smi = write_executable(tmp_path / "nvidia-smi", f"#!/bin/sh\necho {driver}\necho {driver}\n")
+    # A node of 8 GPUs: a line each, the later ones after a pause (a reader that stops after
+    # the first line makes the next ones fail with SIGPIPE).
+    smi = write_executable(tmp_path / "nvidia-smi", f"#!/bin/sh\necho {driver}\nsleep 0.3\n" + f"echo {driver}\n" * 7)
     run = run_script(
         GPU_VENV, str(tmp_path / "venv"), env=launch_env(DRY_RUN=1, NVIDIA_SMI=smi, PYTHON="python3.11"), check=False
     )
