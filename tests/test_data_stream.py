@@ -129,6 +129,63 @@ def test_blocks_are_consecutive_records_in_a_new_order_each_epoch():
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
 
 
+def examples_of_steps(steps, hosts_count, global_batch, num, block, shuffle_window, key) -> np.ndarray:
+    """Returns the examples (example + num * epoch) that all hosts of a run of hosts_count serve
+    at the given steps, as the pre-training stream orders them."""
+    read = ReadOptions(process_index=0, process_count=hosts_count, read_block=block, shuffle_window=shuffle_window)
+    served = []
+    for h in range(hosts_count):
+        hosts = resolve_hosts(global_batch, h, hosts_count)
+        window = stream.window_size(block, read, hosts)
+        positions = np.concatenate([stream.step_positions(t, hosts, window).numpy() for t in steps])
+        served.append(examples_at(example_order(num, block, window), positions, key) + num * (positions // num))
+    return np.concatenate(served)
+
+
+@pytest.mark.parametrize(
+    "num,global_batch,block,shuffle_window,before,after,step",
+    [
+        (400, 16, 4, 32, 2, 4, 5),  # onto more hosts
+        (400, 16, 4, 32, 4, 1, 7),  # onto fewer
+        (400, 16, 4, 24, 1, 8, 3),  # windows of 32 (rounded up to the local batch 16), then of 24
+        (200, 12, 5, 30, 3, 2, 4),  # no size divides another
+        (400, 16, 4, 32, 2, 2, 5),  # the same hosts: nothing changes
+    ],
+)
+def test_a_resume_on_another_number_of_hosts_swaps_at_most_a_round_then_epochs_are_whole(
+    num, global_batch, block, shuffle_window, before, after, step
+):
+    """With blocks the order depends on the number of hosts P (each host shuffles windows of its
+    own): a run resumed at step k on P' hosts serves the rest of the epoch in its own layout.
+    The epoch it resumes in and the next one repeat exactly as many examples as they skip, at
+    most one round of windows of the larger layout (P x window examples); every epoch after is
+    whole. (Rounds of at most half an epoch, as on any real dataset.)"""
+    key = stream.StreamKeys.of_seed(3).shuffle
+    rounds = []
+    for hosts_count in (before, after):
+        read = ReadOptions(process_count=hosts_count, read_block=block, shuffle_window=shuffle_window)
+        rounds.append(hosts_count * stream.window_size(block, read, resolve_hosts(global_batch, 0, hosts_count)))
+    assert max(rounds) <= num // 2 and step * global_batch < num  # the layouts of the docstring, resumed in epoch 0
+    end = -(-4 * num // global_batch)  # into the fourth epoch: the third one served whole
+    served = np.concatenate(
+        [
+            examples_of_steps(range(step), before, global_batch, num, block, shuffle_window, key),
+            examples_of_steps(range(step, end), after, global_batch, num, block, shuffle_window, key),
+        ]
+    )
+    repeated, skipped = [], []
+    for epoch in range(3):
+        counts = np.bincount(served[served // num == epoch] % num, minlength=num)
+        repeated.append(int(np.sum(counts[counts > 1] - 1)))
+        skipped.append(int(np.sum(counts == 0)))
+    assert repeated[2] == skipped[2] == 0  # whole again
+    assert sum(repeated[:2]) == sum(skipped[:2]) <= max(rounds), (repeated, skipped, rounds)
+    if before == after:
+        assert repeated == skipped == [0, 0, 0]
+    else:
+        assert sum(repeated) > 0  # the layouts differ: the test sees the swap it bounds
+
+
 def test_only_sources_that_read_a_run_in_one_request_read_in_blocks():
     read = ReadOptions(read_block=16)
     folder = sources.ImageSource("folder:x", 10, 0, None, None, str)
