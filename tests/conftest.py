@@ -3,8 +3,10 @@
 import os
 import tempfile
 
+from helpers import xla_flags  # noqa: E402 - standard library only
+
 # Must happen before jax is imported anywhere: sharding tests need 8 devices.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow must not grab an accelerator or spam the log in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,10 +35,26 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from storage_fixture import storage_emulator  # noqa: E402,F401 - the session's Storage emulator
 
-# The files whose tests spend most of their time waiting on other processes (SLURM's daemons,
-# a simulated pod's workers, real preemptions) run first: under `-n 2 --dist loadfile` they
-# then overlap with the CPU-bound files instead of ending the run alone.
-_FIRST = ("test_slurm.py", "test_pod.py", "test_storage_faults.py", "test_train.py", "test_storage.py")
+# The order in which the files run under `-n 2 --dist loadfile --no-loadscope-reorder` (each
+# file runs whole in one worker; xdist hands the next file to whichever worker is free): the
+# longest first, those that mostly wait on other processes (SLURM's daemons, a simulated pod's
+# workers, real preemptions) beside those that compute, so that no worker ends the run alone
+# waiting. The other files follow as collected. (xdist's default reorder, by number of tests,
+# would put the one-test SLURM file last.)
+_FIRST = (
+    "test_slurm.py",
+    "test_train.py",
+    "test_pod.py",
+    "test_storage_faults.py",
+    "test_evaluate.py",
+    "test_efficiency.py",
+    "test_data_failures.py",
+    "test_segment.py",
+    "test_models.py",
+    "test_data_pipeline.py",
+    "test_convert.py",
+    "test_storage.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -11,6 +11,17 @@ import socket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# XLA's CPU code generation without LLVM's optimisations: the tests compile some hundreds of
+# small programs whose run time is negligible, and compile them about 30% faster so (in the
+# test processes and every process they start). The floating-point semantics stay the same (no
+# fast-math either way); the product itself never sets these.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """Returns XLA_FLAGS for a test process with `devices` virtual CPU devices."""
+    return f"{FAST_COMPILE_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 def free_ports(n: int) -> list[int]:
     """Returns n distinct TCP ports that are free on 127.0.0.1 now (held together while found)."""

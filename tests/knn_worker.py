@@ -8,6 +8,7 @@ allocations while it runs.
 import argparse
 import json
 import os
+import sys
 import tracemalloc
 
 parser = argparse.ArgumentParser()
@@ -19,7 +20,10 @@ parser.add_argument("--train", type=int, default=2048)
 parser.add_argument("--dim", type=int, default=4096)
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags(args.devices)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

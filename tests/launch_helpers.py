@@ -1,12 +1,14 @@
 """What the launch tests share: main.py's flags for a tiny real run, a workdir's final
 parameters, and waiting with a deadline."""
 
+import fcntl
 import os
 import subprocess
 import sys
 import time
 
 import jax
+from helpers import xla_flags
 from tiny import read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,32 +73,37 @@ def run_env(devices: int) -> dict:
         for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "TPU_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))
     }
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     return env
 
 
 def reference_run(base, data_dir: str) -> tuple[int, dict]:
     """Returns read_state of the uninterrupted tiny run (one process, 2 CPU devices), run once
     per test session under `base` (the pod's 2 processes x 1 device and SLURM's 1 task x 2
-    devices train bit for bit as it does)."""
+    devices train bit for bit as it does). Under pytest-xdist the workers share it: it runs in
+    the folder above their own (the session's), under a file lock."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = os.path.dirname(str(base))  # pytest-N/popen-gwK -> pytest-N, the workers' common folder
     folder = os.path.join(str(base), "launch_reference")
-    if not os.path.exists(os.path.join(folder, "done")):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "main.log"), "w") as log:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "main.py",
-                    "--config=configs/demo.py",
-                    f"--workdir={folder}/run",
-                    *tiny_run_flags(data_dir),
-                ],
-                cwd=ROOT,
-                env=run_env(2),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=600,
-                check=True,
-            )
-        open(os.path.join(folder, "done"), "w").close()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for the run instead of repeating it
+        if not os.path.exists(os.path.join(folder, "done")):
+            with open(os.path.join(folder, "main.log"), "w") as log:
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "main.py",
+                        "--config=configs/demo.py",
+                        f"--workdir={folder}/run",
+                        *tiny_run_flags(data_dir),
+                    ],
+                    cwd=ROOT,
+                    env=run_env(2),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=600,
+                    check=True,
+                )
+            open(os.path.join(folder, "done"), "w").close()
     return read_state(os.path.join(folder, "run"))

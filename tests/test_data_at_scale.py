@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import tensorflow as tf
-from helpers import free_port
+from helpers import free_port, xla_flags
 
 from vicregl_jax.data import folder, manifest, sources
 
@@ -135,7 +135,7 @@ def test_two_processes_of_a_run_prepare_a_shared_tfds_dataset_once_without_a_loc
     env = {
         **os.environ,
         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": xla_flags(1),
         "JAX_PLATFORMS": "cpu",
     }
     procs = []

@@ -10,7 +10,7 @@ import threading
 
 import jax
 import pytest
-from helpers import free_port
+from helpers import free_port, xla_flags
 from jax._src.clusters import cloud_tpu_cluster
 
 from vicregl_jax import distributed
@@ -324,7 +324,7 @@ def test_two_slurm_tasks_start_jax_distributed_from_the_environment_alone():
             SLURM_STEP_TASKS_PER_NODE="2",
             JAX_COORDINATOR_PORT=port,
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=xla_flags(4),
         )
         procs.append(
             subprocess.Popen(

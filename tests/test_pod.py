@@ -20,6 +20,7 @@ import sys
 
 import fake_metadata
 import pytest
+from helpers import xla_flags
 from launch_helpers import ROOT, TOTAL_STEPS, assert_bitwise_equal, reference_run, tiny_run_flags, wait_until
 from pod_box import TPU_POD, attempts, fake_slice, pod_in_a_box, run_script, write_executable  # noqa: F401
 
@@ -211,7 +212,7 @@ def tpu_slice(tmp_path, workers, devices, accelerator, main=None):
             "#!/bin/sh\n"
             # install's check of the venv (the real one imports jax: seconds per worker)
             'if [ "$1" = -c ]; then echo "python 3.11 jax (this one) torch absent"; exit 0; fi\n'
-            f"export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+            f"export JAX_PLATFORMS=cpu XLA_FLAGS='{xla_flags(devices)}' "
             f"TPU_LIBRARY_PATH={libtpu}\n{replace}"
             f'exec {sys.executable} "$@"\n'
         ),

@@ -23,9 +23,11 @@ parser.add_argument("--stop_grace", type=float, default=None, help="stopping.STO
 parser.add_argument("--exit_code", action="store_true", help="exit with the run's status, as main.py does")
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags(args.devices)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
