@@ -1,6 +1,7 @@
 """Test set-up: 8 virtual CPU devices, configured before JAX initialises, and shared fixtures."""
 
 import os
+import shutil
 import tempfile
 
 from helpers import xla_flags  # noqa: E402 - standard library only
@@ -17,14 +18,13 @@ os.environ.setdefault("GCS_RETRY_CONFIG_INIT_DELAY_TIME_US", "100000")
 # tiny train step is compiled by several tests and subprocesses. Every program, however quick
 # to compile: a training process also compiles some 150 small ones (initialisation, colour
 # chain, metrics) that every process the tests start would otherwise compile again.
-# Under pytest-xdist the workers share one folder (named by the run's id), so a program one
-# worker compiled is read by the other.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-if _RUN:
-    _CACHE = os.path.join(tempfile.gettempdir(), f"vicregl_jax_cache_{_RUN}")
-    os.makedirs(_CACHE, exist_ok=True)
-else:
-    _CACHE = tempfile.mkdtemp(prefix="vicregl_jax_cache_")
+# Under pytest-xdist the workers share one folder, named by the process that started them (the
+# controller, which removes it at the end: pytest_unconfigure), so that a program one worker
+# compiled is read by the other.
+_CACHE = os.path.join(
+    tempfile.gettempdir(), f"vicregl_jax_cache_{os.getppid() if os.environ.get('PYTEST_XDIST_WORKER') else os.getpid()}"
+)
+os.makedirs(_CACHE, exist_ok=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
@@ -62,6 +62,12 @@ def pytest_collection_modifyitems(items):
     collected (the same order in every xdist worker, as it must be)."""
     rank = {name: i for i, name in enumerate(_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))
+
+
+def pytest_unconfigure(config):
+    """The controller (or a run without workers) removes the session's compilation cache."""
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
