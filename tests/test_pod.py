@@ -257,11 +257,14 @@ def metrics_steps(workdir) -> list[int]:
 def test_a_spot_preemption_mid_run_recreates_the_slice_and_the_run_resumes_bitwise(
     tmp_path, tmp_path_factory, data_dir
 ):
-    """main.py on 2 VMs x 1 CPU device, found by JAX as a slice of 2 devices ("v4-4": no such
-    slice is sold, the smallest v4 has 4; it is the type whose device count is 2 workers x 1),
-    preempted mid-run: every worker saves, the slice is recreated, the run resumes bit for bit."""
+    """main.py on a one-VM slice of 2 CPU devices ("v4-4": no such slice is sold, the smallest v4
+    has 4 chips; it is the type whose device count is 2), preempted mid-run: the worker saves,
+    the slice is recreated, the run resumes bit for bit. One VM of the reference run's shape, so
+    that both attempts read its compiled step from the cache; the multi-host side of a
+    preemption (JAX's preemption sync point across processes) is test_train's two-process
+    SIGTERM, and JAX's detection of a multi-VM slice is the four-host test above."""
     reference = reference_run(tmp_path_factory.getbasetemp(), data_dir)
-    with tpu_slice(tmp_path, 2, 1, "v4-4") as (env, state, workdir):
+    with tpu_slice(tmp_path, 1, 2, "v4-4") as (env, state, workdir):
         supervisor = start_supervise(env, workdir, config="configs/demo.py", flags=tiny_run_flags(data_dir))
         try:
             wait_until(lambda: any(step >= 1 for step in metrics_steps(workdir)), "the run trains", timeout=600)
@@ -270,11 +273,10 @@ def test_a_spot_preemption_mid_run_recreates_the_slice_and_the_run_resumes_bitwi
             status, output = finish(supervisor, timeout=600)
     assert status == 0, output
     assert "vicregl is PREEMPTED: deleting it to create it again (lost 1 times)" in output
-    assert "the run finished on all 2 workers (the slice was lost 1 times, the run crashed 0 times)" in output
+    assert "the run finished on all 1 workers (the slice was lost 1 times, the run crashed 0 times)" in output
     logs = workdir / "logs"
     first, second = (logs / "worker-0.attempt-1.log").read_text(), (logs / "worker-0.attempt-2.log").read_text()
-    assert "process 0 of 2 (gcetpu): 1 local / 2 global cpu devices; launcher: TPU: v4-4" in first
+    assert "2 local / 2 global cpu devices" in first
     assert "Stopping at step" in first and "main.py exited with status 75" in first
     assert f"of {TOTAL_STEPS}" in second and "Resuming from" in second and "main.py exited with status 0" in second
-    assert "main.py exited with status 75" in (logs / "worker-1.attempt-1.log").read_text()
     assert_bitwise_equal(workdir, reference)
