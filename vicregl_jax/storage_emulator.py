@@ -13,10 +13,6 @@ is pointed at it through its own settings (`environment()`):
   OAuth.
 - ArrayRecord's reader (google-cloud-cpp): CLOUD_STORAGE_EMULATOR_ENDPOINT.
 - google-cloud-storage (Orbax's listing and deleting of steps) / gcsfs: STORAGE_EMULATOR_HOST.
-
-These three name the proxy below (as plain HTTP), not the server, so that every client's
-requests pass one place that counts them and can fail them (`inject`: 429 / 503 answers and
-dropped connections, for the next N requests or for T seconds: a bucket on a bad day).
 - TensorFlow's gs:// file system (tf.io.gfile, and through it TFDS, etils epath, Orbax's
   metadata, TensorBoard summaries, JAX's compilation cache): its hosts are fixed in the binary
   (https://www.googleapis.com, https://storage.googleapis.com) and no setting moves them, so
@@ -27,6 +23,10 @@ dropped connections, for the next N requests or for T seconds: a bucket on a bad
   unchanged but for one header: TensorFlow sends `Transfer-Encoding: identity` with empty
   bodies, which Cloud Storage ignores and Go's HTTP server refuses (501); and the server's
   upload Locations, http:// on the request's host, become https:// as Cloud Storage's are.
+
+The first three name that proxy too (as plain HTTP), not the server, so that every client's
+requests pass one place that counts them (`traffic`) and can fail them (`inject`: 429 / 503
+answers and dropped connections, for the next N requests or for T seconds: a bucket on a bad day).
 """
 
 from __future__ import annotations
