@@ -34,11 +34,12 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def disk_full_error(path, what: str = "") -> DiskFullError:
-    """Returns the one-line DiskFullError of a write to path that found its disk full."""
+def disk_full_error(path, what: str = "", intact: str = "what was written before is intact") -> DiskFullError:
+    """Returns the one-line DiskFullError of a write to path that found its disk full: `what`
+    adds to the diagnosis, `intact` says what was not lost."""
     return DiskFullError(
         f"{path}: no space left on its disk{what}: free space there, or move the workdir to a disk with room "
-        "(and pass it as --workdir); what was written before is intact."
+        f"and pass it as --workdir; {intact}."
     )
 
 

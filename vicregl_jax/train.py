@@ -306,10 +306,7 @@ def _disk_full(workdir) -> safe_io.DiskFullError:
         if size:
             need = f" (a checkpoint needs about {size / 2**20:.1f} MiB; the newest on disk is step {step})"
             break
-    return safe_io.DiskFullError(
-        f"{workdir}: no space left on its disk{need}: free space there, or move the workdir to a disk with room "
-        "and pass it as --workdir; the run resumes from its newest checkpoint, which is intact."
-    )
+    return safe_io.disk_full_error(workdir, need, "the run resumes from its newest checkpoint, which is intact")
 
 
 def _announce_resume(run: build.Run, workdir) -> None:
